@@ -1,0 +1,460 @@
+"""The GPT-2-style decoder of MOSS-TTS-Nano: pre-LN blocks, interleaved RoPE, one attention table, preallocated caches.
+
+Both the global decoder (over audio frames) and the local decoder (over the 1 + n_vq slots of one frame) are a
+`MossTTSNanoGPT2Model`. Parameter names equal the checkpoint keys (`h.N.attn.c_attn`, `h.N.mlp.fc_in`, `ln_f`, ...;
+spec tts.md §2), all Linear layers are `nn.Linear` ([out, in] weights, not GPT-2's Conv1D).
+
+Numerics follow the upstream `gpt2_decoder.py` (spec §4):
+* RoPE pairs *adjacent* elements (2i, 2i+1) (GPT-J style), not rotate-half; angles in float32, then cast (§4.2);
+* position ids come from the attention mask: cumsum(mask) - 1, pad positions 0 (§4.3);
+* hidden states are multiplied by the query mask after the embedding, after every block and after ln_f (§4.4);
+* eager attention scales q·kᵀ, fills masked scores with finfo.min and takes the softmax in the compute dtype (§4.5).
+
+Attention backends share one signature, `fn(module, query, key, value, mask, scaling) -> [B, H, Tq, D]`, with
+query [B, H, Tq, D], key/value [B, H, Tk, D] and a bool mask broadcastable to [B, 1, Tq, Tk] (True = attend, never a
+fully False row). The table maps backend names to functions; the device kernels live in `devices.py`, the only file
+that knows device types. Which backend runs is a run-time argument, resolved by the caller through
+`devices.resolve_attention`.
+
+Caches (`KVCache`) are a preallocated key/value buffer pair plus a position: writes go into slices of the buffers, so
+the decode loop never allocates cache memory (STYLE.md rules 11-13). The caller owns the cache and passes it in.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .devices import flash_attention as device_flash_attention
+from .devices import npu_fusion_attention as device_npu_fusion_attention
+
+logger = logging.getLogger(__name__)
+
+AttentionFunction = Callable[..., torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attention backends
+
+
+def eager_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """Reference attention (upstream's eager path): scaled scores, finfo.min fill, softmax in the compute dtype.
+
+    Args:
+        module: the calling attention module (unused; part of the common signature).
+        query: [B, H, Tq, D]; key, value: [B, H, Tk, D].
+        mask: bool, broadcastable to [B, 1, Tq, Tk], True = attend; None = attend everywhere.
+        scaling: multiplier of q·kᵀ.
+
+    Returns:
+        [B, H, Tq, D].
+    """
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling  # [B, H, Tq, Tk]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1)
+    return torch.matmul(weights, value)
+
+
+def sdpa_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """`torch.nn.functional.scaled_dot_product_attention` with an explicit bool mask (fused on NPU and CUDA)."""
+    return nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+
+
+def flash_attention_2(module, query, key, value, mask, scaling) -> torch.Tensor:
+    """The device's flash kernel (CUDA flash_attn), through `devices.flash_attention`."""
+    return device_flash_attention(module, query, key, value, mask, scaling)
+
+
+def npu_fusion_attention(module, query, key, value, mask, scaling) -> torch.Tensor:
+    """Ascend's fused kernel, through `devices.npu_fusion_attention`."""
+    return device_npu_fusion_attention(module, query, key, value, mask, scaling)
+
+
+# The one attention table, keyed by backend name (the values of `devices.resolve_attention`).
+ATTENTION_FUNCTIONS: dict[str, AttentionFunction] = {
+    "eager": eager_attention,
+    "sdpa": sdpa_attention,
+    "flash_attention_2": flash_attention_2,
+    "npu_fusion_attention": npu_fusion_attention,
+}
+
+
+def attention_function(name: str) -> AttentionFunction:
+    """The table entry for `name`.
+
+    Raises:
+        ValueError: for a name that is not a key of ATTENTION_FUNCTIONS.
+    """
+    if name not in ATTENTION_FUNCTIONS:
+        raise ValueError(f"unknown attention backend {name!r}; expected one of {sorted(ATTENTION_FUNCTIONS)}")
+    return ATTENTION_FUNCTIONS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masks and positions
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Position ids of the last `query_length` positions: cumsum(mask) - 1, 0 at masked positions (spec §4.3).
+
+    Args:
+        attention_mask: bool [B, P + T], the full mask (past + new).
+        query_length: T.
+
+    Returns:
+        long [B, T]. With left padding, real tokens start at position 0.
+    """
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(~attention_mask, 0)
+    return positions[:, -query_length:]
+
+
+def build_attention_mask(key_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Causal AND key-padding mask, with the diagonal always open so that no row is fully masked.
+
+    Args:
+        key_mask: bool [B, P + T], the full mask (past + new).
+        query_length: T; query i sits at key position P + i.
+
+    Returns:
+        bool [B, 1, T, P + T], True = attend. Pad queries see at least themselves (their outputs are zeroed later).
+    """
+    total = key_mask.shape[-1]
+    key_positions = torch.arange(total, device=key_mask.device)
+    query_positions = key_positions[total - query_length:, None]  # [T, 1]
+    causal = key_positions[None, :] <= query_positions  # [T, P + T]
+    diagonal = key_positions[None, :] == query_positions
+    return (key_mask[:, None, None, :] & causal) | diagonal
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Interleaved rotary embedding
+
+
+class MossTTSNanoGPT2RotaryEmbedding(nn.Module):
+    """Interleaved-pair (GPT-J) RoPE tables for one head size (spec §4.2).
+
+    `inv_freq[i] = 1 / base^(2i/d)` in float32. It is a plain cached tensor per device, not a buffer, so it is never
+    part of the state_dict and never left uninitialised by meta-device loading.
+    """
+
+    def __init__(self, dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.dim = dim
+        self.base = float(base)
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> torch.Tensor:
+        """float32 [dim / 2] on `device` (computed once per device)."""
+        if device not in self._inv_freq:
+            exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim
+            self._inv_freq[device] = (1.0 / (self.base**exponents)).to(device)
+        return self._inv_freq[device]
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for `position_ids` [B, T] (or [T]), each [B, 1, T, dim] (or [1, 1, T, dim]) in `dtype`.
+
+        Each frequency is repeated twice, adjacently ([f0, f0, f1, f1, ...]), to match the interleaved pairs.
+        """
+        angles = position_ids.float()[..., None] * self.inv_freq(position_ids.device)  # [B, T, dim / 2]
+        angles = angles.repeat_interleave(2, dim=-1)
+        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        if cos.dim() == 2:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
+
+def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) over the last dimension."""
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin. x: [B, H, T, D]."""
+    return x * cos + rotate_every_two(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache:
+    """Preallocated keys and values of every layer of one decoder, plus the number of positions written.
+
+    Buffers are [num_layers, B, H, capacity, D], zero-initialised once. `update` copies the new keys/values into a
+    slice and returns views up to the new end, so nothing is allocated per step. The position is a Python int that
+    the host already knows (no device sync). `reset()` starts over without touching the buffers.
+
+    Args:
+        num_layers, batch_size, num_heads, capacity, head_dim: buffer shape.
+        dtype, device: of the buffers (the decoder's compute dtype and device).
+    """
+
+    def __init__(
+        self, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int,
+        dtype: torch.dtype, device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.capacity = capacity
+        self.length = 0
+
+    @classmethod
+    def for_decoder(
+        cls, decoder: "MossTTSNanoGPT2Model", batch_size: int, capacity: int, dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> "KVCache":
+        """A cache shaped for `decoder` (dtype and device default to its parameters')."""
+        weight = decoder.ln_f.weight
+        return cls(
+            len(decoder.h), batch_size, decoder.num_heads, capacity, decoder.head_dim,
+            dtype or weight.dtype, device or weight.device,
+        )
+
+    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value [B, H, T, D] at positions [length, length + T) of layer `layer_idx`.
+
+        Returns:
+            views of all keys and values written so far, [B, H, length + T, D].
+
+        Raises:
+            ValueError: when the cache would overflow its capacity.
+        """
+        end = self.length + key.shape[2]
+        if end > self.capacity:
+            raise ValueError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
+        self.keys[layer_idx, :, :, self.length:end].copy_(key)
+        self.values[layer_idx, :, :, self.length:end].copy_(value)
+        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+
+    def advance(self, num_positions: int) -> None:
+        """Move the position after all layers have written `num_positions` new entries."""
+        self.length += num_positions
+
+    def reset(self) -> None:
+        """Forget everything (the buffers are kept; stale entries are never read)."""
+        self.length = 0
+
+    def to_legacy(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """Upstream's format: per layer (key, value), each [B, T, H, D] (views)."""
+        end = self.length
+        return tuple(
+            (self.keys[i, :, :, :end].transpose(1, 2), self.values[i, :, :, :end].transpose(1, 2))
+            for i in range(self.keys.shape[0])
+        )
+
+    @classmethod
+    def from_legacy(cls, past: tuple, capacity: int | None = None) -> "KVCache":
+        """A cache holding upstream-format `past` (per layer (key, value) [B, T, H, D]) with room up to `capacity`."""
+        key0 = past[0][0]
+        batch, length, heads, head_dim = key0.shape
+        cache = cls(len(past), batch, heads, max(capacity or length, length), head_dim, key0.dtype, key0.device)
+        for layer_idx, (key, value) in enumerate(past):
+            cache.keys[layer_idx, :, :, :length].copy_(key.transpose(1, 2))
+            cache.values[layer_idx, :, :, :length].copy_(value.transpose(1, 2))
+        cache.length = length
+        return cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class MossTTSNanoGPT2Attention(nn.Module):
+    """Multi-head self-attention with a fused q|k|v projection (`c_attn`) and RoPE on q and k."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.layer_idx = layer_idx
+        scaling = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+            scaling /= float(layer_idx + 1)
+        self.scaling = scaling
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None, attention: AttentionFunction,
+    ) -> torch.Tensor:
+        """hidden [B, T, C] -> [B, T, C]; keys/values are written to `cache` (post-RoPE) when given."""
+        batch, length, _ = hidden.shape
+        qkv = self.c_attn(hidden).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each [B, H, T, D]
+        if rope is not None:
+            query, key = apply_rotary(query, *rope), apply_rotary(key, *rope)
+        if cache is not None:
+            key, value = cache.update(self.layer_idx, key, value)
+        output = attention(self, query, key, value, mask, self.scaling)  # [B, H, T, D]
+        output = output.transpose(1, 2).reshape(batch, length, -1)
+        return self.resid_dropout(self.c_proj(output))
+
+
+class MossTTSNanoGPT2MLP(nn.Module):
+    """fc_in -> activation (gelu_new) -> fc_out."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+        self.fc_in = nn.Linear(config.n_embd, inner)
+        self.fc_out = nn.Linear(inner, config.n_embd)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc_out(self.act(self.fc_in(hidden))))
+
+
+class MossTTSNanoGPT2Block(nn.Module):
+    """Pre-LN residual block: h + attn(ln_1(h)), then h + mlp(ln_2(h)) (spec §4.1)."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = MossTTSNanoGPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MossTTSNanoGPT2MLP(config)
+
+    def forward(self, hidden, mask, rope, cache, attention) -> torch.Tensor:
+        hidden = hidden + self.attn(self.ln_1(hidden), mask, rope, cache, attention)
+        return hidden + self.mlp(self.ln_2(hidden))
+
+
+class MossTTSNanoGPT2Model(nn.Module):
+    """A stack of pre-LN blocks over given input embeddings, with RoPE (or a learned wpe) and a final ln_f.
+
+    Args:
+        config: a GPT2Config (with the custom keys `position_embedding_type` and `rope_base`).
+        token_embedding: whether `wte` is an Embedding (global decoder) or an Identity (local decoder, whose inputs
+            are already embeddings; the Identity has no parameters, so no `local_transformer.wte.weight` key).
+    """
+
+    def __init__(self, config, token_embedding: bool = True) -> None:
+        super().__init__()
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.position_embedding_type = getattr(config, "position_embedding_type", "rope")
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd) if token_embedding else nn.Identity()
+        use_wpe = self.position_embedding_type == "absolute"
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd) if use_wpe else nn.Identity()
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(MossTTSNanoGPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.rotary_emb = None
+        if self.position_embedding_type == "rope":
+            self.rotary_emb = MossTTSNanoGPT2RotaryEmbedding(self.head_dim, getattr(config, "rope_base", 10000.0))
+
+    def forward(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+        attention: str | AttentionFunction = "eager", position_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run the stack.
+
+        Args:
+            inputs_embeds: [B, T, C].
+            attention_mask: bool [B, P + T], the FULL mask (P = positions already in `cache`); None = all valid.
+            cache: a KVCache to read and extend, or None (no past).
+            attention: a key of ATTENTION_FUNCTIONS (or the function itself).
+            position_ids: long [B, T] or [T]; default from the mask (spec §4.3).
+            output_hidden_states: also return the input of every block plus the final output.
+
+        Returns:
+            (hidden [B, T, C] after ln_f with pad positions exactly 0, tuple of hidden states or None).
+        """
+        batch, length, _ = inputs_embeds.shape
+        past = cache.length if cache is not None else 0
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past + length, dtype=torch.bool, device=inputs_embeds.device)
+        attention_mask = attention_mask.bool()
+        if attention_mask.shape[-1] != past + length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, expected past + new = {past + length}"
+            )
+        if position_ids is None:
+            position_ids = position_ids_from_mask(attention_mask, length)
+        query_mask = attention_mask[:, -length:, None]  # [B, T, 1]
+        mask = build_attention_mask(attention_mask, length)
+        if isinstance(attention, str):
+            attention = attention_function(attention)
+        hidden, all_hidden = self._run_blocks(
+            inputs_embeds, query_mask, mask, position_ids, cache, attention, output_hidden_states
+        )
+        if cache is not None:
+            cache.advance(length)
+        return hidden, all_hidden
+
+    def _run_blocks(self, hidden, query_mask, mask, position_ids, cache, attention, output_hidden_states):
+        """Embeddings -> blocks -> ln_f, zeroing pad positions after each stage (spec §4.4)."""
+        keep = query_mask.to(hidden.dtype)
+        rope = None
+        if self.rotary_emb is not None:
+            rope = self.rotary_emb(position_ids, hidden.dtype)
+        else:
+            hidden = hidden + self.wpe(position_ids)
+        hidden = self.drop(hidden) * keep
+        all_hidden = () if output_hidden_states else None
+        for block in self.h:
+            if all_hidden is not None:
+                all_hidden += (hidden,)
+            hidden = block(hidden, mask, rope, cache, attention) * keep
+        hidden = self.ln_f(hidden) * keep
+        if all_hidden is not None:
+            all_hidden += (hidden,)
+        return hidden, all_hidden
+
+    def step(
+        self, inputs_embeds: torch.Tensor, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        mask: torch.Tensor | None, attention: AttentionFunction,
+    ) -> torch.Tensor:
+        """A lean decode step for all-valid sequences (the local decoder): no masks to build, no pad zeroing.
+
+        Args:
+            inputs_embeds: [B, T, C], appended at `cache.length`.
+            cache: the decoder's KVCache (advanced by T).
+            rope: precomputed (cos, sin) for these positions, or None (no RoPE).
+            mask: bool broadcastable to [B, 1, T, cache.length + T] (a view of a preallocated all-True buffer).
+            attention: the resolved attention function.
+
+        Returns:
+            hidden [B, T, C] after ln_f.
+        """
+        hidden = self.drop(inputs_embeds)
+        for block in self.h:
+            hidden = block(hidden, mask, rope, cache, attention)
+        cache.advance(inputs_embeds.shape[1])
+        return self.ln_f(hidden)
+
+
+__all__ = [
+    "ATTENTION_FUNCTIONS",
+    "KVCache",
+    "MossTTSNanoGPT2Attention",
+    "MossTTSNanoGPT2Block",
+    "MossTTSNanoGPT2MLP",
+    "MossTTSNanoGPT2Model",
+    "MossTTSNanoGPT2RotaryEmbedding",
+    "apply_rotary",
+    "attention_function",
+    "build_attention_mask",
+    "eager_attention",
+    "position_ids_from_mask",
+    "sdpa_attention",
+]

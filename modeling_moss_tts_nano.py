@@ -1,0 +1,681 @@
+"""MOSS-TTS-Nano-100M: `MossTTSNanoForCausalLM`, the global/local GPT-2 text-to-audio-token model.
+
+One row of the input is [text id, 16 audio codes] (spec tts.md §5.1). The global decoder (`transformer`) runs over
+rows; for each new frame the local decoder (`local_transformer`) runs over 1 + nq slots: the global hidden state,
+then the text decision, then one slot per audio channel (§6.2). Heads are tied to embeddings: `text_lm_head` to
+`transformer.wte`, `audio_lm_heads[c]` to `audio_embeddings[c]` (§2.3).
+
+Differences from upstream that keep its outputs (§11):
+* the local decoder keeps a small KV cache (capacity n_vq + 1, reset each frame) instead of recomputing up to 17
+  times per frame; `use_kv_cache=False` keeps upstream's full recomputation as the reference path;
+* the 2-way stop decision uses only the text-head rows of ids 9 and 7 (the same logits, far cheaper);
+* one host sync per frame (the stop check, which also reports non-finite logits accumulated on the device);
+* the attention backend is chosen at run time per device (`devices.resolve_attention`), never crashing on the
+  released "flash_attention_2" value; device and dtype are those of the parameters (move the model to choose them).
+
+`inference` / `inference_stream` (audio in, audio out) live in the synthesis module; this file needs no audio I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .devices import resolve_attention
+from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .prompting import build_continuation_rows, build_voice_clone_rows, left_pad_batch
+from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
+from .sampling import sample_next_token, validate_sampling_args
+
+logger = logging.getLogger(__name__)
+
+GENERATION_MODES = ("continuation", "voice_clone")
+# The local decoder's rows of the 2-way text decision, in upstream's order: index 0 = continue, 1 = stop.
+CONTINUE_INDEX, STOP_INDEX = 0, 1
+
+
+class _IgnorePatterns(list):
+    """A list of regex patterns that also supports `|` with a set.
+
+    transformers 4.57 concatenates `_keys_to_ignore_on_load_unexpected` with a list (`x + [...]`), 5.x unions it with
+    a set (`x | {...}`); upstream's plain list breaks 5.x and a set breaks 4.57 (spec §11, item 1).
+    """
+
+    def __or__(self, other):
+        return set(self) | set(other)
+
+    def __ror__(self, other):
+        return set(other) | set(self)
+
+
+@dataclass
+class MossTTSNanoOutput(ModelOutput):
+    """Output of `forward`.
+
+    Attributes:
+        global_hidden_states: [B, T, C] after the global ln_f, pad positions exactly 0.
+        past_key_values: the `KVCache` (when use_cache), holding the post-RoPE keys of every layer.
+        hidden_states: input of every block plus the final output (when output_hidden_states).
+        attentions: always None (not recorded).
+    """
+
+    global_hidden_states: torch.FloatTensor | None = None
+    past_key_values: Any = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class MossTTSNanoGenerationOutput(ModelOutput):
+    """Output of `generate`.
+
+    Attributes:
+        audio_token_ids: long [B, F, n_vq]; frames of rows that stopped, and channels >= nq, hold the audio pad id.
+        prompt_input_ids: the prompt rows [B, T, n_vq + 1] that were continued.
+    """
+
+    audio_token_ids: torch.LongTensor | None = None
+    prompt_input_ids: torch.LongTensor | None = None
+
+
+@dataclass
+class _GenerationState:
+    """Buffers of one generate call, allocated once before the frame loop (nothing is allocated per frame for them).
+
+    Shapes: B rows, T prompt rows, F = max_new_frames, R = n_vq + 1 row width.
+    """
+
+    length: int  # rows in the sequence so far (prompt + appended); host-side, so no sync
+    mask: torch.Tensor  # bool [B, T + F]
+    frames: torch.Tensor  # long [B, F, n_vq], prefilled with the audio pad id
+    last_row: torch.Tensor  # long [B, 1, R], the row appended by the previous frame
+    finished: torch.Tensor  # bool [B]
+    nonfinite: torch.Tensor  # bool [], any non-finite logits so far (checked with the stop decision)
+    step_tokens: torch.Tensor  # long [B, n_vq]
+    text_candidates: torch.Tensor  # long [2] = [slot 9, audio_end 7]
+    text_weight: torch.Tensor  # [2, C], the text-head rows of the two candidates
+    local_rope: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [1, 1, n_vq + 1, D] of local positions
+    local_mask: torch.Tensor  # bool [1, 1, 1, n_vq + 1], all True
+    global_cache: KVCache | None  # None: recompute the global decoder every frame (use_kv_cache=False)
+    local_cache: KVCache | None
+    ids: torch.Tensor | None  # long [B, T + F, R], only without the cache
+    local_inputs: torch.Tensor | None  # [B, n_vq + 1, C], only without the cache
+    seen: torch.Tensor | None  # bool [n_vq, B, codebook], repetition-penalty history
+    text_logits: list = field(default_factory=list)  # [B, 2] per step (device tensors)
+
+
+@dataclass(frozen=True)
+class _SamplingOptions:
+    """The sampling arguments of one generate call."""
+
+    do_sample: bool
+    text_temperature: float
+    text_top_p: float
+    text_top_k: int
+    audio_temperature: float
+    audio_top_p: float
+    audio_top_k: int
+    audio_repetition_penalty: float
+    nq: int
+
+
+class MossTTSNanoPreTrainedModel(PreTrainedModel):
+    """Loading/saving glue: config class, tied-weight and ignore-key declarations for transformers 4.57 and 5.x."""
+
+    config_class = MossTTSNanoConfig
+    base_model_prefix = "transformer"
+    _no_split_modules = ["MossTTSNanoGPT2Block"]
+    _supports_sdpa = True
+    supports_gradient_checkpointing = False
+    _keys_to_ignore_on_load_unexpected = _IgnorePatterns([r"local_transformer\.wte\.weight"])
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """N(0, initializer_range) for Linear/Embedding weights, zero biases, LayerNorm 1/0."""
+        std = self.config.gpt2_config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+class MossTTSNanoForCausalLM(MossTTSNanoPreTrainedModel):
+    """The TTS language model. `forward` gives global hidden states; `generate` gives audio tokens.
+
+    Args:
+        config: a MossTTSNanoConfig.
+    """
+
+    def __init__(self, config: MossTTSNanoConfig) -> None:
+        super().__init__(config)
+        gpt2 = config.gpt2_config
+        self.transformer = MossTTSNanoGPT2Model(gpt2, token_embedding=True)
+        self.audio_embeddings = nn.ModuleList(nn.Embedding(size, gpt2.n_embd) for size in config.audio_codebook_sizes)
+        self.text_lm_head = nn.Linear(gpt2.n_embd, gpt2.vocab_size, bias=False)
+        self.audio_lm_heads = nn.ModuleList(
+            nn.Linear(gpt2.n_embd, size, bias=False) for size in config.audio_codebook_sizes
+        )
+        self.local_transformer = MossTTSNanoGPT2Model(config.local_gpt2_config(), token_embedding=False)
+        # {head: embedding}: a dict for 5.x; 4.57 iterates it for the head names and ties through `_tie_weights`.
+        tied = {"text_lm_head.weight": "transformer.wte.weight"}
+        tied.update({f"audio_lm_heads.{c}.weight": f"audio_embeddings.{c}.weight" for c in range(config.n_vq)})
+        self._tied_weights_keys = tied
+        self.all_tied_weights_keys = dict(tied)
+        self._resolved_attention: dict[tuple, str] = {}
+        self._tie_weights()
+        self.post_init()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Embeddings, ties, attention choice
+
+    def _tie_weights(self) -> None:
+        """Share each head's weight with its embedding (called by transformers 4.57's `tie_weights`)."""
+        self.text_lm_head.weight = self.transformer.wte.weight
+        for head, embedding in zip(self.audio_lm_heads, self.audio_embeddings):
+            head.weight = embedding.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+        self._tie_weights()
+
+    def _set_attention_implementation(self, attn_implementation: str | None, local_attn_implementation=None) -> None:
+        """Request attention backends for the global and local decoders (upstream's private API).
+
+        The request is stored in the config and resolved per device at run time (`devices.resolve_attention`).
+
+        Raises:
+            ValueError: for a name that is not None, "auto" or a key of gpt2_decoder.ATTENTION_FUNCTIONS.
+        """
+        for name in (attn_implementation, local_attn_implementation):
+            if name not in (None, "auto"):
+                attention_function(name)
+        self.config.attn_implementation = attn_implementation
+        self.config.local_transformer_attn_implementation = local_attn_implementation or attn_implementation
+        self._resolved_attention.clear()
+
+    def _resolve_attention(self, requested: str | None, decoder: nn.Module) -> str:
+        """The backend to run `decoder` with on its device and dtype (resolved once per request/device/dtype)."""
+        weight = decoder.ln_f.weight
+        key = (requested, weight.device, weight.dtype)
+        if key not in self._resolved_attention:
+            self._resolved_attention[key] = resolve_attention(requested, weight.device, weight.dtype)
+        return self._resolved_attention[key]
+
+    def _attention_pair(self, attn_implementation: str | None = None) -> tuple[str, str]:
+        """(global, local) backend names; an explicit argument overrides the config's requests for both."""
+        global_request = attn_implementation or self.config.attn_implementation
+        local_request = attn_implementation or self.config.local_attn_implementation
+        return (
+            self._resolve_attention(global_request, self.transformer),
+            self._resolve_attention(local_request, self.local_transformer),
+        )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Rows -> embeddings
+
+    def _validate_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Check the row layout once (one host sync; never called inside the frame loop).
+
+        Raises:
+            ValueError: a wrong row width, a text id outside the vocabulary, or an audio code outside its codebook
+                that is not the audio pad id.
+        """
+        width = self.config.n_vq + 1
+        if input_ids.dim() != 3 or input_ids.shape[-1] != width:
+            raise ValueError(f"input_ids must be [B, T, {width}] (text id + {width - 1} audio codes), "
+                             f"got {tuple(input_ids.shape)}")
+        text = input_ids[..., 0]
+        text_bad = (text < 0) | (text >= self.config.vocab_size)
+        sizes = torch.tensor(self.config.audio_codebook_sizes, device=input_ids.device)
+        codes = input_ids[..., 1:]
+        code_bad = ((codes < 0) | (codes >= sizes)) & (codes != self.config.audio_pad_token_id)
+        flags = torch.stack((text_bad.any(), code_bad.any())).tolist()
+        if flags[0]:
+            raise ValueError(f"input_ids column 0 holds text ids outside [0, {self.config.vocab_size})")
+        if flags[1]:
+            raise ValueError("input_ids audio columns hold codes outside [0, codebook size) that are not the "
+                             f"audio pad id {self.config.audio_pad_token_id}")
+
+    def _embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Row embeddings: wte(text) + Σ_c audio_embeddings[c](code_c), pad codes contributing exactly 0 (§5.1).
+
+        Args:
+            input_ids: long [B, T, n_vq + 1], already validated.
+
+        Returns:
+            [B, T, C] in the parameters' dtype.
+        """
+        hidden = self.transformer.wte(input_ids[..., 0])
+        pad = self.config.audio_pad_token_id
+        for channel, embedding in enumerate(self.audio_embeddings):
+            codes = input_ids[..., channel + 1]
+            valid = codes != pad
+            looked_up = embedding(codes.masked_fill(~valid, 0))
+            hidden = hidden + looked_up * valid.unsqueeze(-1).to(looked_up.dtype)
+        return hidden
+
+    # ------------------------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: KVCache | tuple | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        labels: torch.Tensor | None = None,
+        attn_implementation: str | None = None,
+        max_cache_length: int | None = None,
+        **kwargs: Any,
+    ) -> MossTTSNanoOutput | tuple:
+        """Run the global decoder over rows (spec §6.1). Computes no logits.
+
+        Args:
+            input_ids: long [B, T, n_vq + 1] rows (or `inputs_embeds` [B, T, C]).
+            attention_mask: bool [B, P + T], the full mask including the P cached positions (default all valid).
+            past_key_values: a `KVCache` (or upstream's legacy tuple) to extend, or None.
+            use_cache: return the cache in `past_key_values`.
+            output_hidden_states: also return the hidden states of every block.
+            return_dict: False returns (global_hidden_states, past_key_values, hidden_states, attentions).
+            labels: not supported (inference-only model).
+            attn_implementation: run-time attention request (default: the config's, resolved per device).
+            max_cache_length: capacity of a cache created here (default: exactly P + T).
+
+        Returns:
+            MossTTSNanoOutput, or the 4-tuple.
+
+        Raises:
+            NotImplementedError: when labels are given.
+            ValueError: malformed input rows.
+        """
+        if labels is not None:
+            raise NotImplementedError("MossTTSNanoForCausalLM is inference-only: labels are not supported")
+        if kwargs:
+            logger.info("forward ignores the arguments %s", sorted(kwargs))
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            self._validate_input_ids(input_ids)
+            inputs_embeds = self._embed_rows(input_ids)
+        cache = self._forward_cache(past_key_values, use_cache, inputs_embeds, max_cache_length)
+        hidden, all_hidden = self.transformer(
+            inputs_embeds, attention_mask, cache, self._attention_pair(attn_implementation)[0],
+            output_hidden_states=bool(output_hidden_states),
+        )
+        output = MossTTSNanoOutput(global_hidden_states=hidden, past_key_values=cache, hidden_states=all_hidden)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if not return_dict:
+            return hidden, cache, all_hidden, None
+        return output
+
+    def _forward_cache(self, past, use_cache, inputs_embeds, capacity) -> KVCache | None:
+        """The cache forward writes into: the given one, one converted from a legacy tuple, a new one, or None."""
+        batch, length = inputs_embeds.shape[:2]
+        if isinstance(past, KVCache):
+            return past
+        if past is not None:
+            past_length = past[0][0].shape[1]
+            return KVCache.from_legacy(past, capacity or past_length + length)
+        if not use_cache:
+            return None
+        return KVCache.for_decoder(self.transformer, batch, capacity or length, dtype=inputs_embeds.dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Prompt rows
+
+    def build_inference_input_ids(
+        self, text: str, text_tokenizer, mode: str = "continuation", prompt_text: str | None = None,
+        prompt_audio_codes: torch.Tensor | None = None, device: torch.device | str | None = None,
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """Prompt rows for one text (spec §5.3/§5.4); the row layout lives in `prompting`.
+
+        Args:
+            text: the text to speak.
+            text_tokenizer: the SentencePiece tokenizer.
+            mode: "continuation" (optionally continuing prompt_text + prompt audio) or "voice_clone".
+            prompt_text: continuation only, together with prompt_audio_codes.
+            prompt_audio_codes: long [T_ref, n_vq] codes of the prompt / reference audio.
+            device: where to put the result (default: the model's device).
+
+        Returns:
+            (input_ids long [1, T, n_vq + 1], attention_mask bool [1, T], all True).
+
+        Raises:
+            ValueError: an unknown mode or a missing/forbidden prompt for that mode.
+        """
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"mode={mode!r}, expected one of {GENERATION_MODES}")
+        if mode == "voice_clone":
+            if prompt_audio_codes is None:
+                raise ValueError("mode='voice_clone' needs prompt_audio_codes (the reference audio)")
+            if prompt_text is not None:
+                raise ValueError("mode='voice_clone' does not take prompt_text; use mode='continuation'")
+            ids, mask = build_voice_clone_rows(text_tokenizer, self.config, text, prompt_audio_codes)
+        else:
+            ids, mask = build_continuation_rows(
+                text_tokenizer, self.config, text, prompt_text=prompt_text, prompt_audio_codes=prompt_audio_codes
+            )
+        target = device if device is not None else self.device
+        return ids.to(target), mask.to(target)
+
+    def _left_pad_inference_batch(self, input_ids_list, attention_mask_list, device=None):
+        """Left-pad single prompts into a batch (pad rows [pad, 1024...], mask False; spec §5.5).
+
+        Returns:
+            (input_ids [B, T_max, n_vq + 1], attention_mask bool [B, T_max]).
+        """
+        return left_pad_batch(input_ids_list, attention_mask_list, self.config, device=device)
+
+    @staticmethod
+    def _trim_generated_audio_token_ids(audio_token_ids: torch.Tensor, pad_token_id: int = 1024) -> list:
+        """Per sample, drop the trailing frames that are all audio pad (after it chose audio_end).
+
+        Args:
+            audio_token_ids: long [B, F, n_vq] (or [F, n_vq]).
+
+        Returns:
+            list of B tensors [F_i, n_vq].
+        """
+        if audio_token_ids.dim() == 2:
+            audio_token_ids = audio_token_ids.unsqueeze(0)
+        real = (audio_token_ids != pad_token_id).any(-1)  # [B, F]
+        frames = torch.arange(1, real.shape[1] + 1, device=real.device)
+        lengths = (real * frames).amax(-1).tolist() if real.shape[1] else [0] * real.shape[0]
+        return [sample[:length] for sample, length in zip(audio_token_ids, lengths)]
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        nq: int | None = None,
+        max_new_frames: int = 300,
+        do_sample: bool = False,
+        text_temperature: float = 1.5,
+        text_top_p: float = 1.0,
+        text_top_k: int = 50,
+        audio_temperature: float = 1.7,
+        audio_top_p: float = 0.8,
+        audio_top_k: int = 25,
+        audio_repetition_penalty: float = 1.0,
+        use_kv_cache: bool = True,
+        return_dict_in_generate: bool = True,
+        attn_implementation: str | None = None,
+    ) -> MossTTSNanoGenerationOutput | torch.LongTensor:
+        """Generate audio frames after prompt rows (spec §6.2, §6.3, §7).
+
+        Args:
+            input_ids: long [B, T, n_vq + 1] (or [T, n_vq + 1]) prompt rows, left-padded in a batch.
+            attention_mask: bool [B, T] (or [T]); default all True.
+            nq: channels to generate, 1..n_vq (None: all); the others are the audio pad id.
+            max_new_frames: at most this many frames.
+            do_sample: sample (True) or take the (repetition-penalised) argmax (False).
+            text_temperature, text_top_p, text_top_k: sampling of the 2-way continue/stop decision.
+            audio_temperature, audio_top_p, audio_top_k: sampling of each audio channel.
+            audio_repetition_penalty: per channel, against this call's generated tokens (also when greedy).
+            use_kv_cache: False recomputes both decoders from scratch every step (upstream's reference path).
+            return_dict_in_generate: False returns the bare audio_token_ids tensor.
+            attn_implementation: run-time attention request (default: the config's, resolved per device).
+
+        Returns:
+            MossTTSNanoGenerationOutput(audio_token_ids [B, F, n_vq], prompt_input_ids), or the tensor.
+
+        Raises:
+            ValueError: bad arguments or rows. RuntimeError: non-finite logits.
+        """
+        final = None
+        for event in self.generate_stream(
+            input_ids, attention_mask, nq, max_new_frames, do_sample, text_temperature, text_top_p, text_top_k,
+            audio_temperature, audio_top_p, audio_top_k, audio_repetition_penalty, use_kv_cache,
+            return_dict_in_generate, attn_implementation=attn_implementation,
+        ):
+            final = event
+        return final["generation"] if return_dict_in_generate else final["audio_token_ids"]
+
+    def generate_stream(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        nq: int | None = None,
+        max_new_frames: int = 300,
+        do_sample: bool = False,
+        text_temperature: float = 1.5,
+        text_top_p: float = 1.0,
+        text_top_k: int = 50,
+        audio_temperature: float = 1.7,
+        audio_top_p: float = 0.8,
+        audio_top_k: int = 25,
+        audio_repetition_penalty: float = 1.0,
+        use_kv_cache: bool = True,
+        return_dict_in_generate: bool = True,
+        attn_implementation: str | None = None,
+    ) -> Iterator[dict]:
+        """Like `generate`, but yields one event per frame, then a final event (spec §6.2).
+
+        Events:
+            {"type": "frame", "step_index": int, "audio_token_ids": long [B, n_vq], "active_mask": bool [B],
+             "finished_mask": bool [B], "text_candidate_logits": [B, 2]} (device tensors, no host sync), then
+            {"type": "final", "generation": MossTTSNanoGenerationOutput, "text_candidate_logits": [S, B, 2]}
+            (or "audio_token_ids" instead of "generation" when return_dict_in_generate is False). S counts every
+            text decision, including the final stop.
+        """
+        with torch.no_grad():
+            input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask)
+            options = self._sampling_options(
+                nq, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
+                audio_top_k, audio_repetition_penalty, max_new_frames,
+            )
+            attention = self._attention_pair(attn_implementation)
+            state = self._new_generation_state(input_ids, attention_mask, max_new_frames, options, use_kv_cache)
+        frame_count = 0
+        for step in range(max_new_frames):
+            with torch.no_grad():
+                event = self._generation_step(state, step, input_ids, options, attention)
+            if event is None:
+                break
+            frame_count += 1
+            yield event
+        yield self._final_event(state, input_ids, frame_count, return_dict_in_generate)
+
+    def _prepare_prompt(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch dims, device, dtype and validation of the prompt (the only id check of a generate call)."""
+        if input_ids.dim() == 2:
+            input_ids = input_ids.unsqueeze(0)
+        input_ids = input_ids.to(self.device, torch.long)
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=self.device)
+        if attention_mask.dim() == 1:
+            attention_mask = attention_mask.unsqueeze(0)
+        attention_mask = attention_mask.to(self.device, torch.bool)
+        self._validate_input_ids(input_ids)
+        if attention_mask.shape != input_ids.shape[:2]:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids rows "
+                             f"{tuple(input_ids.shape[:2])}")
+        return input_ids, attention_mask
+
+    def _sampling_options(self, nq, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature,
+                          audio_top_p, audio_top_k, audio_repetition_penalty, max_new_frames) -> _SamplingOptions:
+        """Validate the user's generation arguments once."""
+        n_vq = self.config.n_vq
+        nq = n_vq if nq is None else int(nq)
+        if not 1 <= nq <= n_vq:
+            raise ValueError(f"nq={nq} must be in 1..{n_vq}")
+        if int(max_new_frames) < 0:
+            raise ValueError(f"max_new_frames={max_new_frames} must be >= 0")
+        validate_sampling_args(do_sample, text_temperature, name="text_")
+        validate_sampling_args(do_sample, audio_temperature, audio_repetition_penalty, name="audio_")
+        return _SamplingOptions(
+            bool(do_sample), text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p, audio_top_k,
+            audio_repetition_penalty, nq,
+        )
+
+    def _new_generation_state(self, input_ids, attention_mask, max_new_frames, options, use_kv_cache):
+        """Allocate every buffer of the frame loop once (global cache: prompt + max_new_frames positions)."""
+        batch, length, width = input_ids.shape
+        device, config = input_ids.device, self.config
+        capacity = length + max_new_frames
+        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        mask[:, :length] = attention_mask
+        frames = torch.full((batch, max_new_frames, config.n_vq), config.audio_pad_token_id, device=device)
+        candidates = torch.tensor([config.audio_assistant_slot_token_id, config.audio_end_token_id], device=device)
+        local_dtype = self.local_transformer.ln_f.weight.dtype
+        slots = torch.arange(config.n_vq + 1, device=device)
+        rotary = self.local_transformer.rotary_emb
+        ids = None
+        if not use_kv_cache:
+            ids = torch.full((batch, capacity, width), config.audio_pad_token_id, device=device)
+            ids[:, :length] = input_ids
+        seen = None
+        if options.audio_repetition_penalty != 1.0:
+            seen = torch.zeros(config.n_vq, batch, max(config.audio_codebook_sizes), dtype=torch.bool, device=device)
+        return _GenerationState(
+            length=length, mask=mask, frames=frames, last_row=input_ids.new_zeros(batch, 1, width),
+            finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+            step_tokens=input_ids.new_full((batch, config.n_vq), config.audio_pad_token_id),
+            text_candidates=candidates, text_weight=self.text_lm_head.weight[candidates].to(local_dtype),
+            local_rope=rotary(slots, local_dtype) if rotary is not None else None,
+            local_mask=torch.ones(1, 1, 1, config.n_vq + 1, dtype=torch.bool, device=device),
+            global_cache=KVCache.for_decoder(self.transformer, batch, capacity) if use_kv_cache else None,
+            local_cache=KVCache.for_decoder(self.local_transformer, batch, config.n_vq + 1) if use_kv_cache else None,
+            ids=ids,
+            local_inputs=None if use_kv_cache else torch.zeros(
+                batch, config.n_vq + 1, config.gpt2_config.n_embd, dtype=local_dtype, device=device),
+            seen=seen,
+        )
+
+    def _generation_step(self, state, step, input_ids, options, attention) -> dict | None:
+        """One frame: global step, text decision, (one host sync), audio channels, next row. None = stop."""
+        global_hidden = self._global_hidden(state, step, input_ids, attention[0])
+        local_attention = attention_function(attention[1])
+        if state.local_cache is not None:
+            state.local_cache.reset()
+        text_hidden = self._local_hidden(state, global_hidden, 0, local_attention)
+        text_logits = nn.functional.linear(text_hidden, state.text_weight)  # [B, 2]
+        state.text_logits.append(text_logits)
+        self._flag_nonfinite(state, text_logits)
+        choice = sample_next_token(
+            text_logits, options.do_sample, options.text_temperature, options.text_top_k, options.text_top_p
+        )
+        should_continue = (choice == CONTINUE_INDEX) & ~state.finished
+        state.finished |= choice == STOP_INDEX
+        any_continue, nonfinite = torch.stack((should_continue.any(), state.nonfinite)).tolist()  # the one sync
+        self._raise_if_nonfinite(nonfinite)
+        if not any_continue:
+            return None
+        text_token = state.text_candidates[choice]
+        self._sample_audio_channels(state, text_token, options, local_attention)
+        frame = self._append_frame(state, step, should_continue, options.nq)
+        return {
+            "type": "frame", "step_index": step, "audio_token_ids": frame, "active_mask": should_continue,
+            "finished_mask": state.finished.clone(), "text_candidate_logits": text_logits,
+        }
+
+    def _global_hidden(self, state, step, input_ids, attention) -> torch.Tensor:
+        """Global decoder output at the last row, [B, C] in the local decoder's dtype."""
+        mask = state.mask[:, :state.length]
+        if state.global_cache is None:
+            rows = state.ids[:, :state.length]
+            hidden, _ = self.transformer(self._embed_rows(rows), mask, None, attention)
+        else:
+            rows = input_ids if step == 0 else state.last_row
+            hidden, _ = self.transformer(self._embed_rows(rows), mask, state.global_cache, attention)
+        return hidden[:, -1].to(self.local_transformer.ln_f.weight.dtype)
+
+    def _local_hidden(self, state, slot_input, slot, attention) -> torch.Tensor:
+        """Local decoder output for `slot` (0 = global hidden, 1 = text token, 2.. = audio channels), [B, C].
+
+        With the cache, one step of length 1 at position `slot`. Without it, upstream's full recomputation over
+        slots 0..slot.
+        """
+        local = self.local_transformer
+        if state.local_cache is None:
+            state.local_inputs[:, slot] = slot_input
+            hidden, _ = local(state.local_inputs[:, :slot + 1], None, None, attention)
+            return hidden[:, -1]
+        slot_input = slot_input[:, None]
+        rope = None
+        if state.local_rope is not None:
+            rope = tuple(table[:, :, slot:slot + 1] for table in state.local_rope)
+        else:
+            slot_input = slot_input + local.wpe.weight[slot]
+        hidden = local.step(slot_input, state.local_cache, rope, state.local_mask[..., :slot + 1], attention)
+        return hidden[:, -1]
+
+    def _sample_audio_channels(self, state, text_token, options, attention) -> None:
+        """Channels 0..nq-1, each fed the previous slot's embedding; tokens land in `state.step_tokens`."""
+        slot_input = self.transformer.wte(text_token).to(self.local_transformer.ln_f.weight.dtype)
+        for channel in range(options.nq):
+            hidden = self._local_hidden(state, slot_input, channel + 1, attention)
+            logits = self.audio_lm_heads[channel](hidden)  # [B, codebook]
+            self._flag_nonfinite(state, logits)
+            seen = state.seen[channel, :, : logits.shape[-1]] if state.seen is not None else None
+            token = sample_next_token(
+                logits, options.do_sample, options.audio_temperature, options.audio_top_k, options.audio_top_p,
+                options.audio_repetition_penalty, seen,
+            )
+            if seen is not None:
+                seen.scatter_(1, token[:, None], True)
+            state.step_tokens[:, channel] = token
+            if channel + 1 < options.nq:
+                slot_input = self.audio_embeddings[channel](token).to(slot_input.dtype)
+
+    def _append_frame(self, state, step, should_continue, nq) -> torch.Tensor:
+        """Write the frame (pad for stopped rows and channels >= nq) and the next row [9 | 3, frame]; return it."""
+        config = self.config
+        frame = state.frames[:, step]
+        frame[:, :nq] = torch.where(should_continue[:, None], state.step_tokens[:, :nq], config.audio_pad_token_id)
+        text = torch.where(should_continue, config.audio_assistant_slot_token_id, config.pad_token_id)
+        state.last_row[:, 0, 0] = text
+        state.last_row[:, 0, 1:] = frame
+        state.mask[:, state.length] = should_continue
+        if state.ids is not None:
+            state.ids[:, state.length] = state.last_row[:, 0]
+        state.length += 1
+        return frame
+
+    @staticmethod
+    def _flag_nonfinite(state, logits) -> None:
+        """Accumulate 'some logit is inf/nan' on the device (checked at the next stop decision, not here)."""
+        torch.logical_or(state.nonfinite, ~torch.isfinite(logits).all(), out=state.nonfinite)
+
+    @staticmethod
+    def _raise_if_nonfinite(nonfinite: bool) -> None:
+        if nonfinite:
+            raise RuntimeError("Non-finite logits during generation (inf or nan); try float32 or another backend")
+
+    def _final_event(self, state, input_ids, frame_count, return_dict_in_generate) -> dict:
+        """The closing event; also reports non-finite logits of the last frame (one sync after the loop)."""
+        self._raise_if_nonfinite(bool(state.nonfinite))
+        audio_token_ids = state.frames[:, :frame_count]
+        event = {"type": "final", "text_candidate_logits": torch.stack(state.text_logits) if state.text_logits
+                 else None}
+        if return_dict_in_generate:
+            event["generation"] = MossTTSNanoGenerationOutput(
+                audio_token_ids=audio_token_ids, prompt_input_ids=input_ids
+            )
+        else:
+            event["audio_token_ids"] = audio_token_ids
+        return event
+
+
+__all__ = ["MossTTSNanoForCausalLM", "MossTTSNanoGenerationOutput", "MossTTSNanoOutput", "MossTTSNanoPreTrainedModel"]

@@ -1,0 +1,248 @@
+"""Decoder, cache, attention-table and generation-loop behaviour on tiny random models (CPU, seconds)."""
+
+import pytest
+import torch
+
+from child_process import run_child
+from conftest import import_module
+
+checkpoints = import_module("checkpoints")
+decoder = import_module("gpt2_decoder")
+devices = import_module("devices")
+sampling = import_module("sampling")
+
+SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
+               audio_repetition_penalty=1.2, text_temperature=1.0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return checkpoints.random_tiny_model(seed=11)
+
+
+def _prompt(length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1024, (1, length, 17), generator=generator)
+    ids[..., 0] = torch.randint(10, 16384, (1, length), generator=generator)
+    ids[0, : length // 2, 1:] = 1024  # text rows, then audio rows
+    return ids
+
+
+def _batch(model, rows):
+    masks = [torch.ones(1, row.shape[1], dtype=torch.bool) for row in rows]
+    return model._left_pad_inference_batch(rows, masks, device="cpu")
+
+
+def test_rope_rotates_adjacent_pairs_not_halves():
+    x = torch.randn(1, 1, 1, 8)
+    rotary = decoder.MossTTSNanoGPT2RotaryEmbedding(8, base=10000.0)
+    cos, sin = rotary(torch.tensor([[5]]), torch.float32)
+    out = decoder.apply_rotary(x, cos, sin)[0, 0, 0]
+    angles = 5.0 * rotary.inv_freq(torch.device("cpu"))
+    for i, angle in enumerate(angles):
+        x0, x1 = x[0, 0, 0, 2 * i], x[0, 0, 0, 2 * i + 1]
+        torch.testing.assert_close(out[2 * i], x0 * angle.cos() - x1 * angle.sin())
+        torch.testing.assert_close(out[2 * i + 1], x1 * angle.cos() + x0 * angle.sin())
+
+
+def test_positions_start_at_zero_after_left_padding():
+    mask = torch.tensor([[False, False, True, True, True], [True, True, True, True, True]])
+    assert decoder.position_ids_from_mask(mask, 5).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert decoder.position_ids_from_mask(mask, 1).tolist() == [[2], [4]]
+
+
+def test_attention_mask_is_causal_and_never_fully_closed():
+    mask = decoder.build_attention_mask(torch.tensor([[False, True, True]]), 3)[0, 0]
+    assert mask.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+@pytest.mark.parametrize("name", [n for n in decoder.ATTENTION_FUNCTIONS if n != "eager"])
+def test_each_available_backend_equals_eager(model, name):
+    if devices.resolve_attention(name, "cpu", torch.float32) != name:
+        pytest.skip(f"{name} cannot run on this machine's CPU")
+    rows = [_prompt(9, seed=1), _prompt(6, seed=2)]
+    ids, mask = _batch(model, rows)
+    eager = model(ids, mask, attn_implementation="eager").global_hidden_states
+    other = model(ids, mask, attn_implementation=name).global_hidden_states
+    torch.testing.assert_close(other, eager, atol=1e-5, rtol=1e-5)
+    generated = model.generate(ids, mask, max_new_frames=4, attn_implementation=name).audio_token_ids
+    assert torch.equal(generated, model.generate(ids, mask, max_new_frames=4, attn_implementation="eager")
+                       .audio_token_ids)
+
+
+def test_pad_positions_come_out_exactly_zero(model):
+    ids, mask = _batch(model, [_prompt(8, seed=3), _prompt(5, seed=4)])
+    hidden = model(ids, mask).global_hidden_states
+    assert torch.count_nonzero(hidden[1, :3]) == 0
+
+
+def test_cached_forward_equals_full_recomputation(model):
+    ids, mask = _batch(model, [_prompt(10, seed=5), _prompt(7, seed=6)])
+    full = model(ids, mask).global_hidden_states
+    first = model(ids[:, :6], mask[:, :6], use_cache=True, max_cache_length=10)
+    cache = first.past_key_values
+    rest = model(ids[:, 6:8], mask[:, :8], past_key_values=cache).global_hidden_states
+    last = model(ids[:, 8:], mask, past_key_values=cache).global_hidden_states
+    torch.testing.assert_close(torch.cat([first.global_hidden_states, rest, last], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_legacy_cache_tuples_round_trip(model):
+    ids = _prompt(7, seed=7)
+    cache = model(ids[:, :5], use_cache=True).past_key_values
+    legacy = cache.to_legacy()
+    assert legacy[0][0].shape == (1, 5, 4, 16)  # upstream layout [B, T, H, D]
+    continued = model(ids[:, 5:], past_key_values=legacy).global_hidden_states
+    torch.testing.assert_close(continued, model(ids).global_hidden_states[:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_overflow_raises_value_error():
+    cache = decoder.KVCache(1, 1, 2, 3, 4, torch.float32, "cpu")
+    cache.update(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    cache.advance(3)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.update(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+
+
+def test_cache_writes_in_place_into_preallocated_buffers():
+    cache = decoder.KVCache(2, 1, 2, 8, 4, torch.float32, "cpu")
+    pointer = cache.keys.data_ptr()
+    keys, _ = cache.update(1, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    assert cache.keys.data_ptr() == pointer and keys.untyped_storage().data_ptr() == pointer
+    assert keys.shape == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=False, audio_repetition_penalty=1.3), SAMPLED])
+def test_cached_generation_equals_full_recomputation(model, options):
+    ids, mask = _batch(model, [_prompt(9, seed=8), _prompt(6, seed=9)])
+    torch.manual_seed(5)
+    cached = model.generate(ids, mask, max_new_frames=5, **options).audio_token_ids
+    torch.manual_seed(5)
+    full = model.generate(ids, mask, max_new_frames=5, use_kv_cache=False, **options).audio_token_ids
+    assert torch.equal(cached, full)
+
+
+def test_batch_of_two_equals_each_row_alone(model):
+    rows = [_prompt(9, seed=10), _prompt(6, seed=11)]
+    ids, mask = _batch(model, rows)
+    batch = model.generate(ids, mask, max_new_frames=5, audio_repetition_penalty=1.2).audio_token_ids
+    for index, row in enumerate(rows):
+        alone = model.generate(row, max_new_frames=5, audio_repetition_penalty=1.2).audio_token_ids[0]
+        assert torch.equal(batch[index, : alone.shape[0]], alone)
+
+
+def test_nq_pads_the_other_channels(model):
+    codes = model.generate(_prompt(6), max_new_frames=3, nq=3).audio_token_ids
+    assert (codes[..., 3:] == 1024).all() and (codes[..., :3] < 1024).all()
+
+
+def test_stream_events_describe_each_frame_then_the_result(model):
+    events = list(model.generate_stream(_prompt(6), max_new_frames=3))
+    frames, final = events[:-1], events[-1]
+    assert [event["type"] for event in frames] == ["frame"] * len(frames) and final["type"] == "final"
+    codes = final["generation"].audio_token_ids
+    assert codes.shape == (1, len(frames), 16)
+    for event in frames:
+        assert torch.equal(event["audio_token_ids"], codes[:, event["step_index"]])
+        assert event["active_mask"].dtype == torch.bool and event["finished_mask"].shape == (1,)
+
+
+def test_stop_decision_picks_continue_on_a_tie(model):
+    state_logits = torch.tensor([[0.5, 0.5], [0.1, 0.9]])
+    assert sampling.sample_next_token(state_logits, do_sample=False).tolist() == [0, 1]
+
+
+def test_non_finite_logits_raise_runtime_error():
+    broken = checkpoints.random_tiny_model(seed=12)
+    with torch.no_grad():
+        broken.audio_embeddings[0].weight.fill_(float("nan"))  # the tied head of channel 0 -> nan logits
+    with pytest.raises(RuntimeError, match="Non-finite"):
+        broken.generate(_prompt(6, seed=13), max_new_frames=2)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(nq=0), "nq"), (dict(nq=17), "nq"), (dict(do_sample=True, audio_temperature=0.0), "temperature"),
+    (dict(audio_repetition_penalty=0.0), "repetition_penalty"),
+])
+def test_bad_generation_arguments_raise_value_error(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(_prompt(4), max_new_frames=1, **kwargs)
+
+
+def test_out_of_range_codes_raise_value_error(model):
+    ids = _prompt(4)
+    ids[0, 3, 5] = 2000
+    with pytest.raises(ValueError, match="codebook"):
+        model(ids)
+
+
+def test_labels_are_not_supported(model):
+    with pytest.raises(NotImplementedError):
+        model(_prompt(4), labels=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_unknown_attention_request_raises_value_error(model):
+    with pytest.raises(ValueError, match="unknown attention"):
+        model._set_attention_implementation("paged_attention")
+
+
+def test_repetition_penalty_applies_once_per_seen_id_also_in_greedy():
+    logits = torch.tensor([[2.0, -2.0, 1.9, 0.0]])
+    seen = torch.tensor([[True, True, False, False]])
+    penalised = sampling.apply_repetition_penalty(logits, seen, 2.0)
+    assert torch.equal(penalised, torch.tensor([[1.0, -4.0, 1.9, 0.0]]))
+    assert sampling.sample_next_token(logits, False, repetition_penalty=2.0, seen=seen).tolist() == [2]
+
+
+def test_top_k_keeps_ties_and_top_p_keeps_the_crossing_token():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 0.0]])
+    assert torch.isfinite(sampling.top_k_filter(logits, 2)).tolist() == [[True, True, True, False]]
+    probs_logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isfinite(sampling.top_p_filter(probs_logits, 0.6)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(sampling.top_p_filter(probs_logits, 0.1)).tolist() == [[True, False, False, False]]
+
+
+def test_sampling_makes_one_multinomial_draw_like_torch():
+    logits = torch.randn(3, 50)
+    torch.manual_seed(9)
+    ours = sampling.sample_next_token(logits, True, temperature=0.7)
+    torch.manual_seed(9)
+    reference = torch.multinomial(torch.softmax(logits / 0.7, -1), 1).squeeze(-1)
+    assert torch.equal(ours, reference)
+
+
+def test_generation_syncs_with_the_host_once_per_frame(fake_npu_path):
+    output = run_child(
+        """
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import fake_npu
+        state = fake_npu.install(level=2)  # before transformers and the model are imported
+        import torch
+        from local_package import import_module
+        checkpoints = import_module("checkpoints")
+        model = checkpoints.random_tiny_model(seed=11)
+        ids = torch.full((1, 6, 17), 1024); ids[..., 0] = 20
+        torch.manual_seed(1)
+        reference = model.generate(ids, max_new_frames=4, do_sample=True, audio_repetition_penalty=1.2).audio_token_ids
+        model.to("npu:0")
+        state.reset_counters()
+        torch.manual_seed(1)
+        codes = model.generate(ids.to("npu:0"), max_new_frames=4, do_sample=True, audio_repetition_penalty=1.2)
+        frames = codes.audio_token_ids.shape[1]
+        syncs = state.syncs
+        same = torch.equal(codes.audio_token_ids.cpu(), reference)
+        print(frames, syncs, same, sorted(set(state.sdpa_paths)))
+        """,
+        str(fake_npu_path.parent),
+    )
+    frames, syncs, same = output.split()[:3]
+    frames, syncs = int(frames), int(syncs)
+    assert same == "True", output
+    # prompt validation (1) + one stop check per text decision (frames, +1 if it stopped) + final check (1)
+    assert syncs <= frames + 3, output
+
+
+def test_trim_drops_only_trailing_all_pad_frames(model):
+    codes = torch.tensor([[[1] * 16, [1024] * 16, [2] * 16, [1024] * 16], [[3] * 16] + [[1024] * 16] * 3])
+    trimmed = model._trim_generated_audio_token_ids(codes)
+    assert [sample.shape[0] for sample in trimmed] == [3, 1]

@@ -1,0 +1,116 @@
+"""Checkpoints in the upstream format load through the Auto classes with ties intact (transformers 4.57 and 5.x)."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+
+from conftest import REPO_ROOT, import_module
+
+checkpoints = import_module("checkpoints")
+
+GENERATE = dict(max_new_frames=3, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return checkpoints.random_tiny_model(seed=3)
+
+
+def _prompt(batch=1, length=6):
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 1024, (batch, length, 17), generator=generator)
+    ids[..., 0] = torch.randint(10, 16384, (batch, length), generator=generator)
+    return ids
+
+
+def _assert_tied(model):
+    assert model.text_lm_head.weight is model.transformer.wte.weight
+    for head, embedding in zip(model.audio_lm_heads, model.audio_embeddings):
+        assert head.weight is embedding.weight
+
+
+def _assert_same_weights(model, reference_state, dtype):
+    loaded = model.state_dict()
+    assert set(loaded) == set(reference_state)
+    for name, tensor in reference_state.items():
+        assert torch.equal(loaded[name], tensor.to(dtype).float()), name
+
+
+def test_upstream_checkpoint_has_every_key_in_16_bits_with_tied_storage(tiny_model, tmp_path):
+    path = checkpoints.save_upstream_checkpoint(tiny_model, tmp_path, dtype=torch.float16)
+    state = torch.load(path, weights_only=True)
+    assert list(state) == list(tiny_model.state_dict())
+    assert {tensor.dtype for tensor in state.values()} == {torch.float16}
+    for head, embedding in checkpoints.tied_keys(16).items():
+        assert state[head].untyped_storage().data_ptr() == state[embedding].untyped_storage().data_ptr()
+    assert len({tensor.untyped_storage().data_ptr() for tensor in state.values()}) == len(state) - 17
+
+
+@pytest.mark.parametrize("auto_class", [AutoModel, AutoModelForCausalLM])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_upstream_checkpoint_loads_through_auto_classes_with_ties(tiny_model, tmp_path, auto_class, dtype):
+    checkpoints.write_model_repository(tmp_path, tiny_model.config, tiny_model.state_dict(), dtype=dtype)
+    model = auto_class.from_pretrained(str(tmp_path), trust_remote_code=True)
+    assert type(model).__name__ == "MossTTSNanoForCausalLM"
+    assert model.dtype == torch.float32  # 16-bit storage, upcast on load like the release
+    _assert_tied(model)
+    _assert_same_weights(model, tiny_model.state_dict(), dtype)
+
+
+def test_stray_local_wte_key_is_ignored(tiny_model, tmp_path):
+    checkpoints.write_model_repository(tmp_path, tiny_model.config, tiny_model.state_dict())
+    state = torch.load(tmp_path / checkpoints.CHECKPOINT_NAME, weights_only=True)
+    state["local_transformer.wte.weight"] = torch.zeros(16384, 64, dtype=torch.bfloat16)
+    torch.save(state, tmp_path / checkpoints.CHECKPOINT_NAME)
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True)
+    _assert_tied(model)
+    _assert_same_weights(model, tiny_model.state_dict(), torch.bfloat16)
+
+
+def test_checkpoint_without_tied_duplicates_still_ties(tiny_model, tmp_path):
+    checkpoints.write_model_repository(tmp_path, tiny_model.config, tiny_model.state_dict())
+    state = torch.load(tmp_path / checkpoints.CHECKPOINT_NAME, weights_only=True)
+    for head in checkpoints.tied_keys(16):
+        del state[head]
+    torch.save(state, tmp_path / checkpoints.CHECKPOINT_NAME)
+    model = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True)
+    _assert_tied(model)
+    _assert_same_weights(model, tiny_model.state_dict(), torch.bfloat16)
+
+
+def test_released_flash_attention_config_generates_on_cpu(tiny_model, tmp_path):
+    config = checkpoints.tiny_config(attn_implementation="flash_attention_2",
+                                     local_transformer_attn_implementation="flash_attention_2")
+    checkpoints.write_model_repository(tmp_path, config, tiny_model.state_dict())
+    model = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True)
+    reference = checkpoints.random_tiny_model(seed=3)
+    reference.load_state_dict(model.state_dict())
+    ids = _prompt()
+    assert torch.equal(model.generate(ids, **GENERATE).audio_token_ids,
+                       reference.generate(ids, **GENERATE).audio_token_ids)
+
+
+def test_save_pretrained_round_trip_keeps_ties_and_values(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = type(tiny_model).from_pretrained(tmp_path)
+    _assert_tied(loaded)
+    for name, tensor in tiny_model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+
+
+def test_checkpoints_command_writes_a_loadable_repository(tmp_path, tokenizer_model_path):
+    out = tmp_path / "tiny_repo"
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "checkpoints.py"), str(out), "--tokenizer",
+                             str(tokenizer_model_path)], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    from transformers import AutoTokenizer
+
+    model = AutoModel.from_pretrained(str(out), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    ids, mask = model.build_inference_input_ids("Hello world.", tokenizer)
+    assert ids.shape == (1, 81, 17) and mask.all()
+    assert model.generate(ids, mask, **GENERATE).audio_token_ids.shape[0] == 1
