@@ -599,7 +599,7 @@ class Timer:
 
         with Timer(spec) as timer:
             model.generate(...)
-        print(timer.elapsed_ms)
+        logger.info("generate took %.1f ms", timer.elapsed_ms)
     """
 
     def __init__(self, device: DeviceLike):
