@@ -1,0 +1,131 @@
+"""verify_npu.py end to end on small random models: the CPU case passes, a broken attention fails, the simulated NPU
+passes.
+
+The script's verdict must come from teacher-forced comparisons against CPU float32 eager, so a backend that drops the
+attention mask (injected here through a COPY of the attention table handed to main, never by patching torch) has to
+turn its rows into FAIL and the exit code non-zero. The fake-NPU run happens in a child process because installing
+the fake renames torch's PrivateUse1 backend for the whole process.
+"""
+
+import json
+
+import pytest
+import torch
+
+from child_process import run_child
+from conftest import import_module
+
+verify_npu = import_module("verify_npu")
+gpt2_decoder = import_module("gpt2_decoder")
+
+FRAMES = "3"  # few frames: prefill, steady decode, and a streamed codec step each
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core box, tiny ops with 2 OpenMP threads spend most time waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run(tmp_path, *extra, table=None):
+    argv = ["--tiny", "--devices", "cpu", "--frames", FRAMES, "--output-dir", str(tmp_path), *extra]
+    return verify_npu.main(argv, attention_functions=table)
+
+
+def _report(tmp_path) -> dict:
+    return json.loads((tmp_path / verify_npu.REPORT_NAME).read_text())
+
+
+def _table_lines(stdout: str, device: str) -> list:
+    return [line for line in stdout.splitlines() if line.startswith(device + " ")]
+
+
+def test_cpu_float32_and_bfloat16_with_eager_and_sdpa_pass_and_exit_zero(tmp_path, capsys, one_thread):
+    code = _run(tmp_path, "--dtypes", "float32,bfloat16", "--attn", "eager,sdpa")
+    out = capsys.readouterr().out
+    lines = _table_lines(out, "cpu")
+    assert code == 0, out
+    assert len(lines) == 4 and all(" PASS " in line for line in lines), out
+    assert "verdict: PASS" in out and "teacher forcing reproduces them: True" in out
+    report = _report(tmp_path)
+    assert report["verdict"] == "PASS" and report["exit_code"] == 0
+    rows = {(row["dtype"], row["attention"]): row for row in report["rows"]}
+    assert set(rows) == {(d, a) for d in ("float32", "bfloat16") for a in ("eager", "sdpa")}
+    assert len(rows["bfloat16", "sdpa"]["metrics"]["audio"]["per_head"]) == 16
+    assert rows["float32", "sdpa"]["metrics"]["greedy"]["match"] == 1.0
+    assert len(list((tmp_path / "wavs").glob("*.wav"))) == 5  # the reference + one per row
+
+
+def test_attention_that_drops_the_mask_fails_its_rows_and_exits_nonzero(tmp_path, capsys, one_thread):
+    def sdpa_without_mask(module, query, key, value, mask, scaling):
+        return gpt2_decoder.sdpa_attention(module, query, key, value, None, scaling)
+
+    broken = dict(gpt2_decoder.ATTENTION_FUNCTIONS, sdpa=sdpa_without_mask)  # a copy: the real table is untouched
+    code = _run(tmp_path, "--dtypes", "float32", "--attn", "eager,sdpa", table=broken)
+    out = capsys.readouterr().out
+    assert code == verify_npu.EXIT_FAIL, out
+    eager, sdpa = _table_lines(out, "cpu")
+    assert " PASS " in eager and " FAIL " in sdpa and "hidden_cos=" in sdpa, out
+    assert "verdict: FAIL" in out
+    assert gpt2_decoder.ATTENTION_FUNCTIONS["sdpa"] is gpt2_decoder.sdpa_attention
+
+
+def test_backend_that_cannot_run_here_is_a_skip_row_and_not_a_pass(tmp_path, capsys, one_thread):
+    code = _run(tmp_path, "--dtypes", "float32", "--attn", "flash_attention_2")
+    out = capsys.readouterr().out
+    assert code == verify_npu.EXIT_INCOMPLETE, out
+    (line,) = _table_lines(out, "cpu")
+    assert " SKIP " in line and "flash_attention_2 cannot run on cpu" in line
+
+
+def test_unknown_attention_name_is_a_usage_error_naming_it(tmp_path, capsys):
+    code = _run(tmp_path, "--attn", "eager,flashy")
+    assert code == verify_npu.EXIT_USAGE
+    assert "'flashy'" in capsys.readouterr().err
+
+
+def test_judge_never_passes_nan_and_names_the_failing_metric():
+    metrics = {
+        "hidden": {"cosine_min": float("nan"), "rel_error": 0.0}, "stop": {"agree": 1.0},
+        "audio": {"cosine_min": 1.0, "top1": 1.0, "top5": 1.0}, "greedy": {"match": 1.0},
+        "codec": {"codes_match": 1.0, "decode_snr_db": float("inf"), "stream_vs_offline_snr_db": 90.0},
+        "nonfinite": ["audio"],
+    }
+    failures = verify_npu.judge(metrics, verify_npu.TOLERANCES["float32"])
+    assert failures == ["nan/inf in audio", "hidden_cos=nan (>= 0.9999999)"]
+
+
+def test_greedy_metrics_report_the_first_differing_frame():
+    reference = torch.zeros(4, 16, dtype=torch.long)
+    other = reference.clone()
+    other[2, 5] = 1
+    result = verify_npu.greedy_metrics(reference, other)
+    assert result["first_divergence"] == 2 and result["match"] == pytest.approx(63 / 64)
+    assert verify_npu.greedy_metrics(reference, reference[:3])["first_divergence"] == 3
+
+
+def test_simulated_npu_runs_the_verification_to_a_pass_table(fake_npu_path, tmp_path):
+    if tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 10):
+        pytest.skip(f"the level-2 fake NPU needs torch >= 2.10 (python PrivateUse1 backend), this is {torch.__version__}")
+    out = run_child("""
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    import fake_npu
+    fake_npu.install(level=2)  # before the model code is imported
+    import torch
+    torch.set_num_threads(1)
+    from local_package import import_module
+    verify_npu = import_module("verify_npu")
+    code = verify_npu.main(["--tiny", "--devices", "npu", "--dtypes", "float32,float16", "--attn", "sdpa",
+                            "--frames", sys.argv[2], "--output-dir", sys.argv[3]])
+    print("exit", code)
+    """, str(fake_npu_path.parent), FRAMES, str(tmp_path))
+    lines = _table_lines(out, "npu:0")
+    assert out.strip().endswith("exit 0"), out
+    assert len(lines) == 2 and all(" PASS " in line for line in lines), out
+    assert "(fake)" in out  # the environment section names the simulated device
+    report = _report(tmp_path)
+    assert {row["device"] for row in report["rows"]} == {"npu:0"} and report["verdict"] == "PASS"
