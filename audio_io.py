@@ -289,6 +289,9 @@ def _clip_for_pcm(samples: np.ndarray, path: Path) -> np.ndarray:
     return np.clip(samples, -1.0, 1.0)
 
 
+OUTPUT_FILE_MODE = 0o644
+
+
 def _write_atomically(path: Path, samples: np.ndarray, sample_rate: int, subtype: str, file_format: str) -> None:
     """Write [C, N] samples to a temporary file beside ``path``, then rename it over ``path``."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -296,6 +299,7 @@ def _write_atomically(path: Path, samples: np.ndarray, sample_rate: int, subtype
     done = False
     try:
         sf.write(temporary, samples.T, sample_rate, subtype=subtype, format=file_format)
+        os.chmod(temporary, OUTPUT_FILE_MODE)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(temporary, path)
         done = True
     finally:

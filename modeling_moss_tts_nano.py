@@ -32,6 +32,7 @@ from .configuration_moss_tts_nano import MossTTSNanoConfig
 from .prompting import build_continuation_rows, build_voice_clone_rows, left_pad_batch
 from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
 from .sampling import sample_next_token, validate_sampling_args
+from .synthesis import SynthesisMixin
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +149,9 @@ class MossTTSNanoPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-class MossTTSNanoForCausalLM(MossTTSNanoPreTrainedModel):
-    """The TTS language model. `forward` gives global hidden states; `generate` gives audio tokens.
+class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
+    """The TTS language model. `forward` gives global hidden states; `generate` gives audio tokens; `inference`
+    and `inference_stream` (from SynthesisMixin, synthesis.py) turn text and a reference voice into speech.
 
     Args:
         config: a MossTTSNanoConfig.

@@ -8,6 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+# The test models are tiny: one thread per process avoids OpenMP spin contention (and the suite spawns children).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

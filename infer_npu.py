@@ -1,0 +1,349 @@
+"""Command line: text (+ a voice prompt) to a 48 kHz stereo wav with MOSS-TTS-Nano, on NPU, CUDA or CPU.
+
+    python infer_npu.py --download-only                       # fetch the pinned weights into this folder (once)
+    python infer_npu.py --prompt-audio-path voice.wav --text "Hello." --output-path out.wav
+    python infer_npu.py --prompt-audio-path voice.wav --text-file book.txt --output-path book.wav --stream
+    python infer_npu.py --prompt-audio-path voice.wav --jsonl requests.jsonl
+
+Generation defaults are the values upstream's infer.py actually applies (spec tts.md §6.4, right column): sampling on,
+text temperature 1.0, audio temperature 0.8, audio top-p 0.95, audio repetition penalty 1.2, at most 375 frames
+(30 s) per chunk, voice-clone chunks of 75 text tokens.
+
+--jsonl FILE: one JSON object per line (blank lines are skipped):
+    {"text": "...", "output_path": "out/1.wav", "prompt_audio_path": "voice.wav", "prompt_text": "..."}
+"text" and "output_path" are required; "prompt_audio_path" defaults to --prompt-audio-path, "prompt_text" to
+--prompt-text. Every line is checked before anything is synthesised; the model, tokenizer, codec and each distinct
+prompt's codes are loaded once for the whole file.
+
+Exit codes: 0 success; 2 a user error (bad argument, input file or text; unknown device or dtype; missing or corrupt
+model files, with instructions); 1 a runtime failure (generation, decoding or writing failed); 130 interrupted.
+No output file is left behind on failure: files are written to a temporary name and renamed when complete.
+
+The script passes device strings to devices.py and never names a device type itself.
+"""
+
+if __name__ == "__main__" and not __package__:
+    # Run as a script: import this file as part of the repository package so that its relative imports work.
+    from local_package import import_module
+
+    raise SystemExit(import_module("infer_npu").main())
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import devices, synthesis, weights
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent
+DEFAULT_OUTPUT = "outputs/output.wav"
+# Files verified before loading (size + sha256); tests substitute pins of a tiny model.
+PINS = weights.PINNED
+EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
+
+
+class UsageError(ValueError):
+    """A bad command line (argparse's complaint), reported with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would sys.exit(2); main() returns the code instead
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (help strings state the values actually applied)."""
+    parser = _Parser(description="MOSS-TTS-Nano text-to-speech on Ascend NPU, CUDA or CPU.",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_io_arguments(parser)
+    _add_runtime_arguments(parser)
+    _add_generation_arguments(parser)
+    return parser
+
+
+def _add_io_arguments(parser) -> None:
+    group = parser.add_argument_group("input and output")
+    text = group.add_mutually_exclusive_group()
+    text.add_argument("--text", help="text to speak")
+    text.add_argument("--text-file", help="UTF-8 text file to speak (long texts are chunked in voice_clone mode)")
+    text.add_argument("--jsonl", help='JSON lines {"text", "output_path", optional "prompt_audio_path", '
+                                      '"prompt_text"}: one output file per line')
+    group.add_argument("--prompt-audio-path", help="voice prompt (wav/flac/ogg/mp3, any rate and channel count)")
+    group.add_argument("--prompt-text", default=None, help="transcript of the prompt audio (continuation mode only)")
+    group.add_argument("--mode", choices=synthesis.MODES, default="voice_clone", help="generation mode")
+    group.add_argument("--output-path", default=DEFAULT_OUTPUT, help="output .wav/.flac (48 kHz stereo)")
+    group.add_argument("--stream", action="store_true",
+                       help="stream: write audio as it is produced and report the time to first audio")
+
+
+def _add_runtime_arguments(parser) -> None:
+    group = parser.add_argument_group("model and device")
+    group.add_argument("--model-path", default=None,
+                       help="model folder (default: this repository folder, filled by --download-only)")
+    group.add_argument("--download-only", action="store_true",
+                       help="download the pinned, sha256-checked weights into the model folder and exit")
+    group.add_argument("--download-source", choices=weights.SOURCES, default="auto",
+                       help="where --download-only fetches from (auto: Hugging Face, then ModelScope)")
+    group.add_argument("--no-verify", action="store_true",
+                       help="skip the size/sha256 check of the pinned files (for fine-tuned or custom checkpoints)")
+    group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
+    group.add_argument("--dtype", default="auto",
+                       help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
+    group.add_argument("--attn-implementation", default="auto",
+                       help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
+                            "run falls back to the device default with a log line)")
+    group.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group.add_argument("--verbose", action="store_true", help="log INFO messages")
+
+
+def _add_generation_arguments(parser) -> None:
+    group = parser.add_argument_group("generation (defaults = what upstream infer.py applies)")
+    group.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True,
+                       help="sample (--no-do-sample: greedy)")
+    group.add_argument("--max-new-frames", type=int, default=375, help="frames per chunk (12.5 per second)")
+    group.add_argument("--text-temperature", type=float, default=1.0, help="temperature of the continue/stop choice")
+    group.add_argument("--text-top-p", type=float, default=1.0, help="top-p of the continue/stop choice")
+    group.add_argument("--text-top-k", type=int, default=50, help="top-k of the continue/stop choice")
+    group.add_argument("--audio-temperature", type=float, default=0.8, help="audio token temperature")
+    group.add_argument("--audio-top-p", type=float, default=0.95, help="audio token top-p")
+    group.add_argument("--audio-top-k", type=int, default=25, help="audio token top-k")
+    group.add_argument("--audio-repetition-penalty", type=float, default=1.2, help="audio repetition penalty")
+    group.add_argument("--nq", type=int, default=None, help="audio codebooks to generate, 1..16 (default all 16)")
+    group.add_argument("--use-kv-cache", action=argparse.BooleanOptionalAction, default=True, help="KV cache")
+    group.add_argument("--voice-clone-max-text-tokens", type=int, default=75, help="text tokens per chunk")
+    group.add_argument("--voice-clone-max-memory-per-sample-gb", type=float, default=1.0,
+                       help="device memory planned per chunk when batching chunks")
+    group.add_argument("--tts-max-batch-size", type=int, default=0, help="cap on chunks per batch (0: none)")
+    group.add_argument("--codec-max-batch-size", type=int, default=0, help="cap on chunks per codec call (0: none)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One output file to synthesise."""
+
+    text: str
+    output_path: str
+    prompt_audio_path: Optional[str]
+    prompt_text: Optional[str]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 runtime failure, 2 user error, 130 interrupted)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        _say_error(error)
+        return EXIT_USER
+    except SystemExit as exit_request:  # --help
+        return int(exit_request.code or 0)
+    _configure_logging(args.verbose)
+    try:
+        return _download(args) if args.download_only else _synthesise(args)
+    except KeyboardInterrupt:
+        _say_error("interrupted")
+        return EXIT_INTERRUPTED
+    except (ValueError, weights.WeightsUnavailableError) as error:  # ChecksumError is a ValueError
+        _say_error(error)
+        return EXIT_USER
+    except (RuntimeError, OSError) as error:
+        _say_error(f"{type(error).__name__}: {error}")
+        return EXIT_RUNTIME
+
+
+def _say_error(error) -> None:
+    sys.stderr.write(f"error: {error}\n")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _model_folder(args) -> Path:
+    return Path(args.model_path).resolve() if args.model_path else REPO_ROOT
+
+
+def _download(args) -> int:
+    folder = _model_folder(args)
+    files = weights.ensure_model_files(target_dir=folder, source=args.download_source, progress=not args.no_progress,
+                                       pins=PINS)
+    for name, path in files.paths.items():
+        print(f"ok {name}: {path}")
+    print(f"model folder ready: {files.root}")
+    return EXIT_OK
+
+
+def _jobs(args) -> list:
+    """The output files to make, every input checked before any synthesis."""
+    if args.jsonl:
+        return read_jsonl(args.jsonl, args.prompt_audio_path, args.prompt_text)
+    if args.text_file:
+        text = _read_text_file(args.text_file)
+    elif args.text is not None:
+        text = args.text
+    else:
+        raise ValueError("no text given; expected --text, --text-file or --jsonl")
+    return [Job(text, args.output_path, args.prompt_audio_path, args.prompt_text)]
+
+
+def _read_text_file(path) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read --text-file {path}: {error}; expected a UTF-8 text file") from error
+
+
+def read_jsonl(path, default_prompt: Optional[str] = None, default_prompt_text: Optional[str] = None) -> list:
+    """Jobs of a JSON-lines file (schema in the module docstring).
+
+    Raises:
+        ValueError: naming the file and line of the first malformed line, or a duplicated output_path.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read --jsonl {path}: {error}") from error
+    jobs, outputs = [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        job = _jsonl_job(line, f"{path}:{number}", default_prompt, default_prompt_text)
+        if job.output_path in outputs:
+            raise ValueError(f"{path}:{number}: output_path {job.output_path!r} is used by an earlier line")
+        outputs.add(job.output_path)
+        jobs.append(job)
+    if not jobs:
+        raise ValueError(f"--jsonl {path} has no requests; expected one JSON object per line")
+    return jobs
+
+
+def _jsonl_job(line: str, where: str, default_prompt, default_prompt_text) -> Job:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    unknown = set(record) - JSONL_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(JSONL_KEYS)}")
+    for key in ("text", "output_path"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {record.get(key)!r}")
+    for key in ("prompt_audio_path", "prompt_text"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {record[key]!r}")
+    return Job(record["text"], record["output_path"], record.get("prompt_audio_path", default_prompt),
+               record.get("prompt_text", default_prompt_text))
+
+
+def _verify(args) -> None:
+    """Check the pinned files (size + sha256) unless --no-verify; missing files say how to get them."""
+    folder = _model_folder(args)
+    if args.no_verify:
+        if not (folder / "config.json").is_file():
+            raise weights.WeightsUnavailableError(
+                f"{folder} has no config.json; expected a model folder.\n" + weights.describe_manual_download(folder))
+        return
+    try:
+        weights.ensure_model_files(model_path=folder, pins=PINS, progress=not args.no_progress)
+    except weights.WeightsUnavailableError as error:
+        raise weights.WeightsUnavailableError(
+            f"{error}\nOr run: python infer_npu.py --download-only"
+            + (f" --model-path {folder}" if args.model_path else "")) from None
+
+
+def load_model(args):
+    """The model on the resolved device/dtype/attention; returns (model, device, dtype, attention)."""
+    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
+
+    device = devices.resolve_device(args.device)
+    dtype = devices.resolve_dtype(device, args.dtype)
+    attention = devices.resolve_attention(args.attn_implementation, device, dtype)
+    _verify(args)
+    model = MossTTSNanoForCausalLM.from_pretrained(str(_model_folder(args)))
+    model._set_attention_implementation(attention)
+    model.to(device=device, dtype=dtype).eval()
+    return model, device, dtype, attention
+
+
+def _request(args, job: Job) -> synthesis.SynthesisRequest:
+    return synthesis.build_request(
+        text=job.text, output_audio_path=job.output_path, mode=args.mode, prompt_text=job.prompt_text,
+        prompt_audio_path=job.prompt_audio_path, reference_audio_path=None, text_tokenizer=None,
+        text_tokenizer_path=None, audio_tokenizer=None, audio_tokenizer_type=None,
+        audio_tokenizer_pretrained_name_or_path=None, device=None, nq=args.nq, max_new_frames=args.max_new_frames,
+        do_sample=args.do_sample, text_temperature=args.text_temperature, text_top_p=args.text_top_p,
+        text_top_k=args.text_top_k, audio_temperature=args.audio_temperature, audio_top_p=args.audio_top_p,
+        audio_top_k=args.audio_top_k, audio_repetition_penalty=args.audio_repetition_penalty,
+        use_kv_cache=args.use_kv_cache, voice_clone_max_text_tokens=args.voice_clone_max_text_tokens,
+        voice_clone_max_memory_per_sample_gb=args.voice_clone_max_memory_per_sample_gb,
+        tts_max_batch_size=args.tts_max_batch_size, codec_max_batch_size=args.codec_max_batch_size,
+        progress=False if args.no_progress else None,
+    )
+
+
+def _synthesise(args) -> int:
+    jobs = _jobs(args)
+    requests = [_request(args, job) for job in jobs]  # every request checked before the model loads
+    model, device, dtype, attention = load_model(args)
+    print(f"device={device} dtype={str(dtype).removeprefix('torch.')} attention={attention} "
+          f"model={_model_folder(args)}", flush=True)
+    if args.seed is not None:
+        devices.manual_seed(device, args.seed)
+    started = time.perf_counter()
+    if args.stream:
+        results = [_stream_one(model, device, request) for request in requests]
+    else:
+        results = []
+        for result in synthesis.iter_inference_many(model, requests):
+            devices.synchronize(device)
+            _print_summary(result, time.perf_counter() - started)
+            results.append(_seconds(result))
+    if len(results) > 1:
+        total = sum(results)
+        elapsed = time.perf_counter() - started
+        print(f"total: {len(results)} files, {total:.2f} s of audio in {elapsed:.2f} s "
+              f"(RTF {elapsed / max(total, 1e-9):.3f})", flush=True)
+    return EXIT_OK
+
+
+def _seconds(result: dict) -> float:
+    """Audio seconds of a result (kept instead of the waveform, so a long --jsonl run holds no audio)."""
+    return result["waveform"].shape[-1] / result["sample_rate"]
+
+
+def _stream_one(model, device, request) -> float:
+    """Stream one request to its file; print its summary with the time to first audio."""
+    started = time.perf_counter()
+    first_audio, result = None, None
+    for event in synthesis.run_inference_stream(model, request, synthesis.UPSTREAM_STREAM_POLICY):
+        if event["type"] == "audio" and first_audio is None:
+            first_audio = time.perf_counter() - started
+        result = event
+    devices.synchronize(device)
+    _print_summary(result, time.perf_counter() - started, first_audio)
+    return _seconds(result)
+
+
+def _print_summary(result: dict, elapsed: float, first_audio: Optional[float] = None) -> None:
+    """One line per output file: path, audio seconds, wall seconds, RTF (wall / audio), chunks, first audio."""
+    seconds = _seconds(result)
+    line = (f"wrote {result['audio_path']}: {seconds:.2f} s of audio in {elapsed:.2f} s "
+            f"(RTF {elapsed / max(seconds, 1e-9):.3f}), {len(result['voice_clone_text_chunks'])} chunk(s)")
+    if first_audio is not None:
+        line += f", first audio after {first_audio:.3f} s"
+    print(line, flush=True)
+
+
+__all__ = ["Job", "build_parser", "load_model", "main", "read_jsonl"]

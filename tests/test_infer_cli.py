@@ -1,0 +1,204 @@
+"""infer_npu.py end to end on a tiny model repository: main([...]), a subprocess, and every bad input (exit 2)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+
+from conftest import REPO_ROOT, import_module, shared_path
+from tiny_repository import HOP, SAMPLE_RATE, pins_for, write_tiny_repository
+
+infer_npu = import_module("infer_npu")
+
+FAST = ["--max-new-frames", "2", "--no-do-sample", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    return write_tiny_repository(tmp_path_factory.mktemp("cli_repo"), shared_path("assets", "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def prompt_wav(tmp_path_factory):
+    samples, rate = sf.read(str(shared_path("assets", "audio", "en_2.wav")), dtype="float32")
+    path = tmp_path_factory.mktemp("cli_prompt") / "voice.wav"
+    sf.write(str(path), samples[: int(1.2 * rate)], rate)
+    return path
+
+
+@pytest.fixture
+def pinned(monkeypatch, repo):
+    """Verification against pins of the tiny files (the CLI checks size + sha256 before loading)."""
+    monkeypatch.setattr(infer_npu, "PINS", pins_for(repo))
+    return repo
+
+
+def _run(argv, capsys):
+    code = infer_npu.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_voice_clone_end_to_end_with_verified_files(pinned, prompt_wav, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    code, stdout, stderr = _run(["--model-path", pinned, "--prompt-audio-path", prompt_wav, "--text", "Hello world.",
+                                 "--output-path", out, "--seed", "0", *FAST], capsys)
+    assert code == 0, stderr
+    assert "device=cpu dtype=float32 attention=sdpa" in stdout
+    assert f"wrote {out}: 0.16 s of audio" in stdout and "RTF" in stdout
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (SAMPLE_RATE, 2, 2 * HOP)
+
+
+def test_stream_writes_the_file_and_reports_time_to_first_audio(repo, prompt_wav, tmp_path, capsys):
+    out = tmp_path / "stream.wav"
+    code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--text",
+                                 "Hello world. This is a test.", "--voice-clone-max-text-tokens", "5",
+                                 "--output-path", out, "--stream", *FAST], capsys)
+    assert code == 0, stderr
+    assert "first audio after" in stdout and "2 chunk(s)" in stdout
+    assert sf.info(str(out)).frames > 4 * HOP
+    assert sorted(os.listdir(tmp_path)) == ["stream.wav"]
+
+
+def test_jsonl_makes_one_file_per_line(repo, prompt_wav, tmp_path, capsys):
+    requests = tmp_path / "requests.jsonl"
+    lines = [{"text": "Hello.", "output_path": str(tmp_path / "a.wav")},
+             {"text": "Good morning.", "output_path": str(tmp_path / "b.wav"), "prompt_audio_path": str(prompt_wav)}]
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav,
+                                 "--jsonl", requests, *FAST], capsys)
+    assert code == 0, stderr
+    assert sf.info(str(tmp_path / "a.wav")).frames == 2 * HOP and sf.info(str(tmp_path / "b.wav")).frames == 2 * HOP
+    assert "total: 2 files" in stdout
+
+
+def test_subprocess_run_succeeds_offline(repo, prompt_wav, tmp_path):
+    out = tmp_path / "sub.wav"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "infer_npu.py"), "--model-path", str(repo), "--no-verify",
+         "--prompt-audio-path", str(prompt_wav), "--text", "Hi.", "--output-path", str(out), *FAST],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "RTF" in completed.stdout and sf.info(str(out)).frames == 2 * HOP
+
+
+def test_subprocess_user_error_exits_2(tmp_path):
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "infer_npu.py"), "--text", "Hi.", "--device", "tpu", "--mode",
+         "continuation", "--output-path", str(tmp_path / "x.wav")],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=300,
+    )
+    assert completed.returncode == 2
+    assert "unknown device 'tpu'" in completed.stderr and os.listdir(tmp_path) == []
+
+
+def test_help_states_the_values_actually_applied():
+    defaults = vars(infer_npu.build_parser().parse_args([]))
+    expected = dict(do_sample=True, max_new_frames=375, text_temperature=1.0, text_top_p=1.0, text_top_k=50,
+                    audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25, audio_repetition_penalty=1.2,
+                    voice_clone_max_text_tokens=75, mode="voice_clone", nq=None, use_kv_cache=True,
+                    voice_clone_max_memory_per_sample_gb=1.0, tts_max_batch_size=0, codec_max_batch_size=0)
+    assert {key: defaults[key] for key in expected} == expected
+    text = " ".join(infer_npu.build_parser().format_help().split())
+    for phrase in ("audio token temperature (default: 0.8)", "audio repetition penalty (default: 1.2)",
+                   "temperature of the continue/stop choice (default: 1.0)"):
+        assert phrase in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad inputs: exit code 2, a clear message, no output file
+
+
+def _bad_jsonl(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"text": "ok", "output_path": str(tmp_path / "1.wav")}) + "\n{not json\n")
+    return path
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing prompt", ["--prompt-audio-path", "{tmp}/nope.wav", "--text", "Hi."], "does not exist"),
+    ("empty text", ["--prompt-audio-path", "{prompt}", "--text", ""], "empty"),
+    ("no text", ["--prompt-audio-path", "{prompt}"], "no text given"),
+    ("unknown device", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "tpu"], "unknown device"),
+    ("bad dtype", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--dtype", "float8"], "unknown dtype"),
+    ("bad attention", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--attn-implementation", "magic"],
+     "unknown attention"),
+    ("bad jsonl line", ["--prompt-audio-path", "{prompt}", "--jsonl", "{jsonl}"], "bad.jsonl:2: not valid JSON"),
+    ("bad flag value", ["--max-new-frames", "many"], "invalid int value"),
+    ("prompt text in voice clone", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--prompt-text", "Hey"],
+     "does not take prompt_text"),
+    ("missing text file", ["--prompt-audio-path", "{prompt}", "--text-file", "{tmp}/none.txt"], "cannot read"),
+])
+def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, case, extra,
+                                                             message):
+    values = {"tmp": tmp_path, "prompt": prompt_wav, "jsonl": _bad_jsonl(tmp_path) if "jsonl" in case else ""}
+    argv = [arg.format(**values) for arg in extra]
+    code, _, stderr = _run(["--model-path", repo, "--no-verify", "--output-path", tmp_path / "x.wav", *argv],
+                           capsys)
+    assert code == 2, case
+    assert message in stderr, stderr
+    assert not any(name.endswith((".wav", ".tmp")) for name in os.listdir(tmp_path))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("silent", "silent"), ("garbage", "could not read"), ("empty file", "empty"),
+])
+def test_bad_prompt_content_exits_2(repo, tmp_path, capsys, case, match):
+    prompt = tmp_path / "prompt.wav"
+    if case == "silent":
+        sf.write(str(prompt), [0.0] * 16000, 16000)
+    elif case == "garbage":
+        prompt.write_bytes(os.urandom(2048))
+    else:
+        prompt.write_bytes(b"")
+    out = tmp_path / "out"
+    code, _, stderr = _run(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt, "--text", "Hi.",
+                            "--output-path", out / "x.wav", *FAST], capsys)
+    assert code == 2 and match in stderr
+    assert not out.exists()
+
+
+def test_100k_character_continuation_text_exits_2_with_advice(repo, tmp_path, capsys):
+    text_file = tmp_path / "long.txt"
+    text_file.write_text("word " * 20000, encoding="utf-8")
+    code, _, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text-file", text_file,
+                            "--output-path", tmp_path / "x.wav", *FAST], capsys)
+    assert code == 2 and "mode='voice_clone'" in stderr
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_missing_weights_print_the_download_instructions(tmp_path, capsys):
+    empty = tmp_path / "model"
+    empty.mkdir()
+    code, _, stderr = _run(["--model-path", empty, "--mode", "continuation", "--text", "Hi.", "--output-path",
+                            tmp_path / "x.wav", "--device", "cpu"], capsys)
+    assert code == 2
+    assert "Get these files on a machine with network access" in stderr
+    assert "python infer_npu.py --download-only" in stderr and "pytorch_model.bin" in stderr
+
+
+def test_corrupted_checksum_exits_2_and_writes_nothing(repo, monkeypatch, tmp_path, capsys):
+    copy = shutil.copytree(repo, tmp_path / "model")
+    monkeypatch.setattr(infer_npu, "PINS", pins_for(copy))
+    weights_file = copy / "pytorch_model.bin"
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    code, _, stderr = _run(["--model-path", copy, "--mode", "continuation", "--text", "Hi.", "--output-path",
+                            tmp_path / "x.wav", *FAST], capsys)
+    assert code == 2 and "Checksum mismatch" in stderr and "pytorch_model.bin" in stderr
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_download_only_verifies_files_already_in_place(pinned, capsys):
+    code, stdout, stderr = _run(["--download-only", "--download-source", "local", "--model-path", pinned,
+                                 "--no-progress"], capsys)
+    assert code == 0, stderr
+    assert "model folder ready" in stdout
