@@ -1,0 +1,255 @@
+"""Streaming state for the codec: preallocated ring KV caches, per-stage positions, and the decode session.
+
+Every attention layer of the codec looks back at most `context` tokens (its sliding window), so a stream needs only a
+fixed ring of `context + max_tokens_per_step - 1` keys per layer: memory stays flat for any stream length. Each stage
+keeps one ring of key positions shared by its layers; the attention mask of a step is derived from those positions
+(key <= query and query - key < context), so a ring slot that is empty or stale is masked without any host sync.
+
+Rows of a batch are independent streams with their own offsets. A step may give rows different frame counts
+(`num_frames`): all rows run the longest count, a row with fewer frames advances only by its own count, and the extra
+keys it wrote sit at positions that are causally invisible until its next real frames overwrite the same slots (the
+ring capacity `context + T - 1` guarantees this for a step of T tokens).
+
+This module knows nothing about weights: the modeling file passes its stacks in (duck-typed: patch modules have
+`patch_size` and `is_downsample`; transformer stages have `context`, `num_layers`, `num_heads`, `head_dim`, `dtype`).
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Position of a ring slot that holds nothing yet: far enough in the past to fall outside every window.
+EMPTY_POSITION = -(2**40)
+
+
+class RingKVCache:
+    """Preallocated keys/values of one attention layer: k, v [B, H, capacity, Dh]; writes go to `slots`."""
+
+    def __init__(self, batch_size: int, num_heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (batch_size, num_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, Dh] at ring slots [B, T] and return the whole ring (k, v)."""
+        if self.k.shape[0] == 1:  # one row: a plain index copy, cheaper than scatter
+            self.k.index_copy_(2, slots[0], k.to(self.k.dtype))
+            self.v.index_copy_(2, slots[0], v.to(self.v.dtype))
+        else:
+            index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, index, k.to(self.k.dtype))
+            self.v.scatter_(2, index, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+@dataclass
+class StepContext:
+    """What one streaming step gives a transformer stage.
+
+    positions: [B, T] absolute token positions of the new tokens (RoPE); slots: [B, T] ring slots they go to;
+    mask: [B, 1, T, capacity] bool (True = attend), built once for all its layers. Boolean because only a bool mask
+    reaches torch_npu's fused SDPA kernel (a float mask takes the math path, npu.md §2.1); on CPU it costs the same
+    as an additive mask; caches: one RingKVCache per layer.
+    """
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    mask: torch.Tensor
+    caches: list
+
+
+class StageState:
+    """Ring positions, row offsets and KV caches of one transformer stage."""
+
+    def __init__(self, stage, batch_size: int, tokens_per_frame: int, max_frames_per_step: int, device):
+        self.context = stage.context
+        self.tokens_per_frame = tokens_per_frame
+        self.capacity = stage.context + tokens_per_frame * max_frames_per_step - 1
+        self.positions = torch.full((batch_size, self.capacity), EMPTY_POSITION, dtype=torch.long, device=device)
+        self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.caches = [
+            RingKVCache(batch_size, stage.num_heads, self.capacity, stage.head_dim, stage.dtype, device)
+            for _ in range(stage.num_layers)
+        ]
+
+    def begin_step(self, num_tokens: int, advance: torch.Tensor | None) -> StepContext:
+        """Register `num_tokens` new tokens per row; rows then advance by `advance` [B] tokens (default all)."""
+        steps = torch.arange(num_tokens, device=self.offsets.device)
+        query_pos = self.offsets[:, None] + steps  # [B, T]
+        slots = query_pos % self.capacity
+        self.positions.scatter_(1, slots, query_pos)
+        distance = query_pos[:, :, None] - self.positions[:, None, :]  # [B, T, capacity]
+        visible = (distance >= 0) & (distance < self.context)
+        self.offsets += num_tokens if advance is None else advance
+        return StepContext(positions=query_pos, slots=slots, mask=visible[:, None], caches=self.caches)
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        """Forget the history of `rows` (a long index tensor), or of every row."""
+        if rows is None:
+            self.positions.fill_(EMPTY_POSITION)
+            self.offsets.zero_()
+        else:
+            self.positions[rows] = EMPTY_POSITION
+            self.offsets[rows] = 0
+
+
+class StackStream:
+    """Streams a stack of patch layers and ProjectedTransformers, `units_per_frame` input tokens per code frame."""
+
+    def __init__(self, modules, batch_size: int, units_per_frame: int, max_frames_per_step: int, device):
+        if max_frames_per_step < 1:
+            raise ValueError(f"max_frames_per_step={max_frames_per_step}; expected an integer >= 1")
+        self.batch_size = batch_size
+        self.units_per_frame = units_per_frame
+        self.max_frames_per_step = max_frames_per_step
+        self.stages = []  # (module, StageState or None for a patch layer)
+        units = units_per_frame
+        for module in modules:
+            if hasattr(module, "patch_size"):
+                units = units // module.patch_size if module.is_downsample else units * module.patch_size
+                self.stages.append((module, None))
+            else:
+                self.stages.append((module, StageState(module, batch_size, units, max_frames_per_step, device)))
+
+    def step(self, x: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Run x [B, F * units_per_frame, C] (F <= max_frames_per_step) through the stack, updating the caches."""
+        frames = x.shape[1] // self.units_per_frame
+        assert frames <= self.max_frames_per_step and x.shape[0] == self.batch_size
+        for module, state in self.stages:
+            if state is None:
+                x = module(x)
+                continue
+            advance = None if num_frames is None else num_frames * state.tokens_per_frame
+            x = module(x, step=state.begin_step(frames * state.tokens_per_frame, advance))
+        return x
+
+    def reset(self, rows: torch.Tensor | None = None) -> None:
+        for _, state in self.stages:
+            if state is not None:
+                state.reset(rows)
+
+
+class CodecDecodeSession:
+    """Streaming decoder of a `MossAudioTokenizerModel`: codes in, audio out, bounded memory for any length.
+
+    Create it with `model.decode_session(batch_size)`. Each `step` may carry any number of frames; they are decoded
+    in passes of up to `max_frames_per_step` frames (not one frame at a time), and the concatenated outputs equal
+    the offline `decode` of the concatenated codes (to float rounding).
+    """
+
+    def __init__(self, model, batch_size: int = 1, max_frames_per_step: int = 8):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}; expected an integer >= 1")
+        device = model.quantizer.input_proj.bias.device
+        self._model = model
+        self._tables = model.quantizer.decode_tables()  # folded weight norm, fixed for the session
+        self._stream = StackStream(model.decoder, batch_size, 1, max_frames_per_step, device)
+        self.frames_decoded = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    @property
+    def batch_size(self) -> int:
+        return self._stream.batch_size
+
+    @property
+    def max_frames_per_step(self) -> int:
+        return self._stream.max_frames_per_step
+
+    @torch.no_grad()
+    def step(self, codes: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the next frames of every row.
+
+        Args:
+            codes: [nq, B, T] integer codes, 1 <= nq <= num_quantizers (the first nq codebooks).
+            num_frames: optional [B] long; row b uses only its first num_frames[b] frames (0 = no new frames). Its
+                audio past num_frames[b] * hop is zero.
+        Returns:
+            audio [B, channels, T * hop] in the decoder's dtype.
+        """
+        if codes.dim() != 3 or codes.shape[1] != self.batch_size:
+            raise ValueError(f"codes shape {tuple(codes.shape)}; expected [nq, {self.batch_size}, frames]")
+        pieces = []
+        for start in range(0, codes.shape[2], self.max_frames_per_step):
+            chunk = codes[:, :, start : start + self.max_frames_per_step]
+            chunk_frames = None
+            if num_frames is not None:
+                chunk_frames = (num_frames.to(codes.device) - start).clamp(0, chunk.shape[2])
+            pieces.append(self._step_chunk(chunk, chunk_frames))
+        if not pieces:
+            return self._model.empty_audio(self.batch_size)
+        return torch.cat(pieces, dim=-1)
+
+    def _step_chunk(self, codes: torch.Tensor, num_frames: torch.Tensor | None) -> torch.Tensor:
+        model = self._model
+        latent = model.quantizer.decode(codes, self._tables)  # [B, T, D] fp32
+        audio = model.deinterleave(self._stream.step(latent, num_frames))
+        if num_frames is None:
+            self.frames_decoded += codes.shape[2]
+            return audio
+        self.frames_decoded += num_frames
+        valid = torch.arange(audio.shape[-1], device=audio.device) < (num_frames * model.downsample_rate)[:, None]
+        return audio * valid[:, None, :]
+
+    def reset(self, rows=None) -> None:
+        """Start fresh streams: every row, or only `rows` (an int list or long tensor)."""
+        if rows is not None:
+            rows = torch.as_tensor(rows, dtype=torch.long, device=self.frames_decoded.device)
+            self.frames_decoded[rows] = 0
+        else:
+            self.frames_decoded.zero_()
+        self._stream.reset(rows)
+
+
+class BatchDecodeStreams:
+    """Upstream `batch_decode(streaming=True)` semantics over a `CodecDecodeSession` with a fixed number of slots.
+
+    Logical row i of each call is a persistent stream. A call with more rows than are active appends fresh rows at
+    the tail; `finalize_indices` rows are decoded one last time, then evicted (later rows move up, as in a list).
+    """
+
+    def __init__(self, session: CodecDecodeSession):
+        self.session = session
+        self.row_slots: list[int] = []
+
+    def _free_slot(self) -> int:
+        used = set(self.row_slots)
+        for slot in range(self.session.batch_size):
+            if slot not in used:
+                return slot
+        raise ValueError(
+            f"streaming batch_decode: {len(self.row_slots) + 1} rows exceed max_batch_size={self.session.batch_size}"
+        )
+
+    def _admit(self, num_rows: int) -> None:
+        if num_rows < len(self.row_slots):
+            raise ValueError(
+                f"streaming batch_decode got {num_rows} rows but {len(self.row_slots)} streams are active; pass an "
+                "empty (nq, 0) tensor for a row without new frames, or finalize it"
+            )
+        while len(self.row_slots) < num_rows:
+            slot = self._free_slot()
+            self.session.reset([slot])
+            self.row_slots.append(slot)
+
+    def decode(self, codes_list: list, finalize_indices=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode each row's new frames. Returns audio [rows, channels, max_frames * hop] and lengths [rows]."""
+        self._admit(len(codes_list))
+        session, device = self.session, self.session.frames_decoded.device
+        nq = codes_list[0].shape[0]
+        frames = [int(codes.shape[-1]) for codes in codes_list]
+        batch = torch.zeros(nq, session.batch_size, max(frames), dtype=torch.long, device=device)
+        num_frames = torch.zeros(session.batch_size, dtype=torch.long, device=device)
+        for row, codes in enumerate(codes_list):
+            slot = self.row_slots[row]
+            batch[:, slot, : frames[row]] = codes.to(device)
+            num_frames[slot] = frames[row]
+        audio = session.step(batch, num_frames)[self.row_slots[: len(codes_list)]]
+        hop = session._model.downsample_rate
+        lengths = torch.tensor(frames, dtype=torch.long, device=device) * hop
+        for row in sorted(set(finalize_indices or []), reverse=True):
+            if not 0 <= row < len(self.row_slots):
+                raise ValueError(f"finalize_indices has {row}; expected indices of the {len(self.row_slots)} rows")
+            del self.row_slots[row]
+        return audio, lengths

@@ -1,0 +1,307 @@
+"""Codec behaviour on tiny random models: config reading, checkpoint loading, windows, streaming, lengths, dtypes."""
+
+import json
+
+import pytest
+import torch
+from conftest import REPO_ROOT, import_module, shared_path
+from safetensors.torch import save_file
+
+configuration = import_module("configuration_moss_audio_tokenizer")
+modeling = import_module("modeling_moss_audio_tokenizer")
+weights = import_module("weights")
+HOP = 3840
+
+
+def _patch(size):
+    return {"module_type": "PatchedPretransform", "patch_size": size}
+
+
+def _stage(input_dim, output_dim, num_layers, duration, d_model=256, heads=4, ffn=1024):
+    return {"causal": True, "context_duration": duration, "conv_layout": True, "d_model": d_model,
+            "dim_feedforward": ffn, "gating": "none", "input_dimension": input_dim, "layer_scale": 0.01,
+            "max_period": 10000, "module_type": "Transformer", "norm": "layer_norm", "num_heads": heads,
+            "num_layers": num_layers, "output_dimension": output_dim, "positional_embedding": "rope"}
+
+
+def released_config_dict() -> dict:
+    """The released codec config.json (spec codec.md §2.2, §2.4, §3), written out independently of the module."""
+    encoder = [_patch(240), _stage(240, 384, 4, 4.0), _patch(2), _stage(768, 384, 2, 6.0), _patch(2),
+               _stage(768, 384, 2, 8.0), _patch(2), _stage(768, 192, 4, 10.0), _patch(4)]
+    decoder = [_patch(4), _stage(192, 768, 4, 10.0), _patch(2), _stage(384, 768, 2, 8.0), _patch(2),
+               _stage(384, 768, 2, 6.0), _patch(2), _stage(384, 240, 4, 4.0), _patch(240)]
+    return {
+        "architectures": ["MossAudioTokenizerModel"],
+        "auto_map": {"AutoConfig": "configuration_moss_audio_tokenizer.MossAudioTokenizerConfig",
+                     "AutoModel": "modeling_moss_audio_tokenizer.MossAudioTokenizerModel"},
+        "model_type": "moss-audio-tokenizer", "sample_rate": 48000, "sampling_rate": 48000, "downsample_rate": 3840,
+        "causal_transformer_context_duration": 10.0, "number_channels": 2, "enable_channel_interleave": True,
+        "attention_implementation": "sdpa", "compute_dtype": "fp32", "dtype": "float32", "code_dim": 768,
+        "encoder_kwargs": encoder, "decoder_kwargs": decoder, "quantizer_type": "rlfq",
+        "quantizer_kwargs": {"codebook_dim": 8, "codebook_loss_weight": 1.0, "codebook_size": 1024,
+                             "commitment_loss_weight": 0.25, "input_dim": 768, "num_quantizers": 16,
+                             "output_dim": 768, "quantizer_dropout": 1.0, "quantizer_type": "rlfq", "rvq_dim": 512},
+        "transformers_version": "4.56.0.dev0", "reversed_decoder_kwargs": encoder,
+    }
+
+
+def tiny_config_dict(durations=(0.02, 0.04, 0.06, 0.08), num_quantizers=4, codebook_size=64) -> dict:
+    """Real patch layout and rates, toy widths; windows 8/8/6/4 (encoder) and 4/6/8/8 (decoder) tokens."""
+    config = released_config_dict()
+    small = dict(d_model=16, heads=2, ffn=32)
+    encoder = [_stage(i, o, 1, d, **small) for (i, o), d in zip([(240, 24), (48, 24), (48, 24), (48, 12)], durations)]
+    decoder = [_stage(i, o, 1, d, **small)
+               for (i, o), d in zip([(12, 48), (24, 48), (24, 48), (24, 240)], durations[::-1])]
+    config["encoder_kwargs"] = _interleave_patches([240, 2, 2, 2, 4], encoder)
+    config["decoder_kwargs"] = _interleave_patches([4, 2, 2, 2, 240], decoder)
+    config["reversed_decoder_kwargs"] = config["encoder_kwargs"]
+    config["quantizer_kwargs"].update(input_dim=48, rvq_dim=16, output_dim=48, num_quantizers=num_quantizers,
+                                      codebook_size=codebook_size)
+    config["code_dim"] = 48
+    return config
+
+
+def _interleave_patches(patches, stages):
+    stack = []
+    for patch, stage in zip(patches, stages + [None]):
+        stack.append(_patch(patch))
+        if stage is not None:
+            stack.append(stage)
+    return stack
+
+
+def tiny_model(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    config = configuration.MossAudioTokenizerConfig(**tiny_config_dict(**kwargs))
+    model = modeling.MossAudioTokenizerModel(config).eval()
+    with torch.no_grad():  # unit-gain weights so that attention and the windows matter numerically
+        for name, param in model.named_parameters():
+            if name.endswith("scale"):
+                param.fill_(0.3)
+            elif param.dim() == 2 and not name.startswith("quantizer"):
+                param.normal_(0.0, param.shape[1] ** -0.5)
+            elif name.endswith("codebook.weight"):
+                param.normal_(0.0, 1.0)
+    return model
+
+
+# -- config --------------------------------------------------------------------------------------------------------
+def test_config_reads_released_json_and_defaults_to_the_release():
+    released = configuration.MossAudioTokenizerConfig(**released_config_dict())
+    default = configuration.MossAudioTokenizerConfig()
+    for config in (released, default):
+        assert (config.sampling_rate, config.number_channels, config.downsample_rate) == (48000, 2, 3840)
+        assert (config.num_quantizers, config.codebook_size, config.frame_rate) == (16, 1024, 12.5)
+        assert config.model_type == "moss-audio-tokenizer"
+    assert released.encoder_kwargs == default.encoder_kwargs
+    assert released.decoder_kwargs == default.decoder_kwargs
+
+
+def test_config_aliases_and_reversed_decoder_rule():
+    config = configuration.MossAudioTokenizerConfig(sample_rate=24000, channels_numbers=1, attention_backend="eager",
+                                                    codec_compute_dtype="bf16")
+    assert (config.sampling_rate, config.number_channels) == (24000, 1)
+    assert (config.attention_implementation, config.compute_dtype) == ("eager", "bf16")
+    # Without decoder_kwargs the decoder mirrors reversed_decoder_kwargs; with both, decoder_kwargs wins.
+    released = released_config_dict()
+    derived = configuration.MossAudioTokenizerConfig(reversed_decoder_kwargs=released["encoder_kwargs"])
+    assert derived.decoder_kwargs == released["decoder_kwargs"]
+    tiny = tiny_config_dict()
+    kept = configuration.MossAudioTokenizerConfig(decoder_kwargs=tiny["decoder_kwargs"],
+                                                  reversed_decoder_kwargs=released["encoder_kwargs"])
+    assert kept.decoder_kwargs == tiny["decoder_kwargs"]
+
+
+@pytest.mark.parametrize("kwargs", [{"compute_dtype": "int8"}, {"quantizer_type": "rvq"},
+                                    {"sample_rate": 24000, "sampling_rate": 48000}])
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        configuration.MossAudioTokenizerConfig(**kwargs)
+
+
+def test_released_config_builds_the_374_upstream_tensors():
+    lines = shared_path("spec", "codec_state_dict.txt").read_text().splitlines()
+    manifest = [line.split(" ", 1) for line in lines]
+    with torch.device("meta"):
+        model = modeling.MossAudioTokenizerModel(configuration.MossAudioTokenizerConfig(**released_config_dict()))
+    ours = [(name, str(list(tensor.shape)).replace(" ", "")) for name, tensor in model.state_dict().items()]
+    expected = [(name, shape.replace(" ", "")) for name, shape in manifest]
+    assert len(ours) == 374
+    assert ours == expected  # same names, shapes and order
+    contexts = [m.context for m in model.modules() if isinstance(m, modeling.ProjectedTransformer)]
+    assert contexts == [1600, 1200, 800, 500, 500, 800, 1200, 1600]
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+def _legacy_names(state_dict):
+    return {name.replace("parametrizations.weight.original0", "weight_g")
+            .replace("parametrizations.weight.original1", "weight_v"): tensor for name, tensor in state_dict.items()}
+
+
+@pytest.mark.parametrize("spelling", ["parametrizations", "weight_g_weight_v"])
+def test_checkpoint_with_either_weight_norm_spelling_loads_without_missing_keys(tmp_path, spelling):
+    source = tiny_model(seed=3)
+    state = {name: tensor.contiguous() for name, tensor in source.state_dict().items()}
+    if spelling != "parametrizations":
+        state = _legacy_names(state)
+        assert any(name.endswith("weight_g") for name in state)
+    source.config.save_pretrained(tmp_path)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    loaded, info = modeling.MossAudioTokenizerModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name
+    fresh = modeling.MossAudioTokenizerModel(source.config)
+    result = fresh.load_state_dict(state, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+def test_auto_model_loads_folder_with_auto_map_and_remote_code(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    source = tiny_model(seed=4)
+    config = tiny_config_dict()
+    codec_dir = tmp_path / weights.CODEC_SUBFOLDER
+    codec_dir.mkdir()
+    (codec_dir / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(codec_dir / "model.safetensors"))
+    # The same code installation --download-only does: the auto_map modules and what they import relatively.
+    assert weights.install_codec_code(tmp_path, REPO_ROOT)
+    model = transformers.AutoModel.from_pretrained(str(codec_dir), trust_remote_code=True).eval()
+    assert type(model).__name__ == "MossAudioTokenizerModel"
+    audio = torch.randn(1, 2, 2 * HOP)
+    assert torch.equal(model.encode(audio).audio_codes, source.encode(audio).audio_codes)
+
+
+# -- attention windows ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["sdpa", "eager"])
+@pytest.mark.parametrize("length, context", [(5, 8), (37, 8), (64, 5), (101, 16)])
+def test_windowed_attention_equals_dense_sliding_window_mask(backend, length, context):
+    torch.manual_seed(length)
+    q, k, v = (torch.randn(2, 3, length, 8) for _ in range(3))
+    pos = torch.arange(length)
+    dense = modeling.eager_attention(None, q, k, v, modeling.window_mask(pos, pos, context), 8**-0.5)
+    kernel = modeling.CODEC_ATTENTION_FUNCTIONS[backend]
+    windowed = modeling.windowed_attention(None, q, k, v, context, kernel)
+    torch.testing.assert_close(windowed, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_window_size_matters_for_decoding():
+    model = tiny_model(seed=5)
+    codes = torch.randint(0, 64, (4, 1, 12))
+    reference = model.decode(codes).audio
+    model.decoder[7].transformer.layers[0].self_attn.context += 1
+    assert (model.decode(codes).audio - reference).abs().max() > 1e-3
+
+
+# -- streaming -----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("frames_per_step, call_sizes", [(1, [1]), (3, [3]), (4, [1, 4, 2, 7, 3])])
+def test_decode_session_matches_offline_for_a_clip_longer_than_every_window(frames_per_step, call_sizes):
+    model = tiny_model(seed=6)
+    codes = torch.randint(0, 64, (4, 2, 17))  # 17 frames = 68 tokens at 50 Hz, 544 at 400 Hz >> windows (<= 8)
+    offline = model.decode(codes).audio
+    session = model.decode_session(batch_size=2, max_frames_per_step=frames_per_step)
+    ring_shapes = [tuple(c.k.shape) for _, s in session._stream.stages if s is not None for c in s.caches]
+    pieces, start, index = [], 0, 0
+    while start < codes.shape[-1]:
+        size = call_sizes[index % len(call_sizes)]
+        pieces.append(session.step(codes[:, :, start : start + size]))
+        start, index = start + size, index + 1
+    streamed = torch.cat(pieces, dim=-1)
+    assert (streamed - offline).abs().max().item() <= 1e-5
+    assert [tuple(c.k.shape) for _, s in session._stream.stages if s is not None for c in s.caches] == ring_shapes
+    assert session.frames_decoded.tolist() == [17, 17]
+
+
+def test_decode_session_ragged_rows_and_reset():
+    model = tiny_model(seed=7)
+    codes = torch.randint(0, 64, (4, 2, 10))
+    offline = model.decode(codes).audio
+    session = model.decode_session(batch_size=2, max_frames_per_step=4)
+    first = session.step(codes[:, :, :4], num_frames=torch.tensor([4, 1]))
+    batch = torch.stack([codes[:, 0, 4:8], codes[:, 1, 1:5]], dim=1)
+    second = session.step(batch, num_frames=torch.tensor([4, 4]))
+    assert (first[0] - offline[0, :, : 4 * HOP]).abs().max() <= 1e-5
+    assert (first[1, :, :HOP] - offline[1, :, :HOP]).abs().max() <= 1e-5
+    assert first[1, :, HOP:].abs().max() == 0
+    assert (second[0] - offline[0, :, 4 * HOP : 8 * HOP]).abs().max() <= 1e-5
+    assert (second[1] - offline[1, :, HOP : 5 * HOP]).abs().max() <= 1e-5
+    session.reset(rows=[1])
+    again = session.step(codes[:, :, :1], num_frames=torch.tensor([0, 1]))
+    assert (again[1] - offline[1, :, :HOP]).abs().max() <= 1e-5
+    assert session.frames_decoded.tolist() == [8, 1]
+
+
+def test_streaming_batch_decode_appends_and_finalizes_rows():
+    model = tiny_model(seed=8)
+    codes = torch.randint(0, 64, (4, 2, 6))
+    offline = model.decode(codes).audio
+    first = model.batch_decode([codes[:, 0, :2]], streaming=True, max_batch_size=2, reset_stream=True)
+    second = model.batch_decode([codes[:, 0, 2:3], codes[:, 1, :3]], streaming=True, finalize_indices=[0])
+    third = model.batch_decode([codes[:, 1, 3:6]], streaming=True)  # former row 1 is now row 0
+    assert second.audio_lengths.tolist() == [HOP, 3 * HOP]
+    assert (first.audio[0] - offline[0, :, : 2 * HOP]).abs().max() <= 1e-5
+    assert (second.audio[0, :, :HOP] - offline[0, :, 2 * HOP : 3 * HOP]).abs().max() <= 1e-5
+    assert (second.audio[1] - offline[1, :, : 3 * HOP]).abs().max() <= 1e-5
+    assert (third.audio[0] - offline[1, :, 3 * HOP :]).abs().max() <= 1e-5
+    with pytest.raises(ValueError):
+        model.batch_decode([codes[:, 0, :1]] * 3, streaming=True)  # 3 rows > max_batch_size 2
+    model._reset_batch_decode_streaming_state()
+
+
+# -- lengths, codebooks, dtypes ------------------------------------------------------------------------------------
+def test_encode_of_a_non_multiple_length_has_ceil_frames_and_floor_length():
+    model = tiny_model(seed=9)
+    audio = torch.randn(2, 5 * HOP + 100)
+    out = model.encode(audio)
+    assert out.audio_codes.shape == (4, 1, 6) and out.audio_codes.dtype == torch.long
+    assert out.audio_codes_lengths.tolist() == [5]
+    assert out.encoder_hidden_states.shape == (1, 48, 6)
+    codes, lengths = model.encode(audio, return_dict=False)
+    assert torch.equal(codes, out.audio_codes) and torch.equal(lengths, out.audio_codes_lengths)
+    assert model.decode(out.audio_codes).audio.shape == (1, 2, 6 * HOP)
+
+
+def test_decode_with_fewer_codebooks_uses_the_first_ones():
+    model = tiny_model(seed=10)
+    codes = torch.randint(0, 64, (4, 1, 5))
+    prefix = model.decode(codes[:2]).audio
+    assert torch.equal(prefix, model.decode(codes, num_quantizers=2).audio)
+    assert torch.equal(prefix, model.batch_decode([codes[:, 0]], num_quantizers=2).audio)
+    assert (prefix - model.decode(codes).audio).abs().max() > 1e-4
+    session = model.decode_session(1)
+    assert (session.step(codes[:2]) - prefix).abs().max() <= 1e-5
+
+
+def test_bf16_cast_keeps_the_quantizer_fp32_and_still_decodes():
+    model = tiny_model(seed=11)
+    codes = torch.randint(0, 64, (4, 1, 6))
+    reference = model.decode(codes).audio
+    audio = torch.randn(1, 2, 3 * HOP)
+    reference_codes = model.encode(audio).audio_codes
+    model.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.quantizer.parameters())
+    assert model.decoder[1].input_proj.weight.dtype == torch.bfloat16
+    decoded = model.decode(codes).audio
+    assert decoded.dtype == torch.float32 and torch.isfinite(decoded).all()
+    assert (decoded - reference).abs().max() < 0.1 * reference.abs().max()
+    streamed = model.decode_session(1).step(codes)
+    assert torch.isfinite(streamed).all()
+    assert model.encode(audio).audio_codes.shape == reference_codes.shape
+    model.set_compute_dtype("fp32")
+    torch.testing.assert_close(model.decode(codes).audio, reference, atol=0.1, rtol=0)
+
+
+def test_user_mistakes_raise_value_errors():
+    model = tiny_model(seed=12)
+    with pytest.raises(ValueError, match="input_values"):
+        model.encode(torch.randn(3, HOP))
+    with pytest.raises(ValueError, match="num_quantizers"):
+        model.decode(torch.zeros(4, 1, 2, dtype=torch.long), num_quantizers=9)
+    with pytest.raises(ValueError, match="outside"):
+        model.batch_decode([torch.full((4, 2), 64)])
+    with pytest.raises(ValueError, match="chunk_duration"):
+        model.decode(torch.zeros(4, 1, 2, dtype=torch.long), chunk_duration=0.1)
+    with pytest.raises(ValueError, match="attention"):
+        model.set_attention_implementation("paged")
+    with pytest.raises(ValueError, match="compute_dtype"):
+        model.set_compute_dtype("int8")
