@@ -36,6 +36,8 @@ from .devices import npu_fusion_attention as device_npu_fusion_attention
 logger = logging.getLogger(__name__)
 
 AttentionFunction = Callable[..., torch.Tensor]
+# Activations replaced by a fused kernel of the same function (one op per call instead of several; see the MLP).
+FUSED_ACTIVATIONS = {"gelu_new": "gelu_pytorch_tanh"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -164,27 +166,39 @@ class MossTTSNanoGPT2RotaryEmbedding(nn.Module):
         return self._inv_freq[device]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for `position_ids` [B, T] (or [T]), each [B, 1, T, dim] (or [1, 1, T, dim]) in `dtype`.
+        """cos and signed sin for `position_ids` [B, T] (or [T]), each [B, 1, T, dim] (or [1, 1, T, dim]) in `dtype`.
 
-        Each frequency is repeated twice, adjacently ([f0, f0, f1, f1, ...]), to match the interleaved pairs.
+        Each frequency is repeated twice, adjacently ([f0, f0, f1, f1, ...]), to match the interleaved pairs. The
+        sin table carries the rotation's signs, [-sin f0, +sin f0, -sin f1, ...], so that `apply_rotary` needs no
+        negation per call (negating is exact, so the result is bit-identical to x·cos + rotate_every_two(x)·sin).
         """
         angles = position_ids.float()[..., None] * self.inv_freq(position_ids.device)  # [B, T, dim / 2]
-        angles = angles.repeat_interleave(2, dim=-1)
-        cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+        cos = angles.cos().repeat_interleave(2, dim=-1).to(dtype)
+        sin = angles.sin()
+        sin = torch.stack((-sin, sin), dim=-1).flatten(-2).to(dtype)
         if cos.dim() == 2:
             return cos[None, None], sin[None, None]
         return cos[:, None], sin[:, None]
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
-    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) over the last dimension."""
+    """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...) over the last dimension (reference form of the rotation)."""
     pairs = x.unflatten(-1, (-1, 2))
     return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin. x: [B, H, T, D]."""
-    return x * cos + rotate_every_two(x) * sin
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """out[2i] = x[2i]·cos − x[2i+1]·sin, out[2i+1] = x[2i+1]·cos + x[2i]·sin. x: [..., T, D].
+
+    Args:
+        x: queries and/or keys, e.g. [B, H, T, D] or [2, B, H, T, D] (both at once).
+        cos, signed_sin: the tables of `MossTTSNanoGPT2RotaryEmbedding` (sin with the signs -, +, -, +, ...).
+
+    Swapping each pair (x1, x0, x3, x2, ...) with one `flip` and multiplying by the signed sin gives the same
+    products as upstream's rotate-every-two (x·(-s) == -(x·s) exactly), in 4 ops instead of 9.
+    """
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos + swapped * signed_sin
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -296,10 +310,10 @@ class MossTTSNanoGPT2Attention(nn.Module):
     ) -> torch.Tensor:
         """hidden [B, T, C] -> [B, T, C]; keys/values are written to `cache` (post-RoPE) when given."""
         batch, length, _ = hidden.shape
-        qkv = self.c_attn(hidden).view(batch, length, 3, self.num_heads, self.head_dim)
-        query, key, value = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # each [B, H, T, D]
-        if rope is not None:
-            query, key = apply_rotary(query, *rope), apply_rotary(key, *rope)
+        qkv = self.c_attn(hidden).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        value = qkv[2]  # [B, H, T, D]
+        query_key = qkv[:2] if rope is None else apply_rotary(qkv[:2], *rope)  # [2, B, H, T, D], one rotation
+        query, key = query_key[0], query_key[1]
         if cache is not None:
             key, value = cache.update(self.layer_idx, key, value)
         output = attention(self, query, key, value, mask, self.scaling)  # [B, H, T, D]
@@ -315,7 +329,9 @@ class MossTTSNanoGPT2MLP(nn.Module):
         inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
         self.fc_in = nn.Linear(config.n_embd, inner)
         self.fc_out = nn.Linear(inner, config.n_embd)
-        self.act = ACT2FN[config.activation_function]
+        # "gelu_new" (upstream's tanh GELU written as 8 elementwise ops) runs as torch's fused tanh GELU: the same
+        # function, one kernel; values differ by at most 1 ulp (about 2e-7) and greedy codes are unchanged.
+        self.act = ACT2FN[FUSED_ACTIVATIONS.get(config.activation_function, config.activation_function)]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -430,7 +446,7 @@ class MossTTSNanoGPT2Model(nn.Module):
             inputs_embeds: [B, T, C], appended at `cache.length`.
             cache: the decoder's KVCache (advanced by T).
             rope: precomputed (cos, sin) for these positions, or None (no RoPE).
-            mask: bool broadcastable to [B, 1, T, cache.length + T] (a view of a preallocated all-True buffer).
+            mask: bool broadcastable to [B, 1, T, cache.length + T], or None when every cached position is visible.
             attention: the resolved attention function.
 
         Returns:

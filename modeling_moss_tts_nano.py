@@ -97,17 +97,17 @@ class _GenerationState:
     frames: torch.Tensor  # long [B, F, n_vq], prefilled with the audio pad id
     last_row: torch.Tensor  # long [B, 1, R], the row appended by the previous frame
     finished: torch.Tensor  # bool [B]
-    nonfinite: torch.Tensor  # bool [], any non-finite logits so far (checked with the stop decision)
+    logit_sums: torch.Tensor  # float32 [1 + n_vq, B]: row sums of the latest text/audio logits, finite iff they are
     step_tokens: torch.Tensor  # long [B, n_vq]
     text_candidates: torch.Tensor  # long [2] = [slot 9, audio_end 7]
     text_weight: torch.Tensor  # [2, C], the text-head rows of the two candidates
-    local_rope: tuple[torch.Tensor, torch.Tensor] | None  # cos/sin [1, 1, n_vq + 1, D] of local positions
-    local_mask: torch.Tensor  # bool [1, 1, 1, n_vq + 1], all True
+    local_rope: list | None  # per local slot s: (cos, signed sin) views [1, 1, 1, D] at position s
     global_cache: KVCache | None  # None: recompute the global decoder every frame (use_kv_cache=False)
     local_cache: KVCache | None
     ids: torch.Tensor | None  # long [B, T + F, R], only without the cache
     local_inputs: torch.Tensor | None  # [B, n_vq + 1, C], only without the cache
     seen: torch.Tensor | None  # bool [n_vq, B, codebook], repetition-penalty history
+    next_row_embedding: torch.Tensor | None = None  # [B, 1, C], embedding of the row the frame appends (cache path)
     text_logits: list = field(default_factory=list)  # [B, 2] per step (device tensors)
 
 
@@ -549,14 +549,18 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         seen = None
         if options.audio_repetition_penalty != 1.0:
             seen = torch.zeros(config.n_vq, batch, max(config.audio_codebook_sizes), dtype=torch.bool, device=device)
+        # Per-slot views, sliced once here rather than once per local step.
+        local_rope = None
+        if rotary is not None:
+            cos, sin = rotary(slots, local_dtype)  # [1, 1, n_vq + 1, D]
+            local_rope = [(cos[:, :, i:i + 1], sin[:, :, i:i + 1]) for i in range(config.n_vq + 1)]
         return _GenerationState(
             length=length, mask=mask, frames=frames, last_row=input_ids.new_zeros(batch, 1, width),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
-            nonfinite=torch.zeros((), dtype=torch.bool, device=device),
+            logit_sums=torch.zeros(config.n_vq + 1, batch, dtype=torch.float32, device=device),
             step_tokens=input_ids.new_full((batch, config.n_vq), config.audio_pad_token_id),
             text_candidates=candidates, text_weight=self.text_lm_head.weight[candidates].to(local_dtype),
-            local_rope=rotary(slots, local_dtype) if rotary is not None else None,
-            local_mask=torch.ones(1, 1, 1, config.n_vq + 1, dtype=torch.bool, device=device),
+            local_rope=local_rope,
             global_cache=KVCache.for_decoder(self.transformer, batch, capacity) if use_kv_cache else None,
             local_cache=KVCache.for_decoder(self.local_transformer, batch, config.n_vq + 1) if use_kv_cache else None,
             ids=ids,
@@ -574,13 +578,14 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         text_hidden = self._local_hidden(state, global_hidden, 0, local_attention)
         text_logits = nn.functional.linear(text_hidden, state.text_weight)  # [B, 2]
         state.text_logits.append(text_logits)
-        self._flag_nonfinite(state, text_logits)
+        self._flag_nonfinite(state, text_logits, 0)
         choice = sample_next_token(
             text_logits, options.do_sample, options.text_temperature, options.text_top_k, options.text_top_p
         )
         should_continue = (choice == CONTINUE_INDEX) & ~state.finished
         state.finished |= choice == STOP_INDEX
-        any_continue, nonfinite = torch.stack((should_continue.any(), state.nonfinite)).tolist()  # the one sync
+        # The one sync: the stop check, plus this frame's text logits and the previous frame's audio logits.
+        any_continue, nonfinite = torch.stack((should_continue.any(), self._any_nonfinite(state))).tolist()
         self._raise_if_nonfinite(nonfinite)
         if not any_continue:
             return None
@@ -599,8 +604,10 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
             rows = state.ids[:, :state.length]
             hidden, _ = self.transformer(self._embed_rows(rows), mask, None, attention)
         else:
-            rows = input_ids if step == 0 else state.last_row
-            hidden, _ = self.transformer(self._embed_rows(rows), mask, state.global_cache, attention)
+            # After the prompt, the new row's embedding was summed while its codes were sampled (same adds, same
+            # order as _embed_rows for continuing rows; stopped rows are masked, so their keys are never read).
+            embedded = self._embed_rows(input_ids) if step == 0 else state.next_row_embedding
+            hidden, _ = self.transformer(embedded, mask, state.global_cache, attention)
         return hidden[:, -1].to(self.local_transformer.ln_f.weight.dtype)
 
     def _local_hidden(self, state, slot_input, slot, attention) -> torch.Tensor:
@@ -617,19 +624,27 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         slot_input = slot_input[:, None]
         rope = None
         if state.local_rope is not None:
-            rope = tuple(table[:, :, slot:slot + 1] for table in state.local_rope)
+            rope = state.local_rope[slot]
         else:
             slot_input = slot_input + local.wpe.weight[slot]
-        hidden = local.step(slot_input, state.local_cache, rope, state.local_mask[..., :slot + 1], attention)
+        # No mask: one query at the end of the cache sees every cached slot (an all-True mask would only cost
+        # SDPA a bool-to-float conversion per call).
+        hidden = local.step(slot_input, state.local_cache, rope, None, attention)
         return hidden[:, -1]
 
     def _sample_audio_channels(self, state, text_token, options, attention) -> None:
-        """Channels 0..nq-1, each fed the previous slot's embedding; tokens land in `state.step_tokens`."""
-        slot_input = self.transformer.wte(text_token).to(self.local_transformer.ln_f.weight.dtype)
+        """Channels 0..nq-1, each fed the previous slot's embedding; tokens land in `state.step_tokens`.
+
+        With the cache, it also sums the embedding of the row this frame appends, [B, 1, C]: wte(slot 9) plus each
+        channel's code embedding, which the local decoder needs anyway (one extra lookup for the last channel).
+        """
+        local_dtype = self.local_transformer.ln_f.weight.dtype
+        row_embedding = self.transformer.wte(text_token)  # [B, C]
+        slot_input = row_embedding.to(local_dtype)
         for channel in range(options.nq):
             hidden = self._local_hidden(state, slot_input, channel + 1, attention)
             logits = self.audio_lm_heads[channel](hidden)  # [B, codebook]
-            self._flag_nonfinite(state, logits)
+            self._flag_nonfinite(state, logits, channel + 1)
             seen = state.seen[channel, :, : logits.shape[-1]] if state.seen is not None else None
             token = sample_next_token(
                 logits, options.do_sample, options.audio_temperature, options.audio_top_k, options.audio_top_p,
@@ -638,8 +653,11 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
             if seen is not None:
                 seen.scatter_(1, token[:, None], True)
             state.step_tokens[:, channel] = token
-            if channel + 1 < options.nq:
-                slot_input = self.audio_embeddings[channel](token).to(slot_input.dtype)
+            if channel + 1 < options.nq or state.global_cache is not None:
+                embedded = self.audio_embeddings[channel](token)
+                slot_input = embedded.to(local_dtype)
+                row_embedding = row_embedding + embedded
+        state.next_row_embedding = row_embedding[:, None]
 
     def _append_frame(self, state, step, should_continue, nq) -> torch.Tensor:
         """Write the frame (pad for stopped rows and channels >= nq) and the next row [9 | 3, frame]; return it."""
@@ -656,9 +674,16 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         return frame
 
     @staticmethod
-    def _flag_nonfinite(state, logits) -> None:
-        """Accumulate 'some logit is inf/nan' on the device (checked at the next stop decision, not here)."""
-        torch.logical_or(state.nonfinite, ~torch.isfinite(logits).all(), out=state.nonfinite)
+    def _flag_nonfinite(state, logits, slot: int) -> None:
+        """Record the row sums of `logits` [B, V] in float32 (one op, no sync). A sum is inf/nan iff some logit is
+        (logits of this model are far below the 1e35 where a finite sum could overflow); checked at the next stop
+        decision, before the slot is overwritten."""
+        torch.sum(logits, dim=-1, dtype=torch.float32, out=state.logit_sums[slot])
+
+    @staticmethod
+    def _any_nonfinite(state) -> torch.Tensor:
+        """bool []: whether any recorded logit sum is inf or nan."""
+        return ~torch.isfinite(state.logit_sums).all()
 
     @staticmethod
     def _raise_if_nonfinite(nonfinite: bool) -> None:
@@ -667,7 +692,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
 
     def _final_event(self, state, input_ids, frame_count, return_dict_in_generate) -> dict:
         """The closing event; also reports non-finite logits of the last frame (one sync after the loop)."""
-        self._raise_if_nonfinite(bool(state.nonfinite))
+        self._raise_if_nonfinite(bool(self._any_nonfinite(state)))
         audio_token_ids = state.frames[:, :frame_count]
         event = {"type": "final", "text_candidate_logits": torch.stack(state.text_logits) if state.text_logits
                  else None}

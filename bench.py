@@ -1,0 +1,469 @@
+"""Benchmarks of this repository's models, one section per component (no download: random weights, real sizes).
+
+    python bench.py                         # every section, 2 threads, text table
+    python bench.py --section codec --json  # one section, figures as JSON
+    python bench.py --section lm --compare-eager --weight-format fp32 bf16 int8   # LM speed ladder
+    python bench.py --section e2e --device auto                                    # LM + codec, streaming
+
+Sections:
+- codec: MOSS-Audio-Tokenizer-Nano at the released size. Streaming decode time per 80 ms frame at steady state (every
+  sliding window full) with 1 and several frames per call, and offline encode/decode real-time factors. Upstream's
+  reference on a 2-vCPU host is 21-23 ms per frame streaming (spec codec.md §7).
+
+- lm: MOSS-TTS-Nano's generate_stream at the released size, random weights (or --model-path), a fixed 81-row
+  continuation prompt, greedy, --frames forced frames (default 120 = 9.6 s of audio). Per weight format
+  (weight_formats.py): decode ms/frame and frames/s after the first frame, the ratio to upstream's 6.5 frames/s
+  (issue 7, same machine), time to the first frame, LM real-time factor (prefill included; 12.5 frames = 1 s) and peak
+  memory. --compare-eager first runs our plain reference path (fp32, eager attention, no KV caches: both decoders
+  recomputed every frame) and fp32 eager with caches, so each optimisation shows its ratio ("x ref") in one run.
+  Frames are forced by a bench-only weight edit (`force_continue`): the stop logit loses by 100 every frame, with
+  the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; the reference runs once.
+- e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then
+  --e2e-codec-frames per call): time to first audio and end-to-end RTF per weight format (random codec weights).
+
+A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
+The device string is passed through to devices.py when that module is present (only CPU otherwise).
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, REPO_ROOT)
+from local_package import import_module  # noqa: E402
+
+UPSTREAM_STREAM_MS_PER_FRAME = (21.0, 23.0)  # codec.md §7, upstream on 2 vCPU, fp32
+TARGET_STREAM_MS_PER_FRAME = 10.0  # issue 7
+
+
+def _devices():
+    try:
+        return import_module("devices")
+    except ImportError:
+        return None
+
+
+def resolve_device(name: str) -> torch.device:
+    devices = _devices()
+    if devices is not None:
+        return devices.resolve_device(name)
+    if name not in ("cpu", "auto"):
+        raise SystemExit(f"--device {name}: devices.py is not available here; only cpu")
+    return torch.device("cpu")
+
+
+def synchronize(device: torch.device) -> None:
+    devices = _devices()
+    if devices is not None and hasattr(devices, "synchronize"):
+        devices.synchronize(device)
+
+
+def timed(fn, device, runs: int, warmup: int) -> list[float]:
+    """Seconds per call of fn() over `runs` calls after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def load_average() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# codec
+# ----------------------------------------------------------------------------------------------------------------------
+def build_codec(device: torch.device, compute_dtype: str):
+    """The released-size codec with random weights (seeded), eval mode."""
+    config_module = import_module("configuration_moss_audio_tokenizer")
+    modeling = import_module("modeling_moss_audio_tokenizer")
+    torch.manual_seed(0)
+    model = modeling.MossAudioTokenizerModel(config_module.MossAudioTokenizerConfig()).eval().to(device)
+    model.set_compute_dtype(compute_dtype)
+    return model
+
+
+class UpstreamStyleStream:
+    """`batch_decode(streaming=True)` (the call the upstream TTS makes) behind the session's `step` interface."""
+
+    def __init__(self, model):
+        self.model = model
+        self.first = True
+
+    def step(self, codes):
+        self.model.batch_decode([codes[:, 0]], streaming=True, max_batch_size=1, reset_stream=self.first)
+        self.first = False
+
+
+def bench_codec_streaming(model, device, frames_per_call: int, args, upstream_api: bool = False) -> dict:
+    """Steady-state streaming decode: prefill until every window is full, then time each call separately.
+
+    Per-call timing with a median resists the bursts of a shared host better than timing whole runs. The session's
+    ring capacity is sized for `frames_per_call` (or --max-frames-per-step); `upstream_api` times batch_decode.
+    """
+    nq, size = model.config.num_quantizers, model.config.codebook_size
+    prefill = int(args.prefill_seconds * model.config.frame_rate)
+    calls = args.runs * max(1, args.stream_frames // frames_per_call)
+    if upstream_api:
+        session = UpstreamStyleStream(model)
+    else:
+        session = model.decode_session(1, max_frames_per_step=args.max_frames_per_step or frames_per_call)
+    generator = torch.Generator().manual_seed(1)
+    total = prefill + (calls + args.warmup) * frames_per_call
+    codes = torch.randint(0, size, (nq, 1, total), generator=generator).to(device)
+    for start in range(0, prefill, frames_per_call):
+        session.step(codes[:, :, start : min(start + frames_per_call, prefill)])
+    starts = iter(range(prefill, total, frames_per_call))
+
+    def one_call():
+        start = next(starts)
+        session.step(codes[:, :, start : start + frames_per_call])
+
+    times = timed(one_call, device, calls, args.warmup)
+    per_frame = sorted(1000.0 * t / frames_per_call for t in times)
+    median = statistics.median(per_frame)
+    return {
+        "api": "batch_decode(streaming=True)" if upstream_api else "decode_session().step",
+        "frames_per_call": frames_per_call,
+        "calls_timed": calls,
+        "ms_per_frame_median": median,
+        "ms_per_frame_p10": per_frame[len(per_frame) // 10],
+        "ms_per_frame_p90": per_frame[(9 * len(per_frame)) // 10],
+        "ms_per_frame_mean": statistics.fmean(per_frame),
+        "rtf": median / (1000.0 / model.config.frame_rate),
+    }
+
+
+def bench_codec_offline(model, device, args) -> dict:
+    seconds = args.offline_seconds
+    samples = int(seconds * model.sampling_rate)
+    generator = torch.Generator().manual_seed(2)
+    audio = (0.1 * torch.randn(1, model.number_channels, samples, generator=generator)).to(device)
+    codes = model.encode(audio).audio_codes
+    encode_times = timed(lambda: model.encode(audio), device, args.runs, args.warmup)
+    decode_times = timed(lambda: model.decode(codes), device, args.runs, args.warmup)
+    return {
+        "clip_seconds": seconds,
+        "encode_rtf": statistics.median(encode_times) / seconds,
+        "decode_rtf": statistics.median(decode_times) / seconds,
+    }
+
+
+def run_codec(args) -> dict:
+    device = resolve_device(args.device)
+    model = build_codec(device, args.codec_dtype)
+    streaming = [bench_codec_streaming(model, device, n, args) for n in args.frames_per_call]
+    streaming.append(bench_codec_streaming(model, device, 1, args, upstream_api=True))
+    model._reset_batch_decode_streaming_state()
+    return {
+        "device": str(device),
+        "compute_dtype": args.codec_dtype,
+        "streaming": streaming,
+        "offline": bench_codec_offline(model, device, args),
+        "upstream_stream_ms_per_frame": list(UPSTREAM_STREAM_MS_PER_FRAME),
+        "target_stream_ms_per_frame": TARGET_STREAM_MS_PER_FRAME,
+    }
+
+
+def add_codec_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("codec")
+    group.add_argument("--frames-per-call", type=int, nargs="+", default=[1, 4, 8])
+    group.add_argument("--stream-frames", type=int, default=24, help="frames per timed streaming run")
+    group.add_argument("--prefill-seconds", type=float, default=4.5, help="streamed before timing (fills windows)")
+    group.add_argument("--offline-seconds", type=float, default=10.0)
+    group.add_argument("--codec-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    group.add_argument("--max-frames-per-step", type=int, default=None,
+                       help="session ring capacity in frames (default: the frames per call)")
+
+
+def print_codec(result: dict) -> None:
+    low, high = result["upstream_stream_ms_per_frame"]
+    print(f"codec ({result['device']}, {result['compute_dtype']}): streaming decode, steady state (windows full)")
+    for row in result["streaming"]:
+        print(f"  {row['api']:<28} {row['frames_per_call']:>2} frame(s)/call: "
+              f"{row['ms_per_frame_median']:6.2f} ms/frame median (p10 {row['ms_per_frame_p10']:.2f}, "
+              f"p90 {row['ms_per_frame_p90']:.2f}, mean {row['ms_per_frame_mean']:.2f}; {row['calls_timed']} calls), "
+              f"RTF {row['rtf']:.3f}")
+    print(f"  upstream {low:.0f}-{high:.0f} ms/frame; target <= {result['target_stream_ms_per_frame']:.0f} ms/frame")
+    offline = result["offline"]
+    print(f"  offline {offline['clip_seconds']:.0f} s clip: encode RTF {offline['encode_rtf']:.3f}, "
+          f"decode RTF {offline['decode_rtf']:.3f}   [upstream encode 0.06-0.16, decode 0.07-0.15]")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# lm, e2e
+# ----------------------------------------------------------------------------------------------------------------------
+FRAME_RATE = 12.5  # LM frames per second of audio
+UPSTREAM_LM_FRAMES_PER_SECOND = 6.5  # issue 7: upstream generate() on this 2-core machine, fp32, random weights
+STOP_MARGIN = 100.0  # bench-only: how far the stop logit is pushed below the continue logit
+
+
+def force_continue(model, margin: float = STOP_MARGIN) -> None:
+    """Bench-only weight edit so that the 2-way stop decision always picks "continue" (frames are then forced).
+
+    The text decision compares h·w9 with h·w7, h = local ln_f(x) = γ⊙n + β with n normalised (Σ n_i = 0). Setting
+    w7 = w9 - k/γ makes h·w9 - h·w7 = k Σ n_i + k Σ β_i/γ_i = k Σ β_i/γ_i, the same for every input. β is first nudged
+    (by less than 0.02 γ) so that Σ β_i/γ_i = 10, then k = margin / 10. Only the values of the audio_end row of the
+    text embedding (id 7, absent from continuation prompts) and of the local ln_f bias change: shapes, ops and
+    timing are those of a normal frame. The generated codes are meaningless; use it for timing only.
+    """
+    norm, table = model.local_transformer.ln_f, model.transformer.wte.weight
+    with torch.no_grad():
+        gamma = norm.weight.float()
+        safe = torch.where(gamma.abs() < 1e-3, torch.full_like(gamma, 1e-3).copysign(gamma), gamma)
+        total = float((norm.bias.float() / safe).sum())
+        target = 10.0
+        norm.bias.add_(((target - total) / gamma.numel() * safe).to(norm.bias.dtype))
+        shift = (margin / target) / safe
+        table[7] = (table[9].float() - shift).to(table.dtype)
+
+
+def build_lm(args, device):
+    """The TTS LM: released config with seeded random weights, or --model-path; stop forced; fp32 on `device`."""
+    modeling = import_module("modeling_moss_tts_nano")
+    if args.model_path:
+        model = modeling.MossTTSNanoForCausalLM.from_pretrained(args.model_path)
+    else:
+        config = modeling.MossTTSNanoConfig.from_json_file(os.path.join(REPO_ROOT, "config.json"))
+        torch.manual_seed(0)
+        model = modeling.MossTTSNanoForCausalLM(config)
+    model = model.float().eval()
+    force_continue(model)
+    return model.to(device)
+
+
+def bench_prompt(device, rows: int = 81) -> torch.Tensor:
+    """A fixed continuation prompt of `rows` text rows ending in audio_start (81 = "Hello world." in spec §5.3)."""
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.full((1, rows, 17), 1024)
+    ids[0, :, 0] = torch.randint(10, 16000, (rows,), generator=generator)
+    ids[0, -1, 0] = 6  # audio_start
+    return ids.to(device)
+
+
+def time_generation(model, prompt, device, frames: int, **kwargs) -> dict:
+    """One generate_stream run: ms to the first frame (prefill + 1 frame) and per later frame."""
+    synchronize(device)
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for event in model.generate_stream(prompt, max_new_frames=frames, **kwargs):
+        if event["type"] != "frame":
+            continue
+        count += 1
+        if first is None:
+            synchronize(device)
+            first = time.perf_counter()
+    synchronize(device)
+    end = time.perf_counter()
+    if count != frames:
+        raise SystemExit(f"the model stopped after {count} of {frames} frames; the forced stop edit failed")
+    return {"first_frame_ms": 1000 * (first - start), "decode_ms_per_frame": 1000 * (end - first) / max(1, frames - 1),
+            "total_s": end - start}
+
+
+def bench_lm_variant(model, prompt, device, args, label: str, frames: int, runs: int, **kwargs) -> dict:
+    """Median over `runs` timed generations (after a short warm-up) of one model/path."""
+    for _ in range(args.warmup):
+        time_generation(model, prompt, device, min(frames, 4), **kwargs)
+    devices = _devices()
+    if devices is not None:
+        devices.reset_peak_memory(device)
+    results = [time_generation(model, prompt, device, frames, **kwargs) for _ in range(runs)]
+    decode = statistics.median(r["decode_ms_per_frame"] for r in results)
+    total = statistics.median(r["total_s"] for r in results)
+    peak = devices.peak_memory_bytes(device) if devices is not None else None
+    return {
+        "label": label, "frames": frames, "runs": runs,
+        "decode_ms_per_frame": decode, "decode_frames_per_s": 1000.0 / decode,
+        "first_frame_ms": statistics.median(r["first_frame_ms"] for r in results),
+        "frames_per_s": frames / total, "rtf": total / (frames / FRAME_RATE),
+        "vs_upstream": (1000.0 / decode) / UPSTREAM_LM_FRAMES_PER_SECOND,
+        "peak_memory_mb": None if peak is None else peak / 2**20,  # CPU: process peak RSS (one LM + this run)
+    }
+
+
+def lm_variants(args):
+    """(label, weight format, generate kwargs, reference?) rows to run, reference path first."""
+    rows = []
+    if args.compare_eager:
+        rows.append(("reference: fp32, eager, no KV cache", "fp32", {"attn_implementation": "eager",
+                                                                    "use_kv_cache": False}, True))
+        rows.append(("fp32, eager, KV caches", "fp32", {"attn_implementation": "eager"}, False))
+    for fmt in args.weight_format:
+        rows.append((f"{fmt}, {args.attention}", fmt, {"attn_implementation": args.attention}, False))
+    return rows
+
+
+def build_lm_in_format(args, device, weight_format: str):
+    """A fresh (seeded, so identical) model per format, so that peak memory counts one model at a time."""
+    gc.collect()
+    return import_module("weight_formats").apply_weight_format(build_lm(args, device), weight_format)
+
+
+def run_lm(args) -> dict:
+    device = resolve_device(args.device)
+    prompt = bench_prompt(device)
+    results = []
+    for label, fmt, kwargs, reference in lm_variants(args):
+        model = build_lm_in_format(args, device, fmt)
+        frames = (args.reference_frames or args.frames) if reference else args.frames
+        runs = 1 if reference else args.runs
+        with torch.inference_mode():
+            row = bench_lm_variant(model, prompt, device, args, label, frames, runs, **kwargs)
+        row.update(weight_format=fmt, attention=kwargs["attn_implementation"], kv_cache=not reference)
+        results.append(row)
+        del model
+    if args.compare_eager:
+        for row in results:
+            row["vs_reference"] = results[0]["decode_ms_per_frame"] / row["decode_ms_per_frame"]
+    return {"device": str(device), "prompt_rows": prompt.shape[1], "model": args.model_path or "random (config.json)",
+            "upstream_frames_per_s": UPSTREAM_LM_FRAMES_PER_SECOND, "variants": results}
+
+
+def print_lm(result: dict) -> None:
+    print(f"lm ({result['device']}, {result['model']}, prompt {result['prompt_rows']} rows, greedy, stop forced): "
+          f"decode = after the first frame; RTF counts prefill; upstream {result['upstream_frames_per_s']} frames/s")
+    print(f"  {'variant':40s} {'ms/frame':>9s} {'frames/s':>9s} {'x upstr':>8s} {'x ref':>6s} {'1st frame':>10s} "
+          f"{'RTF':>6s} {'peak MB':>8s}")
+    for row in result["variants"]:
+        ratio = f"{row['vs_reference']:6.2f}" if "vs_reference" in row else "     -"
+        peak = f"{row['peak_memory_mb']:8.0f}" if row["peak_memory_mb"] is not None else "     n/a"
+        print(f"  {row['label']:40s} {row['decode_ms_per_frame']:9.1f} {row['decode_frames_per_s']:9.1f} "
+              f"{row['vs_upstream']:8.2f} {ratio} {row['first_frame_ms']:8.0f}ms {row['rtf']:6.3f} {peak}")
+
+
+def run_e2e(args) -> dict:
+    """LM frames streamed into the codec: time to first audio and end-to-end RTF, per weight format."""
+    device = resolve_device(args.device)
+    codec = build_codec(device, args.codec_dtype)
+    prompt = bench_prompt(device)
+    rows = []
+    for fmt in args.weight_format:
+        model = build_lm_in_format(args, device, fmt)
+        with torch.inference_mode():
+            stream_once(model, codec, prompt, device, 4, args)  # warm-up
+            runs = [stream_once(model, codec, prompt, device, args.frames, args) for _ in range(args.runs)]
+        rows.append({"weight_format": fmt, "attention": args.attention, "frames": args.frames,
+                     "codec_frames_per_call": args.e2e_codec_frames,
+                     "time_to_first_audio_ms": statistics.median(r["first_audio_ms"] for r in runs),
+                     "rtf": statistics.median(r["rtf"] for r in runs),
+                     "codec_ms_per_frame": statistics.median(r["codec_ms_per_frame"] for r in runs)})
+    return {"device": str(device), "codec_dtype": args.codec_dtype, "rows": rows}
+
+
+def stream_once(model, codec, prompt, device, frames: int, args) -> dict:
+    """generate_stream -> codec session: the first frame is decoded alone, then --e2e-codec-frames at a time."""
+    session = codec.decode_session(1, max_frames_per_step=max(1, args.e2e_codec_frames))
+    pending, first_audio, codec_s, samples = [], None, 0.0, 0
+    synchronize(device)
+    start = time.perf_counter()
+    for event in model.generate_stream(prompt, max_new_frames=frames, attn_implementation=args.attention):
+        if event["type"] != "frame":
+            continue
+        pending.append(event["audio_token_ids"])  # [1, n_vq]
+        if first_audio is not None and len(pending) < args.e2e_codec_frames:
+            continue
+        codec_start = time.perf_counter()
+        audio = session.step(torch.stack(pending, dim=-1).permute(1, 0, 2))  # codes [n_vq, 1, T]
+        synchronize(device)
+        codec_s += time.perf_counter() - codec_start
+        samples += audio.shape[-1]
+        pending = []
+        if first_audio is None:
+            first_audio = time.perf_counter()
+    if pending:
+        codec_start = time.perf_counter()
+        samples += session.step(torch.stack(pending, dim=-1).permute(1, 0, 2)).shape[-1]
+        synchronize(device)
+        codec_s += time.perf_counter() - codec_start
+    total = time.perf_counter() - start
+    seconds = samples / codec.sampling_rate
+    return {"first_audio_ms": 1000 * (first_audio - start), "rtf": total / seconds,
+            "codec_ms_per_frame": 1000 * codec_s / frames}
+
+
+def print_e2e(result: dict) -> None:
+    print(f"end to end ({result['device']}, codec {result['codec_dtype']}): generate_stream -> codec streaming "
+          "decode (1 frame first, then fixed chunks)")
+    for row in result["rows"]:
+        print(f"  {row['weight_format']:5s} {row['attention']:6s}: time to first audio "
+              f"{row['time_to_first_audio_ms']:6.0f} ms, RTF {row['rtf']:.3f} (codec {row['codec_ms_per_frame']:.1f} "
+              f"ms/frame at {row['codec_frames_per_call']} frames/call; {row['frames']} frames)")
+
+
+def add_lm_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("lm and e2e")
+    group.add_argument("--model-path", default=None, help="folder of real weights (default: random weights)")
+    group.add_argument("--weight-format", nargs="+", default=["fp32", "bf16", "int8"],
+                       help="weight formats to time (weight_formats.py): fp32 bf16 fp16 int8")
+    group.add_argument("--attention", default="sdpa", help="attention backend of both decoders (default sdpa)")
+    group.add_argument("--frames", type=int, default=120, help="forced frames per timed run (default 120 = 9.6 s)")
+    group.add_argument("--compare-eager", action="store_true",
+                       help="also run the reference path (fp32, eager, no KV caches) and fp32 eager with caches")
+    group.add_argument("--reference-frames", type=int, default=None,
+                       help="frames of the (slow, single) reference run (default: --frames)")
+    group.add_argument("--e2e-codec-frames", type=int, default=4, help="frames per codec call after the first")
+
+
+SECTIONS = {"codec": (run_codec, print_codec), "lm": (run_lm, print_lm), "e2e": (run_e2e, print_e2e)}
+ADD_OPTIONS = [add_codec_options, add_lm_options]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=sorted(SECTIONS))
+    parser.add_argument("--device", default="cpu", help="passed to devices.resolve_device (cpu, auto, ...)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch intra-op threads (default 2; on a busy 2-core host, 1 avoids OpenMP stalls)")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs; medians are reported")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for add in ADD_OPTIONS:
+        add(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    report = {"threads": args.threads, "load_average_before": load_average(), "torch": torch.__version__,
+              "device": args.device, "attention": args.attention, "weight_formats": args.weight_format,
+              "codec_dtype": args.codec_dtype}
+    if not args.json:
+        print(f"bench: device {args.device}, threads {args.threads}, torch {torch.__version__}, attention "
+              f"{args.attention}, weight formats {' '.join(args.weight_format)} (LM dtype per format), codec "
+              f"{args.codec_dtype}; load average {report['load_average_before']}")
+    with torch.inference_mode():
+        for name in args.section:
+            run, show = SECTIONS[name]
+            report[name] = run(args)
+            if not args.json:
+                show(report[name])
+    report["load_average_after"] = load_average()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"threads {args.threads}; load average before {report['load_average_before']}, "
+              f"after {report['load_average_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Weight formats: each is an explicit, logged load-time choice whose audio logits stay close to fp32.
+
+Quality is the teacher-forced audio-logit cosine vs fp32 (issue 7): >= 0.999 for bf16/fp16, >= 0.995 for int8, on the
+golden tiny model and on a full-size random model. The full-size cases build a 117 M-parameter model once (about 2 s)
+and feed 2 frames, so they stay cheap (a few seconds); `-k "not full_size"` skips them.
+"""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT, import_module
+
+checkpoints = import_module("checkpoints")
+weight_formats = import_module("weight_formats")
+modeling = import_module("modeling_moss_tts_nano")
+
+needs_int8 = pytest.mark.skipif(not weight_formats.int8_kernels_available(),
+                                reason="this torch build has no fbgemm/oneDNN int8 linear kernels")
+
+
+def _prompt_and_frames(seed: int, prompt_rows: int, num_frames: int):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.full((1, prompt_rows, 17), 1024)
+    ids[0, :, 0] = torch.randint(10, 16000, (prompt_rows,), generator=generator)
+    ids[0, -1, 0] = 6  # audio_start
+    frames = torch.randint(0, 1024, (1, num_frames, 16), generator=generator)
+    return ids, frames
+
+
+def _cosine_vs_fp32(model, weight_format, prompt_rows=12, num_frames=4):
+    ids, frames = _prompt_and_frames(0, prompt_rows, num_frames)
+    reference = weight_formats.teacher_forced_audio_logits(model, ids, frames)
+    converted = weight_formats.apply_weight_format(copy.deepcopy(model), weight_format)
+    return weight_formats.audio_logit_cosine(reference, weight_formats.teacher_forced_audio_logits(converted, ids, frames))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from conftest import shared_path
+
+    folder = shared_path("golden", "tts_tiny")
+    return checkpoints.load_safetensors_model(folder)
+
+
+@pytest.fixture(scope="module")
+def full_size_model():
+    config = modeling.MossTTSNanoConfig.from_json_file(str(REPO_ROOT / "config.json"))
+    torch.manual_seed(0)
+    return modeling.MossTTSNanoForCausalLM(config).eval()
+
+
+def _formats_to_check():
+    return [pytest.param("bf16"), pytest.param("fp16"), pytest.param("int8", marks=needs_int8)]
+
+
+@pytest.mark.parametrize("weight_format", _formats_to_check())
+def test_tiny_model_audio_logits_stay_close_to_fp32(tiny_model, weight_format):
+    cosine = _cosine_vs_fp32(tiny_model, weight_format, num_frames=8)
+    assert cosine["min"] >= weight_formats.QUALITY_THRESHOLDS[weight_format], cosine
+
+
+@pytest.mark.parametrize("weight_format", _formats_to_check())
+def test_full_size_random_model_audio_logits_stay_close_to_fp32(full_size_model, weight_format):
+    cosine = _cosine_vs_fp32(full_size_model, weight_format, prompt_rows=8, num_frames=2)
+    assert cosine["min"] >= weight_formats.QUALITY_THRESHOLDS[weight_format], cosine
+
+
+def test_fp32_format_keeps_greedy_codes_exact():
+    model = checkpoints.random_tiny_model(seed=3)
+    ids, _ = _prompt_and_frames(1, 10, 0)
+    before = model.generate(ids, max_new_frames=6).audio_token_ids
+    after = weight_formats.apply_weight_format(model, "fp32").generate(ids, max_new_frames=6).audio_token_ids
+    assert torch.equal(before, after)
+
+
+def test_teacher_forced_logits_equal_the_first_generated_frame():
+    model = checkpoints.random_tiny_model(seed=4)
+    ids, _ = _prompt_and_frames(2, 10, 0)
+    recorded = []
+    hooks = [head.register_forward_hook(lambda module, args, output: recorded.append(output.clone()))
+             for head in model.audio_lm_heads]
+    try:
+        frames = model.generate(ids, max_new_frames=1).audio_token_ids
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if frames.shape[1] == 0:
+        pytest.skip("this random model chose audio_end at once")
+    logits = weight_formats.teacher_forced_audio_logits(model, ids, frames)  # [1, 1, 16, 1024]
+    torch.testing.assert_close(logits[0, 0], torch.cat(recorded).float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("weight_format", _formats_to_check())
+def test_converted_model_generates_and_keeps_embeddings_float(weight_format):
+    model = weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=5), weight_format)
+    ids, _ = _prompt_and_frames(3, 10, 0)
+    codes = model.generate(ids, max_new_frames=4).audio_token_ids
+    assert codes.shape[0] == 1 and codes.shape[2] == 16
+    embedding_dtype = model.audio_embeddings[0].weight.dtype
+    assert embedding_dtype == weight_formats.FORMAT_DTYPES[weight_format]
+    assert model.text_lm_head.weight is model.transformer.wte.weight  # the text head is never converted
+    assert weight_formats.weight_format_of(model) == weight_format
+
+
+@needs_int8
+def test_int8_heads_are_copies_and_embeddings_stay_float32():
+    model = checkpoints.random_tiny_model(seed=6)
+    table = model.audio_embeddings[2].weight
+    weight_formats.apply_weight_format(model, "int8")
+    assert isinstance(model.audio_lm_heads[2], weight_formats.Int8DynamicLinear)
+    assert model.audio_embeddings[2].weight is table and table.dtype == torch.float32
+    assert isinstance(model.transformer.h[0].mlp.fc_in, weight_formats.Int8DynamicLinear)
+    assert isinstance(model.local_transformer.h[0].attn.c_attn, weight_formats.Int8DynamicLinear)
+
+
+def test_format_choice_is_logged(caplog):
+    model = checkpoints.random_tiny_model(seed=7)
+    with caplog.at_level(logging.INFO, logger=weight_formats.__name__):
+        weight_formats.apply_weight_format(model, "bfloat16")
+    assert any("weight format bf16" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("name, expected", [(None, "fp32"), ("float32", "fp32"), ("BF16", "bf16"),
+                                            ("torch.float16", "fp16"), ("int8", "int8")])
+def test_format_names_are_normalised(name, expected):
+    assert weight_formats.normalize_weight_format(name) == expected
+
+
+def test_unknown_format_raises_value_error_naming_it():
+    with pytest.raises(ValueError, match="int4"):
+        weight_formats.normalize_weight_format("int4")
+
+
+@needs_int8
+def test_switching_an_int8_model_to_another_format_raises():
+    model = weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=8), "int8")
+    with pytest.raises(ValueError, match="reload"):
+        weight_formats.apply_weight_format(model, "fp32")
+
+
+@pytest.mark.skipif(not weight_formats.onednn_packing_available(), reason="this torch build has no oneDNN packing")
+def test_packed_linear_equals_plain_bf16_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    packed = weight_formats.PackedLinear(linear)
+    for shape in [(1, 1, 64), (2, 7, 64)]:
+        hidden = torch.randn(shape).to(torch.bfloat16)
+        torch.testing.assert_close(packed(hidden).float(), linear(hidden).float(), atol=2e-2, rtol=2e-2)

@@ -1,0 +1,347 @@
+"""Weight formats chosen at load time: fp32 (exact upstream outputs), bf16 / fp16 (16-bit weights) and int8 (CPU).
+
+A decode step of MOSS-TTS-Nano is bound by how many weight bytes it reads (one global step of 12 layers plus 17 local
+steps per frame, batch 1), so the storage format of the Linear weights sets the speed. `apply_weight_format` converts
+a loaded model in place and logs one line naming the format; nothing is ever converted silently.
+
+| format | weights                          | activations | where              | quality (teacher-forced audio logits) |
+|--------|----------------------------------|-------------|--------------------|---------------------------------------|
+| fp32   | float32 (the reference)          | float32     | every device       | exact: greedy codes equal upstream    |
+| bf16   | bfloat16                         | bfloat16    | every device       | cosine vs fp32 >= 0.999               |
+| fp16   | float16                          | float16     | every device       | cosine vs fp32 >= 0.999               |
+| int8   | int8, one scale per output row   | float32, quantised per call (dynamic) | CPU only | cosine vs fp32 >= 0.995  |
+
+CPU kernels (why the formats are not just `model.to(dtype)`):
+* bf16: a plain bf16 `F.linear` of one row is no faster than fp32 on CPU. oneDNN's linear with a weight reordered once
+  into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the op torch.compile's CPU freezing uses) reads
+  half the bytes and runs about 1.7x faster per Linear, so on CPU every block Linear and audio head becomes a
+  `PackedLinear`. Where that op is missing, plain bf16 Linears are kept (logged).
+* int8: `Int8DynamicLinear` holds a per-output-channel symmetric int8 copy of the weight, packed once for fbgemm /
+  oneDNN (`torch.ops.quantized.linear_prepack`), and quantises each input row to uint8 on the fly
+  (`torch.ops.quantized.linear_dynamic`). These are the kernels behind torch's dynamic quantisation, called directly
+  (the `torch.ao.quantization` front end is deprecated). About 3.5x faster than fp32 per Linear at batch 1.
+* fp16 has no fast batch-1 CPU kernel; it is offered for accelerators and runs correctly (not faster) on CPU.
+
+Tied weights: `text_lm_head` shares `transformer.wte.weight` and `audio_lm_heads[c]` shares
+`audio_embeddings[c].weight` (spec tts.md §2.3). Embedding lookups need the float table, so a converted audio head is a
+separate packed/quantised *copy*; the embedding keeps the float weight. The text head is never converted: decoding uses
+only its two rows of the stop decision, read from the (float) embedding table. After a conversion, the head modules
+no longer share storage with the embeddings, so apply the format last (after loading, tying and moving the model)
+and do not call `tie_weights` again; to go back, load the model again.
+
+`teacher_forced_audio_logits` and `audio_logit_cosine` implement the quality check used by the tests and by
+`verify_npu.py`: the audio logits of every channel of every frame, computed with the same (reference) tokens fed in,
+compared with the fp32 model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from . import devices
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8")
+# Accepted spellings -> canonical name.
+_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "qint8": "int8"}
+# Parameter dtype of each format (int8 keeps float32 for everything that is not a converted Linear).
+FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
+# Minimum teacher-forced audio-logit cosine vs fp32 (issue 7); used by tests and verify_npu.py.
+QUALITY_THRESHOLDS = {"fp32": 1.0 - 1e-6, "bf16": 0.999, "fp16": 0.999, "int8": 0.995}
+# Modules that are never converted: the text head (tied to wte; decoding reads two rows of the float table).
+_KEEP_FLOAT = ("text_lm_head",)
+# None: decide per CPU (`int8_reduce_range`). True/False: force it (tests, experiments).
+INT8_REDUCE_RANGE: bool | None = None
+
+
+def normalize_weight_format(weight_format: str | None) -> str:
+    """The canonical name of a weight format ("fp32", "bf16", "fp16" or "int8"); None means "fp32".
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if weight_format is None:
+        return "fp32"
+    key = str(weight_format).strip().lower().removeprefix("torch.")
+    key = _ALIASES.get(key, key)
+    if key not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weight format {weight_format!r}; expected one of {list(WEIGHT_FORMATS)}")
+    return key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Converted Linear modules (frozen, inference only)
+
+
+def onednn_packing_available() -> bool:
+    """Whether this torch build has oneDNN's reorder-once linear (used for bf16 on CPU)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has AVX-512 VNNI (int8 dot products accumulated straight into int32)."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private but stable since torch 2.3; False if absent
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether the CPU has AVX-512 BF16 (without it oneDNN emulates bf16 and is slower than fp32)."""
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def int8_reduce_range() -> bool:
+    """Whether int8 layers quantise activations to 7 bits instead of 8.
+
+    Without VNNI, fbgemm adds pairs of u8*s8 products in int16, which 8-bit activations can saturate, so torch's
+    x86 default is 7 bits. With VNNI the products go straight to int32 and 8 bits are safe; they are also clearly
+    more accurate (teacher-forced audio-logit cosine vs fp32 on the full-size random model: min 0.9991 with 8 bits,
+    0.9968 with 7).
+    """
+    return (not cpu_has_vnni()) if INT8_REDUCE_RANGE is None else INT8_REDUCE_RANGE
+
+
+def int8_kernels_available() -> bool:
+    """Whether this torch build has the fbgemm/oneDNN dynamic int8 linear (x86 CPUs)."""
+    try:
+        return bool(torch.backends.quantized.supported_engines) and hasattr(torch.ops.quantized, "linear_dynamic")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedLinear(nn.Module):
+    """A frozen Linear whose weight oneDNN reordered once into its blocked layout (CPU bf16 decoding).
+
+    The packed weight is a plain attribute, not a parameter or buffer: it is not in the state_dict and does not
+    follow `.to()`. Build it on the device and dtype it will run in.
+
+    Args:
+        linear: the source nn.Linear (its weight is copied; the source can be dropped or stay tied elsewhere).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., in] -> [..., out] in the weight's dtype."""
+        return torch.ops.mkldnn._linear_pointwise(hidden, self.packed_weight, self.bias, "none", [], "")
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, onednn-packed"
+
+
+class Int8DynamicLinear(nn.Module):
+    """A frozen Linear with an int8 weight (symmetric, one scale per output row) and float32 inputs/outputs.
+
+    Each call quantises its input per tensor (uint8, dynamic range) and runs the fbgemm/oneDNN int8 GEMM; the
+    bias is added in float32.
+
+    Args:
+        linear: the source nn.Linear (float weights; copied).
+        reduce_range: quantise activations to 7 bits (default: `int8_reduce_range()`).
+    """
+
+    def __init__(self, linear: nn.Linear, reduce_range: bool | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.reduce_range = int8_reduce_range() if reduce_range is None else reduce_range
+        weight = linear.weight.detach().float().cpu()
+        scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # [out]
+        zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            # torch 2.13 deprecates creating quantized tensors; linear_prepack still takes only them (remove when
+            # torch ships a plain-int8 prepack for these kernels).
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation.*", category=UserWarning)
+            quantized = torch.quantize_per_channel(weight, scales, zero_points, 0, torch.qint8)
+        bias = None if linear.bias is None else linear.bias.detach().float().cpu()
+        self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 [..., in] -> float32 [..., out]."""
+        return torch.ops.quantized.linear_dynamic(hidden, self._packed, self.reduce_range)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Applying a format
+
+
+def _convertible_linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, Linear) for every nn.Linear except the text head."""
+    found = []
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            qualified = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear) and qualified not in _KEEP_FLOAT:
+                found.append((parent, child_name, child))
+    return found
+
+
+def _replace_linears(model: nn.Module, build) -> int:
+    """Swap every convertible Linear for `build(linear)`; returns how many were swapped."""
+    targets = _convertible_linears(model)
+    for parent, name, linear in targets:
+        parent._modules[name] = build(linear)  # also works for ModuleList children ("0", "1", ...)
+    return len(targets)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def apply_weight_format(model: nn.Module, weight_format: str | None = "fp32") -> nn.Module:
+    """Convert a loaded MossTTSNanoForCausalLM to a weight format, in place, and log the result.
+
+    Call it last: after loading, tying and moving the model to its device (see the module docstring).
+
+    Args:
+        model: the model (any device; int8 needs CPU).
+        weight_format: "fp32", "bf16", "fp16" or "int8" (aliases "float32", "bfloat16", "float16"); None = fp32.
+
+    Returns:
+        The same model, in eval mode.
+
+    Raises:
+        ValueError: an unknown format, a format the device cannot run (per devices.resolve_dtype), int8 off the
+            CPU or without int8 kernels, or a model that was already converted to another format.
+    """
+    fmt = normalize_weight_format(weight_format)
+    device = _model_device(model)
+    spec = devices.device_spec(device)
+    if _has_converted_linears(model):  # packed / int8 copies cannot be turned back into float weights
+        current = weight_format_of(model)
+        if current != fmt:
+            raise ValueError(f"model already uses weight format {current!r}; reload it to use {fmt!r}")
+        return model
+    devices.resolve_dtype(spec, FORMAT_DTYPES[fmt])  # raises ValueError for e.g. bf16 on an Ascend 910A
+    if fmt == "int8" and (spec.type != devices.CPU or not int8_kernels_available()):
+        raise ValueError(f"weight format 'int8' runs on CPU with fbgemm/oneDNN kernels only; the model is on {device}"
+                         " (use 'bf16' or 'fp16' on accelerators)")
+    model.to(FORMAT_DTYPES[fmt]).eval()
+    detail = _convert_linears(model, fmt, spec)
+    logger.info("weight format %s on %s: %s", fmt, device, detail)
+    return model
+
+
+def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
+    """Swap Linears for the CPU kernels of `fmt`; returns a description for the log line."""
+    if fmt == "int8":
+        count = _replace_linears(model, Int8DynamicLinear)
+        bits = 7 if int8_reduce_range() else 8
+        return (f"{count} Linear layers int8 (per-channel weights, dynamic {bits}-bit activations), embeddings, norms "
+                "and text head float32")
+    if fmt == "bf16" and spec.type == devices.CPU:
+        if onednn_packing_available():
+            count = _replace_linears(model, PackedLinear)
+            native = "" if cpu_has_native_bf16() else " (this CPU has no AVX-512 BF16: expect no speed-up over fp32)"
+            return f"{count} Linear layers bf16 in oneDNN's packed layout, embeddings and text head bf16{native}"
+        return "bf16 parameters (oneDNN packing unavailable in this torch build: plain bf16 Linear, no speed-up)"
+    return f"all parameters {str(FORMAT_DTYPES[fmt]).removeprefix('torch.')}"
+
+
+def _has_converted_linears(model: nn.Module) -> bool:
+    return any(isinstance(module, (PackedLinear, Int8DynamicLinear)) for module in model.modules())
+
+
+def weight_format_of(model: nn.Module) -> str:
+    """The weight format a model runs in: "int8" if it holds Int8DynamicLinear layers, else from its dtype."""
+    if any(isinstance(module, Int8DynamicLinear) for module in model.modules()):
+        return "int8"
+    dtype = next(model.parameters()).dtype
+    for name, format_dtype in FORMAT_DTYPES.items():
+        if dtype == format_dtype:
+            return name
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Quality check
+
+
+@torch.no_grad()
+def teacher_forced_audio_logits(
+    model: nn.Module, input_ids: torch.Tensor, frames: torch.Tensor, attention: str = "eager",
+) -> torch.Tensor:
+    """Audio logits of every channel of every frame, with the given frames fed in (teacher forcing).
+
+    The global decoder runs once over prompt + frame rows; for frame f it sees the rows before it. The local
+    decoder runs once over the 1 + n_vq slots of each frame: [global hidden, wte(slot 9), emb_0(code_0), ...,
+    emb_{n-2}(code_{n-2})], and audio head c reads slot c + 1 (spec tts.md §6.2). No cache, no sampling.
+
+    Args:
+        model: a MossTTSNanoForCausalLM in any weight format.
+        input_ids: long [B, T, n_vq + 1] prompt rows (all valid, no padding).
+        frames: long [B, F, n_vq] audio codes to feed (e.g. the fp32 model's greedy output).
+        attention: backend of both decoders (the eager reference by default).
+
+    Returns:
+        float32 [B, F, n_vq, codebook].
+    """
+    config = model.config
+    batch, num_frames, n_vq = frames.shape
+    slot = torch.full_like(frames[..., :1], config.audio_assistant_slot_token_id)
+    rows = torch.cat((input_ids, torch.cat((slot, frames), dim=-1)), dim=1)  # [B, T + F, n_vq + 1]
+    hidden = model(input_ids=rows, attn_implementation=attention).global_hidden_states
+    length = input_ids.shape[1]
+    frame_hidden = hidden[:, length - 1: length - 1 + num_frames]  # [B, F, C]: the row before each frame
+    local_dtype = model.local_transformer.ln_f.weight.dtype
+    text_slot = model.transformer.wte(slot[..., 0])  # [B, F, C]
+    audio_slots = [model.audio_embeddings[c](frames[..., c]) for c in range(n_vq - 1)]
+    slots = torch.stack([frame_hidden, text_slot, *audio_slots], dim=2).to(local_dtype)  # [B, F, 1 + n_vq, C]
+    local, _ = model.local_transformer(slots.flatten(0, 1), None, None, attention)  # [B*F, 1 + n_vq, C]
+    logits = [model.audio_lm_heads[c](local[:, c + 1]).float() for c in range(n_vq)]
+    return torch.stack(logits, dim=1).unflatten(0, (batch, num_frames))
+
+
+def audio_logit_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Cosine similarity of each logit vector (last dimension) of two runs.
+
+    Args:
+        reference, candidate: [..., V] logits (e.g. from `teacher_forced_audio_logits`).
+
+    Returns:
+        {"mean": ..., "min": ...} over all vectors.
+    """
+    cosine = nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1)
+    return {"mean": float(cosine.mean()), "min": float(cosine.min())}
+
+
+__all__ = [
+    "FORMAT_DTYPES",
+    "Int8DynamicLinear",
+    "PackedLinear",
+    "QUALITY_THRESHOLDS",
+    "WEIGHT_FORMATS",
+    "apply_weight_format",
+    "audio_logit_cosine",
+    "cpu_has_native_bf16",
+    "cpu_has_vnni",
+    "int8_kernels_available",
+    "int8_reduce_range",
+    "normalize_weight_format",
+    "onednn_packing_available",
+    "teacher_forced_audio_logits",
+    "weight_format_of",
+]
