@@ -34,6 +34,17 @@ from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
 from .sampling import sample_next_token, validate_sampling_args
 from .synthesis import SynthesisMixin
 
+# transformers 4.57.1 copies out of a local model folder only the modules this file imports relatively (5.x and any
+# Hub download follow imports transitively), so the modules that synthesis.py reaches are imported here as well.
+# tests/test_loading.py checks that these lines cover every module reachable from this file. Remove with 4.57.
+from .audio_io import save_audio  # noqa: F401,E402
+from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
+from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
+from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
+from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
+from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
+from .weights import ensure_model_files  # noqa: F401,E402
+
 logger = logging.getLogger(__name__)
 
 GENERATION_MODES = ("continuation", "voice_clone")

@@ -114,3 +114,25 @@ def test_checkpoints_command_writes_a_loadable_repository(tmp_path, tokenizer_mo
     ids, mask = model.build_inference_input_ids("Hello world.", tokenizer)
     assert ids.shape == (1, 81, 17) and mask.all()
     assert model.generate(ids, mask, **GENERATE).audio_token_ids.shape[0] == 1
+
+
+def test_modeling_file_imports_every_module_it_reaches_directly():
+    """transformers 4.57.1 copies only the modeling file's own relative imports out of a local folder.
+
+    So every module reachable from `modeling_moss_tts_nano.py` (through `from .x import y` anywhere in the files it
+    reaches) must also be imported by the modeling file itself, or `from_pretrained(folder)` fails on 4.57.1.
+    """
+    import re
+
+    pattern = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)
+
+    def relative_imports(module):
+        return set(pattern.findall((REPO_ROOT / f"{module}.py").read_text(encoding="utf-8")))
+
+    reachable, todo = set(), ["modeling_moss_tts_nano"]
+    while todo:
+        for name in relative_imports(todo.pop()) - reachable:
+            reachable.add(name)
+            todo.append(name)
+    missing = reachable - relative_imports("modeling_moss_tts_nano") - {"modeling_moss_tts_nano"}
+    assert not missing, f"modeling_moss_tts_nano.py must import these relatively too: {sorted(missing)}"
