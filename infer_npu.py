@@ -4,10 +4,15 @@
     python infer_npu.py --prompt-audio-path voice.wav --text "Hello." --output-path out.wav
     python infer_npu.py --prompt-audio-path voice.wav --text-file book.txt --output-path book.wav --stream
     python infer_npu.py --prompt-audio-path voice.wav --jsonl requests.jsonl
+    python infer_npu.py --device cpu --weight-format int8 --prompt-audio-path voice.wav --text "Hello."
 
 Generation defaults are the values upstream's infer.py actually applies (spec tts.md §6.4, right column): sampling on,
 text temperature 1.0, audio temperature 0.8, audio top-p 0.95, audio repetition penalty 1.2, at most 375 frames
 (30 s) per chunk, voice-clone chunks of 75 text tokens.
+
+--weight-format (weight_formats.py) is a load-time choice printed in the summary line: auto keeps today's behaviour
+(the --dtype as given), fp32 gives upstream-exact outputs, bf16 / fp16 halve the weights, int8 (CPU only) quarters
+them; each has a teacher-forced audio-logit quality check in the tests and in verify_npu.py --weight-formats.
 
 --jsonl FILE: one JSON object per line (blank lines are skipped):
     {"text": "...", "output_path": "out/1.wav", "prompt_audio_path": "voice.wav", "prompt_text": "..."}
@@ -15,8 +20,9 @@ text temperature 1.0, audio temperature 0.8, audio top-p 0.95, audio repetition 
 --prompt-text. Every line is checked before anything is synthesised; the model, tokenizer, codec and each distinct
 prompt's codes are loaded once for the whole file.
 
-Exit codes: 0 success; 2 a user error (bad argument, input file or text; unknown device or dtype; missing or corrupt
-model files, with instructions); 1 a runtime failure (generation, decoding or writing failed); 130 interrupted.
+Exit codes: 0 success; 2 a user error (bad argument, input file or text; unknown device, dtype or weight format, or
+one the device cannot run; missing or corrupt model files, with instructions); 1 a runtime failure (generation,
+decoding or writing failed); 130 interrupted.
 No output file is left behind on failure: files are written to a temporary name and renamed when complete.
 
 The script passes device strings to devices.py and never names a device type itself.
@@ -37,7 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import devices, synthesis, weights
+import torch
+
+from . import devices, synthesis, weight_formats, weights
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,7 @@ DEFAULT_OUTPUT = "outputs/output.wav"
 PINS = weights.PINNED
 EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
 JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
+AUTO_FORMAT = "auto"  # --weight-format auto: keep the model in the --dtype (no conversion)
 
 
 class UsageError(ValueError):
@@ -96,6 +105,14 @@ def _add_runtime_arguments(parser) -> None:
     group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
     group.add_argument("--dtype", default="auto",
                        help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
+    group.add_argument("--weight-format", default="auto", type=str.lower,
+                       choices=(AUTO_FORMAT,) + weight_formats.WEIGHT_FORMATS,
+                       help="how the weights are held after loading (weight_formats.py). auto: as --dtype gives "
+                            "them (a plain cast); fp32: float32, outputs exactly as upstream's; bf16 / fp16: 16-bit "
+                            "weights and activations (teacher-forced audio-logit cosine vs fp32 >= 0.999; on CPU, bf16 "
+                            "uses oneDNN's packed layout, fast on CPUs with AVX-512 BF16); int8: int8 weights, float32 "
+                            "activations, CPU only, fastest there (cosine >= 0.995). A format other than auto sets the "
+                            "dtype (int8: float32); a different explicit --dtype is an error")
     group.add_argument("--attn-implementation", default="auto",
                        help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
                             "run falls back to the device default with a log line)")
@@ -264,17 +281,38 @@ def _verify(args) -> None:
 
 
 def load_model(args):
-    """The model on the resolved device/dtype/attention; returns (model, device, dtype, attention)."""
+    """The model on the resolved device/dtype/attention, in --weight-format; returns (model, device, dtype, attention).
+
+    Every choice is checked before the weights are read; the weight format is applied last, after the move to the
+    device (weight_formats.apply_weight_format needs the tied, placed model).
+    """
     from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
 
     device = devices.resolve_device(args.device)
-    dtype = devices.resolve_dtype(device, args.dtype)
+    dtype = _resolve_model_dtype(args, device)
     attention = devices.resolve_attention(args.attn_implementation, device, dtype)
     _verify(args)
     model = MossTTSNanoForCausalLM.from_pretrained(str(_model_folder(args)))
     model._set_attention_implementation(attention)
     model.to(device=device, dtype=dtype).eval()
+    if args.weight_format != AUTO_FORMAT:
+        weight_formats.apply_weight_format(model, args.weight_format)
     return model, device, dtype, attention
+
+
+def _resolve_model_dtype(args, device) -> torch.dtype:
+    """--dtype, or the dtype of an explicit --weight-format (ValueError: the device cannot run it, or a conflict)."""
+    dtype = devices.resolve_dtype(device, args.dtype)
+    if args.weight_format == AUTO_FORMAT:
+        return dtype
+    reason = weight_formats.format_unavailable_reason(device, args.weight_format)
+    if reason is not None:
+        raise ValueError(reason)
+    format_dtype = weight_formats.FORMAT_DTYPES[args.weight_format]
+    if args.dtype.strip().lower() != "auto" and dtype != format_dtype:
+        raise ValueError(f"--dtype {args.dtype} conflicts with --weight-format {args.weight_format}, which runs in "
+                         f"{str(format_dtype).removeprefix('torch.')}; pass only one of them (or --dtype auto)")
+    return format_dtype
 
 
 def _request(args, job: Job) -> synthesis.SynthesisRequest:
@@ -298,7 +336,7 @@ def _synthesise(args) -> int:
     requests = [_request(args, job) for job in jobs]  # every request checked before the model loads
     model, device, dtype, attention = load_model(args)
     print(f"device={device} dtype={str(dtype).removeprefix('torch.')} attention={attention} "
-          f"model={_model_folder(args)}", flush=True)
+          f"weights={args.weight_format} model={_model_folder(args)}", flush=True)
     if args.seed is not None:
         devices.manual_seed(device, args.seed)
     started = time.perf_counter()

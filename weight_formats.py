@@ -235,14 +235,39 @@ def apply_weight_format(model: nn.Module, weight_format: str | None = "fp32") ->
         if current != fmt:
             raise ValueError(f"model already uses weight format {current!r}; reload it to use {fmt!r}")
         return model
-    devices.resolve_dtype(spec, FORMAT_DTYPES[fmt])  # raises ValueError for e.g. bf16 on an Ascend 910A
-    if fmt == "int8" and (spec.type != devices.CPU or not int8_kernels_available()):
-        raise ValueError(f"weight format 'int8' runs on CPU with fbgemm/oneDNN kernels only; the model is on {device}"
-                         " (use 'bf16' or 'fp16' on accelerators)")
+    reason = format_unavailable_reason(spec, fmt)
+    if reason is not None:
+        raise ValueError(reason)
     model.to(FORMAT_DTYPES[fmt]).eval()
     detail = _convert_linears(model, fmt, spec)
     logger.info("weight format %s on %s: %s", fmt, device, detail)
     return model
+
+
+def format_unavailable_reason(device, weight_format: str | None) -> str | None:
+    """Why a device cannot run a weight format, or None when it can; cheap, so callers check before loading.
+
+    Args:
+        device: anything devices.device_spec accepts (a string, torch.device or DeviceSpec).
+        weight_format: a name normalize_weight_format accepts.
+
+    Returns:
+        None, or the reason (e.g. int8 off the CPU, bf16 on an Ascend 910A).
+
+    Raises:
+        ValueError: an unknown format name.
+    """
+    fmt = normalize_weight_format(weight_format)
+    spec = devices.device_spec(device)
+    try:
+        devices.resolve_dtype(spec, FORMAT_DTYPES[fmt])
+    except ValueError as exc:  # e.g. bf16 on an Ascend 910A
+        return f"weight format {fmt!r}: {exc}"
+    if fmt == "int8" and spec.type != devices.CPU:
+        return f"weight format 'int8' runs on CPU only, not on {spec.device} (use 'bf16' or 'fp16' on accelerators)"
+    if fmt == "int8" and not int8_kernels_available():
+        return "weight format 'int8' runs on CPU with fbgemm/oneDNN int8 kernels, which this torch build lacks"
+    return None
 
 
 def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
@@ -338,6 +363,7 @@ __all__ = [
     "audio_logit_cosine",
     "cpu_has_native_bf16",
     "cpu_has_vnni",
+    "format_unavailable_reason",
     "int8_kernels_available",
     "int8_reduce_range",
     "normalize_weight_format",

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import pytest
 import soundfile as sf
@@ -13,6 +14,8 @@ from conftest import REPO_ROOT, import_module, shared_path
 from tiny_repository import HOP, SAMPLE_RATE, pins_for, write_tiny_repository
 
 infer_npu = import_module("infer_npu")
+devices = import_module("devices")
+weight_formats = import_module("weight_formats")
 
 FAST = ["--max-new-frames", "2", "--no-do-sample", "--no-progress", "--device", "cpu"]
 
@@ -99,6 +102,55 @@ def test_subprocess_user_error_exits_2(tmp_path):
     assert "unknown device 'tpu'" in completed.stderr and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("weight_format", [
+    "bf16", pytest.param("int8", marks=pytest.mark.skipif(not weight_formats.int8_kernels_available(),
+                                                          reason="this torch build has no fbgemm/oneDNN int8 kernels")),
+])
+def test_weight_format_run_writes_a_valid_file_and_names_the_format(repo, tmp_path, capsys, weight_format):
+    out = tmp_path / f"{weight_format}.wav"
+    code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
+                                 "--weight-format", weight_format, "--output-path", out, *FAST], capsys)
+    assert code == 0, stderr
+    dtype = "bfloat16" if weight_format == "bf16" else "float32"  # int8: float32 activations
+    assert f"dtype={dtype} attention=sdpa weights={weight_format} " in stdout
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (SAMPLE_RATE, 2, 2 * HOP)
+
+
+def test_default_weight_format_is_auto_and_printed(repo, tmp_path, capsys):
+    code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
+                                 "--output-path", tmp_path / "x.wav", *FAST], capsys)
+    assert code == 0, stderr
+    assert "dtype=float32 attention=sdpa weights=auto " in stdout
+
+
+class _FakeGpu(types.SimpleNamespace):
+    """The parts of torch.cuda that devices.py reads to resolve a GPU (no tensor ever goes there in these tests)."""
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return 1
+
+    def current_device(self):
+        return 0
+
+    def is_bf16_supported(self, including_emulation=True):
+        return True
+
+
+def test_int8_on_an_accelerator_exits_2_before_loading(repo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(devices, "_load_torch_npu", lambda: None)
+    monkeypatch.setattr(devices, "_load_cuda_module", lambda: _FakeGpu())  # a GPU machine, simulated
+    monkeypatch.setattr(infer_npu, "_verify", lambda args: pytest.fail("loading started"))
+    code, _, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
+                            "--device", "cuda", "--weight-format", "int8", "--output-path", tmp_path / "x.wav"], capsys)
+    assert code == 2
+    assert "weight format 'int8' runs on CPU" in stderr and "cuda:0" in stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_help_states_the_values_actually_applied():
     defaults = vars(infer_npu.build_parser().parse_args([]))
     expected = dict(do_sample=True, max_new_frames=375, text_temperature=1.0, text_top_p=1.0, text_top_k=50,
@@ -130,6 +182,11 @@ def _bad_jsonl(tmp_path):
     ("bad dtype", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--dtype", "float8"], "unknown dtype"),
     ("bad attention", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--attn-implementation", "magic"],
      "unknown attention"),
+    ("unknown weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--weight-format", "int4"],
+     "argument --weight-format: invalid choice: 'int4'"),
+    ("dtype against weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "cpu",
+                                     "--dtype", "bfloat16", "--weight-format", "int8"],
+     "--dtype bfloat16 conflicts with --weight-format int8"),
     ("bad jsonl line", ["--prompt-audio-path", "{prompt}", "--jsonl", "{jsonl}"], "bad.jsonl:2: not valid JSON"),
     ("bad flag value", ["--max-new-frames", "many"], "invalid int value"),
     ("prompt text in voice clone", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--prompt-text", "Hey"],

@@ -8,6 +8,7 @@ the fake renames torch's PrivateUse1 backend for the whole process.
 """
 
 import json
+import types
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from conftest import import_module
 
 verify_npu = import_module("verify_npu")
 gpt2_decoder = import_module("gpt2_decoder")
+devices = import_module("devices")
+weight_formats = import_module("weight_formats")
 
 FRAMES = "3"  # few frames: prefill, steady decode, and a streamed codec step each
 
@@ -71,6 +74,55 @@ def test_attention_that_drops_the_mask_fails_its_rows_and_exits_nonzero(tmp_path
     assert " PASS " in eager and " FAIL " in sdpa and "hidden_cos=" in sdpa, out
     assert "verdict: FAIL" in out
     assert gpt2_decoder.ATTENTION_FUNCTIONS["sdpa"] is gpt2_decoder.sdpa_attention
+
+
+@pytest.mark.skipif(not weight_formats.int8_kernels_available(), reason="this torch build has no int8 linear kernels")
+def test_bf16_and_int8_weight_format_rows_pass_against_the_fp32_reference(tmp_path, capsys, one_thread):
+    code = _run(tmp_path, "--dtypes", "float32", "--attn", "eager", "--weight-formats", "bf16,int8")
+    out = capsys.readouterr().out
+    assert code == 0, out
+    lines = {line.split()[1]: line for line in _table_lines(out, "cpu")}  # dtype column -> line
+    assert set(lines) == {"float32", "bf16", "int8"}, out
+    assert " bf16 weights  eager  PASS " in lines["bf16"] and " int8 weights  eager  PASS " in lines["int8"], out
+    rows = {row["weight_format"]: row for row in _report(tmp_path)["rows"]}
+    for fmt in ("bf16", "int8"):
+        assert rows[fmt]["metrics"]["audio"]["cosine_min"] >= weight_formats.QUALITY_THRESHOLDS[fmt]
+    assert rows["int8"]["dtype"] == "float32" and rows[None]["dtype"] == "float32"
+    assert verify_npu.TOLERANCES["int8 weights"].audio_cosine_min == weight_formats.QUALITY_THRESHOLDS["int8"]
+    assert (tmp_path / "wavs" / "cpu_int8-weights_eager.wav").is_file()
+
+
+class _FakeGpu(types.SimpleNamespace):
+    """The parts of torch.cuda that devices.py reads to plan rows for a GPU (nothing runs there)."""
+
+    def is_available(self):
+        return True
+
+    def device_count(self):
+        return 1
+
+    def current_device(self):
+        return 0
+
+    def is_bf16_supported(self, including_emulation=True):
+        return True
+
+
+def test_weight_format_a_device_cannot_run_is_planned_as_a_skip_row_with_the_reason(monkeypatch):
+    monkeypatch.setattr(devices, "_load_torch_npu", lambda: None)
+    monkeypatch.setattr(devices, "_load_cuda_module", lambda: _FakeGpu())  # a GPU machine, simulated
+    args = verify_npu.build_parser().parse_args(["--tiny", "--devices", "cuda", "--dtypes", "float32", "--attn",
+                                                 "sdpa", "--weight-formats", "int8,bf16"])
+    rows = {row.label: row for row in verify_npu.plan_rows(args)}
+    assert set(rows) == {"float32", "int8 weights", "bf16 weights"}
+    assert rows["int8 weights"].status == "SKIP" and "runs on CPU" in rows["int8 weights"].reason
+    assert rows["bf16 weights"].status == "PASS" and rows["bf16 weights"].dtype == "bfloat16"  # planned to run
+
+
+def test_unknown_weight_format_is_a_usage_error_naming_it(tmp_path, capsys):
+    code = _run(tmp_path, "--weight-formats", "bf16,int4")
+    assert code == verify_npu.EXIT_USAGE
+    assert "'int4'" in capsys.readouterr().err
 
 
 def test_backend_that_cannot_run_here_is_a_skip_row_and_not_a_pass(tmp_path, capsys, one_thread):
