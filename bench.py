@@ -308,6 +308,9 @@ def lm_variants(args):
         rows.append(("fp32, eager, KV caches", "fp32", {"attn_implementation": "eager"}, False))
     for fmt in args.weight_format:
         rows.append((f"{fmt}, {args.attention}", fmt, {"attn_implementation": args.attention}, False))
+        for mode in args.fast_decode:  # enable_fast_decode(mode): fixed-shape steps, compiled or captured
+            rows.append((f"{fmt}, {args.attention}, fast decode {mode}", fmt,
+                         {"attn_implementation": args.attention, "fast_decode": mode}, False))
     return rows
 
 
@@ -323,11 +326,15 @@ def run_lm(args) -> dict:
     results = []
     for label, fmt, kwargs, reference in lm_variants(args):
         model = build_lm_in_format(args, device, fmt)
+        fast_decode = kwargs.pop("fast_decode", None)
+        if fast_decode is not None:
+            model.enable_fast_decode(fast_decode)
         frames = (args.reference_frames or args.frames) if reference else args.frames
         runs = 1 if reference else args.runs
         with torch.inference_mode():
             row = bench_lm_variant(model, prompt, device, args, label, frames, runs, **kwargs)
-        row.update(weight_format=fmt, attention=kwargs["attn_implementation"], kv_cache=not reference)
+        row.update(weight_format=fmt, attention=kwargs["attn_implementation"], kv_cache=not reference,
+                   fast_decode=fast_decode)
         results.append(row)
         del model
     if args.compare_eager:
@@ -414,6 +421,8 @@ def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weight-format", nargs="+", default=["fp32", "bf16", "int8"],
                        help="weight formats to time (weight_formats.py): fp32 bf16 fp16 int8")
     group.add_argument("--attention", default="sdpa", help="attention backend of both decoders (default sdpa)")
+    group.add_argument("--fast-decode", nargs="+", default=[], choices=["static", "compile", "graph"],
+                       help="also time model.enable_fast_decode(MODE) rows (compile time lands in the warm-up)")
     group.add_argument("--frames", type=int, default=120, help="forced frames per timed run (default 120 = 9.6 s)")
     group.add_argument("--compare-eager", action="store_true",
                        help="also run the reference path (fp32, eager, no KV caches) and fp32 eager with caches")

@@ -640,6 +640,59 @@ def autocast(device: DeviceLike, dtype: Optional[torch.dtype] = None) -> context
     return torch.autocast(device_type=spec.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
+# --- Graph capture --------------------------------------------------------------------------------------------------
+def graph_supported(device: DeviceLike) -> bool:
+    """Whether the device can capture and replay a graph (CUDAGraph; NPUGraph from torch_npu release 7.0.0)."""
+    spec = _as_spec(device)
+    return spec.graph_class is not None and hasattr(spec.module, "graph")
+
+
+def compile_backend(device: DeviceLike) -> str:
+    """The torch.compile backend for fixed-shape decode steps on the device.
+
+    "inductor" on CPU and CUDA. On NPU, torch_npu's aclgraph backend "npugraph_ex" (release >= 7.3.0; it wants
+    fullgraph=True, dynamic=False and no mode=) when registered, else its torchair backend "npu" (npu.md §1.6).
+    Untested on NPU hardware.
+    """
+    spec = _as_spec(device)
+    if spec.type != NPU:
+        return "inductor"
+    from torch._dynamo import list_backends  # lazy: importing dynamo is slow and only needed here
+
+    return "npugraph_ex" if "npugraph_ex" in list_backends(exclude_tags=()) else "npu"
+
+
+def capture_graph(device: DeviceLike, fn: Callable[[], None], warmup: int = 3) -> Optional[Callable[[], None]]:
+    """Capture `fn` (no arguments; reads and writes only tensors it keeps) into a device graph.
+
+    The warm-up calls run on a side stream, as torch's graph docs ask (lazy inits and allocator pools settle
+    before capture). Random ops must stay outside `fn` (NPU graphs cannot capture them, npu.md §1.6).
+    Untested on hardware in this project (no CUDA or NPU machine); the caller falls back to eager on None.
+
+    Args:
+        device: the device of every tensor `fn` touches.
+        fn: the fixed-shape step; it must not allocate tensors it returns, or sync with the host.
+        warmup: eager calls before capture.
+
+    Returns:
+        `replay()` that re-runs the captured work, or None where the device has no graphs (CPU).
+    """
+    spec = _as_spec(device)
+    if not graph_supported(spec):
+        return None
+    module = spec.module
+    side = module.Stream(device=spec.device)
+    side.wait_stream(module.current_stream(spec.device))
+    with module.stream(side):
+        for _ in range(warmup):
+            fn()
+    module.current_stream(spec.device).wait_stream(side)
+    graph = spec.graph_class()
+    with module.graph(graph):
+        fn()
+    return graph.replay
+
+
 # --- Environment ----------------------------------------------------------------------------------------------------
 def apply_recommended_env(environ: Optional[MutableMapping[str, str]] = None) -> dict:
     """Set the recommended NPU environment (RECOMMENDED_NPU_ENV) where the user has not set it.

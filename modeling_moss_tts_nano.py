@@ -27,6 +27,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from .decode_graphs import FastDecode
 from .devices import resolve_attention
 from .configuration_moss_tts_nano import MossTTSNanoConfig
 from .prompting import build_continuation_rows, build_voice_clone_rows, left_pad_batch
@@ -120,6 +121,8 @@ class _GenerationState:
     seen: torch.Tensor | None  # bool [n_vq, B, codebook], repetition-penalty history
     next_row_embedding: torch.Tensor | None = None  # [B, 1, C], embedding of the row the frame appends (cache path)
     text_logits: list = field(default_factory=list)  # [B, 2] per step (device tensors)
+    fast_local: Any = None  # decode_graphs.LocalStepRunner when enable_fast_decode is on (cache path only)
+    fast_global: Any = None  # decode_graphs.GlobalStepRunner, likewise
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         self._tied_weights_keys = tied
         self.all_tied_weights_keys = dict(tied)
         self._resolved_attention: dict[tuple, str] = {}
+        self._fast_decode: FastDecode | None = None  # opt-in, see enable_fast_decode
         self._tie_weights()
         self.post_init()
 
@@ -415,6 +419,22 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------------
     # Generation
 
+    def enable_fast_decode(self, mode: str = "compile") -> None:
+        """Opt in to fixed-shape global and local decode steps (decode_graphs.py) for later KV-cache generate calls.
+
+        Call it after moving the model to its device. Outputs equal the default path's up to a few ulp (greedy codes
+        identical in the tests). Streams of one model must not be interleaved while it is on (shared buffers).
+
+        Args:
+            mode: "none" (the default path), "static" (fixed-shape steps, eager), "compile" (torch.compile of those
+                steps; falls back to eager with one log line if compiling fails) or "graph" (device graph capture;
+                untested on hardware; where unsupported, e.g. CPU, one log line and the default path).
+
+        Raises:
+            ValueError: for an unknown mode.
+        """
+        self._fast_decode = FastDecode.create(mode, self.device)
+
     @torch.no_grad()
     def generate(
         self,
@@ -499,6 +519,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
             )
             attention = self._attention_pair(attn_implementation)
             state = self._new_generation_state(input_ids, attention_mask, max_new_frames, options, use_kv_cache)
+            if use_kv_cache and self._fast_decode is not None:
+                self._fast_decode.attach(self, state, attention)
         frame_count = 0
         for step in range(max_new_frames):
             with torch.no_grad():
@@ -610,6 +632,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
 
     def _global_hidden(self, state, step, input_ids, attention) -> torch.Tensor:
         """Global decoder output at the last row, [B, C] in the local decoder's dtype."""
+        if state.fast_global is not None and step > 0:
+            return state.fast_global(state.next_row_embedding, state.mask, state.length)
         mask = state.mask[:, :state.length]
         if state.global_cache is None:
             rows = state.ids[:, :state.length]
@@ -632,6 +656,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
             state.local_inputs[:, slot] = slot_input
             hidden, _ = local(state.local_inputs[:, :slot + 1], None, None, attention)
             return hidden[:, -1]
+        if state.fast_local is not None:
+            return state.fast_local(slot_input, slot)
         slot_input = slot_input[:, None]
         rope = None
         if state.local_rope is not None:
