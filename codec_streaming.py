@@ -51,8 +51,8 @@ class StepContext:
 
     positions: [B, T] absolute token positions of the new tokens (RoPE); slots: [B, T] ring slots they go to;
     mask: [B, 1, T, capacity] bool (True = attend), built once for all its layers. Boolean because only a bool mask
-    reaches torch_npu's fused SDPA kernel (a float mask takes the math path, npu.md §2.1); on CPU it costs the same
-    as an additive mask; caches: one RingKVCache per layer.
+    reaches the Ascend adapter's fused SDPA kernel (a float mask takes the math path, npu.md §2.1); on CPU it costs
+    the same as an additive mask; caches: one RingKVCache per layer.
     """
 
     positions: torch.Tensor

@@ -26,7 +26,7 @@ Modes:
         On CPU it brings no measurable gain (fp32 32.3 vs 32.6 ms/frame, full size, 2 threads); compiling costs
         ~10 s per runner there. Dynamo's recompile limit applies: many distinct batch sizes fall back to eager.
     "graph": device graph capture of the static step through `devices.capture_graph` (CUDAGraph, NPUGraph).
-        Where graphs are unsupported (CPU, old torch_npu) it logs one line and uses the default path.
+        Where graphs are unsupported (CPU, old Ascend adapters) it logs one line and uses the default path.
         UNTESTED ON HARDWARE: this project had no CUDA or NPU machine; only the CPU fallback is tested.
 
 Only devices.py knows device types; this module asks it whether graphs exist and how to capture them.

@@ -34,8 +34,8 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Attention kernels: signature fn(module, query, key, value, mask, scaling), query [B, H, Tq, D], key/value
-# [B, H, Tk, D], mask bool broadcastable to [B, 1, Tq, Tk] with True = attend (bool, so that torch_npu's SDPA takes
-# its fused kernel). Never a fully masked row.
+# [B, H, Tk, D], mask bool broadcastable to [B, 1, Tq, Tk] with True = attend (bool, so that the Ascend adapter's
+# SDPA takes its fused kernel). Never a fully masked row.
 # ----------------------------------------------------------------------------------------------------------------------
 def eager_attention(module, query, key, value, mask, scaling):
     """Reference kernel: softmax in fp32. `mask` is bool, True = attend."""
