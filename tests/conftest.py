@@ -51,6 +51,17 @@ def reference_clip() -> Path:
     return shared_path("assets", "audio", "en_2.wav")
 
 
+@pytest.fixture(scope="module")
+def prompt_wav(tmp_path_factory) -> Path:
+    """The first 1.2 s of the English reference clip at its own rate (short, so the tiny codec encodes it fast)."""
+    import soundfile as sf
+
+    samples, rate = sf.read(str(shared_path("assets", "audio", "en_2.wav")), dtype="float32")
+    path = tmp_path_factory.mktemp("prompt") / "prompt.wav"
+    sf.write(str(path), samples[: int(1.2 * rate)], rate)
+    return path
+
+
 @pytest.fixture
 def fake_npu_path() -> Path:
     return shared_path("tools", "fake_npu.py")

@@ -5,12 +5,12 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 import soundfile as sf
 
 from conftest import REPO_ROOT, import_module, shared_path
+from fake_cuda import FakeCuda
 from tiny_repository import HOP, SAMPLE_RATE, pins_for, write_tiny_repository
 
 infer_npu = import_module("infer_npu")
@@ -23,14 +23,6 @@ FAST = ["--max-new-frames", "2", "--no-do-sample", "--no-progress", "--device", 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     return write_tiny_repository(tmp_path_factory.mktemp("cli_repo"), shared_path("assets", "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def prompt_wav(tmp_path_factory):
-    samples, rate = sf.read(str(shared_path("assets", "audio", "en_2.wav")), dtype="float32")
-    path = tmp_path_factory.mktemp("cli_prompt") / "voice.wav"
-    sf.write(str(path), samples[: int(1.2 * rate)], rate)
-    return path
 
 
 @pytest.fixture
@@ -124,25 +116,9 @@ def test_default_weight_format_is_auto_and_printed(repo, tmp_path, capsys):
     assert "dtype=float32 attention=sdpa weights=auto " in stdout
 
 
-class _FakeGpu(types.SimpleNamespace):
-    """The parts of torch.cuda that devices.py reads to resolve a GPU (no tensor ever goes there in these tests)."""
-
-    def is_available(self):
-        return True
-
-    def device_count(self):
-        return 1
-
-    def current_device(self):
-        return 0
-
-    def is_bf16_supported(self, including_emulation=True):
-        return True
-
-
 def test_int8_on_an_accelerator_exits_2_before_loading(repo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(devices, "_load_torch_npu", lambda: None)
-    monkeypatch.setattr(devices, "_load_cuda_module", lambda: _FakeGpu())  # a GPU machine, simulated
+    monkeypatch.setattr(devices, "_load_cuda_module", lambda: FakeCuda())  # a GPU machine, simulated
     monkeypatch.setattr(infer_npu, "_verify", lambda args: pytest.fail("loading started"))
     code, _, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
                             "--device", "cuda", "--weight-format", "int8", "--output-path", tmp_path / "x.wav"], capsys)

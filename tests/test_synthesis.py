@@ -43,15 +43,6 @@ def model(repo):
     return _model_class().from_pretrained(str(repo)).eval()
 
 
-@pytest.fixture(scope="module")
-def prompt_wav(tmp_path_factory):
-    """The first 1.2 s of the reference clip at its own rate (short, so the tiny codec encodes it fast)."""
-    samples, rate = sf.read(str(shared_path("assets", "audio", "en_2.wav")), dtype="float32")
-    path = tmp_path_factory.mktemp("prompt") / "prompt.wav"
-    sf.write(str(path), samples[: int(1.2 * rate)], rate)
-    return path
-
-
 def _prompt_frames(path):
     """Codec frames of a prompt: floor(samples at 48 kHz / 3840) (the codec's floor length, spec §11 item 9)."""
     info = sf.info(str(path))

@@ -8,12 +8,12 @@ the fake renames torch's PrivateUse1 backend for the whole process.
 """
 
 import json
-import types
 
 import pytest
 import torch
 
 from child_process import run_child
+from fake_cuda import FakeCuda
 from conftest import import_module
 
 verify_npu = import_module("verify_npu")
@@ -92,25 +92,9 @@ def test_bf16_and_int8_weight_format_rows_pass_against_the_fp32_reference(tmp_pa
     assert (tmp_path / "wavs" / "cpu_int8-weights_eager.wav").is_file()
 
 
-class _FakeGpu(types.SimpleNamespace):
-    """The parts of torch.cuda that devices.py reads to plan rows for a GPU (nothing runs there)."""
-
-    def is_available(self):
-        return True
-
-    def device_count(self):
-        return 1
-
-    def current_device(self):
-        return 0
-
-    def is_bf16_supported(self, including_emulation=True):
-        return True
-
-
 def test_weight_format_a_device_cannot_run_is_planned_as_a_skip_row_with_the_reason(monkeypatch):
     monkeypatch.setattr(devices, "_load_torch_npu", lambda: None)
-    monkeypatch.setattr(devices, "_load_cuda_module", lambda: _FakeGpu())  # a GPU machine, simulated
+    monkeypatch.setattr(devices, "_load_cuda_module", lambda: FakeCuda())  # a GPU machine, simulated
     args = verify_npu.build_parser().parse_args(["--tiny", "--devices", "cuda", "--dtypes", "float32", "--attn",
                                                  "sdpa", "--weight-formats", "int8,bf16"])
     rows = {row.label: row for row in verify_npu.plan_rows(args)}
