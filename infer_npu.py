@@ -116,7 +116,7 @@ def _add_runtime_arguments(parser) -> None:
     group.add_argument("--attn-implementation", default="auto",
                        help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
                             "run falls back to the device default with a log line)")
-    group.add_argument("--seed", type=int, default=None, help="random seed (default: not seeded)")
+    group.add_argument("--seed", type=int, default=None, help="random seed (None: not seeded)")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group.add_argument("--verbose", action="store_true", help="log INFO messages")
 
