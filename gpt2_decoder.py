@@ -16,8 +16,13 @@ fully False row). The table maps backend names to functions; the device kernels 
 that knows device types. Which backend runs is a run-time argument, resolved by the caller through
 `devices.resolve_attention`.
 
-Caches (`KVCache`) are a preallocated key/value buffer pair plus a position: writes go into slices of the buffers, so
-the decode loop never allocates cache memory (STYLE.md rules 11-13). The caller owns the cache and passes it in.
+One cache class, `KVCache`: preallocated keys/values with a slot dimension, a per-slot position tensor and a per-slot
+key mask, so that the decode step (`MossTTSNanoGPT2Model.decode_step`) has fixed shapes and runs eagerly, compiled or
+captured alike (STYLE.md rules 11-13). The global decoder's cache holds a slot per stream; the local decoder uses the
+same class with capacity n_vq + 1, reset every frame. The caller owns the cache and passes it in.
+
+Three entry points share one block stack (`_run_blocks`): `forward` (whole sequences, HF style, optionally appending
+to a cache), `prefill` (one prompt into one slot) and `decode_step` (one position for each of N slots).
 """
 
 from __future__ import annotations
@@ -206,70 +211,98 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 class KVCache:
-    """Preallocated keys and values of every layer of one decoder, plus the number of positions written.
+    """The one KV cache: preallocated keys and values of every layer of one decoder, for a number of independent slots.
 
-    Buffers are [num_layers, B, H, capacity, D], zero-initialised once. `update` copies the new keys/values into a
-    slice and returns views up to the new end, so nothing is allocated per step. The position is a Python int that
-    the host already knows (no device sync). `reset()` starts over without touching the buffers.
+    Per layer, keys and values are [slots, H, capacity, D] (a tensor per layer, so that an in-place write of one
+    layer never looks like a write of the others to torch.compile). Per slot, `positions` [slots] (long) is the next
+    write index and `key_mask` [slots, capacity] (bool) says which written positions hold real keys (False: never
+    written, left padding, or a row appended after its sequence finished). Both are tensors, so a decode step reads
+    and advances them on the device: its shapes never change, and it runs eagerly, compiled or captured in a graph.
+
+    Two ways to write (both return a `CacheWrite` that the attention layers call):
+    * `sequence_write(rows, start, length)`: a run of positions for some rows (prefill, and `forward`, whose callers
+      keep `length` = the positions written by the sequence API);
+    * `step_write(num_rows, read_length)`: one position per row at `positions[:num_rows]` (the decode step).
 
     Args:
-        num_layers, batch_size, num_heads, capacity, head_dim: buffer shape.
+        num_layers, num_slots, num_heads, capacity, head_dim: buffer shape.
         dtype, device: of the buffers (the decoder's compute dtype and device).
     """
 
     def __init__(
-        self, num_layers: int, batch_size: int, num_heads: int, capacity: int, head_dim: int,
+        self, num_layers: int, num_slots: int, num_heads: int, capacity: int, head_dim: int,
         dtype: torch.dtype, device: torch.device | str,
     ) -> None:
-        shape = (num_layers, batch_size, num_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (num_slots, num_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_mask = torch.zeros(num_slots, capacity, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.capacity = capacity
-        self.length = 0
+        self.length = 0  # positions written through `sequence_write` for all rows at once (the forward API)
 
     @classmethod
     def for_decoder(
-        cls, decoder: "MossTTSNanoGPT2Model", batch_size: int, capacity: int, dtype: torch.dtype | None = None,
+        cls, decoder: "MossTTSNanoGPT2Model", num_slots: int, capacity: int, dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> "KVCache":
         """A cache shaped for `decoder` (dtype and device default to its parameters')."""
         weight = decoder.ln_f.weight
         return cls(
-            len(decoder.h), batch_size, decoder.num_heads, capacity, decoder.head_dim,
+            len(decoder.h), num_slots, decoder.num_heads, capacity, decoder.head_dim,
             dtype or weight.dtype, device or weight.device,
         )
 
-    def update(self, layer_idx: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write key/value [B, H, T, D] at positions [length, length + T) of layer `layer_idx`.
+    @property
+    def num_slots(self) -> int:
+        return self.key_mask.shape[0]
 
-        Returns:
-            views of all keys and values written so far, [B, H, length + T, D].
+    def reset(self, rows: slice = slice(None)) -> None:
+        """Forget the keys of `rows` (the buffers are kept; masked entries are never read)."""
+        self.positions[rows] = 0
+        self.key_mask[rows] = False
+        if rows == slice(None):
+            self.length = 0
+
+    def sequence_write(self, rows: slice, start: int, length: int, key_mask: torch.Tensor | None = None
+                       ) -> "CacheWrite":
+        """Positions [start, start + length) of `rows`; they become real keys where `key_mask` [N, length] says so
+        (default: all). Reads back positions [0, start + length).
 
         Raises:
             ValueError: when the cache would overflow its capacity.
         """
-        end = self.length + key.shape[2]
+        end = start + length
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: {end} positions needed, capacity is {self.capacity}")
-        self.keys[layer_idx, :, :, self.length:end].copy_(key)
-        self.values[layer_idx, :, :, self.length:end].copy_(value)
-        return self.keys[layer_idx, :, :, :end], self.values[layer_idx, :, :, :end]
+        self.key_mask[rows, start:end] = True if key_mask is None else key_mask
+        self.positions[rows] = end
+        return CacheWrite(self, rows, start, end)
 
-    def advance(self, num_positions: int) -> None:
-        """Move the position after all layers have written `num_positions` new entries."""
-        self.length += num_positions
+    def step_write(self, num_rows: int, read_length: int) -> "CacheWrite":
+        """One position per row of slots [0, num_rows), at `positions[:num_rows]`; reads [0, read_length)."""
+        return CacheWrite(self, slice(0, num_rows), self.positions[:num_rows], read_length)
 
-    def reset(self) -> None:
-        """Forget everything (the buffers are kept; stale entries are never read)."""
-        self.length = 0
+    def grow(self, capacity: int) -> "KVCache":
+        """A copy of this cache with room for `capacity` positions (used by `forward` when an HF-style caller keeps
+        appending past the capacity; decoding never grows a cache)."""
+        first = self.keys[0]
+        bigger = KVCache(len(self.keys), self.num_slots, first.shape[1], capacity, first.shape[3], first.dtype,
+                         first.device)
+        kept = min(capacity, self.capacity)
+        for source, target in ((self.keys, bigger.keys), (self.values, bigger.values)):
+            for layer, tensor in enumerate(source):
+                target[layer][:, :, :kept].copy_(tensor[:, :, :kept])
+        bigger.key_mask[:, :kept].copy_(self.key_mask[:, :kept])
+        bigger.positions.copy_(self.positions)
+        bigger.length = self.length
+        return bigger
 
     def to_legacy(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-        """Upstream's format: per layer (key, value), each [B, T, H, D] (views)."""
+        """Upstream's format of what `forward` wrote: per layer (key, value), each [B, T, H, D] (views)."""
         end = self.length
-        return tuple(
-            (self.keys[i, :, :, :end].transpose(1, 2), self.values[i, :, :, :end].transpose(1, 2))
-            for i in range(self.keys.shape[0])
-        )
+        return tuple((keys[:, :, :end].transpose(1, 2), values[:, :, :end].transpose(1, 2))
+                     for keys, values in zip(self.keys, self.values))
 
     @classmethod
     def from_legacy(cls, past: tuple, capacity: int | None = None) -> "KVCache":
@@ -277,11 +310,43 @@ class KVCache:
         key0 = past[0][0]
         batch, length, heads, head_dim = key0.shape
         cache = cls(len(past), batch, heads, max(capacity or length, length), head_dim, key0.dtype, key0.device)
-        for layer_idx, (key, value) in enumerate(past):
-            cache.keys[layer_idx, :, :, :length].copy_(key.transpose(1, 2))
-            cache.values[layer_idx, :, :, :length].copy_(value.transpose(1, 2))
+        for layer, (key, value) in enumerate(past):
+            cache.keys[layer][:, :, :length].copy_(key.transpose(1, 2))
+            cache.values[layer][:, :, :length].copy_(value.transpose(1, 2))
+        cache.key_mask[:, :length] = True
+        cache.positions.fill_(length)
         cache.length = length
         return cache
+
+
+class CacheWrite:
+    """Where one decoder call writes its new keys and values, and how much of the cache it reads back.
+
+    Args:
+        cache: the KVCache.
+        rows: the slots of this call (a slice, so every access is a view, never a copy).
+        index: an int (a run of positions starting there, the same for every row) or a long tensor [N] (one
+            position per row: the decode step).
+        read_length: keys and values [0, read_length) are returned to the attention.
+    """
+
+    def __init__(self, cache: KVCache, rows: slice, index: int | torch.Tensor, read_length: int) -> None:
+        self.cache, self.rows, self.index, self.read_length = cache, rows, index, read_length
+        self._scatter_index = None
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write key/value [N, H, T, D] of layer `layer`; return its keys and values [N, H, read_length, D] (views)."""
+        keys, values = self.cache.keys[layer][self.rows], self.cache.values[layer][self.rows]
+        if isinstance(self.index, int):
+            end = self.index + key.shape[2]
+            keys[:, :, self.index:end].copy_(key)
+            values[:, :, self.index:end].copy_(value)
+        else:
+            if self._scatter_index is None:  # [N, H, 1, D], built once per call and shared by the layers
+                self._scatter_index = self.index.view(-1, 1, 1, 1).expand(-1, key.shape[1], 1, key.shape[3])
+            keys.scatter_(2, self._scatter_index, key)
+            values.scatter_(2, self._scatter_index, value)
+        return keys[:, :, : self.read_length], values[:, :, : self.read_length]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,9 +371,9 @@ class MossTTSNanoGPT2Attention(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None, attention: AttentionFunction,
+        cache: CacheWrite | None, attention: AttentionFunction,
     ) -> torch.Tensor:
-        """hidden [B, T, C] -> [B, T, C]; keys/values are written to `cache` (post-RoPE) when given."""
+        """hidden [B, T, C] -> [B, T, C]; keys/values are written through `cache` (post-RoPE) when given."""
         batch, length, _ = hidden.shape
         qkv = self.c_attn(hidden).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         value = qkv[2]  # [B, H, T, D]
@@ -382,12 +447,13 @@ class MossTTSNanoGPT2Model(nn.Module):
         attention: str | AttentionFunction = "eager", position_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """Run the stack.
+        """Run the stack over whole sequences (the forward API; HF style).
 
         Args:
             inputs_embeds: [B, T, C].
-            attention_mask: bool [B, P + T], the FULL mask (P = positions already in `cache`); None = all valid.
-            cache: a KVCache to read and extend, or None (no past).
+            attention_mask: bool [B, P + T], the FULL mask (P = `cache.length` positions already cached); None = all
+                valid.
+            cache: a KVCache with one slot per row, extended at position P, or None (no past).
             attention: a key of ATTENTION_FUNCTIONS (or the function itself).
             position_ids: long [B, T] or [T]; default from the mask (spec §4.3).
             output_hidden_states: also return the input of every block plus the final output.
@@ -406,61 +472,99 @@ class MossTTSNanoGPT2Model(nn.Module):
             )
         if position_ids is None:
             position_ids = position_ids_from_mask(attention_mask, length)
-        query_mask = attention_mask[:, -length:, None]  # [B, T, 1]
-        mask = build_attention_mask(attention_mask, length)
-        if isinstance(attention, str):
-            attention = attention_function(attention)
-        hidden, all_hidden = self._run_blocks(
-            inputs_embeds, query_mask, mask, position_ids, cache, attention, output_hidden_states
-        )
+        write = None
         if cache is not None:
-            cache.advance(length)
-        return hidden, all_hidden
+            write = cache.sequence_write(slice(None), past, length, attention_mask[:, past:])
+            cache.length += length
+        return self._run_blocks(
+            inputs_embeds, attention_mask[:, -length:, None], build_attention_mask(attention_mask, length),
+            position_ids, write, _as_function(attention), output_hidden_states,
+        )
 
-    def _run_blocks(self, hidden, query_mask, mask, position_ids, cache, attention, output_hidden_states):
-        """Embeddings -> blocks -> ln_f, zeroing pad positions after each stage (spec §4.4)."""
-        keep = query_mask.to(hidden.dtype)
+    def prefill(self, inputs_embeds: torch.Tensor, cache: KVCache, slot: int, attention: AttentionFunction
+                ) -> torch.Tensor:
+        """Write one sequence of real rows into slot `slot` of `cache`, from position 0 (the slot is reset).
+
+        Args:
+            inputs_embeds: [1, T, C], every row real.
+
+        Returns:
+            hidden [1, T, C] after ln_f.
+        """
+        length = inputs_embeds.shape[1]
+        rows = slice(slot, slot + 1)
+        cache.reset(rows)
+        write = cache.sequence_write(rows, 0, length)
+        positions = torch.arange(length, device=inputs_embeds.device)
+        valid = torch.ones(1, length, dtype=torch.bool, device=inputs_embeds.device)
+        hidden, _ = self._run_blocks(inputs_embeds, None, build_attention_mask(valid, length), positions, write,
+                                     attention, False)
+        return hidden
+
+    def decode_step(
+        self, inputs_embeds: torch.Tensor, valid: torch.Tensor, cache: KVCache, read_length: int,
+        attention: AttentionFunction,
+    ) -> torch.Tensor:
+        """One new position for each of the first N slots of `cache`: the fixed-shape decode step.
+
+        Row n writes its key at `cache.positions[n]` and attends to the real keys of its slot among positions
+        [0, read_length) plus itself; its position (RoPE) is its write index. The shapes depend only on N and
+        read_length, there is no host sync and no branch on data, so the same step runs eagerly, compiled or
+        captured. Rows whose `valid` is False (a finished sequence, an empty slot) write a masked key, do not
+        advance, and come out as zeros (spec §4.4).
+
+        Args:
+            inputs_embeds: [N, 1, C].
+            valid: bool [N].
+            cache: the decoder's KVCache (slots >= N untouched).
+            read_length: > every written position of the N slots.
+            attention: the resolved attention function.
+
+        Returns:
+            hidden [N, C] after ln_f.
+        """
+        rows = inputs_embeds.shape[0]
+        write = cache.step_write(rows, read_length)
+        index = write.index  # [N]
+        cache.key_mask[:rows].scatter_(1, index[:, None], valid[:, None])
+        key_positions = torch.arange(read_length, device=index.device)
+        visible = cache.key_mask[:rows, :read_length] | (key_positions == index[:, None])  # own key always open
+        hidden, _ = self._run_blocks(inputs_embeds, valid[:, None, None], visible[:, None, None, :], index[:, None],
+                                     write, attention, False)
+        cache.positions[:rows] += valid
+        return hidden[:, 0]
+
+    def _run_blocks(self, hidden, query_mask, mask, position_ids, write, attention, output_hidden_states):
+        """Embeddings -> blocks -> ln_f; with a query mask [B, T, 1], pad positions are zeroed after each stage."""
+        keep = None if query_mask is None else query_mask.to(hidden.dtype)
         rope = None
         if self.rotary_emb is not None:
             rope = self.rotary_emb(position_ids, hidden.dtype)
         else:
             hidden = hidden + self.wpe(position_ids)
-        hidden = self.drop(hidden) * keep
+        hidden = _masked(self.drop(hidden), keep)
         all_hidden = () if output_hidden_states else None
         for block in self.h:
             if all_hidden is not None:
                 all_hidden += (hidden,)
-            hidden = block(hidden, mask, rope, cache, attention) * keep
-        hidden = self.ln_f(hidden) * keep
+            hidden = _masked(block(hidden, mask, rope, write, attention), keep)
+        hidden = _masked(self.ln_f(hidden), keep)
         if all_hidden is not None:
             all_hidden += (hidden,)
         return hidden, all_hidden
 
-    def step(
-        self, inputs_embeds: torch.Tensor, cache: KVCache, rope: tuple[torch.Tensor, torch.Tensor] | None,
-        mask: torch.Tensor | None, attention: AttentionFunction,
-    ) -> torch.Tensor:
-        """A lean decode step for all-valid sequences (the local decoder): no masks to build, no pad zeroing.
 
-        Args:
-            inputs_embeds: [B, T, C], appended at `cache.length`.
-            cache: the decoder's KVCache (advanced by T).
-            rope: precomputed (cos, sin) for these positions, or None (no RoPE).
-            mask: bool broadcastable to [B, 1, T, cache.length + T], or None when every cached position is visible.
-            attention: the resolved attention function.
+def _masked(hidden: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return hidden if keep is None else hidden * keep
 
-        Returns:
-            hidden [B, T, C] after ln_f.
-        """
-        hidden = self.drop(inputs_embeds)
-        for block in self.h:
-            hidden = block(hidden, mask, rope, cache, attention)
-        cache.advance(inputs_embeds.shape[1])
-        return self.ln_f(hidden)
+
+def _as_function(attention: str | AttentionFunction) -> AttentionFunction:
+    return attention_function(attention) if isinstance(attention, str) else attention
 
 
 __all__ = [
     "ATTENTION_FUNCTIONS",
+    "CacheWrite",
     "KVCache",
     "MossTTSNanoGPT2Attention",
     "MossTTSNanoGPT2Block",

@@ -19,7 +19,7 @@ Differences from upstream that keep its outputs (§11):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -27,12 +27,11 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .decode_graphs import FastDecode
 from .devices import resolve_attention
 from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .generation import STEP_MODES, GenerationSettings, Group, SlotDecoder
 from .prompting import build_continuation_rows, build_voice_clone_rows, left_pad_batch
 from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
-from .sampling import sample_next_token, validate_sampling_args
 from .synthesis import SynthesisMixin
 
 # transformers 4.57.1 copies out of a local model folder only the modules this file imports relatively (5.x and any
@@ -42,6 +41,7 @@ from .audio_io import save_audio  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
+from .sampling import RowSettings  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
 from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
 from .weights import ensure_model_files  # noqa: F401,E402
@@ -49,8 +49,8 @@ from .weights import ensure_model_files  # noqa: F401,E402
 logger = logging.getLogger(__name__)
 
 GENERATION_MODES = ("continuation", "voice_clone")
-# The local decoder's rows of the 2-way text decision, in upstream's order: index 0 = continue, 1 = stop.
-CONTINUE_INDEX, STOP_INDEX = 0, 1
+# enable_fast_decode's names for generation.STEP_MODES ("none" keeps the eager step).
+FAST_DECODE_MODES = {"none": "eager", "eager": "eager", "compile": "compile", "graph": "graph"}
 
 
 class _IgnorePatterns(list):
@@ -95,49 +95,6 @@ class MossTTSNanoGenerationOutput(ModelOutput):
 
     audio_token_ids: torch.LongTensor | None = None
     prompt_input_ids: torch.LongTensor | None = None
-
-
-@dataclass
-class _GenerationState:
-    """Buffers of one generate call, allocated once before the frame loop (nothing is allocated per frame for them).
-
-    Shapes: B rows, T prompt rows, F = max_new_frames, R = n_vq + 1 row width.
-    """
-
-    length: int  # rows in the sequence so far (prompt + appended); host-side, so no sync
-    mask: torch.Tensor  # bool [B, T + F]
-    frames: torch.Tensor  # long [B, F, n_vq], prefilled with the audio pad id
-    last_row: torch.Tensor  # long [B, 1, R], the row appended by the previous frame
-    finished: torch.Tensor  # bool [B]
-    logit_sums: torch.Tensor  # float32 [1 + n_vq, B]: row sums of the latest text/audio logits, finite iff they are
-    step_tokens: torch.Tensor  # long [B, n_vq]
-    text_candidates: torch.Tensor  # long [2] = [slot 9, audio_end 7]
-    text_weight: torch.Tensor  # [2, C], the text-head rows of the two candidates
-    local_rope: list | None  # per local slot s: (cos, signed sin) views [1, 1, 1, D] at position s
-    global_cache: KVCache | None  # None: recompute the global decoder every frame (use_kv_cache=False)
-    local_cache: KVCache | None
-    ids: torch.Tensor | None  # long [B, T + F, R], only without the cache
-    local_inputs: torch.Tensor | None  # [B, n_vq + 1, C], only without the cache
-    seen: torch.Tensor | None  # bool [n_vq, B, codebook], repetition-penalty history
-    next_row_embedding: torch.Tensor | None = None  # [B, 1, C], embedding of the row the frame appends (cache path)
-    text_logits: list = field(default_factory=list)  # [B, 2] per step (device tensors)
-    fast_local: Any = None  # decode_graphs.LocalStepRunner when enable_fast_decode is on (cache path only)
-    fast_global: Any = None  # decode_graphs.GlobalStepRunner, likewise
-
-
-@dataclass(frozen=True)
-class _SamplingOptions:
-    """The sampling arguments of one generate call."""
-
-    do_sample: bool
-    text_temperature: float
-    text_top_p: float
-    text_top_k: int
-    audio_temperature: float
-    audio_top_p: float
-    audio_top_k: int
-    audio_repetition_penalty: float
-    nq: int
 
 
 class MossTTSNanoPreTrainedModel(PreTrainedModel):
@@ -187,7 +144,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         self._tied_weights_keys = tied
         self.all_tied_weights_keys = dict(tied)
         self._resolved_attention: dict[tuple, str] = {}
-        self._fast_decode: FastDecode | None = None  # opt-in, see enable_fast_decode
+        self._step_mode = "eager"  # see enable_fast_decode
         self._tie_weights()
         self.post_init()
 
@@ -242,12 +199,19 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
     # ------------------------------------------------------------------------------------------------------------
     # Rows -> embeddings
 
-    def _validate_input_ids(self, input_ids: torch.Tensor) -> None:
-        """Check the row layout once (one host sync; never called inside the frame loop).
+    def _validate_input_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[int]:
+        """Check the row layout (and a generate mask) with one host sync; never called inside the frame loop.
+
+        Args:
+            input_ids: long [B, T, n_vq + 1].
+            attention_mask: bool [B, T] of a generate call, or None.
+
+        Returns:
+            the number of real rows of each prompt (T each without a mask).
 
         Raises:
-            ValueError: a wrong row width, a text id outside the vocabulary, or an audio code outside its codebook
-                that is not the audio pad id.
+            ValueError: a wrong row width, a text id outside the vocabulary, an audio code outside its codebook that
+                is not the audio pad id, or a mask that is not left padding (False then True, last row True).
         """
         width = self.config.n_vq + 1
         if input_ids.dim() != 3 or input_ids.shape[-1] != width:
@@ -258,12 +222,20 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         sizes = torch.tensor(self.config.audio_codebook_sizes, device=input_ids.device)
         codes = input_ids[..., 1:]
         code_bad = ((codes < 0) | (codes >= sizes)) & (codes != self.config.audio_pad_token_id)
-        flags = torch.stack((text_bad.any(), code_bad.any())).tolist()
+        if attention_mask is None:
+            attention_mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=input_ids.device)
+        not_left_padded = (attention_mask[:, 1:] < attention_mask[:, :-1]).any() | ~attention_mask[:, -1].all()
+        flags = torch.cat((torch.stack((text_bad.any(), code_bad.any(), not_left_padded)).long(),
+                           attention_mask.sum(-1))).tolist()
         if flags[0]:
             raise ValueError(f"input_ids column 0 holds text ids outside [0, {self.config.vocab_size})")
         if flags[1]:
             raise ValueError("input_ids audio columns hold codes outside [0, codebook size) that are not the "
                              f"audio pad id {self.config.audio_pad_token_id}")
+        if flags[2]:
+            raise ValueError("attention_mask is not left padding; expected each row False (padding) then True, "
+                             "ending with a real row (see _left_pad_inference_batch)")
+        return flags[3:]
 
     def _embed_rows(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Row embeddings: wte(text) + Σ_c audio_embeddings[c](code_c), pad codes contributing exactly 0 (§5.1).
@@ -420,20 +392,19 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
     # Generation
 
     def enable_fast_decode(self, mode: str = "compile") -> None:
-        """Opt in to fixed-shape global and local decode steps (decode_graphs.py) for later KV-cache generate calls.
-
-        Call it after moving the model to its device. Outputs equal the default path's up to a few ulp (greedy codes
-        identical in the tests). Streams of one model must not be interleaved while it is on (shared buffers).
+        """Choose how later generate calls run their fixed-shape decode steps (generation.StepRunner).
 
         Args:
-            mode: "none" (the default path), "static" (fixed-shape steps, eager), "compile" (torch.compile of those
-                steps; falls back to eager with one log line if compiling fails) or "graph" (device graph capture;
-                untested on hardware; where unsupported, e.g. CPU, one log line and the default path).
+            mode: "none" / "eager" (the default), "compile" (torch.compile of the steps; falls back to eager with one
+                log line if compiling fails) or "graph" (device graph capture where devices.py has it, e.g. CUDA
+                graphs; elsewhere one log line and eager). Outputs equal the eager step's up to float rounding.
 
         Raises:
             ValueError: for an unknown mode.
         """
-        self._fast_decode = FastDecode.create(mode, self.device)
+        if mode not in FAST_DECODE_MODES:
+            raise ValueError(f"fast decode mode {mode!r}; expected one of {tuple(FAST_DECODE_MODES)}")
+        self._step_mode = FAST_DECODE_MODES[mode]
 
     @torch.no_grad()
     def generate(
@@ -453,21 +424,23 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         use_kv_cache: bool = True,
         return_dict_in_generate: bool = True,
         attn_implementation: str | None = None,
+        generator: torch.Generator | None = None,
     ) -> MossTTSNanoGenerationOutput | torch.LongTensor:
         """Generate audio frames after prompt rows (spec §6.2, §6.3, §7).
 
         Args:
             input_ids: long [B, T, n_vq + 1] (or [T, n_vq + 1]) prompt rows, left-padded in a batch.
-            attention_mask: bool [B, T] (or [T]); default all True.
+            attention_mask: bool [B, T] (or [T]); default all True. Each row's last position must be real.
             nq: channels to generate, 1..n_vq (None: all); the others are the audio pad id.
             max_new_frames: at most this many frames.
             do_sample: sample (True) or take the (repetition-penalised) argmax (False).
             text_temperature, text_top_p, text_top_k: sampling of the 2-way continue/stop decision.
             audio_temperature, audio_top_p, audio_top_k: sampling of each audio channel.
             audio_repetition_penalty: per channel, against this call's generated tokens (also when greedy).
-            use_kv_cache: False recomputes both decoders from scratch every step (upstream's reference path).
+            use_kv_cache: accepted for upstream compatibility; the caches are always used (same outputs).
             return_dict_in_generate: False returns the bare audio_token_ids tensor.
             attn_implementation: run-time attention request (default: the config's, resolved per device).
+            generator: where the random numbers come from (default: the device's global generator, as upstream).
 
         Returns:
             MossTTSNanoGenerationOutput(audio_token_ids [B, F, n_vq], prompt_input_ids), or the tensor.
@@ -479,7 +452,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         for event in self.generate_stream(
             input_ids, attention_mask, nq, max_new_frames, do_sample, text_temperature, text_top_p, text_top_k,
             audio_temperature, audio_top_p, audio_top_k, audio_repetition_penalty, use_kv_cache,
-            return_dict_in_generate, attn_implementation=attn_implementation,
+            return_dict_in_generate, attn_implementation=attn_implementation, generator=generator,
         ):
             final = event
         return final["generation"] if return_dict_in_generate else final["audio_token_ids"]
@@ -501,242 +474,100 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         use_kv_cache: bool = True,
         return_dict_in_generate: bool = True,
         attn_implementation: str | None = None,
+        generator: torch.Generator | None = None,
     ) -> Iterator[dict]:
         """Like `generate`, but yields one event per frame, then a final event (spec §6.2).
 
+        The B rows run as one group of a `generation.SlotDecoder` (the engine's frame loop, all rows starting
+        together), so the outputs, and the random draws, are upstream's.
+
         Events:
             {"type": "frame", "step_index": int, "audio_token_ids": long [B, n_vq], "active_mask": bool [B],
-             "finished_mask": bool [B], "text_candidate_logits": [B, 2]} (device tensors, no host sync), then
+             "finished_mask": bool [B], "text_candidate_logits": [B, 2]} (device tensors), then
             {"type": "final", "generation": MossTTSNanoGenerationOutput, "text_candidate_logits": [S, B, 2]}
             (or "audio_token_ids" instead of "generation" when return_dict_in_generate is False). S counts every
             text decision, including the final stop.
         """
+        settings = GenerationSettings(
+            nq, max_new_frames, bool(do_sample), text_temperature, text_top_p, text_top_k, audio_temperature,
+            audio_top_p, audio_top_k, audio_repetition_penalty,
+        ).checked(self.config.n_vq)
         with torch.no_grad():
-            input_ids, attention_mask = self._prepare_prompt(input_ids, attention_mask)
-            options = self._sampling_options(
-                nq, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
-                audio_top_k, audio_repetition_penalty, max_new_frames,
-            )
-            attention = self._attention_pair(attn_implementation)
-            state = self._new_generation_state(input_ids, attention_mask, max_new_frames, options, use_kv_cache)
-            if use_kv_cache and self._fast_decode is not None:
-                self._fast_decode.attach(self, state, attention)
-        frame_count = 0
-        for step in range(max_new_frames):
-            with torch.no_grad():
-                event = self._generation_step(state, step, input_ids, options, attention)
-            if event is None:
-                break
-            frame_count += 1
-            yield event
-        yield self._final_event(state, input_ids, frame_count, return_dict_in_generate)
+            input_ids, prompts = self._prepare_prompt(input_ids, attention_mask)
+        attention = self._attention_pair(attn_implementation)
+        frames, text_logits = [], []
+        if settings.max_new_frames > 0:
+            for event in self._frame_events(prompts, settings, attention, generator):
+                text_logits.append(event["text_candidate_logits"])
+                if event["type"] == "frame":
+                    event["step_index"] = len(frames)
+                    frames.append(event["audio_token_ids"])
+                    yield event
+        yield self._final_event(input_ids, frames, text_logits, return_dict_in_generate)
 
-    def _prepare_prompt(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batch dims, device, dtype and validation of the prompt (the only id check of a generate call)."""
+    def _frame_events(self, prompts, settings, attention, generator) -> Iterator[dict]:
+        """Run the rows as one group; one event per text decision ("frame", or "stop" for the decision that ends).
+
+        Raises:
+            RuntimeError: non-finite logits.
+        """
+        with torch.no_grad():
+            decoder = SlotDecoder(self, len(prompts), max(p.shape[0] for p in prompts) + settings.max_new_frames,
+                                  attention, self._step_mode)
+            group = Group(list(range(len(prompts))), settings, generator)
+            decoder.start(group, prompts, attention[0])
+        while True:
+            with torch.no_grad():
+                outputs = decoder.frame()
+            for output in outputs:
+                if output.error is not None:
+                    raise RuntimeError(output.error)
+                if output.text_logits is None:
+                    continue
+                if output.codes is None:
+                    yield {"type": "stop", "text_candidate_logits": output.text_logits}
+                    continue
+                # Device-side masks (no host copy): channel 0 of a row that made this frame holds a real code.
+                yield {"type": "frame", "audio_token_ids": output.codes,
+                       "active_mask": output.codes[:, 0] != self.config.audio_pad_token_id,
+                       "finished_mask": group.rows_of(decoder.finished).clone(),
+                       "text_candidate_logits": output.text_logits}
+            if any(output.done for output in outputs):
+                return
+
+    def _prepare_prompt(self, input_ids, attention_mask) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Batch dims, device, dtype and validation of the prompt (one host sync for the whole check).
+
+        Returns:
+            (input_ids [B, T, n_vq + 1], each row's real prompt rows [T_b, n_vq + 1] without its left padding).
+
+        Raises:
+            ValueError: malformed rows, or a mask that is not [B, T] left padding.
+        """
         if input_ids.dim() == 2:
             input_ids = input_ids.unsqueeze(0)
         input_ids = input_ids.to(self.device, torch.long)
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape[:2], dtype=torch.bool, device=self.device)
-        if attention_mask.dim() == 1:
-            attention_mask = attention_mask.unsqueeze(0)
-        attention_mask = attention_mask.to(self.device, torch.bool)
-        self._validate_input_ids(input_ids)
-        if attention_mask.shape != input_ids.shape[:2]:
-            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids rows "
-                             f"{tuple(input_ids.shape[:2])}")
-        return input_ids, attention_mask
+        if attention_mask is not None:
+            if attention_mask.dim() == 1:
+                attention_mask = attention_mask.unsqueeze(0)
+            attention_mask = attention_mask.to(self.device, torch.bool)
+            if attention_mask.shape != input_ids.shape[:2]:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids rows "
+                                 f"{tuple(input_ids.shape[:2])}")
+        lengths = self._validate_input_ids(input_ids, attention_mask)
+        return input_ids, [ids[ids.shape[0] - length:] for ids, length in zip(input_ids, lengths)]
 
-    def _sampling_options(self, nq, do_sample, text_temperature, text_top_p, text_top_k, audio_temperature,
-                          audio_top_p, audio_top_k, audio_repetition_penalty, max_new_frames) -> _SamplingOptions:
-        """Validate the user's generation arguments once."""
-        n_vq = self.config.n_vq
-        nq = n_vq if nq is None else int(nq)
-        if not 1 <= nq <= n_vq:
-            raise ValueError(f"nq={nq} must be in 1..{n_vq}")
-        if int(max_new_frames) < 0:
-            raise ValueError(f"max_new_frames={max_new_frames} must be >= 0")
-        validate_sampling_args(do_sample, text_temperature, name="text_")
-        validate_sampling_args(do_sample, audio_temperature, audio_repetition_penalty, name="audio_")
-        return _SamplingOptions(
-            bool(do_sample), text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p, audio_top_k,
-            audio_repetition_penalty, nq,
-        )
-
-    def _new_generation_state(self, input_ids, attention_mask, max_new_frames, options, use_kv_cache):
-        """Allocate every buffer of the frame loop once (global cache: prompt + max_new_frames positions)."""
-        batch, length, width = input_ids.shape
-        device, config = input_ids.device, self.config
-        capacity = length + max_new_frames
-        mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        mask[:, :length] = attention_mask
-        frames = torch.full((batch, max_new_frames, config.n_vq), config.audio_pad_token_id, device=device)
-        candidates = torch.tensor([config.audio_assistant_slot_token_id, config.audio_end_token_id], device=device)
-        local_dtype = self.local_transformer.ln_f.weight.dtype
-        slots = torch.arange(config.n_vq + 1, device=device)
-        rotary = self.local_transformer.rotary_emb
-        ids = None
-        if not use_kv_cache:
-            ids = torch.full((batch, capacity, width), config.audio_pad_token_id, device=device)
-            ids[:, :length] = input_ids
-        seen = None
-        if options.audio_repetition_penalty != 1.0:
-            seen = torch.zeros(config.n_vq, batch, max(config.audio_codebook_sizes), dtype=torch.bool, device=device)
-        # Per-slot views, sliced once here rather than once per local step.
-        local_rope = None
-        if rotary is not None:
-            cos, sin = rotary(slots, local_dtype)  # [1, 1, n_vq + 1, D]
-            local_rope = [(cos[:, :, i:i + 1], sin[:, :, i:i + 1]) for i in range(config.n_vq + 1)]
-        return _GenerationState(
-            length=length, mask=mask, frames=frames, last_row=input_ids.new_zeros(batch, 1, width),
-            finished=torch.zeros(batch, dtype=torch.bool, device=device),
-            logit_sums=torch.zeros(config.n_vq + 1, batch, dtype=torch.float32, device=device),
-            step_tokens=input_ids.new_full((batch, config.n_vq), config.audio_pad_token_id),
-            text_candidates=candidates, text_weight=self.text_lm_head.weight[candidates].to(local_dtype),
-            local_rope=local_rope,
-            global_cache=KVCache.for_decoder(self.transformer, batch, capacity) if use_kv_cache else None,
-            local_cache=KVCache.for_decoder(self.local_transformer, batch, config.n_vq + 1) if use_kv_cache else None,
-            ids=ids,
-            local_inputs=None if use_kv_cache else torch.zeros(
-                batch, config.n_vq + 1, config.gpt2_config.n_embd, dtype=local_dtype, device=device),
-            seen=seen,
-        )
-
-    def _generation_step(self, state, step, input_ids, options, attention) -> dict | None:
-        """One frame: global step, text decision, (one host sync), audio channels, next row. None = stop."""
-        global_hidden = self._global_hidden(state, step, input_ids, attention[0])
-        local_attention = attention_function(attention[1])
-        if state.local_cache is not None:
-            state.local_cache.reset()
-        text_hidden = self._local_hidden(state, global_hidden, 0, local_attention)
-        text_logits = nn.functional.linear(text_hidden, state.text_weight)  # [B, 2]
-        state.text_logits.append(text_logits)
-        self._flag_nonfinite(state, text_logits, 0)
-        choice = sample_next_token(
-            text_logits, options.do_sample, options.text_temperature, options.text_top_k, options.text_top_p
-        )
-        should_continue = (choice == CONTINUE_INDEX) & ~state.finished
-        state.finished |= choice == STOP_INDEX
-        # The one sync: the stop check, plus this frame's text logits and the previous frame's audio logits.
-        any_continue, nonfinite = torch.stack((should_continue.any(), self._any_nonfinite(state))).tolist()
-        self._raise_if_nonfinite(nonfinite)
-        if not any_continue:
-            return None
-        text_token = state.text_candidates[choice]
-        self._sample_audio_channels(state, text_token, options, local_attention)
-        frame = self._append_frame(state, step, should_continue, options.nq)
-        return {
-            "type": "frame", "step_index": step, "audio_token_ids": frame, "active_mask": should_continue,
-            "finished_mask": state.finished.clone(), "text_candidate_logits": text_logits,
-        }
-
-    def _global_hidden(self, state, step, input_ids, attention) -> torch.Tensor:
-        """Global decoder output at the last row, [B, C] in the local decoder's dtype."""
-        if state.fast_global is not None and step > 0:
-            return state.fast_global(state.next_row_embedding, state.mask, state.length)
-        mask = state.mask[:, :state.length]
-        if state.global_cache is None:
-            rows = state.ids[:, :state.length]
-            hidden, _ = self.transformer(self._embed_rows(rows), mask, None, attention)
+    def _final_event(self, input_ids, frames, text_logits, return_dict_in_generate) -> dict:
+        """The closing event: all frames [B, F, n_vq] and every text decision's logits [S, B, 2]."""
+        if frames:
+            audio_token_ids = torch.stack(frames, dim=1)
         else:
-            # After the prompt, the new row's embedding was summed while its codes were sampled (same adds, same
-            # order as _embed_rows for continuing rows; stopped rows are masked, so their keys are never read).
-            embedded = self._embed_rows(input_ids) if step == 0 else state.next_row_embedding
-            hidden, _ = self.transformer(embedded, mask, state.global_cache, attention)
-        return hidden[:, -1].to(self.local_transformer.ln_f.weight.dtype)
-
-    def _local_hidden(self, state, slot_input, slot, attention) -> torch.Tensor:
-        """Local decoder output for `slot` (0 = global hidden, 1 = text token, 2.. = audio channels), [B, C].
-
-        With the cache, one step of length 1 at position `slot`. Without it, upstream's full recomputation over
-        slots 0..slot.
-        """
-        local = self.local_transformer
-        if state.local_cache is None:
-            state.local_inputs[:, slot] = slot_input
-            hidden, _ = local(state.local_inputs[:, :slot + 1], None, None, attention)
-            return hidden[:, -1]
-        if state.fast_local is not None:
-            return state.fast_local(slot_input, slot)
-        slot_input = slot_input[:, None]
-        rope = None
-        if state.local_rope is not None:
-            rope = state.local_rope[slot]
-        else:
-            slot_input = slot_input + local.wpe.weight[slot]
-        # No mask: one query at the end of the cache sees every cached slot (an all-True mask would only cost
-        # SDPA a bool-to-float conversion per call).
-        hidden = local.step(slot_input, state.local_cache, rope, None, attention)
-        return hidden[:, -1]
-
-    def _sample_audio_channels(self, state, text_token, options, attention) -> None:
-        """Channels 0..nq-1, each fed the previous slot's embedding; tokens land in `state.step_tokens`.
-
-        With the cache, it also sums the embedding of the row this frame appends, [B, 1, C]: wte(slot 9) plus each
-        channel's code embedding, which the local decoder needs anyway (one extra lookup for the last channel).
-        """
-        local_dtype = self.local_transformer.ln_f.weight.dtype
-        row_embedding = self.transformer.wte(text_token)  # [B, C]
-        slot_input = row_embedding.to(local_dtype)
-        for channel in range(options.nq):
-            hidden = self._local_hidden(state, slot_input, channel + 1, attention)
-            logits = self.audio_lm_heads[channel](hidden)  # [B, codebook]
-            self._flag_nonfinite(state, logits, channel + 1)
-            seen = state.seen[channel, :, : logits.shape[-1]] if state.seen is not None else None
-            token = sample_next_token(
-                logits, options.do_sample, options.audio_temperature, options.audio_top_k, options.audio_top_p,
-                options.audio_repetition_penalty, seen,
-            )
-            if seen is not None:
-                seen.scatter_(1, token[:, None], True)
-            state.step_tokens[:, channel] = token
-            if channel + 1 < options.nq or state.global_cache is not None:
-                embedded = self.audio_embeddings[channel](token)
-                slot_input = embedded.to(local_dtype)
-                row_embedding = row_embedding + embedded
-        state.next_row_embedding = row_embedding[:, None]
-
-    def _append_frame(self, state, step, should_continue, nq) -> torch.Tensor:
-        """Write the frame (pad for stopped rows and channels >= nq) and the next row [9 | 3, frame]; return it."""
-        config = self.config
-        frame = state.frames[:, step]
-        frame[:, :nq] = torch.where(should_continue[:, None], state.step_tokens[:, :nq], config.audio_pad_token_id)
-        text = torch.where(should_continue, config.audio_assistant_slot_token_id, config.pad_token_id)
-        state.last_row[:, 0, 0] = text
-        state.last_row[:, 0, 1:] = frame
-        state.mask[:, state.length] = should_continue
-        if state.ids is not None:
-            state.ids[:, state.length] = state.last_row[:, 0]
-        state.length += 1
-        return frame
-
-    @staticmethod
-    def _flag_nonfinite(state, logits, slot: int) -> None:
-        """Record the row sums of `logits` [B, V] in float32 (one op, no sync). A sum is inf/nan iff some logit is
-        (logits of this model are far below the 1e35 where a finite sum could overflow); checked at the next stop
-        decision, before the slot is overwritten."""
-        torch.sum(logits, dim=-1, dtype=torch.float32, out=state.logit_sums[slot])
-
-    @staticmethod
-    def _any_nonfinite(state) -> torch.Tensor:
-        """bool []: whether any recorded logit sum is inf or nan."""
-        return ~torch.isfinite(state.logit_sums).all()
-
-    @staticmethod
-    def _raise_if_nonfinite(nonfinite: bool) -> None:
-        if nonfinite:
-            raise RuntimeError("Non-finite logits during generation (inf or nan); try float32 or another backend")
-
-    def _final_event(self, state, input_ids, frame_count, return_dict_in_generate) -> dict:
-        """The closing event; also reports non-finite logits of the last frame (one sync after the loop)."""
-        self._raise_if_nonfinite(bool(self._any_nonfinite(state)))
-        audio_token_ids = state.frames[:, :frame_count]
-        event = {"type": "final", "text_candidate_logits": torch.stack(state.text_logits) if state.text_logits
-                 else None}
+            audio_token_ids = input_ids.new_full((input_ids.shape[0], 0, self.config.n_vq),
+                                                 self.config.audio_pad_token_id)
+        event = {"type": "final", "text_candidate_logits": torch.stack(text_logits) if text_logits else None}
         if return_dict_in_generate:
-            event["generation"] = MossTTSNanoGenerationOutput(
-                audio_token_ids=audio_token_ids, prompt_input_ids=input_ids
-            )
+            event["generation"] = MossTTSNanoGenerationOutput(audio_token_ids=audio_token_ids,
+                                                              prompt_input_ids=input_ids)
         else:
             event["audio_token_ids"] = audio_token_ids
         return event

@@ -1,15 +1,24 @@
-"""Pure sampling functions of MOSS-TTS-Nano generation (spec tts.md §6.3).
+"""Sampling of MOSS-TTS-Nano generation (spec tts.md §6.3), batched over rows that each have their own settings.
 
-The order of steps is upstream's `_sample_next_token`: repetition penalty -> (greedy: argmax) -> temperature ->
-top-k -> top-p -> softmax -> `torch.multinomial(probs, 1)`. Each call of `sample_next_token` with `do_sample=True`
-makes exactly one multinomial draw over [B, V] from the given generator (the global one by default), so a run seeded
-with `torch.manual_seed` consumes random numbers in upstream's order. Probabilities are cast to float32 before the
-draw (identity in fp32; required on NPU, whose multinomial rejects bf16).
+Upstream's order, per row: repetition penalty -> (greedy: argmax) -> temperature -> top-k -> top-p -> softmax ->
+`torch.multinomial(probs, 1)`. torch's multinomial with one sample and no replacement is `argmax(probs / q)` with
+`q = empty_like(probs).exponential_()` drawn over the whole [B, V] tensor (tests/test_sampling.py checks the two agree
+bit for bit). The draw is therefore split in two:
 
-Nothing here synchronises with the host: no `.item()`, no data-dependent Python branches.
+* `draw_noise` takes the random numbers, outside any compiled or captured code: one call per request and decision,
+  from that request's generator (the global one when it has none), in upstream's shapes ([B, 2] for the text
+  decision, then [B, codebook] per audio channel). A request seeded like an upstream run consumes the same random
+  numbers in the same order, and a request's numbers never depend on the other requests beside it.
+* `sample_rows` is a pure function of logits, per-row settings and noise: no host sync, no branch on data, so it can
+  be captured, and rows with different temperatures, top-k, top-p, penalties or greedy/sampled mix in one call.
+
+Sampling runs in float32 whatever the model's dtype (in float32 models this is exactly upstream's arithmetic).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -21,88 +30,137 @@ def validate_sampling_args(do_sample: bool, temperature: float, repetition_penal
         ValueError: a temperature <= 0 with do_sample, or a repetition penalty <= 0.
     """
     if do_sample and not temperature > 0:
-        raise ValueError(f"{name}temperature must be > 0 when sampling, got {temperature}")
+        raise ValueError(f"{name}temperature={temperature} must be > 0 when sampling")
     if not repetition_penalty > 0:
-        raise ValueError(f"{name}repetition_penalty must be > 0, got {repetition_penalty}")
+        raise ValueError(f"{name}repetition_penalty={repetition_penalty} must be > 0")
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+@dataclass
+class RowSettings:
+    """Sampling settings of N rows as tensors, plus what the host knows about them (to skip unused steps).
+
+    Attributes:
+        do_sample: bool [N].
+        temperature, top_p, repetition_penalty: float32 [N, 1] (top_p outside (0, 1) means no nucleus filter).
+        top_k: long [N] (0 means no top-k filter).
+        max_top_k: the largest top-k of the rows, clamped to the vocabulary (0: no row filters).
+        any_sample, any_top_p, any_penalty: whether some sampled row uses that step.
+    """
+
+    do_sample: torch.Tensor
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    max_top_k: int
+    any_sample: bool
+    any_top_p: bool
+    any_penalty: bool
+
+    @classmethod
+    def build(cls, rows: Sequence[tuple], vocab: int, device) -> "RowSettings":
+        """Settings from per-row tuples (do_sample, temperature, top_k, top_p, repetition_penalty)."""
+        sample = [bool(row[0]) for row in rows]
+        top_k = [min(int(row[2]), vocab) if row[2] and row[2] > 0 else 0 for row in rows]
+        top_p = [float(row[3]) if row[3] is not None else 1.0 for row in rows]
+        penalty = [float(row[4]) for row in rows]
+        temperature = [float(row[1]) if sample[i] else 1.0 for i, row in enumerate(rows)]  # greedy rows: unused
+
+        def column(values, dtype=torch.float32):
+            return torch.tensor(values, dtype=dtype, device=device)[:, None]
+
+        return cls(
+            do_sample=torch.tensor(sample, dtype=torch.bool, device=device), temperature=column(temperature),
+            top_k=torch.tensor(top_k, dtype=torch.long, device=device), top_p=column(top_p),
+            repetition_penalty=column(penalty), max_top_k=max(top_k, default=0), any_sample=any(sample),
+            any_top_p=any(0.0 < p < 1.0 for p in top_p), any_penalty=any(p != 1.0 for p in penalty),
+        )
+
+
+def draw_noise(rows: int, vocab: int, generator: torch.Generator | None, device) -> torch.Tensor:
+    """float32 [rows, vocab] exponential(1) noise: the random numbers `torch.multinomial(probs, 1)` would draw."""
+    return torch.empty(rows, vocab, dtype=torch.float32, device=device).exponential_(generator=generator)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
     """Penalise every previously generated id once: a logit < 0 is multiplied by `penalty`, others divided by it.
 
     Args:
-        logits: [B, V].
-        seen: bool [B, V], True for ids generated earlier in this call (each id counts once, like a unique set).
-        penalty: > 0; 1.0 is a no-op.
-
-    Returns:
-        [B, V] penalised logits (a new tensor).
+        logits: [N, V].
+        seen: bool [N, V], True for ids generated earlier (each id counts once, like a unique set).
+        penalty: > 0, a float or [N, 1]; 1.0 leaves a row unchanged.
     """
     penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
     return torch.where(seen, penalised, logits)
 
 
-def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep the logits >= the k-th largest of each row (ties may keep more than k); others become -inf."""
-    k = min(int(top_k), logits.shape[-1])
-    threshold = torch.topk(logits, k, dim=-1).values[..., -1:]
+def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor | int, max_top_k: int | None = None) -> torch.Tensor:
+    """Keep each row's logits >= its k-th largest (ties may keep more than k); others become -inf; k = 0 keeps all.
+
+    Args:
+        logits: [N, V].
+        top_k: an int, or long [N] per row (each <= V).
+        max_top_k: the largest k of the rows (default: computed from an int top_k).
+    """
+    if isinstance(top_k, int):
+        top_k = torch.full(logits.shape[:1], min(top_k, logits.shape[-1]), dtype=torch.long, device=logits.device)
+        max_top_k = int(top_k[0]) if logits.shape[0] else 0
+    if not max_top_k:
+        return logits
+    best = torch.topk(logits, max_top_k, dim=-1).values  # [N, max_top_k], descending
+    kth = best.gather(-1, (top_k.clamp(min=1) - 1)[:, None])
+    threshold = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
     return logits.masked_fill(logits < threshold, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus filter: drop the tokens after the cumulative probability first exceeds `top_p`.
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
+    """Nucleus filter: per row, drop the tokens after the cumulative probability first exceeds p (only 0 < p < 1).
 
     The drop mask is shifted right by one, so the token that crosses p is kept and the best token always stays.
     """
+    if not isinstance(top_p, torch.Tensor):
+        top_p = torch.full((1, 1), float(top_p), device=logits.device)
     sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop_sorted = cumulative > top_p
-    drop_sorted[..., 1:] = drop_sorted[..., :-1].clone()
-    drop_sorted[..., 0] = False
+    drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
+    drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
+    drop_sorted &= (top_p > 0) & (top_p < 1)
     drop = drop_sorted.scatter(-1, sorted_indices, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_next_token(
-    logits: torch.Tensor,
-    do_sample: bool,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    repetition_penalty: float = 1.0,
-    seen: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+def sample_rows(
+    logits: torch.Tensor, settings: RowSettings, noise: torch.Tensor | None = None, seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Pick one token per row (spec §6.3).
+    """One token per row (spec §6.3), each row with its own settings.
 
     Args:
-        logits: [B, V] raw logits.
-        do_sample: False -> argmax of the (penalised) logits; True -> one multinomial draw.
-        temperature: > 0 when sampling.
-        top_k: keep the k best (0 = off).
-        top_p: nucleus threshold, active only for 0 < p < 1.
-        repetition_penalty: applied (also in greedy mode) where `seen` is True, when != 1.0.
-        seen: bool [B, V] history mask, or None (no history).
-        generator: explicit torch.Generator, or None for the global one.
+        logits: [N, V] raw logits.
+        settings: the rows' RowSettings.
+        noise: float32 [N, V] from `draw_noise` (rows that sample), or None when no row samples.
+        seen: bool [N, V] repetition history, or None.
 
     Returns:
-        long [B]. Greedy ties pick the lowest index.
+        long [N]: the (penalised) argmax for greedy rows, upstream's multinomial draw for sampled rows.
     """
-    if seen is not None and repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and top_k > 0:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and 0.0 < top_p < 1.0:
-        logits = top_p_filter(logits, top_p)
-    probs = torch.softmax(logits, dim=-1).float()
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits.float()
+    if seen is not None and settings.any_penalty:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    greedy = logits.argmax(dim=-1)
+    if noise is None or not settings.any_sample:
+        return greedy
+    scaled = top_k_filter(logits / settings.temperature, settings.top_k, settings.max_top_k)
+    if settings.any_top_p:
+        scaled = top_p_filter(scaled, settings.top_p)
+    sampled = (torch.softmax(scaled, dim=-1) / noise).argmax(dim=-1)
+    return torch.where(settings.do_sample, sampled, greedy)
 
 
 __all__ = [
+    "RowSettings",
     "apply_repetition_penalty",
-    "sample_next_token",
+    "draw_noise",
+    "sample_rows",
     "top_k_filter",
     "top_p_filter",
     "validate_sampling_args",

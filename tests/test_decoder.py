@@ -5,6 +5,7 @@ import torch
 
 from child_process import run_child
 from conftest import import_module
+from reference_generation import reference_generate
 
 checkpoints = import_module("checkpoints")
 decoder = import_module("gpt2_decoder")
@@ -97,28 +98,41 @@ def test_legacy_cache_tuples_round_trip(model):
 
 def test_cache_overflow_raises_value_error():
     cache = decoder.KVCache(1, 1, 2, 3, 4, torch.float32, "cpu")
-    cache.update(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
-    cache.advance(3)
+    cache.sequence_write(slice(None), 0, 3)
     with pytest.raises(ValueError, match="overflow"):
-        cache.update(0, torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4))
+        cache.sequence_write(slice(None), 3, 1)
 
 
 def test_cache_writes_in_place_into_preallocated_buffers():
-    cache = decoder.KVCache(2, 1, 2, 8, 4, torch.float32, "cpu")
-    pointer = cache.keys.data_ptr()
-    keys, _ = cache.update(1, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
-    assert cache.keys.data_ptr() == pointer and keys.untyped_storage().data_ptr() == pointer
-    assert keys.shape == (1, 2, 3, 4)
+    cache = decoder.KVCache(2, 3, 2, 8, 4, torch.float32, "cpu")
+    pointer = cache.keys[1].data_ptr()
+    keys, _ = cache.sequence_write(slice(1, 2), 0, 3).update(1, torch.ones(1, 2, 3, 4), torch.ones(1, 2, 3, 4))
+    assert cache.keys[1].data_ptr() == pointer and keys.untyped_storage().data_ptr() == pointer
+    assert keys.shape == (1, 2, 3, 4) and cache.keys[1][1, :, :3].eq(1).all() and cache.keys[1][0].eq(0).all()
+    assert cache.positions.tolist() == [0, 3, 0] and cache.key_mask[1].tolist() == [True] * 3 + [False] * 5
 
 
-@pytest.mark.parametrize("options", [dict(do_sample=False, audio_repetition_penalty=1.3), SAMPLED])
-def test_cached_generation_equals_full_recomputation(model, options):
+def test_decode_step_writes_each_slot_at_its_own_position():
+    model = checkpoints.random_tiny_model(seed=3)
+    cache = decoder.KVCache.for_decoder(model.transformer, 2, 8)
+    cache.positions.copy_(torch.tensor([2, 5]))
+    cache.key_mask[0, :2] = True
+    cache.key_mask[1, :5] = True
+    model.transformer.decode_step(torch.randn(2, 1, 64), torch.tensor([True, False]), cache, 6,
+                                  decoder.attention_function("sdpa"))
+    assert cache.positions.tolist() == [3, 5]  # a masked row (False) does not advance
+    assert cache.key_mask.sum(-1).tolist() == [3, 5] and not cache.key_mask[1, 5]
+
+
+@pytest.mark.parametrize("options", [dict(do_sample=False, audio_repetition_penalty=1.3), SAMPLED,
+                                     dict(SAMPLED, nq=5, audio_top_k=0, text_top_p=0.7)])
+def test_generation_equals_upstreams_algorithm_recomputed_from_scratch(model, options):
     ids, mask = _batch(model, [_prompt(9, seed=8), _prompt(6, seed=9)])
     torch.manual_seed(5)
-    cached = model.generate(ids, mask, max_new_frames=5, **options).audio_token_ids
+    ours = model.generate(ids, mask, max_new_frames=5, **options).audio_token_ids
     torch.manual_seed(5)
-    full = model.generate(ids, mask, max_new_frames=5, use_kv_cache=False, **options).audio_token_ids
-    assert torch.equal(cached, full)
+    reference = reference_generate(model, ids, mask, 5, **options)
+    assert torch.equal(ours, reference)
 
 
 def test_batch_of_two_equals_each_row_alone(model):
@@ -146,9 +160,15 @@ def test_stream_events_describe_each_frame_then_the_result(model):
         assert event["active_mask"].dtype == torch.bool and event["finished_mask"].shape == (1,)
 
 
+def _settings(rows, vocab, **values):
+    row = (values.get("do_sample", False), values.get("temperature", 1.0), values.get("top_k", 0),
+           values.get("top_p", 1.0), values.get("repetition_penalty", 1.0))
+    return sampling.RowSettings.build([row] * rows, vocab, "cpu")
+
+
 def test_stop_decision_picks_continue_on_a_tie(model):
     state_logits = torch.tensor([[0.5, 0.5], [0.1, 0.9]])
-    assert sampling.sample_next_token(state_logits, do_sample=False).tolist() == [0, 1]
+    assert sampling.sample_rows(state_logits, _settings(2, 2)).tolist() == [0, 1]
 
 
 def test_non_finite_logits_raise_runtime_error():
@@ -190,7 +210,7 @@ def test_repetition_penalty_applies_once_per_seen_id_also_in_greedy():
     seen = torch.tensor([[True, True, False, False]])
     penalised = sampling.apply_repetition_penalty(logits, seen, 2.0)
     assert torch.equal(penalised, torch.tensor([[1.0, -4.0, 1.9, 0.0]]))
-    assert sampling.sample_next_token(logits, False, repetition_penalty=2.0, seen=seen).tolist() == [2]
+    assert sampling.sample_rows(logits, _settings(1, 4, repetition_penalty=2.0), seen=seen).tolist() == [2]
 
 
 def test_top_k_keeps_ties_and_top_p_keeps_the_crossing_token():
@@ -201,13 +221,29 @@ def test_top_k_keeps_ties_and_top_p_keeps_the_crossing_token():
     assert torch.isfinite(sampling.top_p_filter(probs_logits, 0.1)).tolist() == [[True, False, False, False]]
 
 
-def test_sampling_makes_one_multinomial_draw_like_torch():
-    logits = torch.randn(3, 50)
-    torch.manual_seed(9)
-    ours = sampling.sample_next_token(logits, True, temperature=0.7)
-    torch.manual_seed(9)
-    reference = torch.multinomial(torch.softmax(logits / 0.7, -1), 1).squeeze(-1)
-    assert torch.equal(ours, reference)
+def test_sampling_with_drawn_noise_is_torch_multinomial_bit_for_bit():
+    for seed in range(200):
+        logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(seed)) * 3
+        torch.manual_seed(seed)
+        noise = sampling.draw_noise(3, 50, None, "cpu")
+        ours = sampling.sample_rows(logits, _settings(3, 50, do_sample=True, temperature=0.7, top_k=20, top_p=0.9),
+                                    noise)
+        torch.manual_seed(seed)
+        filtered = sampling.top_p_filter(sampling.top_k_filter(logits / 0.7, 20), 0.9)
+        reference = torch.multinomial(torch.softmax(filtered, -1), 1).squeeze(-1)
+        assert torch.equal(ours, reference), seed
+
+
+def test_rows_with_different_settings_sample_as_if_alone():
+    logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 2
+    rows = [(True, 0.7, 10, 0.9, 1.0), (False, 1.0, 0, 1.0, 1.3), (True, 1.3, 0, 0.5, 1.2)]
+    seen = torch.rand(3, 64, generator=torch.Generator().manual_seed(2)) < 0.2
+    noise = sampling.draw_noise(3, 64, torch.Generator().manual_seed(3), "cpu")
+    together = sampling.sample_rows(logits, sampling.RowSettings.build(rows, 64, "cpu"), noise, seen)
+    for index, row in enumerate(rows):
+        alone = sampling.sample_rows(logits[index:index + 1], sampling.RowSettings.build([row], 64, "cpu"),
+                                     noise[index:index + 1], seen[index:index + 1])
+        assert together[index] == alone[0]
 
 
 def test_generation_syncs_with_the_host_once_per_frame(fake_npu_path):
