@@ -34,15 +34,17 @@ class RingKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, H, T, Dh] at ring slots [B, T] and return the whole ring (k, v)."""
-        if self.k.shape[0] == 1:  # one row: a plain index copy, cheaper than scatter
-            self.k.index_copy_(2, slots[0], k.to(self.k.dtype))
-            self.v.index_copy_(2, slots[0], v.to(self.v.dtype))
+        """Store k, v [N, H, T, Dh] of the first N rows at ring slots [N, T]; return those rows' rings (k, v)."""
+        rows = k.shape[0]
+        keys, values = self.k[:rows], self.v[:rows]
+        if rows == 1:  # one row: a plain index copy, cheaper than scatter
+            keys.index_copy_(2, slots[0], k.to(keys.dtype))
+            values.index_copy_(2, slots[0], v.to(values.dtype))
         else:
             index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            self.k.scatter_(2, index, k.to(self.k.dtype))
-            self.v.scatter_(2, index, v.to(self.v.dtype))
-        return self.k, self.v
+            keys.scatter_(2, index, k.to(keys.dtype))
+            values.scatter_(2, index, v.to(values.dtype))
+        return keys, values
 
 
 @dataclass
@@ -75,15 +77,17 @@ class StageState:
             for _ in range(stage.num_layers)
         ]
 
-    def begin_step(self, num_tokens: int, advance: torch.Tensor | None) -> StepContext:
-        """Register `num_tokens` new tokens per row; rows then advance by `advance` [B] tokens (default all)."""
-        steps = torch.arange(num_tokens, device=self.offsets.device)
-        query_pos = self.offsets[:, None] + steps  # [B, T]
+    def begin_step(self, num_tokens: int, advance: torch.Tensor | None, rows: int) -> StepContext:
+        """Register `num_tokens` new tokens for each of the first `rows` rows; they then advance by `advance` [rows]
+        tokens (default all)."""
+        offsets, positions = self.offsets[:rows], self.positions[:rows]
+        steps = torch.arange(num_tokens, device=offsets.device)
+        query_pos = offsets[:, None] + steps  # [N, T]
         slots = query_pos % self.capacity
-        self.positions.scatter_(1, slots, query_pos)
-        distance = query_pos[:, :, None] - self.positions[:, None, :]  # [B, T, capacity]
+        positions.scatter_(1, slots, query_pos)
+        distance = query_pos[:, :, None] - positions[:, None, :]  # [N, T, capacity]
         visible = (distance >= 0) & (distance < self.context)
-        self.offsets += num_tokens if advance is None else advance
+        offsets += num_tokens if advance is None else advance
         return StepContext(positions=query_pos, slots=slots, mask=visible[:, None], caches=self.caches)
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
@@ -115,15 +119,16 @@ class StackStream:
                 self.stages.append((module, StageState(module, batch_size, units, max_frames_per_step, device)))
 
     def step(self, x: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
-        """Run x [B, F * units_per_frame, C] (F <= max_frames_per_step) through the stack, updating the caches."""
+        """Run x [N, F * units_per_frame, C] (the first N rows, F <= max_frames_per_step) through the stack,
+        updating those rows' caches."""
         frames = x.shape[1] // self.units_per_frame
-        assert frames <= self.max_frames_per_step and x.shape[0] == self.batch_size
+        assert frames <= self.max_frames_per_step and x.shape[0] <= self.batch_size
         for module, state in self.stages:
             if state is None:
                 x = module(x)
                 continue
             advance = None if num_frames is None else num_frames * state.tokens_per_frame
-            x = module(x, step=state.begin_step(frames * state.tokens_per_frame, advance))
+            x = module(x, step=state.begin_step(frames * state.tokens_per_frame, advance, x.shape[0]))
         return x
 
     def reset(self, rows: torch.Tensor | None = None) -> None:
@@ -158,37 +163,41 @@ class CodecDecodeSession:
         return self._stream.max_frames_per_step
 
     @torch.no_grad()
-    def step(self, codes: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
-        """Decode the next frames of every row.
+    def step(self, codes: torch.Tensor, num_frames: torch.Tensor | None = None,
+             codebooks: torch.Tensor | None = None) -> torch.Tensor:
+        """Decode the next frames of the first N rows (N = codes.shape[1]; rows >= N are left as they are).
 
         Args:
-            codes: [nq, B, T] integer codes, 1 <= nq <= num_quantizers (the first nq codebooks).
-            num_frames: optional [B] long; row b uses only its first num_frames[b] frames (0 = no new frames). Its
-                audio past num_frames[b] * hop is zero.
+            codes: [nq, N, T] integer codes, 1 <= nq <= num_quantizers (the first nq codebooks).
+            num_frames: optional [N] long; row n uses only its first num_frames[n] frames (0 = no new frames). Its
+                audio past num_frames[n] * hop is zero.
+            codebooks: optional [N] long; row n decodes only its first codebooks[n] codebooks (its other codes
+                are ignored, so any value may stand there).
         Returns:
-            audio [B, channels, T * hop] in the decoder's dtype.
+            audio [N, channels, T * hop] in the decoder's dtype.
         """
-        if codes.dim() != 3 or codes.shape[1] != self.batch_size:
-            raise ValueError(f"codes shape {tuple(codes.shape)}; expected [nq, {self.batch_size}, frames]")
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.batch_size:
+            raise ValueError(f"codes shape {tuple(codes.shape)}; expected [nq, rows <= {self.batch_size}, frames]")
+        rows = codes.shape[1]
         pieces = []
         for start in range(0, codes.shape[2], self.max_frames_per_step):
             chunk = codes[:, :, start : start + self.max_frames_per_step]
             chunk_frames = None
             if num_frames is not None:
                 chunk_frames = (num_frames.to(codes.device) - start).clamp(0, chunk.shape[2])
-            pieces.append(self._step_chunk(chunk, chunk_frames))
+            pieces.append(self._step_chunk(chunk, chunk_frames, codebooks))
         if not pieces:
-            return self._model.empty_audio(self.batch_size)
+            return self._model.empty_audio(rows)
         return torch.cat(pieces, dim=-1)
 
-    def _step_chunk(self, codes: torch.Tensor, num_frames: torch.Tensor | None) -> torch.Tensor:
-        model = self._model
-        latent = model.quantizer.decode(codes, self._tables)  # [B, T, D] fp32
+    def _step_chunk(self, codes: torch.Tensor, num_frames: torch.Tensor | None, codebooks) -> torch.Tensor:
+        model, rows = self._model, codes.shape[1]
+        latent = model.quantizer.decode(codes, self._tables, codebooks)  # [N, T, D] fp32
         audio = model.deinterleave(self._stream.step(latent, num_frames))
         if num_frames is None:
-            self.frames_decoded += codes.shape[2]
+            self.frames_decoded[:rows] += codes.shape[2]
             return audio
-        self.frames_decoded += num_frames
+        self.frames_decoded[:rows] += num_frames
         valid = torch.arange(audio.shape[-1], device=audio.device) < (num_frames * model.downsample_rate)[:, None]
         return audio * valid[:, None, :]
 

@@ -591,6 +591,21 @@ def manual_seed(device: DeviceLike, seed: int) -> None:
         seed_all(seed)
 
 
+def new_generator(device: DeviceLike, seed: int) -> torch.Generator:
+    """A private torch.Generator seeded with `seed`, for random numbers used on `device`.
+
+    It lives on the device where the device type has its own generators (CPU, CUDA, Ascend NPU); a backend without
+    them (e.g. a python-level device, such as the tests' simulated NPU) gets a CPU generator, and whoever draws from
+    it moves the numbers to the device.
+    """
+    spec = _as_spec(device)
+    try:
+        return torch.Generator(device=spec.device).manual_seed(seed)
+    except RuntimeError as error:
+        logger.info("no generators on %s (%s); drawing random numbers on the CPU", spec.device, error)
+        return torch.Generator().manual_seed(seed)
+
+
 class Timer:
     """Elapsed milliseconds of device work, for benchmarks.
 

@@ -374,16 +374,27 @@ class ResidualLFQuantizer(nn.Module):
         )
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, tables: QuantizerTables | None = None) -> torch.Tensor:
-        """codes [nq, B, T] -> [B, T, output_dim] fp32: output_proj(sum_i out_proj_i(codebook_i[codes_i]))."""
+    def decode(self, codes: torch.Tensor, tables: QuantizerTables | None = None,
+               codebooks: torch.Tensor | None = None) -> torch.Tensor:
+        """codes [nq, B, T] -> [B, T, output_dim] fp32: output_proj(sum_i out_proj_i(codebook_i[codes_i])).
+
+        `codebooks` [B] (optional) limits row b to its first codebooks[b] stages; its other codes are ignored.
+        """
         tables = tables or self.decode_tables()
         nq, batch, length = codes.shape
         stages, size = tables.out_weight.shape[0], tables.codebooks.shape[0] // tables.out_weight.shape[0]
         if not 1 <= nq <= stages:
             raise ValueError(f"got {nq} codebooks; expected 1..{stages}")
+        used = None
+        if codebooks is not None:  # [nq, B * T, 1]: stage i of row b counts iff i < codebooks[b]
+            used = torch.arange(nq, device=codes.device)[:, None] < codebooks.to(codes.device)[None, :]
+            used = used[:, :, None].expand(nq, batch, length).reshape(nq, batch * length, 1)
+            codes = codes.clamp(0, size - 1)
         offsets = torch.arange(nq, device=codes.device)[:, None, None] * size  # stage i -> rows i*K ..
         rows = F.embedding(codes + offsets, tables.codebooks).view(nq, batch * length, -1)  # one gather
         per_stage = torch.baddbmm(tables.out_bias[:nq, None, :], rows, tables.out_weight[:nq].transpose(1, 2))
+        if used is not None:
+            per_stage = per_stage * used
         latent = per_stage.sum(dim=0)  # [B*T, R]
         out = F.linear(latent, tables.output_weight, tables.output_bias)
         return out.view(batch, length, -1)

@@ -78,8 +78,12 @@ class RowSettings:
 
 
 def draw_noise(rows: int, vocab: int, generator: torch.Generator | None, device) -> torch.Tensor:
-    """float32 [rows, vocab] exponential(1) noise: the random numbers `torch.multinomial(probs, 1)` would draw."""
-    return torch.empty(rows, vocab, dtype=torch.float32, device=device).exponential_(generator=generator)
+    """float32 [rows, vocab] exponential(1) noise on `device`: the random numbers `torch.multinomial(probs, 1)` would
+    draw from `generator` (None: the device's global generator). A generator on another device (devices.new_generator
+    on a backend without generators) draws there and the numbers are moved."""
+    where = generator.device if generator is not None else device
+    noise = torch.empty(rows, vocab, dtype=torch.float32, device=where).exponential_(generator=generator)
+    return noise if noise.device == torch.device(device) else noise.to(device)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:

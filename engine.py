@@ -1,0 +1,666 @@
+"""The speech engine: many independent streams decoded together, requests joining and leaving between frames.
+
+One engine owns one model on one device and a `generation.SlotDecoder` with a fixed number of slots. A request is a
+list of prompts (one per voice-clone text chunk, spoken one after another in the request's slot) with its own
+generation settings and its own random generator; it receives its own stream of events (`AudioEvent`, `CodesEvent`,
+then `FinishedEvent` or `ErrorEvent`). Isolation is the promise: a request's codes never depend on what runs beside
+it (its random numbers come from its generator, its sampling settings and repetition history are its slot's, its
+codec streaming state is its slot's), and an error in one request ends that request only.
+
+The scheduler, one tick (`step`):
+
+1. cancelled requests leave (their slots are free for the same tick's admissions);
+2. admission, first come first served: waiting requests are prefilled into free slots. When the running streams
+   are all at least ADMIT_ALL_LEAD_SECONDS ahead of real-time playback (or none is running), every waiting request
+   that fits is admitted; otherwise one per tick, so a burst of arrivals cannot starve the streams already playing
+   while a newcomer still starts within a frame or two;
+3. one frame for every running request (one host sync);
+4. the codec: each request's pending frames are decoded when its stream policy says so (upstream's lead-based
+   budget: 1 frame for the first audio, then 2 / 4 / 8 frames per call as the stream gets ahead of real time), all
+   such requests in one batched call of the codec's slot session; a chunk's last frames are decoded at once, then
+   its pause (silence, spec §7.2) is emitted and its next chunk is prefilled into the same slot on the next tick.
+
+The engine runs inline (`step` / `run_until_idle`, what `inference_stream` does) or on its own thread (`start` /
+`stop`, what the server does). Submitting and cancelling are thread-safe; events go to each request's own queue (or a
+listener callable of the caller's).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from .devices import free_memory_bytes, new_generator
+from .generation import GenerationSettings, Group, SlotDecoder
+
+logger = logging.getLogger(__name__)
+
+# Admission: above this lead (seconds of audio ahead of playback) for every running stream, admit all waiting requests.
+ADMIT_ALL_LEAD_SECONDS = 0.5
+# Default global cache positions per slot: a 30 s reference (375 rows) + template and a 75-token chunk (~150 rows)
+# + 375 frames (30 s) fits in 1024.
+DEFAULT_MAX_POSITIONS = 1024
+# Slots from free memory: this share of the free memory goes to the KV caches, at most MAX_AUTO_SLOTS slots.
+SLOT_MEMORY_FRACTION = 0.5
+MAX_AUTO_SLOTS = 64
+CODEC_FRAMES_PER_PASS = 8
+FINAL_EVENTS = ()  # filled below: the event types that end a request's stream
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue is full: retry later."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Requests and events
+
+
+@dataclass
+class ChunkPrompt:
+    """One chunk of a request: its prompt rows and the silence that follows it.
+
+    Attributes:
+        rows: long [T, n_vq + 1] prompt rows (no padding), e.g. from prompting.build_voice_clone_rows.
+        pause_seconds: silence emitted after the chunk's audio (0 for the last chunk).
+        text: the chunk's text (for messages).
+    """
+
+    rows: torch.Tensor
+    pause_seconds: float = 0.0
+    text: str = ""
+
+
+@dataclass
+class SpeechRequest:
+    """What a caller asks the engine for.
+
+    Attributes:
+        chunks: spoken one after another, in one slot.
+        settings: generation settings (unchecked values are checked at submit).
+        seed: seeds a private generator; None (and no generator): a private generator with a random seed, reported
+            in the FinishedEvent.
+        generator: an explicit generator; wins over seed.
+        global_random: draw from the device's global generator instead, as upstream's generate does (a run seeded
+            with torch.manual_seed then matches upstream's draws; not isolated from other such requests).
+        codec_prime: codes [T, n_vq] streamed through the codec before the first chunk and not emitted
+            (continuation mode: the prompt audio's codes, as upstream primes its stream).
+        decode_audio: False emits codes only (no codec work).
+        emit_codes: also emit a CodesEvent per frame.
+    """
+
+    chunks: list[ChunkPrompt]
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    seed: Optional[int] = None
+    generator: Optional[torch.Generator] = None
+    global_random: bool = False
+    codec_prime: Optional[torch.Tensor] = None
+    decode_audio: bool = True
+    emit_codes: bool = False
+
+
+@dataclass
+class AudioEvent:
+    """float32 audio [C, n] on the CPU, in playback order; pauses between chunks are their own events."""
+
+    waveform: torch.Tensor
+    sample_rate: int
+    chunk_index: int
+    is_pause: bool = False
+
+
+@dataclass
+class CodesEvent:
+    """One generated frame: codes long [n_vq] on the CPU (audio pad in channels >= nq)."""
+
+    codes: torch.Tensor
+    chunk_index: int
+    frame_index: int
+
+
+@dataclass
+class FinishedEvent:
+    """The request is complete.
+
+    Attributes:
+        codes: per chunk, long [F_i, n_vq] on the CPU.
+        truncated: per chunk, whether it reached max_new_frames before the model ended it.
+        seed: the seed of its private generator (None when the caller passed a generator).
+        audio_seconds: seconds of audio emitted (pauses included).
+    """
+
+    codes: list
+    truncated: list
+    seed: Optional[int]
+    audio_seconds: float
+
+
+@dataclass
+class ErrorEvent:
+    """The request ended early: `cancelled` (by the caller) or an error of this request only."""
+
+    message: str
+    cancelled: bool = False
+
+
+FINAL_EVENTS = (FinishedEvent, ErrorEvent)
+
+
+class RequestHandle:
+    """The caller's side of one request: its events, and cancel()."""
+
+    def __init__(self, request_id: int, listener: Optional[Callable[[object], None]] = None) -> None:
+        self.id = request_id
+        self.submitted = time.perf_counter()
+        self._queue: queue.Queue = queue.Queue()
+        self._listener = listener or self._queue.put
+        self._cancel = threading.Event()
+        self.done = threading.Event()
+
+    def deliver(self, event) -> None:
+        """Called by the engine thread."""
+        self._listener(event)
+        if isinstance(event, FINAL_EVENTS):
+            self.done.set()
+
+    def cancel(self) -> None:
+        """Ask the engine to end this request; it frees the slot at the next tick and emits a cancelled ErrorEvent."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def events(self, timeout: Optional[float] = None) -> Iterator[object]:
+        """The request's events until the final one (for handles without a listener).
+
+        Raises:
+            TimeoutError: when no event arrives within `timeout` seconds.
+        """
+        while True:
+            try:
+                event = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"no event from the engine for request {self.id} within {timeout} s") from None
+            yield event
+            if isinstance(event, FINAL_EVENTS):
+                return
+
+    def pending(self) -> list:
+        """Events delivered so far and not yet read (non-blocking)."""
+        events = []
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming policy (upstream's inference_stream budget)
+
+
+@dataclass(frozen=True)
+class StreamDecodePolicy:
+    """When a stream's pending frames go to the codec, and how many per call.
+
+    The "lead" is how far the emitted audio is ahead of real time: emitted seconds minus the seconds elapsed since the
+    first audio was emitted (playback starts with the first audio). Defaults are upstream's CPU policy.
+
+    Attributes:
+        lead_budgets: (lead threshold in s, frames) pairs in increasing threshold order; the first threshold the lead
+            is below gives the budget. Before any audio is emitted the budget is the first pair's.
+        max_frames: the budget at or above the last threshold.
+        head_lead_seconds: decode pending frames whenever the lead is below this.
+    """
+
+    lead_budgets: tuple = ((0.20, 1), (0.55, 2), (1.10, 4))
+    max_frames: int = 8
+    head_lead_seconds: float = 0.45
+
+    def frame_budget(self, lead_seconds: float, emitted_any: bool) -> int:
+        """Frames per codec call (upstream `_resolve_stream_decode_frame_budget`)."""
+        if not emitted_any:
+            return self.lead_budgets[0][1]
+        for threshold, frames in self.lead_budgets:
+            if lead_seconds < threshold:
+                return frames
+        return self.max_frames
+
+    def should_decode(self, first_audio_pending: bool, head_pending: bool, max_pending: int, budget: int,
+                      lead_seconds: float) -> bool:
+        """Upstream's triggers: first audio pending, head pending at a short lead, a full budget, or a starved lead."""
+        return (first_audio_pending or (head_pending and lead_seconds < self.head_lead_seconds)
+                or max_pending >= budget or lead_seconds < 0)
+
+
+UPSTREAM_STREAM_POLICY = StreamDecodePolicy()
+# What upstream's runtime patches in on CUDA (bigger codec calls, more throughput, later first audio).
+UPSTREAM_CUDA_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((0.20, 4), (0.55, 6), (1.10, 8)), max_frames=12)
+
+
+def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float], now: float) -> float:
+    """Seconds of audio emitted ahead of real-time playback (upstream `_compute_stream_lead_seconds`); 0 before the
+    first audio."""
+    if first_emit_time is None:
+        return 0.0
+    return emitted_seconds - (now - first_emit_time)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-request state inside the engine
+
+
+@dataclass
+class _Stream:
+    """A running request: where it is, what is pending for the codec, what it emitted."""
+
+    request: SpeechRequest
+    handle: RequestHandle
+    settings: GenerationSettings
+    generator: Optional[torch.Generator]
+    seed: Optional[int]
+    slot: int = -1
+    chunk: int = 0
+    group: Optional[Group] = None
+    pending: list = field(default_factory=list)  # device codes [n_vq] not yet decoded
+    chunk_codes: list = field(default_factory=list)  # device codes of the current chunk
+    codes: list = field(default_factory=list)  # CPU [F, n_vq] per finished chunk
+    truncated: list = field(default_factory=list)
+    emitted_samples: int = 0
+    first_emit_time: Optional[float] = None
+    needs_prefill: bool = True  # its current chunk still has to be prefilled
+    chunk_done: bool = False  # the current chunk's LM part is over (its audio may still be pending)
+
+    def lead(self, rate: int, now: float) -> float:
+        return stream_lead_seconds(self.emitted_samples / rate, self.first_emit_time, now)
+
+
+class CodecSlots:
+    """The codec's streaming decode session with one row per engine slot (a row's state is that slot's stream).
+
+    Args:
+        codec: a MossAudioTokenizerModel (its decode_session API).
+        num_slots: rows.
+        n_vq: codebooks of the TTS frames.
+    """
+
+    def __init__(self, codec, num_slots: int, n_vq: int) -> None:
+        self.session = codec.decode_session(num_slots, max_frames_per_step=CODEC_FRAMES_PER_PASS)
+        self.device = self.session.frames_decoded.device
+        self.hop = int(codec.downsample_rate)
+        self.rate = int(getattr(codec, "sampling_rate", None) or getattr(codec, "sample_rate", 48000))
+        self.channels = int(getattr(codec, "number_channels", 2))
+        self.n_vq = n_vq
+
+    def reset(self, slot: int) -> None:
+        self.session.reset([slot])
+
+    def decode(self, work: dict[int, tuple[torch.Tensor, int]]) -> dict[int, torch.Tensor]:
+        """One batched call: {slot: (codes [T, n_vq], nq)} -> {slot: float32 CPU audio [C, T * hop]}."""
+        rows = max(work) + 1
+        longest = max(codes.shape[0] for codes, _ in work.values())
+        batch = torch.zeros(self.n_vq, rows, longest, dtype=torch.long, device=self.device)
+        frames = torch.zeros(rows, dtype=torch.long)
+        codebooks = torch.full((rows,), self.n_vq, dtype=torch.long)
+        for slot, (codes, nq) in work.items():
+            batch[:, slot, : codes.shape[0]] = codes.t().to(self.device)
+            frames[slot], codebooks[slot] = codes.shape[0], nq
+        nq_max = int(codebooks.max())
+        mixed = bool((codebooks[list(work)] != nq_max).any())
+        audio = self.session.step(batch[:nq_max], frames.to(self.device),
+                                  codebooks.to(self.device) if mixed else None)
+        audio = audio.to("cpu", torch.float32)
+        return {slot: audio[slot, :, : work[slot][0].shape[0] * self.hop] for slot in work}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class SpeechEngine:
+    """Continuous batching of speech requests over one model (see the module docstring).
+
+    Args:
+        model: a MossTTSNanoForCausalLM on its device, in eval mode.
+        codec: the codec (MossAudioTokenizerModel) on the same device, or None (codes only).
+        num_slots: streams decoded together; None sizes it from the device's free memory (at most MAX_AUTO_SLOTS).
+        max_positions: global cache positions per slot (prompt rows + frames of one chunk).
+        max_queue: requests that may wait for a slot; more are refused with QueueFullError.
+        attn_implementation: attention request (default: the model config's, resolved for the device).
+        step_mode: "eager", "compile" or "graph" (generation.StepRunner).
+        policy: the codec streaming policy.
+    """
+
+    def __init__(self, model, codec=None, num_slots: Optional[int] = None, max_positions: int = DEFAULT_MAX_POSITIONS,
+                 max_queue: int = 64, attn_implementation: Optional[str] = None, step_mode: str = "eager",
+                 policy: StreamDecodePolicy = UPSTREAM_STREAM_POLICY) -> None:
+        self.model = model
+        self.n_vq = int(model.config.n_vq)
+        self.attention = model._attention_pair(attn_implementation)
+        self.num_slots = num_slots or auto_slot_count(model, max_positions)
+        self.decoder = SlotDecoder(model, self.num_slots, max_positions, self.attention, step_mode)
+        self.codec = CodecSlots(codec, self.num_slots, self.n_vq) if codec is not None else None
+        self.max_queue = max_queue
+        self.policy = policy
+        self._waiting: deque = deque()
+        self._running: dict[int, _Stream] = {}  # slot -> stream
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count(1)
+        self._thread: Optional[threading.Thread] = None
+        self._stopping = False
+        self._cancel_all = False
+        self.ticks = 0
+        logger.info("speech engine: %d slots x %d positions, attention %s/%s, steps %s", self.num_slots,
+                    max_positions, self.attention[0], self.attention[1], step_mode)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Caller side (any thread)
+
+    def submit(self, request: SpeechRequest, listener: Optional[Callable[[object], None]] = None) -> RequestHandle:
+        """Queue a request; its events go to the returned handle (or to `listener`, called on the engine thread).
+
+        Raises:
+            ValueError: bad settings or prompts (nothing is queued).
+            QueueFullError: max_queue requests are already waiting.
+        """
+        settings = request.settings.checked(self.n_vq)
+        self._check_chunks(request, settings)
+        seed, generator = self._random_source(request)
+        handle = RequestHandle(next(self._ids), listener)
+        with self._wake:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue="
+                                     f"{self.max_queue}); retry later")
+            self._waiting.append(_Stream(request, handle, settings, generator, seed))
+            self._wake.notify()
+        return handle
+
+    def _check_chunks(self, request: SpeechRequest, settings: GenerationSettings) -> None:
+        if not request.chunks:
+            raise ValueError("chunks is empty; expected at least one ChunkPrompt")
+        width = self.n_vq + 1
+        for index, chunk in enumerate(request.chunks):
+            rows = chunk.rows
+            if rows.dim() != 2 or rows.shape[1] != width or rows.shape[0] < 1:
+                raise ValueError(f"chunk {index} rows have shape {tuple(rows.shape)}; expected [T >= 1, {width}]")
+            needed = rows.shape[0] + settings.max_new_frames
+            if needed > self.decoder.capacity:
+                raise ValueError(
+                    f"chunk {index} needs {needed} positions ({rows.shape[0]} prompt rows + max_new_frames="
+                    f"{settings.max_new_frames}); the engine holds {self.decoder.capacity} per stream: use a shorter "
+                    "reference clip, a smaller max_new_frames, or a larger max_positions")
+
+    def _random_source(self, request: SpeechRequest) -> tuple[Optional[int], Optional[torch.Generator]]:
+        """(seed to report, generator); generator None = the device's global one."""
+        if request.global_random:
+            return None, None
+        if request.generator is not None:
+            return None, request.generator
+        seed = request.seed if request.seed is not None else random.SystemRandom().randrange(2**63)
+        return seed, new_generator(self.decoder.device, seed)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def active(self) -> int:
+        return len(self._running)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Engine side: one tick
+
+    @torch.no_grad()
+    def step(self) -> bool:
+        """One scheduler tick (module docstring). Returns whether any request is still waiting or running."""
+        self._drop_cancelled()
+        self._admit()
+        if self.decoder.groups:
+            self._frame()
+        if self.codec is not None:
+            self._decode_audio()
+        self._close_finished()
+        self.ticks += 1
+        return bool(self._running or self._waiting)
+
+    def run_until_idle(self) -> None:
+        while self.step():
+            pass
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            if self._cancel_all:
+                for stream in list(self._waiting) + list(self._running.values()):
+                    stream.handle.cancel()
+            for stream in [s for s in self._waiting if s.handle.cancelled]:
+                self._waiting.remove(stream)
+                stream.handle.deliver(ErrorEvent("cancelled", cancelled=True))
+        for stream in [s for s in self._running.values() if s.handle.cancelled]:
+            self._end(stream, ErrorEvent("cancelled", cancelled=True))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots (all of them when every stream is comfortably ahead)."""
+        for stream in list(self._running.values()):
+            if stream.needs_prefill and stream.chunk_done is False:
+                self._prefill(stream)
+        budget = self.num_slots if self._comfortable() else 1
+        while budget > 0:
+            with self._lock:
+                free = [slot for slot in self.decoder.free_slots() if slot not in self._running]
+                if not free or not self._waiting:
+                    return
+                stream = self._waiting.popleft()
+            stream.slot = free[0]
+            self._running[stream.slot] = stream
+            self._start_codec(stream)
+            self._prefill(stream)
+            budget -= 1
+
+    def _comfortable(self) -> bool:
+        if self.codec is None:
+            return True
+        now = time.perf_counter()
+        leads = [s.lead(self.codec.rate, now) for s in self._running.values() if s.first_emit_time is not None]
+        return all(lead >= ADMIT_ALL_LEAD_SECONDS for lead in leads)
+
+    def _prefill(self, stream: _Stream) -> None:
+        """Start the stream's current chunk in its slot; a failure ends this request only."""
+        chunk = stream.request.chunks[stream.chunk]
+        stream.group = Group([stream.slot], stream.settings, stream.generator)
+        stream.needs_prefill = False
+        stream.chunk_codes = []
+        try:
+            self.decoder.start(stream.group, [chunk.rows], self.attention[0])
+        except Exception as error:  # a bad prompt or a device error while prefilling: this request only
+            logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
+            stream.group = None
+            self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}"))
+
+    def _start_codec(self, stream: _Stream) -> None:
+        if self.codec is None or not stream.request.decode_audio:
+            return
+        self.codec.reset(stream.slot)
+        prime = stream.request.codec_prime
+        if prime is not None and prime.shape[0] > 0:
+            self.codec.decode({stream.slot: (prime, stream.settings.nq)})
+
+    def _frame(self) -> None:
+        try:
+            outputs = self.decoder.frame()
+        except Exception as error:  # a device failure during the shared step: every running request is affected
+            logger.exception("the decode step failed; ending the %d running requests", len(self._running))
+            for stream in list(self._running.values()):
+                if stream.group is not None and stream.group in self.decoder.groups:
+                    self.decoder.finish(stream.group)
+                self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}"))
+            return
+        for output in outputs:
+            stream = self._running.get(output.group.slots[0])
+            if stream is None or stream.group is not output.group:
+                continue
+            self._take_output(stream, output)
+
+    def _take_output(self, stream: _Stream, output) -> None:
+        if output.codes is not None:
+            codes = output.codes[0]
+            stream.chunk_codes.append(codes)
+            if stream.request.decode_audio and self.codec is not None:
+                stream.pending.append(codes)
+            if stream.request.emit_codes:
+                stream.handle.deliver(CodesEvent(codes.to("cpu"), stream.chunk, len(stream.chunk_codes) - 1))
+        if output.error is not None:
+            self._end(stream, ErrorEvent(output.error))
+        elif output.done:
+            stream.chunk_done = True
+            stream.group = None
+
+    def _decode_audio(self) -> None:
+        """One batched codec call for the streams whose policy (or finished chunk) asks for it."""
+        now = time.perf_counter()
+        work = {}
+        for slot, stream in self._running.items():
+            if not stream.pending:
+                continue
+            take = self._frames_to_decode(stream, now)
+            if take:
+                work[slot] = (torch.stack(stream.pending[:take]), stream.settings.nq)
+                stream.pending = stream.pending[take:]
+        if not work:
+            return
+        try:
+            audio = self.codec.decode(work)
+        except Exception as error:  # a codec failure: the streams in this call are affected
+            logger.exception("the codec failed for %d requests", len(work))
+            for slot in work:
+                self._end(self._running[slot], ErrorEvent(f"{type(error).__name__}: {error}"))
+            return
+        for slot, waveform in audio.items():
+            self._emit(self._running[slot], waveform, is_pause=False)
+
+    def _frames_to_decode(self, stream: _Stream, now: float) -> int:
+        if stream.chunk_done:
+            return len(stream.pending)
+        lead = stream.lead(self.codec.rate, now)
+        emitted = stream.first_emit_time is not None
+        budget = self.policy.frame_budget(lead, emitted)
+        pending = len(stream.pending)
+        if self.policy.should_decode(not emitted, True, pending, budget, lead):
+            return min(budget, pending)
+        return 0
+
+    def _emit(self, stream: _Stream, waveform: torch.Tensor, is_pause: bool) -> None:
+        if stream.first_emit_time is None:
+            stream.first_emit_time = time.perf_counter()
+        stream.emitted_samples += waveform.shape[-1]
+        stream.handle.deliver(AudioEvent(waveform, self.codec.rate, stream.chunk, is_pause))
+
+    def _close_finished(self) -> None:
+        """Streams whose chunk is over and fully decoded: pause, then the next chunk (next tick), or finish."""
+        for stream in list(self._running.values()):
+            if not stream.chunk_done or stream.pending:
+                continue
+            self._close_chunk(stream)
+
+    def _close_chunk(self, stream: _Stream) -> None:
+        request, index = stream.request, stream.chunk
+        frames = torch.stack(stream.chunk_codes).to("cpu") if stream.chunk_codes else \
+            torch.zeros(0, self.n_vq, dtype=torch.long)
+        stream.codes.append(frames)
+        stream.truncated.append(frames.shape[0] >= stream.settings.max_new_frames)
+        last = index == len(request.chunks) - 1
+        if not last and self.codec is not None and request.decode_audio:
+            pause = request.chunks[index].pause_seconds
+            self._emit(stream, torch.zeros(self.codec.channels, round(pause * self.codec.rate)), is_pause=True)
+            self.codec.reset(stream.slot)
+        if last:
+            seconds = stream.emitted_samples / self.codec.rate if self.codec is not None else 0.0
+            self._end(stream, FinishedEvent(stream.codes, stream.truncated, stream.seed, seconds))
+            return
+        stream.chunk += 1
+        stream.chunk_done = False
+        stream.needs_prefill = True
+
+    def _end(self, stream: _Stream, event) -> None:
+        """The request leaves: its group (if running) and slot are freed, its final event delivered."""
+        if stream.group is not None and stream.group in self.decoder.groups:
+            self.decoder.finish(stream.group)
+        stream.group = None
+        if self._running.get(stream.slot) is stream:
+            del self._running[stream.slot]
+        stream.handle.deliver(event)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Background thread
+
+    def start(self) -> None:
+        """Run ticks on a daemon thread until `stop` (idle waits cost nothing)."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="speech-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wake.wait()
+                if self._stopping and not self._running and not self._waiting:
+                    return
+            try:
+                self.step()
+            except Exception:  # never let the engine thread die: log and keep serving
+                logger.exception("engine tick failed")
+
+    def stop(self, drain: bool = True, timeout: Optional[float] = None) -> bool:
+        """Stop the thread: with `drain`, after the running and waiting requests finish (or `timeout`); without,
+        cancel them all first. Returns whether the thread ended."""
+        with self._wake:
+            self._stopping = True
+            self._cancel_all = self._cancel_all or not drain
+            self._wake.notify()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        ended = not self._thread.is_alive()
+        if ended:
+            self._thread = None
+        return ended
+
+
+def auto_slot_count(model, max_positions: int) -> int:
+    """Slots whose global KV caches fit in SLOT_MEMORY_FRACTION of the device's free memory (1..MAX_AUTO_SLOTS)."""
+    gpt2 = model.config.gpt2_config
+    weight = model.transformer.ln_f.weight
+    per_slot = 2 * gpt2.n_layer * gpt2.n_embd * max_positions * weight.element_size()
+    free = free_memory_bytes(weight.device)
+    if free is None:
+        return 8
+    return max(1, min(MAX_AUTO_SLOTS, int(SLOT_MEMORY_FRACTION * free // per_slot)))
+
+
+__all__ = [
+    "AudioEvent",
+    "ChunkPrompt",
+    "CodesEvent",
+    "CodecSlots",
+    "ErrorEvent",
+    "FinishedEvent",
+    "QueueFullError",
+    "RequestHandle",
+    "SpeechEngine",
+    "SpeechRequest",
+    "StreamDecodePolicy",
+    "UPSTREAM_CUDA_STREAM_POLICY",
+    "UPSTREAM_STREAM_POLICY",
+    "auto_slot_count",
+    "stream_lead_seconds",
+]

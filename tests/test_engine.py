@@ -1,0 +1,203 @@
+"""The speech engine (engine.py): many requests in one batch, each isolated from the others (tiny models, CPU).
+
+Isolation in float32 on CPU: a request's codes are identical whether it runs alone or beside others, in any slot,
+joining at any frame, greedy or seeded-sampled; its audio equals the alone run's to float rounding (the batched codec
+and decoder matmuls are not bit-invariant to the batch size; about 1e-6 on audio of amplitude ~1).
+"""
+
+import threading
+
+import pytest
+import torch
+
+from conftest import import_module
+from tiny_repository import always_continue_tiny_tts
+
+engine_module = import_module("engine")
+generation = import_module("generation")
+checkpoints = import_module("checkpoints")
+
+SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
+               audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)
+AUDIO_TOLERANCE = dict(atol=2e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A random tiny TTS that always continues, so a request makes exactly max_new_frames frames."""
+    return always_continue_tiny_tts(seed=31).eval()
+
+
+@pytest.fixture(scope="module")
+def codec():
+    """The golden tiny codec: random weights scaled to unit gain (decoded audio rms ~1.5), so audio compares."""
+    from conftest import shared_path
+
+    folder = shared_path("golden", "codec_tiny")
+    return import_module("modeling_moss_audio_tokenizer").MossAudioTokenizerModel.from_pretrained(str(folder)).eval()
+
+
+def _rows(length, seed):
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.full((length, 17), 1024)
+    rows[:, 0] = torch.randint(10, 16000, (length,), generator=generator)
+    audio = torch.arange(length) >= length // 2  # text rows, then reference-audio rows
+    rows[audio, 1:] = torch.randint(0, 1024, (int(audio.sum()), 16), generator=generator)
+    rows[audio, 0] = 8
+    rows[-1, 0] = 6
+    return rows
+
+
+def _request(seed, frames=6, length=10, chunks=1, **settings):
+    prompts = [engine_module.ChunkPrompt(_rows(length + 2 * k, seed * 10 + k), 0.24 if k < chunks - 1 else 0.0)
+               for k in range(chunks)]
+    options = dict(SAMPLED)
+    options.update(settings)
+    return engine_module.SpeechRequest(prompts, generation.GenerationSettings(max_new_frames=frames, **options),
+                                       seed=seed)
+
+
+def _collect(handle):
+    events = handle.pending()
+    audio = [e.waveform for e in events if isinstance(e, engine_module.AudioEvent)]
+    final = events[-1]
+    return final, (torch.cat(audio, dim=-1) if audio else None)
+
+
+def _run(model, codec, requests, slots=4, joins=None):
+    """Run requests in one engine; joins[i] = the tick at which request i is submitted (default all at once)."""
+    engine = engine_module.SpeechEngine(model, codec, num_slots=slots, max_positions=64)
+    joins = joins or [0] * len(requests)
+    handles = [None] * len(requests)
+    tick = 0
+    while tick <= max(joins) or any(not h.done.is_set() for h in handles if h is not None):
+        for index, when in enumerate(joins):
+            if when == tick:
+                handles[index] = engine.submit(requests[index])
+        engine.step()
+        tick += 1
+        assert tick < 500, "the engine did not finish"
+    return [_collect(handle) for handle in handles]
+
+
+def test_a_request_alone_equals_the_same_request_beside_others_in_any_slot_joining_late(model, codec):
+    target = _request(seed=5, frames=8)
+    (alone, alone_audio), = _run(model, codec, [target])
+    others = [_request(seed=s, frames=f, **extra) for s, f, extra in
+              [(7, 5, {}), (8, 9, dict(do_sample=False)), (9, 7, dict(audio_top_k=5, nq=6))]]
+    # the target joins third, two frames late, into slot 2 (slots 0 and 1 are busy)
+    results = _run(model, codec, [others[0], others[1], target, others[2]], joins=[0, 0, 2, 3])
+    together, together_audio = results[2]
+    assert isinstance(together, engine_module.FinishedEvent)
+    assert len(together.codes) == 1 and together.codes[0].shape[0] == 8
+    assert torch.equal(together.codes[0], alone.codes[0])
+    torch.testing.assert_close(together_audio, alone_audio, **AUDIO_TOLERANCE)
+
+
+def test_greedy_requests_are_isolated_too(model, codec):
+    greedy = _request(seed=11, frames=7, do_sample=False, audio_repetition_penalty=1.3)
+    (alone, _), = _run(model, codec, [greedy], slots=2)
+    results = _run(model, codec, [_request(seed=12, frames=9), greedy], slots=2, joins=[0, 1])
+    assert torch.equal(results[1][0].codes[0], alone.codes[0])
+
+
+def test_each_request_keeps_its_own_settings_in_a_mixed_batch(model, codec):
+    requests = [_request(seed=21, frames=4, nq=3), _request(seed=22, frames=7, do_sample=False),
+                _request(seed=23, frames=5, audio_temperature=1.5, audio_top_p=0.5, audio_repetition_penalty=1.0)]
+    together = _run(model, codec, requests)
+    for request, (final, audio) in zip(requests, together):
+        (alone, alone_audio), = _run(model, codec, [request])
+        assert torch.equal(final.codes[0], alone.codes[0])
+        torch.testing.assert_close(audio, alone_audio, **AUDIO_TOLERANCE)
+        assert final.codes[0].shape[0] == request.settings.max_new_frames
+    nq3 = together[0][0].codes[0]
+    assert (nq3[:, 3:] == 1024).all() and (nq3[:, :3] < 1024).all()
+
+
+def test_seeded_request_with_the_global_generator_draws_what_generate_draws(model):
+    request = _request(seed=0, frames=6)
+    request.global_random = True
+    torch.manual_seed(123)
+    (final, _), = _run(model, None, [request])
+    torch.manual_seed(123)
+    expected = model.generate(request.chunks[0].rows, max_new_frames=6, **SAMPLED).audio_token_ids[0]
+    assert torch.equal(final.codes[0], expected)
+
+
+def test_chunks_run_one_after_another_in_one_slot_with_pauses(codec):
+    model = always_continue_tiny_tts(seed=2)
+    request = _request(seed=3, frames=3, chunks=3, do_sample=False)
+    (final, audio), = _run(model, codec, [request], slots=2)
+    assert [codes.shape[0] for codes in final.codes] == [3, 3, 3]
+    pause = round(0.24 * 48000)
+    assert audio.shape == (2, 9 * 3840 + 2 * pause)
+    for index, codes in enumerate(final.codes):  # each chunk's audio is the offline decode of its codes
+        start = index * (3 * 3840 + pause)
+        offline = codec.batch_decode([codes.t()]).audio[0]
+        torch.testing.assert_close(audio[:, start:start + 3 * 3840], offline, atol=1e-4, rtol=1e-5)
+        if index < 2:
+            assert audio[:, start + 3 * 3840:start + 3 * 3840 + pause].abs().max() == 0
+
+
+def test_cancel_frees_the_slot_and_a_reused_slot_starts_clean(model, codec):
+    engine = engine_module.SpeechEngine(model, codec, num_slots=1, max_positions=64)
+    first = engine.submit(_request(seed=41, frames=20))
+    for _ in range(3):
+        engine.step()
+    first.cancel()
+    second = engine.submit(_request(seed=42, frames=6))
+    engine.step()  # the cancel is applied and the newcomer takes the freed slot in the same tick
+    assert first.done.is_set() and engine.active == 1
+    engine.run_until_idle()
+    final, _ = _collect(first)
+    assert isinstance(final, engine_module.ErrorEvent) and final.cancelled
+    (fresh, _), = _run(model, codec, [_request(seed=42, frames=6)], slots=1)
+    assert torch.equal(_collect(second)[0].codes[0], fresh.codes[0])
+
+
+def test_an_error_in_one_request_ends_that_request_only(codec):
+    model = always_continue_tiny_tts(seed=31).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[777] = float("nan")  # any prompt holding text id 777 gives nan logits
+    poisoned = _request(seed=51, frames=5)
+    poisoned.chunks[0].rows[2, 0] = 777
+    healthy = _request(seed=52, frames=5)
+    (alone, alone_audio), = _run(model, codec, [healthy])
+    results = _run(model, codec, [poisoned, healthy])
+    assert isinstance(results[0][0], engine_module.ErrorEvent) and "Non-finite" in results[0][0].message
+    assert torch.equal(results[1][0].codes[0], alone.codes[0])
+    torch.testing.assert_close(results[1][1], alone_audio, **AUDIO_TOLERANCE)
+
+
+def test_bad_requests_are_refused_at_submit_and_a_full_queue_says_so(model):
+    engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=32, max_queue=1)
+    with pytest.raises(ValueError, match="needs 50 positions"):
+        engine.submit(_request(seed=1, frames=40))
+    with pytest.raises(ValueError, match="nq=0"):
+        engine.submit(_request(seed=1, frames=4, nq=0))
+    engine.submit(_request(seed=1, frames=4))
+    with pytest.raises(engine_module.QueueFullError, match="max_queue=1"):
+        engine.submit(_request(seed=2, frames=4))
+
+
+def test_the_engine_thread_serves_concurrent_submitters_and_drains_on_stop(model, codec):
+    engine = engine_module.SpeechEngine(model, codec, num_slots=3, max_positions=64)
+    engine.start()
+    handles, errors = [], []
+
+    def submit(seed):
+        try:
+            handles.append(engine.submit(_request(seed=seed, frames=5)))
+        except Exception as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=submit, args=(seed,)) for seed in range(60, 65)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert engine.stop(drain=True, timeout=60)
+    assert not errors and len(handles) == 5
+    for handle in handles:
+        final = list(handle.events(timeout=1))[-1]
+        assert isinstance(final, engine_module.FinishedEvent) and final.codes[0].shape[0] == 5
