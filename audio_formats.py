@@ -25,8 +25,9 @@ record totals in their header cannot do that in a stream, whose first bytes are 
 * pcm: streamed bytes equal the whole file's.
 * flac: libsndfile completes STREAMINFO (total samples, MD5, frame sizes) at close by seeking back. A stream keeps
   what was written first: total samples 0 ("unknown") and MD5 0 ("not computed"), which the FLAC format allows.
-  Every other byte equals the whole file's. libsndfile 1.2.2 itself cannot read such a stream to its end (it
-  reports 2**63 - 1 frames and fails at the end of the data).
+  Every other byte equals the whole file's. The reference decoder (flac 1.4.2) decodes such a stream to the same
+  samples as the whole file, warning that the MD5 is unset; libsndfile 1.2.2 cannot read it to its end (it reports
+  2**63 - 1 frames and fails at the end of the data).
 * mp3: libsndfile reserves the first frame for LAME's "Info" tag and fills it in at close. Streamed, the frame stays
   empty and decodes as 1152 samples of silence; so that the whole file decodes exactly like the stream, whole-file
   mp3 is written the same way and the two are byte-identical. Decoders then also play the encoder's delay and
