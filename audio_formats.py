@@ -130,9 +130,11 @@ def encode_audio(waveform: ArrayLike, response_format: str, sample_rate: int = D
         The file's bytes (see the module docstring for how they relate to a stream of the same audio).
 
     Raises:
-        ValueError: unsupported format, bad rate, more than 2 channels, or NaN/Inf samples.
+        ValueError: unsupported format, bad rate, more than 2 channels, no samples, or NaN/Inf samples.
     """
     samples = as_channels_first(waveform, "waveform")
+    if samples.shape[1] == 0:  # flac and mp3 would give 0 bytes, not a file
+        raise ValueError(f"refusing to encode an empty waveform (shape {tuple(samples.shape)}) as {response_format!r}")
     encoder = StreamingEncoder(response_format, sample_rate, samples.shape[0], whole_file=True)
     return encoder.encode(samples) + encoder.finish()
 

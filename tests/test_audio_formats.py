@@ -158,6 +158,11 @@ def test_unsupported_formats_are_refused_naming_the_supported_ones(bad, expected
     assert expected in str(error.value)
 
 
+def test_an_empty_waveform_is_refused():
+    with pytest.raises(ValueError, match="empty waveform"):
+        audio_formats.encode_audio(np.zeros((2, 0), np.float32), "flac")
+
+
 def test_bad_chunks_are_refused_with_the_reason():
     encoder = audio_formats.StreamingEncoder("wav", RATE, 2)
     with pytest.raises(ValueError, match="has 1 channels"):
