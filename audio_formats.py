@@ -8,7 +8,7 @@ Input: float32 waveforms [channels, samples] (the codec's 48 kHz stereo; any rat
           no header: the rate and channel count travel out of band
     flac  FLAC, 16-bit                                                   audio/flac    libsndfile
     mp3   MPEG-1 Layer III, constant 160 kbit/s at 48 kHz                audio/mpeg    libsndfile (LAME)
-    opus  Ogg Opus, libsndfile's default bit rate (~130 kbit/s stereo)   audio/ogg     libsndfile (libopus)
+    opus  Ogg Opus, libsndfile's default bit rate (~125 kbit/s stereo)   audio/ogg     libsndfile (libopus)
 
 libsndfile is the one inside the pinned soundfile wheel (1.2.2, which writes MP3 and Ogg Opus). `aac` is refused
 with a ValueError naming the supported formats: libsndfile has no AAC encoder, and the only well-kept Python package
