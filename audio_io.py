@@ -34,7 +34,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Callable, Union
 
 import numpy as np
 import soundfile as sf
@@ -83,7 +83,7 @@ def load_audio(
             NaN/Inf or is silent; or naming the argument, when target_rate / channels / max_seconds are invalid.
     """
     path = _check_audio_path(path)
-    _check_rate(target_rate, "target_rate")
+    check_rate(target_rate, "target_rate")
     _check_channel_count(channels)
     if max_seconds is not None and not max_seconds > 0:
         raise ValueError(f"max_seconds must be a positive number of seconds or None, got {max_seconds!r}")
@@ -109,10 +109,10 @@ def prepare_waveform(
     Returns:
         float32 C-contiguous array [channels, M], M = round(N * target_rate / sample_rate).
     """
-    _check_rate(sample_rate, "sample_rate")
-    _check_rate(target_rate, "target_rate")
+    check_rate(sample_rate, "sample_rate")
+    check_rate(target_rate, "target_rate")
     _check_channel_count(channels)
-    samples = _as_channels_first(waveform, "waveform")
+    samples = as_channels_first(waveform, "waveform")
     # Mix down before resampling and repeat after it, so soxr never works on more channels than needed.
     if samples.shape[0] > channels:
         samples = convert_channels(samples, channels)
@@ -178,8 +178,8 @@ def save_audio(
     """
     path = Path(path)
     file_format = _check_output(path, subtype)
-    _check_rate(sample_rate, "sample_rate")
-    samples = _as_channels_first(waveform, f"waveform for {path}")
+    check_rate(sample_rate, "sample_rate")
+    samples = as_channels_first(waveform, f"waveform for {path}")
     if samples.shape[1] == 0:
         raise ValueError(f"refusing to write {path}: the waveform has no samples (shape {tuple(samples.shape)})")
     if not np.isfinite(samples).all():
@@ -187,7 +187,8 @@ def save_audio(
     if subtype == "PCM_16":
         samples = _clip_for_pcm(samples, path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, samples, sample_rate, subtype, file_format)
+    write_atomically(path, lambda temporary: sf.write(temporary, samples.T, sample_rate, subtype=subtype,
+                                                       format=file_format))
     return path
 
 
@@ -238,8 +239,8 @@ def _check_audible(samples: np.ndarray, path: Path) -> None:
         )
 
 
-def _as_channels_first(waveform: ArrayLike, what: str) -> np.ndarray:
-    """float32 numpy [C, N] from a [C, N] or [N] numpy array or tensor."""
+def as_channels_first(waveform: ArrayLike, what: str) -> np.ndarray:
+    """float32 numpy [C, N] from a [C, N] or [N] numpy array or tensor; ValueError naming ``what`` otherwise."""
     if isinstance(waveform, torch.Tensor):
         waveform = waveform.detach().to(device="cpu", dtype=torch.float32).numpy()
     samples = np.asarray(waveform, dtype=np.float32)
@@ -253,7 +254,8 @@ def _as_channels_first(waveform: ArrayLike, what: str) -> np.ndarray:
     return samples
 
 
-def _check_rate(rate: int, name: str) -> None:
+def check_rate(rate: int, name: str) -> None:
+    """ValueError naming ``name`` unless ``rate`` is a positive integer number of Hz."""
     if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise ValueError(f"{name} must be a positive integer number of Hz, got {rate!r}")
 
@@ -292,16 +294,28 @@ def _clip_for_pcm(samples: np.ndarray, path: Path) -> np.ndarray:
 OUTPUT_FILE_MODE = 0o644
 
 
-def _write_atomically(path: Path, samples: np.ndarray, sample_rate: int, subtype: str, file_format: str) -> None:
-    """Write [C, N] samples to a temporary file beside ``path``, then rename it over ``path``."""
+def write_atomically(path: PathLike, write: Callable[[str], None], mode: int = OUTPUT_FILE_MODE) -> Path:
+    """Create or replace ``path`` so that readers see the old file or the complete new one, never a part.
+
+    ``write(temporary)`` fills a temporary file beside ``path``; the data is flushed to disk (fsync) and the file
+    renamed over ``path`` (``os.replace``, atomic within one file system). A failure or a killed process leaves at
+    most a hidden ``.<name>.*.tmp`` file, never a partial ``path``.
+
+    Returns:
+        ``path`` as a Path.
+    """
+    path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     done = False
     try:
-        sf.write(temporary, samples.T, sample_rate, subtype=subtype, format=file_format)
-        os.chmod(temporary, OUTPUT_FILE_MODE)  # mkstemp creates 0600; outputs are ordinary files
+        write(temporary)
+        with open(temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(temporary, mode)  # mkstemp creates 0600; outputs are ordinary files
         os.replace(temporary, path)
         done = True
     finally:
         if not done:
             Path(temporary).unlink(missing_ok=True)
+    return path

@@ -51,6 +51,12 @@ def reference_clip() -> Path:
     return shared_path("assets", "audio", "en_2.wav")
 
 
+@pytest.fixture
+def reference_clips() -> list:
+    """Both reference recordings (English en_2.wav, Chinese zh_1.wav; 44.1 kHz mono, about 8 s each)."""
+    return [shared_path("assets", "audio", name) for name in ("en_2.wav", "zh_1.wav")]
+
+
 @pytest.fixture(scope="module")
 def prompt_wav(tmp_path_factory) -> Path:
     """The first 1.2 s of the English reference clip at its own rate (short, so the tiny codec encodes it fast)."""

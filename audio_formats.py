@@ -1,0 +1,369 @@
+"""Generated audio to the OpenAI speech API's `response_format`s, as a whole file or streamed chunk by chunk.
+
+Input: float32 waveforms [channels, samples] (the codec's 48 kHz stereo; any rate and 1 or 2 channels work).
+
+    name  what the bytes are                                             content type  written by
+    wav   RIFF/WAVE, 16-bit PCM                                          audio/wav     this module (header + pcm)
+    pcm   16-bit signed little-endian, channels interleaved (L R L R),   audio/pcm     this module
+          no header: the rate and channel count travel out of band
+    flac  FLAC, 16-bit                                                   audio/flac    libsndfile
+    mp3   MPEG-1 Layer III, constant 160 kbit/s at 48 kHz                audio/mpeg    libsndfile (LAME)
+    opus  Ogg Opus, libsndfile's default bit rate (~125 kbit/s stereo)   audio/ogg     libsndfile (libopus)
+
+libsndfile is the one inside the pinned soundfile wheel (1.2.2, which writes MP3 and Ogg Opus). `aac` is refused
+with a ValueError naming the supported formats: libsndfile has no AAC encoder, and the only well-kept Python package
+that writes AAC is PyAV, a 36 MB wheel bundling all of FFmpeg (measured), too heavy for one optional format.
+
+Samples are clipped to [-1, 1] (one warning per stream says how many were clipped) and quantised as libsndfile does,
+value * 32767 rounded to nearest, so pcm, wav and flac carry the same 16-bit samples.
+
+Streaming (`StreamingEncoder`): `encode(chunk)` returns the bytes ready so far, `finish()` the rest. Containers that
+record totals in their header cannot do that in a stream, whose first bytes are sent before the total is known:
+* wav: the streamed header declares RIFF and data sizes of 0xFFFFFFFF, the largest value the 32-bit fields hold,
+  meaning "up to the end of the stream": libsndfile and Python's `wave` read such a stream to its end (tested), where
+  a size of 0 would make a strict reader see no audio. The whole file has the exact sizes; all other bytes are equal.
+* pcm: streamed bytes equal the whole file's.
+* flac: libsndfile completes STREAMINFO (total samples, MD5, frame sizes) at close by seeking back. A stream keeps
+  what was written first: total samples 0 ("unknown") and MD5 0 ("not computed"), which the FLAC format allows.
+  Every other byte equals the whole file's. The reference decoder (flac 1.4.2) decodes such a stream to the same
+  samples as the whole file, warning that the MD5 is unset; libsndfile 1.2.2 cannot read it to its end (it reports
+  2**63 - 1 frames and fails at the end of the data).
+* mp3: libsndfile reserves the first frame for LAME's "Info" tag and fills it in at close. Streamed, the frame stays
+  empty and decodes as 1152 samples of silence; so that the whole file decodes exactly like the stream, whole-file
+  mp3 is written the same way and the two are byte-identical. Decoders then also play the encoder's delay and
+  padding: the audio starts MP3_LEAD_SAMPLES late and the decoded length is the input's plus MP3_LEAD_SAMPLES plus
+  at most one frame (1152 samples). Constant bit rate, because without the Info tag a variable-rate file's length
+  is guessed from its first frame (libsndfile decoded only 40% of a variable-rate test file).
+* opus: Ogg pages carry their own positions and nothing is rewritten. Pages are flushed every
+  OPUS_PAGE_MILLISECONDS (libsndfile's minimum; its default of 1000 ms would hold back the first second). Each
+  encoding picks a random Ogg stream serial number, so two encodings differ in those bytes but decode identically.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import soundfile as sf
+
+from .audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
+
+logger = logging.getLogger(__name__)
+
+# libsndfile's float -> 16-bit scale (SFC_SET_NORM_FLOAT default), used for pcm and wav too.
+PCM_SCALE = 32767
+PCM_SAMPLE_BYTES = 2
+# Streamed WAV header: RIFF and data sizes unknown, declared as the 32-bit maximum (see the module docstring).
+WAV_UNKNOWN_SIZE = 0xFFFFFFFF
+WAV_HEADER_BYTES = 44
+# libsndfile maps compression level 0..1 to LAME bit rates 320..32 kbit/s; 0.5 = 160 kbit/s at 48 kHz (measured).
+MP3_COMPRESSION_LEVEL = 0.5
+# What a decoder adds before the audio of our mp3 (the empty tag frame + LAME's encoder delay), measured.
+MP3_LEAD_SAMPLES = 2257
+MP3_FRAME_SAMPLES = 1152
+# Ogg page flush interval for streamed Opus; 50 ms is the lowest libsndfile accepts.
+OPUS_PAGE_MILLISECONDS = 50.0
+# sndfile.h command code that soundfile 0.14 does not wrap (see _set_ogg_page_latency).
+SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """One `response_format`: its HTTP content type and how libsndfile writes it (container None: written here).
+
+    `finish_header`: whole-file bytes get the header fields libsndfile completes when the file is closed.
+    `options`: extra soundfile.SoundFile keyword arguments, as (name, value) pairs.
+    """
+
+    name: str
+    content_type: str
+    container: Optional[str] = None
+    subtype: Optional[str] = None
+    finish_header: bool = False
+    options: tuple = ()
+
+
+FORMATS = {
+    audio.name: audio
+    for audio in (
+        AudioFormat("wav", "audio/wav"),
+        AudioFormat("pcm", "audio/pcm"),
+        AudioFormat("flac", "audio/flac", "FLAC", "PCM_16", finish_header=True),
+        AudioFormat("mp3", "audio/mpeg", "MP3", "MPEG_LAYER_III",
+                    options=(("bitrate_mode", "CONSTANT"), ("compression_level", MP3_COMPRESSION_LEVEL))),
+        AudioFormat("opus", "audio/ogg", "OGG", "OPUS"),
+    )
+}
+SUPPORTED_FORMATS = tuple(FORMATS)
+# Formats of the OpenAI API that this server refuses, with the reason given to the client.
+REFUSED_FORMATS = {
+    "aac": "no AAC encoder is installed (libsndfile has none, and PyAV would add all of FFmpeg for this one format)",
+}
+
+
+def audio_format(response_format: str) -> AudioFormat:
+    """The AudioFormat called `response_format`.
+
+    Raises:
+        ValueError: naming the value and the supported formats (and why, for `aac`).
+    """
+    if isinstance(response_format, str) and response_format in FORMATS:
+        return FORMATS[response_format]
+    reason = REFUSED_FORMATS.get(response_format) if isinstance(response_format, str) else None
+    because = f" ({reason})" if reason else ""
+    raise ValueError(f"response_format={response_format!r} is not supported{because}; expected one of "
+                     f"{', '.join(SUPPORTED_FORMATS)}")
+
+
+def encode_audio(waveform: ArrayLike, response_format: str, sample_rate: int = DEFAULT_TARGET_RATE) -> bytes:
+    """Encode a whole waveform as one file.
+
+    Args:
+        waveform: [channels, samples] or [samples] float audio in [-1, 1] (numpy or torch), 1 or 2 channels.
+        response_format: one of SUPPORTED_FORMATS.
+        sample_rate: rate of `waveform` in Hz.
+
+    Returns:
+        The file's bytes (see the module docstring for how they relate to a stream of the same audio).
+
+    Raises:
+        ValueError: unsupported format, bad rate, more than 2 channels, no samples, or NaN/Inf samples.
+    """
+    samples = as_channels_first(waveform, "waveform")
+    if samples.shape[1] == 0:  # flac and mp3 would give 0 bytes, not a file
+        raise ValueError(f"refusing to encode an empty waveform (shape {tuple(samples.shape)}) as {response_format!r}")
+    encoder = StreamingEncoder(response_format, sample_rate, samples.shape[0], whole_file=True)
+    return encoder.encode(samples) + encoder.finish()
+
+
+def pcm16_bytes(samples: np.ndarray) -> bytes:
+    """[C, N] float samples -> 16-bit little-endian bytes, channels interleaved, clipped to [-1, 1]."""
+    quantised = np.rint(np.clip(samples, -1.0, 1.0) * PCM_SCALE).astype("<i2")  # [C, N]
+    return np.ascontiguousarray(quantised.T).tobytes()  # [N, C] row-major = L R L R ...
+
+
+def wav_header(sample_rate: int, channels: int, data_bytes: Optional[int]) -> bytes:
+    """The 44-byte header of a 16-bit PCM WAV file; `data_bytes` None = unknown length (a stream).
+
+    Raises:
+        ValueError: when `data_bytes` does not fit the 32-bit size fields (about 6.2 hours at 48 kHz stereo).
+    """
+    if data_bytes is None:
+        riff_size = data_size = WAV_UNKNOWN_SIZE
+    elif data_bytes + WAV_HEADER_BYTES - 8 > WAV_UNKNOWN_SIZE:
+        raise ValueError(f"{data_bytes} bytes of audio do not fit in a WAV file (at most {WAV_UNKNOWN_SIZE - 36}); "
+                         "use response_format 'pcm' or 'flac'")
+    else:
+        riff_size, data_size = data_bytes + WAV_HEADER_BYTES - 8, data_bytes
+    block = channels * PCM_SAMPLE_BYTES
+    fmt_chunk = struct.pack("<4sIHHIIHH", b"fmt ", 16, 1, channels, sample_rate, sample_rate * block, block, 16)
+    return struct.pack("<4sI4s", b"RIFF", riff_size, b"WAVE") + fmt_chunk + struct.pack("<4sI", b"data", data_size)
+
+
+class StreamingEncoder:
+    """Encodes audio chunk by chunk; the concatenation of everything returned is the encoded stream.
+
+    Example:
+        encoder = StreamingEncoder("mp3")
+        for chunk in chunks:              # float32 [2, n] at 48 kHz
+            send(encoder.encode(chunk))   # may be b"" while the encoder buffers (mp3/flac frames, Ogg pages)
+        send(encoder.finish())
+
+    Args:
+        response_format: one of SUPPORTED_FORMATS.
+        sample_rate: rate of the chunks in Hz.
+        channels: 1 or 2.
+        whole_file: the bytes are used only once complete (what `encode_audio` does), so header fields that are
+            known only at the end are filled in (wav sizes, FLAC STREAMINFO); `encode` then returns b"" and
+            `finish` everything.
+
+    Raises:
+        ValueError: unsupported format, bad rate or channel count.
+    """
+
+    def __init__(self, response_format: str, sample_rate: int = DEFAULT_TARGET_RATE,
+                 channels: int = DEFAULT_CHANNELS, *, whole_file: bool = False):
+        self.format = audio_format(response_format)
+        check_rate(sample_rate, "sample_rate")
+        if channels not in (1, 2):
+            raise ValueError(f"channels={channels!r}; expected 1 or 2")
+        self.sample_rate, self.channels = int(sample_rate), channels
+        self.samples_encoded = 0
+        self._clipped = 0
+        self._finished = False
+        if self.format.container is None:
+            self._writer = _PcmWriter(self.format.name == "wav", self.sample_rate, channels, whole_file)
+        else:
+            self._writer = _SoundFileWriter(self.format, self.sample_rate, channels, whole_file)
+
+    @property
+    def content_type(self) -> str:
+        return self.format.content_type
+
+    def encode(self, chunk: ArrayLike) -> bytes:
+        """Add [channels, n] float samples; returns the bytes that became ready (possibly b"").
+
+        Raises:
+            ValueError: a chunk with another channel count, or with NaN/Inf samples.
+            RuntimeError: after `finish` or `close`.
+        """
+        if self._finished:
+            raise RuntimeError("this StreamingEncoder is finished; create a new one for another stream")
+        samples = self._checked(chunk)
+        self.samples_encoded += samples.shape[1]
+        return self._writer.write(samples) if samples.shape[1] else b""
+
+    def finish(self) -> bytes:
+        """End the stream; returns the remaining bytes (trailing frames, pages or the whole file)."""
+        if self._finished:
+            raise RuntimeError("this StreamingEncoder is already finished")
+        self._finished = True
+        if self._clipped:
+            logger.warning("Clipped %d of %d %s samples to [-1, 1]", self._clipped,
+                           self.samples_encoded * self.channels, self.format.name)
+        return self._writer.close()
+
+    def close(self) -> None:
+        """Abandon the stream (e.g. the client went away) and release the encoder; no-op once finished."""
+        if not self._finished:
+            self._finished = True
+            self._writer.close()
+
+    def _checked(self, chunk: ArrayLike) -> np.ndarray:
+        samples = as_channels_first(chunk, f"{self.format.name} audio chunk")
+        if samples.shape[0] != self.channels:
+            raise ValueError(f"audio chunk has {samples.shape[0]} channels (shape {tuple(samples.shape)}); this "
+                             f"encoder was opened for {self.channels}")
+        if not np.isfinite(samples).all():
+            raise ValueError(f"audio chunk of shape {tuple(samples.shape)} contains NaN or Inf samples")
+        self._clipped += int(np.count_nonzero(np.abs(samples) > 1.0))
+        return samples
+
+
+class _PcmWriter:
+    """pcm, and wav = a 44-byte header before the same bytes (exact sizes only for a whole file)."""
+
+    def __init__(self, with_header: bool, sample_rate: int, channels: int, whole_file: bool):
+        self._with_header, self._whole_file = with_header, whole_file
+        self._sample_rate, self._channels = sample_rate, channels
+        self._pending = bytearray()
+        if with_header and not whole_file:
+            self._pending += wav_header(sample_rate, channels, None)
+
+    def write(self, samples: np.ndarray) -> bytes:
+        self._pending += pcm16_bytes(samples)
+        return b"" if self._whole_file else self._take()
+
+    def close(self) -> bytes:
+        if self._with_header and self._whole_file:
+            self._pending[:0] = wav_header(self._sample_rate, self._channels, len(self._pending))
+        return self._take()
+
+    def _take(self) -> bytes:
+        data = bytes(self._pending)
+        self._pending.clear()
+        return data
+
+
+class _SoundFileWriter:
+    """flac, mp3 and opus through libsndfile, writing into a _ByteSink instead of a file."""
+
+    def __init__(self, audio: AudioFormat, sample_rate: int, channels: int, whole_file: bool):
+        self._whole_file = whole_file
+        self._sink = _ByteSink(rewritable=whole_file and audio.finish_header)
+        self._file = sf.SoundFile(self._sink, "w", samplerate=sample_rate, channels=channels,
+                                  format=audio.container, subtype=audio.subtype, **dict(audio.options))
+        if audio.subtype == "OPUS":
+            _set_ogg_page_latency(self._file, OPUS_PAGE_MILLISECONDS)
+
+    def write(self, samples: np.ndarray) -> bytes:
+        self._file.write(np.ascontiguousarray(np.clip(samples, -1.0, 1.0).T))
+        return b"" if self._whole_file else self._sink.take()
+
+    def close(self) -> bytes:
+        if not self._file.closed:
+            self._file.close()
+        return self._sink.take()
+
+
+class _ByteSink:
+    """The file object libsndfile writes to (soundfile's virtual I/O), handing out the bytes as they come.
+
+    rewritable=True: a plain in-memory file; libsndfile's closing seek-back rewrites are applied (whole files).
+    rewritable=False: append-only; bytes once written are final, so a rewrite of earlier bytes is dropped (streams;
+    see the module docstring for what each format then keeps).
+    """
+
+    def __init__(self, rewritable: bool):
+        self._rewritable = rewritable
+        self._pending = bytearray()  # bytes [self._taken, self._length) of the file
+        self._taken = 0
+        self._length = 0
+        self._position = 0
+
+    def write(self, data: bytes) -> int:
+        count = len(data)
+        start, end = self._position, self._position + count
+        if start < self._length and not self._rewritable:
+            data, start = data[self._length - start:], self._length
+        if start > self._length:  # a seek past the end; libsndfile does not do it, pad as a file would
+            self._pending += bytes(start - self._length)
+        offset = start - self._taken
+        if offset < 0:
+            raise RuntimeError("libsndfile rewrote bytes that were already handed out")
+        self._pending[offset:offset + len(data)] = data
+        self._length = max(self._length, end)
+        self._position = end
+        return count
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._position, 2: self._length}[whence]
+        self._position = base + offset
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        return b""  # libsndfile does not read files it writes
+
+    def take(self) -> bytes:
+        """The bytes written since the last take."""
+        data = bytes(self._pending)
+        self._pending.clear()
+        self._taken = self._length
+        return data
+
+
+def _set_ogg_page_latency(sound_file: sf.SoundFile, milliseconds: float) -> None:
+    """Flush Ogg Opus pages every `milliseconds` (libsndfile's default is 1000 ms).
+
+    Why: soundfile 0.14 exposes no wrapper for SFC_SET_OGG_PAGE_LATENCY_MS, so the command goes through soundfile's
+    own cffi handles (`_snd`, `_ffi`, `SoundFile._file`). Remove when soundfile wraps the command. If those private
+    names change, streaming Opus still works with 1-second pages (logged).
+    """
+    try:
+        value = sf._ffi.new("double*", milliseconds)
+        status = sf._snd.sf_command(sound_file._file, SFC_SET_OGG_PAGE_LATENCY_MS, value, sf._ffi.sizeof("double"))
+    except AttributeError as error:
+        logger.warning("Could not set the Ogg page latency (%s); streamed opus arrives in 1-second pages", error)
+        return
+    if status != 0:
+        logger.warning("libsndfile refused an Ogg page latency of %.0f ms (status %d); streamed opus arrives in "
+                       "1-second pages", milliseconds, status)
+
+
+__all__ = [
+    "AudioFormat",
+    "FORMATS",
+    "REFUSED_FORMATS",
+    "SUPPORTED_FORMATS",
+    "StreamingEncoder",
+    "audio_format",
+    "encode_audio",
+    "pcm16_bytes",
+    "wav_header",
+]
