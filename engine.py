@@ -302,6 +302,9 @@ class CodecSlots:
     def reset(self, slot: int) -> None:
         self.session.reset([slot])
 
+    def close(self) -> None:
+        """Nothing to release (the session's caches go with it)."""
+
     def decode(self, work: dict[int, tuple[torch.Tensor, int]]) -> dict[int, torch.Tensor]:
         """One batched call: {slot: (codes [T, n_vq], nq)} -> {slot: float32 CPU audio [C, T * hop]}."""
         rows = max(work) + 1
@@ -318,6 +321,50 @@ class CodecSlots:
                                   codebooks.to(self.device) if mixed else None)
         audio = audio.to("cpu", torch.float32)
         return {slot: audio[slot, :, : work[slot][0].shape[0] * self.hop] for slot in work}
+
+
+class UpstreamCodecSlot:
+    """One slot over any codec with upstream's API only (`batch_decode(..., streaming=True, reset_stream=...)`),
+    for a one-slot engine (inference_stream with a caller's codec object)."""
+
+    def __init__(self, codec) -> None:
+        self.codec = codec
+        self.hop = int(codec.downsample_rate)
+        self.rate = int(getattr(codec, "sampling_rate", None) or getattr(codec, "sample_rate", 48000))
+        self.channels = int(getattr(codec, "number_channels", 2))
+        self._reset_next = True
+
+    def reset(self, slot: int) -> None:
+        self._reset_next = True
+
+    def decode(self, work: dict[int, tuple[torch.Tensor, int]]) -> dict[int, torch.Tensor]:
+        (codes, nq), = work.values()
+        output = self.codec.batch_decode([codes[:, :nq].t().contiguous()], num_quantizers=nq, streaming=True,
+                                         max_batch_size=1, reset_stream=self._reset_next)
+        self._reset_next = False
+        audio = getattr(output, "audio", None)
+        audio = output[0] if audio is None else audio
+        return {0: audio[0, :, : codes.shape[0] * self.hop].detach().to("cpu", torch.float32)}
+
+    def close(self) -> None:
+        """Close the codec's streams (upstream `_reset_batch_decode_streaming_state`)."""
+        reset = getattr(self.codec, "_reset_batch_decode_streaming_state", None)
+        if reset is not None:
+            reset()
+
+
+def codec_slots(codec, num_slots: int, n_vq: int):
+    """Our codec's slot session, or, for an object with only upstream's API, a one-slot adapter.
+
+    Raises:
+        ValueError: an upstream-API codec with more than one slot.
+    """
+    if hasattr(codec, "decode_session"):
+        return CodecSlots(codec, num_slots, n_vq)
+    if num_slots != 1:
+        raise ValueError(f"num_slots={num_slots}: a codec without decode_session (upstream's API only) can serve one "
+                         "slot; pass our MossAudioTokenizerModel for more")
+    return UpstreamCodecSlot(codec)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -346,7 +393,7 @@ class SpeechEngine:
         self.attention = model._attention_pair(attn_implementation)
         self.num_slots = num_slots or auto_slot_count(model, max_positions)
         self.decoder = SlotDecoder(model, self.num_slots, max_positions, self.attention, step_mode)
-        self.codec = CodecSlots(codec, self.num_slots, self.n_vq) if codec is not None else None
+        self.codec = codec_slots(codec, self.num_slots, self.n_vq) if codec is not None else None
         self.max_queue = max_queue
         self.policy = policy
         self._waiting: deque = deque()
@@ -434,6 +481,11 @@ class SpeechEngine:
     def run_until_idle(self) -> None:
         while self.step():
             pass
+
+    def close(self) -> None:
+        """Release the codec's streams (for an upstream-API codec object, its streaming state)."""
+        if self.codec is not None:
+            self.codec.close()
 
     def _drop_cancelled(self) -> None:
         with self._lock:
@@ -652,6 +704,8 @@ __all__ = [
     "ChunkPrompt",
     "CodesEvent",
     "CodecSlots",
+    "UpstreamCodecSlot",
+    "codec_slots",
     "ErrorEvent",
     "FinishedEvent",
     "QueueFullError",

@@ -40,6 +40,7 @@ from .synthesis import SynthesisMixin
 from .audio_io import save_audio  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
+from .engine import SpeechEngine  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .sampling import RowSettings  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402

@@ -44,7 +44,11 @@ import torch
 
 from .audio_io import OUTPUT_FILE_MODE, WRITE_FORMATS, load_audio, save_audio
 from .devices import chunk_batch_size, resolve_attention, resolve_device
-from .text_chunking import count_tokens, pause_samples, split_text_into_chunks, voice_clone_text_chunks
+from .engine import (UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent,
+                     SpeechEngine, SpeechRequest, StreamDecodePolicy, stream_lead_seconds)
+from .generation import GenerationSettings
+from .text_chunking import (count_tokens, pause_samples, pause_seconds_after, split_text_into_chunks,
+                            voice_clone_text_chunks)
 from .weights import CODEC_REPO_ID, CODEC_SUBFOLDER, PINNED, describe_manual_download
 
 logger = logging.getLogger(__name__)
@@ -495,15 +499,17 @@ def _preview(text: str, limit: int = 60) -> str:
 # Chunks and batch sizes (spec §7.2, §7.3)
 
 
-def text_chunks(tokenizer, request: SynthesisRequest) -> list[str]:
-    """The texts generated one by one: voice-clone chunks (§7.2), or [prompt_text + text checked] in continuation.
+def text_chunks(tokenizer, text: str, mode: str, prompt_text: Optional[str] = None, max_tokens: int = 50
+                ) -> list[str]:
+    """The texts generated one by one: voice-clone chunks of at most `max_tokens` tokens (§7.2), or [text] in
+    continuation (where prompt_text + text is checked against CONTINUATION_MAX_TEXT_TOKENS).
 
     Raises:
         ValueError: a continuation text over CONTINUATION_MAX_TEXT_TOKENS tokens.
     """
-    if request.mode == "voice_clone":
-        return voice_clone_text_chunks(tokenizer, request.text, request.voice_clone_max_text_tokens)
-    spoken = (request.prompt_text or "") + request.text
+    if mode == "voice_clone":
+        return voice_clone_text_chunks(tokenizer, text, max_tokens)
+    spoken = (prompt_text or "") + text
     tokens = count_tokens(tokenizer, spoken)
     if tokens > CONTINUATION_MAX_TEXT_TOKENS:
         raise ValueError(
@@ -511,7 +517,7 @@ def text_chunks(tokenizer, request: SynthesisRequest) -> list[str]:
             f"generation and accepts at most {CONTINUATION_MAX_TEXT_TOKENS} tokens. Use mode='voice_clone' with a "
             "prompt audio (it splits long text into chunks), or split the text yourself"
         )
-    return [request.text]
+    return [text]
 
 
 def resolve_batch_sizes(device, num_chunks: int, request: SynthesisRequest, streaming: bool) -> tuple[int, int]:
@@ -534,12 +540,12 @@ def resolve_batch_sizes(device, num_chunks: int, request: SynthesisRequest, stre
     return tts_batch, 1
 
 
-def build_rows(model, tokenizer, request: SynthesisRequest, chunk: str, prompt_codes) -> tuple:
-    """Prompt rows (ids [1, T, 17], mask [1, T]) of one chunk in the request's mode."""
-    if request.mode == "voice_clone":
+def build_rows(model, tokenizer, mode: str, chunk: str, prompt_codes, prompt_text: Optional[str] = None) -> tuple:
+    """Prompt rows (ids [1, T, 17], mask [1, T]) of one chunk in `mode`."""
+    if mode == "voice_clone":
         return model.build_inference_input_ids(chunk, tokenizer, mode="voice_clone",
                                                prompt_audio_codes=prompt_codes, device="cpu")
-    return model.build_inference_input_ids(chunk, tokenizer, mode="continuation", prompt_text=request.prompt_text,
+    return model.build_inference_input_ids(chunk, tokenizer, mode="continuation", prompt_text=prompt_text,
                                            prompt_audio_codes=prompt_codes, device="cpu")
 
 
@@ -583,7 +589,8 @@ def _prepare(model, request: SynthesisRequest, prompt_cache: Optional[dict] = No
     model.to(device)
     model.eval()
     tokenizer = load_text_tokenizer(model, request.text_tokenizer, request.text_tokenizer_path)
-    chunks = text_chunks(tokenizer, request)
+    chunks = text_chunks(tokenizer, request.text, request.mode, request.prompt_text,
+                         request.voice_clone_max_text_tokens)
     codec = load_audio_tokenizer(model, request.audio_tokenizer, request.audio_tokenizer_type,
                                  request.audio_tokenizer_pretrained_name_or_path, device)
     info = codec_info(codec, model.config)
@@ -683,7 +690,8 @@ def _generate_items(model, requests, prepared, items, batch) -> list:
     rows = []
     for index, chunk in (items[k] for k in batch):
         one = prepared[index]
-        rows.append(build_rows(model, one.tokenizer, requests[index], one.chunks[chunk], one.prompt_codes))
+        rows.append(build_rows(model, one.tokenizer, requests[index].mode, one.chunks[chunk], one.prompt_codes,
+                               requests[index].prompt_text))
     ids, mask = model._left_pad_inference_batch([r[0] for r in rows], [r[1] for r in rows],
                                                 device=prepared[0].device)
     return generate_codes(model, ids, mask, requests[0].generation, fallback=True)
@@ -746,229 +754,112 @@ def _join_with_pauses(waveforms: list, chunks: Sequence[str], rate: int, channel
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Streaming synthesis (spec §7 inference_stream)
+# Streaming synthesis (spec §7 inference_stream), on the engine
 
 
-@dataclass(frozen=True)
-class StreamDecodePolicy:
-    """When `inference_stream` calls the codec and how many frames per row it decodes per call.
+def speech_request(model, tokenizer, text: str, mode: str = "voice_clone", prompt_codes=None,
+                   prompt_text: Optional[str] = None, settings: Optional[GenerationSettings] = None,
+                   voice_clone_max_text_tokens: int = 50, chunks: Optional[list] = None,
+                   **engine_options) -> SpeechRequest:
+    """An engine request for `text`: one prompt per chunk (voice clone) or one prompt (continuation), each chunk
+    followed by its pause (spec §7.2), in the given voice.
 
-    The "lead" is how far the emitted audio is ahead of real time: emitted seconds minus the seconds elapsed since the
-    first audio was emitted (playback starts with the first audio). Defaults are upstream's CPU policy.
+    Args:
+        model: the TTS model (its config gives the special ids).
+        tokenizer: the text tokenizer.
+        text: what to say (non-empty).
+        mode: "voice_clone" (prompt_codes = the reference voice) or "continuation" (optionally continuing
+            prompt_text + prompt_codes; the codec stream is primed with the prompt's codes, spec §5.3).
+        prompt_codes: long [T_ref, n_vq] codes of the reference / prompt audio.
+        prompt_text: continuation only: the transcript of prompt_codes.
+        settings: generation settings (default: the model methods' defaults).
+        voice_clone_max_text_tokens: token budget per voice-clone chunk (<= 0: one chunk).
+        chunks: the chunk texts, when already split.
+        engine_options: further SpeechRequest fields (seed, generator, global_random, emit_codes, ...).
 
-    Attributes:
-        lead_budgets: (lead threshold in s, frames) pairs in increasing threshold order; the first threshold the lead
-            is below gives the budget. Before any audio is emitted the budget is the first pair's.
-        max_frames: the budget at or above the last threshold.
-        head_lead_seconds: decode the head chunk's pending frames whenever the lead is below this.
+    Raises:
+        ValueError: an unknown mode, a missing or forbidden prompt, empty or over-long text.
     """
-
-    lead_budgets: tuple = ((0.20, 1), (0.55, 2), (1.10, 4))
-    max_frames: int = 8
-    head_lead_seconds: float = 0.45
-
-    def frame_budget(self, lead_seconds: float, emitted_any: bool) -> int:
-        """Frames per row for the next codec call (upstream `_resolve_stream_decode_frame_budget`)."""
-        if not emitted_any:
-            return self.lead_budgets[0][1]
-        for threshold, frames in self.lead_budgets:
-            if lead_seconds < threshold:
-                return frames
-        return self.max_frames
-
-    def should_decode(self, first_audio_pending: bool, head_pending: bool, max_pending: int, budget: int,
-                      lead_seconds: float) -> bool:
-        """Upstream's triggers: first audio pending, head pending at a short lead, a full budget, or a starved lead."""
-        return (first_audio_pending or (head_pending and lead_seconds < self.head_lead_seconds)
-                or max_pending >= budget or lead_seconds < 0)
-
-
-UPSTREAM_STREAM_POLICY = StreamDecodePolicy()
-# What upstream's runtime patches in on CUDA (bigger codec calls, more throughput, later first audio).
-UPSTREAM_CUDA_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((0.20, 4), (0.55, 6), (1.10, 8)), max_frames=12)
-
-
-def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float], now: float) -> float:
-    """Seconds of audio emitted ahead of real-time playback (upstream `_compute_stream_lead_seconds`); 0 before
-    the first audio."""
-    if first_emit_time is None:
-        return 0.0
-    return emitted_seconds - (now - first_emit_time)
-
-
-@dataclass
-class _StreamState:
-    """Emission bookkeeping across the batches of one stream."""
-
-    rate: int
-    channels: int
-    emitted_samples: int = 0
-    first_emit_time: Optional[float] = None
-    pieces: list = field(default_factory=list)
-    writer: Any = None
-
-    def lead(self) -> float:
-        return stream_lead_seconds(self.emitted_samples / self.rate, self.first_emit_time, time.perf_counter())
-
-    def emit(self, waveform: torch.Tensor, chunk_index: int, is_pause: bool) -> dict:
-        """Record an emitted piece and build its event."""
-        if self.first_emit_time is None:
-            self.first_emit_time = time.perf_counter()
-        lead = self.lead()
-        self.emitted_samples += waveform.shape[-1]
-        self.pieces.append(waveform)
-        if self.writer is not None:
-            self.writer.write(waveform)
-        return {"type": "audio", "waveform": waveform, "sample_rate": self.rate, "chunk_index": chunk_index,
-                "is_pause": is_pause, "emitted_audio_seconds": self.emitted_samples / self.rate,
-                "lead_seconds": lead}
-
-
-@dataclass
-class _BatchStream:
-    """Per-row state of one generation batch: pending frames, decoded-but-unemitted audio, finished flags."""
-
-    chunk_indices: list
-    pending: list
-    buffered: list
-    codes: list
-    finished: list
-    head: int = 0
-    reset_codec: bool = True
-
-    @classmethod
-    def start(cls, chunk_indices: Sequence[int]) -> "_BatchStream":
-        rows = len(chunk_indices)
-        return cls(list(chunk_indices), [[] for _ in range(rows)], [[] for _ in range(rows)],
-                   [[] for _ in range(rows)], [False] * rows)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text={text!r} is empty; expected a non-empty string to synthesise")
+    if chunks is None:
+        chunks = text_chunks(tokenizer, text, mode, prompt_text, voice_clone_max_text_tokens)
+    prompts = []
+    for index, chunk in enumerate(chunks):
+        ids, _ = build_rows(model, tokenizer, mode, chunk, prompt_codes, prompt_text)
+        pause = pause_seconds_after(chunk) if index < len(chunks) - 1 else 0.0
+        prompts.append(ChunkPrompt(ids[0], pause, chunk))
+    prime = prompt_codes if mode == "continuation" else None
+    return SpeechRequest(prompts, settings or GenerationSettings(), codec_prime=prime, **engine_options)
 
 
 def run_inference_stream(model, request: SynthesisRequest, policy: Optional[StreamDecodePolicy] = None
                          ) -> Iterator[dict]:
-    """`inference_stream`: yield audio events as soon as the policy decodes them, then the result event.
+    """`inference_stream`: one request on a one-slot engine, ticked inline; audio events as the policy decodes them,
+    then the result event.
 
-    No stability fallback (as upstream: audio may already have been emitted). The file, when asked for, is written
-    progressively to a temporary file and renamed at the end.
+    Random numbers come from the device's global generator, as upstream's (seed with torch.manual_seed). No stability
+    fallback (as upstream: audio may already have been emitted). The file, when asked for, is written progressively
+    to a temporary file and renamed at the end.
 
     Args:
         model: the TTS model.
         request: from build_request.
-        policy: the decode policy (default: request.stream_policy, else UPSTREAM_STREAM_POLICY).
+        policy: the codec decode policy (default: request.stream_policy, else UPSTREAM_STREAM_POLICY).
     """
     policy = policy or request.stream_policy or UPSTREAM_STREAM_POLICY
-    was_training, prepared, writer = model.training, None, None
+    was_training, writer, engine = model.training, None, None
     try:
         prepared = _prepare(model, request)
-        batch_sizes = resolve_batch_sizes(prepared.device, len(prepared.chunks), request, streaming=True)
-        state = _StreamState(prepared.info.sample_rate, prepared.info.channels)
+        settings = GenerationSettings(**{name: value for name, value in request.generation.items()
+                                         if name != "use_kv_cache"})
+        job = speech_request(model, prepared.tokenizer, request.text, request.mode, prepared.prompt_codes,
+                             request.prompt_text, settings, chunks=prepared.chunks, global_random=True)
+        positions = max(chunk.rows.shape[0] for chunk in job.chunks) + job.settings.checked(prepared.n_vq).max_new_frames
+        engine = SpeechEngine(model, prepared.codec, num_slots=1, max_positions=positions, policy=policy)
+        info = prepared.info
         if request.output_audio_path is not None:
-            writer = state.writer = ProgressiveWavWriter(request.output_audio_path, state.rate, state.channels)
-        codes_list = yield from _stream_batches(model, request, prepared, state, batch_sizes[0], policy)
-        waveform = torch.cat(state.pieces, dim=-1) if state.pieces else torch.zeros(state.channels, 0)
-        _check_not_empty(waveform)
+            writer = ProgressiveWavWriter(request.output_audio_path, info.sample_rate, info.channels)
+        result = yield from _stream_events(engine, engine.submit(job), prepared, request, writer)
         audio_path = writer.close() if writer is not None else None
         writer = None
-        yield {"type": "result", **_result(prepared, waveform, state.rate, codes_list, batch_sizes, audio_path)}
+        yield {"type": "result", **_result(prepared, result["waveform"], info.sample_rate, result["codes"], (1, 1),
+                                           audio_path)}
     finally:
         if writer is not None:
             writer.abort()
-        reset = getattr(prepared.codec if prepared else None, "_reset_batch_decode_streaming_state", None)
-        if reset is not None:
-            reset()
+        if engine is not None:
+            engine.close()
         model.train(was_training)
 
 
-def _stream_batches(model, request, prepared: _Prepared, state: _StreamState, batch_size: int, policy):
-    """Generate and stream every batch of chunks in order; returns the codes of every chunk."""
-    chunks, codes_list = prepared.chunks, []
-    with _progress(len(chunks), request.progress, "streaming") as bar:
-        for batch in _batches(len(chunks), batch_size):
-            stream = _BatchStream.start(batch)
-            rows = [build_rows(model, prepared.tokenizer, request, chunks[i], prepared.prompt_codes) for i in batch]
-            ids, mask = model._left_pad_inference_batch([r[0] for r in rows], [r[1] for r in rows],
-                                                        device=prepared.device)
-            _prime_codec_with_prompt(request, prepared, stream)
-            for event in model.generate_stream(ids, mask, **request.generation):
-                _collect_frames(stream, event)
-                force = event["type"] == "final"
-                yield from _decode_and_emit(prepared, state, stream, policy, force)
-            codes_list += [torch.stack(row_codes) if row_codes else torch.zeros(0, prepared.n_vq, dtype=torch.long)
-                           for row_codes in stream.codes]
-            bar.update(len(batch))
-    _warn_if_truncated(codes_list, chunks, int(request.generation["max_new_frames"]))
-    return codes_list
-
-
-def _prime_codec_with_prompt(request, prepared: _Prepared, stream: _BatchStream) -> None:
-    """Continuation with prompt audio: stream the prompt codes through the codec first and drop that audio."""
-    if request.mode != "continuation" or prepared.prompt_codes is None:
-        return
-    codes = _as_codec_codes(prepared.prompt_codes, prepared.nq).to(_module_device(prepared.codec) or "cpu")
-    prepared.codec.batch_decode([codes], num_quantizers=prepared.nq, streaming=True, max_batch_size=1,
-                                reset_stream=True)
-    stream.reset_codec = False
-
-
-def _collect_frames(stream: _BatchStream, event: dict) -> None:
-    """Append each active row's frame to its pending list; mark rows that stopped (or all rows at the end)."""
-    if event["type"] != "frame":
-        stream.finished = [True] * len(stream.finished)
-        return
-    active = event["active_mask"].tolist()
-    frame = event["audio_token_ids"].to("cpu")  # [B, n_vq]
-    for row, is_active in enumerate(active):
-        if is_active:
-            stream.pending[row].append(frame[row].clone())
-            stream.codes[row].append(frame[row].clone())
-        else:
-            stream.finished[row] = True
-
-
-def _decode_and_emit(prepared: _Prepared, state: _StreamState, stream: _BatchStream, policy, force: bool):
-    """Run the codec when the policy (or the end of generation) says so, then emit what the head chunk allows."""
-    lead = state.lead()
-    emitted_any = state.first_emit_time is not None
-    budget = policy.frame_budget(lead, emitted_any)
-    max_pending = max(len(p) for p in stream.pending)
-    head_pending = stream.head < len(stream.pending) and bool(stream.pending[stream.head])
-    first_pending = not emitted_any and head_pending
-    if max_pending > 0 and (force or policy.should_decode(first_pending, head_pending, max_pending, budget, lead)):
-        _stream_decode(prepared, state, stream, None if force else budget)
-    yield from _emit_ready(prepared, state, stream)
-
-
-def _stream_decode(prepared: _Prepared, state: _StreamState, stream: _BatchStream, budget: Optional[int]) -> None:
-    """One streaming batch_decode call: up to `budget` pending frames per row (all when None); audio to buffers."""
-    device = _module_device(prepared.codec) or "cpu"
-    taken = []
-    for row, pending in enumerate(stream.pending):
-        count = len(pending) if budget is None else min(budget, len(pending))
-        taken.append(pending[:count])
-        stream.pending[row] = pending[count:]
-    codes_list = [(_as_codec_codes(torch.stack(frames), prepared.nq) if frames else
-                   torch.zeros(prepared.nq, 0, dtype=torch.long)).to(device) for frames in taken]
-    output = prepared.codec.batch_decode(codes_list, num_quantizers=prepared.nq, streaming=True,
-                                         max_batch_size=len(codes_list), reset_stream=stream.reset_codec)
-    stream.reset_codec = False
-    for row, frames in enumerate(taken):
-        if frames:
-            stream.buffered[row].append(_decoded_row(output, row, len(frames) * prepared.info.hop))
-
-
-def _emit_ready(prepared: _Prepared, state: _StreamState, stream: _BatchStream):
-    """Emit the head chunk's decoded audio; when the head is complete, its pause, then move to the next row."""
-    last_chunk = len(prepared.chunks) - 1
-    while stream.head < len(stream.chunk_indices):
-        row, chunk_index = stream.head, stream.chunk_indices[stream.head]
-        for waveform in stream.buffered[row]:
-            yield state.emit(waveform, chunk_index, is_pause=False)
-        stream.buffered[row] = []
-        if not (stream.finished[row] and not stream.pending[row]):
-            return
-        if chunk_index < last_chunk:
-            pause = torch.zeros(state.channels, pause_samples(prepared.chunks[chunk_index], int(state.rate)))
-            yield state.emit(pause, chunk_index, is_pause=True)
-        stream.head += 1
+def _stream_events(engine, handle, prepared: _Prepared, request, writer):
+    """Tick the engine and turn its events into upstream's dictionaries; returns the waveform and codes."""
+    pieces, emitted, first_time = [], 0, None
+    rate = prepared.info.sample_rate
+    with _progress(len(prepared.chunks), request.progress, "streaming") as bar:
+        while True:
+            busy = engine.step()
+            for event in handle.pending():
+                if isinstance(event, ErrorEvent):
+                    raise RuntimeError(f"streaming synthesis failed: {event.message}")
+                if isinstance(event, FinishedEvent):
+                    _warn_if_truncated(event.codes, prepared.chunks, int(request.generation["max_new_frames"]))
+                    waveform = torch.cat(pieces, dim=-1) if pieces else torch.zeros(prepared.info.channels, 0)
+                    _check_not_empty(waveform)
+                    return {"waveform": waveform, "codes": event.codes}
+                first_time = first_time or time.perf_counter()
+                lead = stream_lead_seconds(emitted / rate, first_time, time.perf_counter())
+                emitted += event.waveform.shape[-1]
+                pieces.append(event.waveform)
+                if writer is not None:
+                    writer.write(event.waveform)
+                bar.update(int(event.is_pause))
+                yield {"type": "audio", "waveform": event.waveform, "sample_rate": rate,
+                       "chunk_index": event.chunk_index, "is_pause": event.is_pause,
+                       "emitted_audio_seconds": emitted / rate, "lead_seconds": lead}
+            if not busy:
+                raise RuntimeError("the engine stopped without finishing the request")
 
 
 # ----------------------------------------------------------------------------------------------------------------

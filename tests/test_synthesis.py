@@ -142,7 +142,7 @@ def test_stream_concatenates_to_the_offline_waveform(model, prompt_wav, tmp_path
     assert _leftovers(tmp_path) == ["stream.wav"]
 
 
-def test_batched_chunks_stream_in_order_and_match_offline(model, prompt_wav, monkeypatch):
+def test_chunks_stream_in_order_one_after_another_and_match_offline(model, prompt_wav, monkeypatch):
     monkeypatch.setattr(synthesis, "chunk_batch_size", lambda device, chunks, gb: 3)  # as if memory allowed 3
     text = "Hello world. This is a test. One more sentence here. And the last one."
     kwargs = dict(mode="voice_clone", prompt_audio_path=str(prompt_wav), voice_clone_max_text_tokens=5,
@@ -150,25 +150,27 @@ def test_batched_chunks_stream_in_order_and_match_offline(model, prompt_wav, mon
     offline = model.inference(text, None, **kwargs)
     assert offline["voice_clone_chunk_batch_size"] == 3 and len(offline["voice_clone_text_chunks"]) == 5
     events = list(model.inference_stream(text, None, **kwargs))
-    assert events[-1]["voice_clone_codec_batch_size"] == 3
+    assert events[-1]["voice_clone_chunk_batch_size"] == 1  # a stream's chunks run one after another in its slot
     audio = events[:-1]
     assert [e["chunk_index"] for e in audio if e["is_pause"]] == [0, 1, 2, 3]
     streamed = torch.cat([e["waveform"] for e in audio], dim=-1)
     torch.testing.assert_close(streamed, offline["waveform"], atol=1e-4, rtol=1e-5)
 
 
-def test_stream_failure_leaves_no_partial_file(model, prompt_wav, tmp_path):
-    class Failing(type(model)):
-        def generate_stream(self, *args, **kwargs):
-            for index, event in enumerate(super().generate_stream(*args, **kwargs)):
-                if index == 2:
-                    raise RuntimeError("simulated device failure")
-                yield event
+def test_stream_failure_leaves_no_partial_file(model, prompt_wav, tmp_path, monkeypatch):
+    generation = import_module("generation")
+    frame, calls = generation.SlotDecoder.frame, []
 
-    failing = Failing.from_pretrained(str(model.config._name_or_path)).eval()
+    def failing_frame(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated device failure")
+        return frame(self)
+
+    monkeypatch.setattr(generation.SlotDecoder, "frame", failing_frame)
     with pytest.raises(RuntimeError, match="simulated"):
-        for _ in failing.inference_stream("Hi.", str(tmp_path / "x.wav"), mode="voice_clone",
-                                          prompt_audio_path=str(prompt_wav), **dict(GREEDY, max_new_frames=5)):
+        for _ in model.inference_stream("Hi.", str(tmp_path / "x.wav"), mode="voice_clone",
+                                        prompt_audio_path=str(prompt_wav), **dict(GREEDY, max_new_frames=5)):
             pass
     assert _leftovers(tmp_path) == []
 
