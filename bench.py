@@ -412,6 +412,132 @@ def print_e2e(result: dict) -> None:
               f"ms/frame at {row['codec_frames_per_call']} frames/call; {row['frames']} frames)")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# engine: many concurrent streams
+# ----------------------------------------------------------------------------------------------------------------------
+# The CLI's generation defaults (upstream infer.py's applied values, spec tts.md §6.4 right column).
+SAMPLED_DEFAULTS = dict(do_sample=True, text_temperature=1.0, text_top_p=1.0, text_top_k=50, audio_temperature=0.8,
+                        audio_top_p=0.95, audio_top_k=25, audio_repetition_penalty=1.2)
+
+
+class StreamClock:
+    """One request's timeline, recorded by the engine thread: submit, first audio, audio received, underruns.
+
+    Playback starts when the first audio arrives; a stream underruns when, at the arrival of a piece, the audio
+    received before it is shorter than the time elapsed since playback started.
+    """
+
+    def __init__(self, rate: int) -> None:
+        self.rate, self.submitted, self.first_audio, self.received = rate, None, None, 0.0
+        self.underrun_seconds, self.finished, self.frames, self.error = 0.0, None, 0, None
+
+    def __call__(self, event) -> None:
+        engine = import_module("engine")
+        now = time.perf_counter()
+        if isinstance(event, engine.AudioEvent):
+            if self.first_audio is None:
+                self.first_audio = now
+            self.underrun_seconds = max(self.underrun_seconds, (now - self.first_audio) - self.received)
+            self.received += event.waveform.shape[-1] / self.rate
+        elif isinstance(event, engine.FinishedEvent):
+            self.finished, self.frames = now, sum(codes.shape[0] for codes in event.codes)
+        elif isinstance(event, engine.ErrorEvent):
+            self.finished, self.error = now, event.message
+
+
+def run_engine_load(engine, prompt_rows, streams: int, frames: int, stagger: float) -> dict:
+    """`streams` requests arriving `stagger` s apart on a started engine; waits for all of them."""
+    engine_module, generation = import_module("engine"), import_module("generation")
+    settings = generation.GenerationSettings(max_new_frames=frames, **SAMPLED_DEFAULTS)
+    clocks = [StreamClock(engine.codec.rate) for _ in range(streams)]
+    start = time.perf_counter()
+    handles = []
+    for index, clock in enumerate(clocks):
+        time.sleep(max(0.0, start + index * stagger - time.perf_counter()))
+        clock.submitted = time.perf_counter()
+        request = engine_module.SpeechRequest([engine_module.ChunkPrompt(prompt_rows)], settings, seed=index)
+        handles.append(engine.submit(request, listener=clock))
+    for handle in handles:
+        handle.done.wait()
+    return summarise_streams(clocks, start)
+
+
+def summarise_streams(clocks, start: float) -> dict:
+    errors = [clock.error for clock in clocks if clock.error]
+    done = [clock for clock in clocks if not clock.error]
+    ttfa = sorted(1000 * (clock.first_audio - clock.submitted) for clock in done)
+    rtf = [(clock.finished - clock.first_audio) / clock.received for clock in done if clock.received]
+    end = max(clock.finished for clock in clocks)
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    return {"streams": len(clocks), "errors": len(errors), "frames": sum(clock.frames for clock in done),
+            "aggregate_frames_per_s": sum(clock.frames for clock in done) / (end - start),
+            "ttfa_p50_ms": pct(ttfa, 0.5), "ttfa_p95_ms": pct(ttfa, 0.95), "rtf_max": max(rtf, default=float("nan")),
+            "underrun_streams": sum(clock.underrun_seconds > 0 for clock in done),
+            "worst_underrun_s": max((clock.underrun_seconds for clock in done), default=0.0)}
+
+
+def run_engine(args) -> dict:
+    """Per weight format, N concurrent streams (staggered), LM + codec on one engine; the largest N with no underrun."""
+    engine_module = import_module("engine")
+    device = resolve_device(args.device)
+    codec = build_codec(device, args.codec_dtype)
+    prompt = bench_prompt(device)[0].cpu()
+    formats = []
+    for fmt in args.weight_format:
+        model = build_lm_in_format(args, device, fmt)
+        rows = []
+        for streams in args.streams:
+            with torch.inference_mode(False):  # the engine thread updates its buffers outside inference mode
+                engine = engine_module.SpeechEngine(model, codec, num_slots=streams,
+                                                    attn_implementation=args.attention,
+                                                    max_positions=prompt.shape[0] + args.engine_frames,
+                                                    step_mode=args.step_mode)
+            engine.start()
+            run_engine_load(engine, prompt, min(streams, 2), 4, 0.0)  # warm-up
+            devices = _devices()
+            devices.reset_peak_memory(device)
+            row = run_engine_load(engine, prompt, streams, args.engine_frames, args.stagger)
+            peak = devices.peak_memory_bytes(device)
+            row["peak_memory_mb"] = None if peak is None else peak / 2**20
+            engine.stop()
+            rows.append(row)
+        ok = [row["streams"] for row in rows if row["underrun_streams"] == 0 and row["errors"] == 0]
+        formats.append({"weight_format": fmt, "rows": rows, "max_realtime_streams": max(ok, default=0)})
+        del model
+    return {"device": str(device), "frames": args.engine_frames, "stagger_s": args.stagger,
+            "step_mode": args.step_mode, "formats": formats}
+
+
+def print_engine(result: dict) -> None:
+    print(f"engine ({result['device']}, {result['frames']} frames per stream = {result['frames'] / FRAME_RATE:.1f} s, "
+          f"arrivals {result['stagger_s']} s apart, sampled defaults, steps {result['step_mode']}): LM + codec")
+    print(f"  {'format':6s} {'N':>3s} {'agg fr/s':>9s} {'x N=1':>6s} {'TTFA p50':>9s} {'p95':>7s} {'RTF max':>8s} "
+          f"{'underrun':>9s} {'errors':>6s} {'peak MB':>8s}")
+    for entry in result["formats"]:
+        base = entry["rows"][0]["aggregate_frames_per_s"] or float("nan")
+        for row in entry["rows"]:
+            peak = f"{row['peak_memory_mb']:8.0f}" if row["peak_memory_mb"] is not None else "     n/a"
+            print(f"  {entry['weight_format']:6s} {row['streams']:3d} {row['aggregate_frames_per_s']:9.1f} "
+                  f"{row['aggregate_frames_per_s'] / base:6.2f} {row['ttfa_p50_ms']:7.0f}ms {row['ttfa_p95_ms']:5.0f}ms "
+                  f"{row['rtf_max']:8.3f} {row['underrun_streams']:4d} {row['worst_underrun_s']:4.2f}s "
+                  f"{row['errors']:6d} {peak}")
+        print(f"  {entry['weight_format']}: largest N with every stream ahead of playback: "
+              f"{entry['max_realtime_streams']}")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                       help="concurrent streams to time (one engine with that many slots each)")
+    group.add_argument("--engine-frames", type=int, default=100, help="frames per stream (default 100 = 8 s)")
+    group.add_argument("--stagger", type=float, default=0.1, help="seconds between arrivals (default 0.1)")
+    group.add_argument("--step-mode", default="eager", choices=["eager", "compile", "graph"],
+                       help="how the decode steps run (generation.StepRunner)")
+
+
 def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("lm and e2e")
     group.add_argument("--model-path", default=None, help="folder of real weights (default: random weights)")
@@ -428,13 +554,15 @@ def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--e2e-codec-frames", type=int, default=4, help="frames per codec call after the first")
 
 
-SECTIONS = {"codec": (run_codec, print_codec), "lm": (run_lm, print_lm), "e2e": (run_e2e, print_e2e)}
-ADD_OPTIONS = [add_codec_options, add_lm_options]
+SECTIONS = {"codec": (run_codec, print_codec), "lm": (run_lm, print_lm), "e2e": (run_e2e, print_e2e),
+            "engine": (run_engine, print_engine)}
+ADD_OPTIONS = [add_codec_options, add_lm_options, add_engine_options]
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=sorted(SECTIONS))
+    parser.add_argument("--section", choices=sorted(SECTIONS), nargs="+", default=["codec", "e2e", "lm"],
+                        help="sections to run (default codec e2e lm; engine is long: ask for it)")
     parser.add_argument("--device", default="cpu", help="passed to devices.resolve_device (cpu, auto, ...)")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch intra-op threads (default 2; on a busy 2-core host, 1 avoids OpenMP stalls)")
