@@ -158,11 +158,12 @@ class StepRunner:
         self.mode = mode
         self._built: dict[tuple, Callable[[], torch.Tensor]] = {}
 
-    def __call__(self, inputs: torch.Tensor, valid: torch.Tensor, read_length: int) -> torch.Tensor:
-        """inputs [N, 1, C], valid bool [N] (views of persistent buffers when compiled or captured) -> [N, C]."""
+    def __call__(self, inputs: torch.Tensor, valid: torch.Tensor | None, read_length: int) -> torch.Tensor:
+        """inputs [N, 1, C], valid bool [N] or None = all real (views of persistent buffers when compiled or
+        captured) -> [N, C]."""
         if self.mode == "eager":
             return self.decoder.decode_step(inputs, valid, self.cache, read_length, self.attention)
-        key = (inputs.shape[0], read_length, inputs.data_ptr(), valid.data_ptr())
+        key = (inputs.shape[0], read_length, inputs.data_ptr(), None if valid is None else valid.data_ptr())
         if key not in self._built:
             self._built[key] = self._build(inputs, valid, read_length)
         return self._built[key]()
@@ -263,7 +264,6 @@ class SlotDecoder:
         self.finished = torch.zeros(slots, dtype=torch.bool, device=device)
         self.nq = torch.zeros(slots, dtype=torch.long, device=device)
         self.local_input = torch.zeros(slots, 1, hidden, dtype=self.local_dtype, device=device)
-        self.all_valid = torch.ones(slots, dtype=torch.bool, device=device)
         self.channels = torch.arange(self.n_vq, device=device)
         self.tokens = torch.full((slots, self.n_vq), self.pad, dtype=torch.long, device=device)
         self.seen = torch.zeros(slots, self.n_vq, self.codebook, dtype=torch.bool, device=device)
@@ -374,7 +374,7 @@ class SlotDecoder:
         """Local step 0 (input: the global hidden state) and the text head's candidate rows -> [N, 2]."""
         self.local_cache.reset(slice(0, rows))
         self.local_input[:rows, 0] = hidden.to(self.local_dtype)
-        local_hidden = self.local_step(self.local_input[:rows], self.all_valid[:rows], self.n_vq + 1)
+        local_hidden = self.local_step(self.local_input[:rows], None, self.n_vq + 1)
         logits = torch.nn.functional.linear(local_hidden, self.text_weight)
         torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[:rows, 0])
         return logits
@@ -446,7 +446,7 @@ class SlotDecoder:
         slot_input = row_embedding
         for channel in range(nq_max):
             self.local_input[:rows, 0] = slot_input.to(self.local_dtype)
-            hidden = self.local_step(self.local_input[:rows], self.all_valid[:rows], self.n_vq + 1)
+            hidden = self.local_step(self.local_input[:rows], None, self.n_vq + 1)
             logits = self.model.audio_lm_heads[channel](hidden)  # [N, V]
             torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[:rows, channel + 1])
             seen = self.seen[:rows, channel, : logits.shape[-1]]

@@ -162,6 +162,7 @@ class MossTTSNanoGPT2RotaryEmbedding(nn.Module):
         self.dim = dim
         self.base = float(base)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def inv_freq(self, device: torch.device) -> torch.Tensor:
         """float32 [dim / 2] on `device` (computed once per device)."""
@@ -169,6 +170,24 @@ class MossTTSNanoGPT2RotaryEmbedding(nn.Module):
             exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim
             self._inv_freq[device] = (1.0 / (self.base**exponents)).to(device)
         return self._inv_freq[device]
+
+    def table(self, length: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin of positions 0..length-1, each [length, dim] in `dtype` (built once, grown by doubling).
+
+        The decode step gathers its rows' positions from it: two ops per step instead of recomputing the angles.
+        """
+        key = (dtype, device)
+        cached = self._tables.get(key)
+        if cached is None or cached[0].shape[0] < length:
+            size = max(length, 2 * cached[0].shape[0] if cached is not None else 64)
+            cos, sin = self(torch.arange(size, device=device), dtype)
+            cached = self._tables[key] = (cos[0, 0], sin[0, 0])
+        return cached
+
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [N, 1, 1, dim] for one position per row, positions [N] < `limit`."""
+        cos, sin = self.table(limit, dtype, positions.device)
+        return cos.index_select(0, positions)[:, None, None], sin.index_select(0, positions)[:, None, None]
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin for `position_ids` [B, T] (or [T]), each [B, 1, T, dim] (or [1, 1, T, dim]) in `dtype`.
@@ -383,7 +402,8 @@ class MossTTSNanoGPT2Attention(nn.Module):
             key, value = cache.update(self.layer_idx, key, value)
         output = attention(self, query, key, value, mask, self.scaling)  # [B, H, T, D]
         output = output.transpose(1, 2).reshape(batch, length, -1)
-        return self.resid_dropout(self.c_proj(output))
+        output = self.c_proj(output)
+        return self.resid_dropout(output) if self.training else output
 
 
 class MossTTSNanoGPT2MLP(nn.Module):
@@ -400,7 +420,8 @@ class MossTTSNanoGPT2MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(self.act(self.fc_in(hidden))))
+        hidden = self.fc_out(self.act(self.fc_in(hidden)))
+        return self.dropout(hidden) if self.training else hidden
 
 
 class MossTTSNanoGPT2Block(nn.Module):
@@ -502,7 +523,7 @@ class MossTTSNanoGPT2Model(nn.Module):
         return hidden
 
     def decode_step(
-        self, inputs_embeds: torch.Tensor, valid: torch.Tensor, cache: KVCache, read_length: int,
+        self, inputs_embeds: torch.Tensor, valid: torch.Tensor | None, cache: KVCache, read_length: int,
         attention: AttentionFunction,
     ) -> torch.Tensor:
         """One new position for each of the first N slots of `cache`: the fixed-shape decode step.
@@ -515,7 +536,7 @@ class MossTTSNanoGPT2Model(nn.Module):
 
         Args:
             inputs_embeds: [N, 1, C].
-            valid: bool [N].
+            valid: bool [N], or None when every row is real (no output masking: fewer ops).
             cache: the decoder's KVCache (slots >= N untouched).
             read_length: > every written position of the N slots.
             attention: the resolved attention function.
@@ -526,23 +547,31 @@ class MossTTSNanoGPT2Model(nn.Module):
         rows = inputs_embeds.shape[0]
         write = cache.step_write(rows, read_length)
         index = write.index  # [N]
-        cache.key_mask[:rows].scatter_(1, index[:, None], valid[:, None])
+        cache.key_mask[:rows].scatter_(1, index[:, None], True if valid is None else valid[:, None])
         key_positions = torch.arange(read_length, device=index.device)
         visible = cache.key_mask[:rows, :read_length] | (key_positions == index[:, None])  # own key always open
-        hidden, _ = self._run_blocks(inputs_embeds, valid[:, None, None], visible[:, None, None, :], index[:, None],
-                                     write, attention, False)
-        cache.positions[:rows] += valid
-        return hidden[:, 0]
-
-    def _run_blocks(self, hidden, query_mask, mask, position_ids, write, attention, output_hidden_states):
-        """Embeddings -> blocks -> ln_f; with a query mask [B, T, 1], pad positions are zeroed after each stage."""
-        keep = None if query_mask is None else query_mask.to(hidden.dtype)
         rope = None
         if self.rotary_emb is not None:
-            rope = self.rotary_emb(position_ids, hidden.dtype)
-        else:
+            rope = self.rotary_emb.lookup(index, inputs_embeds.dtype, cache.capacity)
+        query_mask = None if valid is None else valid[:, None, None]
+        hidden, _ = self._run_blocks(inputs_embeds, query_mask, visible[:, None, None, :], index[:, None], write,
+                                     attention, False, rope)
+        cache.positions[:rows] += 1 if valid is None else valid
+        return hidden[:, 0]
+
+    def _run_blocks(self, hidden, query_mask, mask, position_ids, write, attention, output_hidden_states, rope=None):
+        """Embeddings -> blocks -> ln_f; with a query mask [B, T, 1], pad positions are zeroed after each stage.
+
+        `rope` (cos, sin) may be given precomputed for `position_ids` (the decode step looks them up in a table).
+        """
+        keep = None if query_mask is None else query_mask.to(hidden.dtype)
+        if self.rotary_emb is None:
             hidden = hidden + self.wpe(position_ids)
-        hidden = _masked(self.drop(hidden), keep)
+        elif rope is None:
+            rope = self.rotary_emb(position_ids, hidden.dtype)
+        if self.training:
+            hidden = self.drop(hidden)
+        hidden = _masked(hidden, keep)
         all_hidden = () if output_hidden_states else None
         for block in self.h:
             if all_hidden is not None:

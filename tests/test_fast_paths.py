@@ -48,7 +48,7 @@ def test_local_decode_steps_equal_recomputing_the_local_decoder(attention):
     inputs = torch.randn(3, 17, 64)
     cache = decoder.KVCache.for_decoder(local, 3, 17)
     fn = decoder.attention_function(attention)
-    steps = [local.decode_step(inputs[:, slot:slot + 1], torch.ones(3, dtype=torch.bool), cache, 17, fn)
+    steps = [local.decode_step(inputs[:, slot:slot + 1], None, cache, 17, fn)
              for slot in range(17)]
     full, _ = local(inputs, attention=attention)
     torch.testing.assert_close(torch.stack(steps, dim=1), full, atol=1e-6, rtol=1e-6)
