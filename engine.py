@@ -15,10 +15,11 @@ The scheduler, one tick (`step`):
    that fits is admitted; otherwise one per tick, so a burst of arrivals cannot starve the streams already playing
    while a newcomer still starts within a frame or two;
 3. one frame for every running request (one host sync);
-4. the codec: each request's pending frames are decoded when its stream policy says so (upstream's lead-based
-   budget: 1 frame for the first audio, then 2 / 4 / 8 frames per call as the stream gets ahead of real time), all
-   such requests in one batched call of the codec's slot session; a chunk's last frames are decoded at once, then
-   its pause (silence, spec §7.2) is emitted and its next chunk is prefilled into the same slot on the next tick.
+4. the codec: when some request's stream policy asks for a decode (upstream's lead-based budget: 1 frame for the
+   first audio, then 2 / 4 / 8 frames per call as the stream gets ahead of real time), one batched call of the
+   codec's slot session decodes it and every other request's pending frames with it (up to the largest budget); a
+   chunk's last frames are decoded at once, then its pause (silence, spec §7.2) is emitted and its next chunk is
+   prefilled into the same slot on the next tick.
 
 The engine runs inline (`step` / `run_until_idle`, what `inference_stream` does) or on its own thread (`start` /
 `stop`, what the server does). Submitting and cancelling are thread-safe; events go to each request's own queue (or a
@@ -575,18 +576,24 @@ class SpeechEngine:
             stream.group = None
 
     def _decode_audio(self) -> None:
-        """One batched codec call for the streams whose policy (or finished chunk) asks for it."""
+        """One batched codec call when some stream's policy (or finished chunk) asks for it.
+
+        The call then takes every stream's pending frames (up to its budget, or all for a finished chunk): a call
+        costs mostly per call and per frame step, little per extra row, so riding along is cheaper than a call of
+        its own a tick later.
+        """
         now = time.perf_counter()
-        work = {}
-        for slot, stream in self._running.items():
-            if not stream.pending:
-                continue
-            take = self._frames_to_decode(stream, now)
-            if take:
-                work[slot] = (torch.stack(stream.pending[:take]), stream.settings.nq)
-                stream.pending = stream.pending[take:]
-        if not work:
+        budgets = {slot: self._frames_to_decode(stream, now) for slot, stream in self._running.items()
+                   if stream.pending}
+        if not any(budgets.values()):
             return
+        longest = max(budgets.values())
+        work = {}
+        for slot, budget in budgets.items():
+            stream = self._running[slot]
+            take = len(stream.pending) if stream.chunk_done else min(len(stream.pending), max(budget, longest))
+            work[slot] = (torch.stack(stream.pending[:take]), stream.settings.nq)
+            stream.pending = stream.pending[take:]
         try:
             audio = self.codec.decode(work)
         except Exception as error:  # a codec failure: the streams in this call are affected
@@ -598,6 +605,7 @@ class SpeechEngine:
             self._emit(self._running[slot], waveform, is_pause=False)
 
     def _frames_to_decode(self, stream: _Stream, now: float) -> int:
+        """How many pending frames the stream's policy wants decoded now (0: none yet)."""
         if stream.chunk_done:
             return len(stream.pending)
         lead = stream.lead(self.codec.rate, now)

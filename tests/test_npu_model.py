@@ -114,3 +114,36 @@ def test_tiny_model_on_fake_npu_runs_in_fp16_and_bf16_and_with_npu_fusion_attent
     codes = generate_on(model, "npu", ids, mask, do_sample=False, attn_implementation="npu_fusion_attention")
     assert torch.equal(codes.cpu(), expected["greedy_voice_clone.audio_token_ids"][:, :FRAMES])
     """, *fake_npu_level2, str(FRAMES))
+
+
+def test_engine_on_fake_npu_serves_two_private_streams_like_the_cpu_with_one_sync_per_frame(fake_npu_level2):
+    """The engine on npu:0: private generators (the fake has no NPU generators, so they fall back to the CPU and
+    the numbers are moved), two seeded streams joining one frame apart equal the CPU engine's, syncs bounded."""
+    run_child(_SETUP + """
+    engine_module = import_module("engine")
+    generation = import_module("generation")
+    ids, _ = case("greedy_voice_clone")
+    settings = generation.GenerationSettings(max_new_frames=FRAMES, do_sample=True, audio_temperature=0.8,
+                                             audio_repetition_penalty=1.2, text_temperature=1.0)
+
+    def run(model):
+        engine = engine_module.SpeechEngine(model, None, num_slots=2, max_positions=ids.shape[1] + FRAMES)
+        first = engine.submit(engine_module.SpeechRequest([engine_module.ChunkPrompt(ids[0])], settings, seed=3))
+        engine.step()
+        second = engine.submit(engine_module.SpeechRequest([engine_module.ChunkPrompt(ids[0, 5:])], settings,
+                                                           seed=4))
+        state.reset_counters()
+        ticks = 1
+        while engine.step():
+            ticks += 1
+        finals = [list(handle.events(timeout=1))[-1] for handle in (first, second)]
+        return [final.codes[0] for final in finals], state.syncs, ticks
+
+    model = checkpoints.load_safetensors_model(golden)
+    cpu, _, _ = run(model)
+    npu, syncs, ticks = run(model.to("npu"))
+    for a, b in zip(cpu, npu):
+        assert torch.equal(a, b.cpu()), (a, b)
+    # per tick: the frame's stop check; per finished chunk: its codes to the host (and a limit check)
+    assert syncs <= ticks + 2 * 3, (syncs, ticks)
+    """, *fake_npu_level2, str(FRAMES))
