@@ -101,6 +101,9 @@ class DeviceSpec:
         graph_class: torch.cuda.CUDAGraph / torch.npu.NPUGraph (torch_npu >= release 7.0.0) when present, else None.
         batch_by_free_memory: whether chunk batching sizes batches from free memory. False on CPU, where upstream
             uses batch 1, so chunked voice cloning on CPU draws the same random numbers as upstream.
+        concatenating_draws: whether one draw of n random numbers from a generator of this device equals
+            consecutive draws of the parts (CPU: one mt19937 stream, checked in tests; CUDA and NPU generators
+            advance a Philox offset per call, so they do not).
     """
 
     device: torch.device
@@ -111,6 +114,7 @@ class DeviceSpec:
     module: Optional[ModuleType]
     graph_class: Optional[type]
     batch_by_free_memory: bool
+    concatenating_draws: bool = False
 
 
 DeviceLike = Union[str, torch.device, DeviceSpec, None]
@@ -252,7 +256,7 @@ def _cpu_spec(device: torch.device) -> DeviceSpec:
     # fp32 is the reference; bf16/fp16 run on CPU too (slowly) and are allowed as explicit choices.
     return DeviceSpec(device=torch.device(CPU), type=CPU, default_dtype=torch.float32,
                       supported_dtypes=(torch.float32, torch.bfloat16, torch.float16), default_attention="sdpa",
-                      module=None, graph_class=None, batch_by_free_memory=False)
+                      module=None, graph_class=None, batch_by_free_memory=False, concatenating_draws=True)
 
 
 def _cuda_spec(device: torch.device) -> DeviceSpec:

@@ -32,7 +32,7 @@ import torch
 
 from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
-from .sampling import RowSettings, draw_noise, sample_rows, validate_sampling_args
+from .sampling import RowSettings, draw_channel_noise, draw_noise, sample_rows, validate_sampling_args
 
 logger = logging.getLogger(__name__)
 
@@ -429,9 +429,9 @@ class SlotDecoder:
         """After the sync: each sampling group's noise per channel, in upstream's order (channel 0 first)."""
         for group in groups:
             if group.settings.do_sample:
-                for channel in range(group.settings.nq):
-                    noise = draw_noise(len(group.slots), self.codebook, group.generator, self.device)
-                    group.rows_of(self.audio_noise[channel]).copy_(noise)
+                nq, rows = group.settings.nq, len(group.slots)
+                noise = draw_channel_noise(nq, rows, self.codebook, group.generator, self.device)
+                self.audio_noise[:nq, group.slots[0]:group.slots[0] + rows].copy_(noise)
 
     def _audio_channels(self, rows: int, choice: torch.Tensor) -> None:
         """Local steps 1..nq: channel c's head and sampling, fed the previous slot's embedding (spec §6.2).

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from .devices import device_spec
+
 
 def validate_sampling_args(do_sample: bool, temperature: float, repetition_penalty: float = 1.0, name: str = "") -> None:
     """Check the user's sampling values once, before generation starts.
@@ -84,6 +86,16 @@ def draw_noise(rows: int, vocab: int, generator: torch.Generator | None, device)
     where = generator.device if generator is not None else device
     noise = torch.empty(rows, vocab, dtype=torch.float32, device=where).exponential_(generator=generator)
     return noise if noise.device == torch.device(device) else noise.to(device)
+
+
+def draw_channel_noise(channels: int, rows: int, vocab: int, generator: torch.Generator | None, device
+                       ) -> torch.Tensor:
+    """float32 [channels, rows, vocab]: `channels` consecutive `draw_noise(rows, vocab)` draws (upstream draws one
+    [rows, vocab] per audio channel), in one call where the generator's device makes that the same numbers."""
+    source = generator.device if generator is not None else torch.device(device)
+    if device_spec(source).concatenating_draws:
+        return draw_noise(channels * rows, vocab, generator, device).view(channels, rows, vocab)
+    return torch.stack([draw_noise(rows, vocab, generator, device) for _ in range(channels)])
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
@@ -163,6 +175,7 @@ def sample_rows(
 __all__ = [
     "RowSettings",
     "apply_repetition_penalty",
+    "draw_channel_noise",
     "draw_noise",
     "sample_rows",
     "top_k_filter",

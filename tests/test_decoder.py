@@ -282,3 +282,14 @@ def test_trim_drops_only_trailing_all_pad_frames(model):
     codes = torch.tensor([[[1] * 16, [1024] * 16, [2] * 16, [1024] * 16], [[3] * 16] + [[1024] * 16] * 3])
     trimmed = model._trim_generated_audio_token_ids(codes)
     assert [sample.shape[0] for sample in trimmed] == [3, 1]
+
+
+def test_one_cpu_draw_equals_upstreams_consecutive_per_channel_draws():
+    """Upstream draws [B, V] once per channel; on the CPU one [channels * B, V] draw gives the same numbers and
+    leaves the generator in the same state (that is what lets a frame's audio noise be one call per request)."""
+    for channels, rows in [(16, 1), (5, 3)]:
+        first = torch.Generator().manual_seed(7)
+        apart = torch.stack([sampling.draw_noise(rows, 1024, first, "cpu") for _ in range(channels)])
+        second = torch.Generator().manual_seed(7)
+        together = sampling.draw_channel_noise(channels, rows, 1024, second, "cpu")
+        assert torch.equal(together, apart) and torch.equal(first.get_state(), second.get_state())
