@@ -45,8 +45,10 @@ class RowSettings:
         do_sample: bool [N].
         temperature, top_p, repetition_penalty: float32 [N, 1] (top_p outside (0, 1) means no nucleus filter).
         top_k: long [N] (0 means no top-k filter).
+        kth: long [N, 1], the column of each row's k-th best logit among the max_top_k best (0 where k is 0).
+        top_k_on, top_p_on: bool [N, 1], where a row uses that filter.
         max_top_k: the largest top-k of the rows, clamped to the vocabulary (0: no row filters).
-        any_sample, any_top_p, any_penalty: whether some sampled row uses that step.
+        any_sample, all_sample, any_top_p, all_top_p, all_top_k, any_penalty: what the rows use, for the host.
     """
 
     do_sample: torch.Tensor
@@ -54,9 +56,15 @@ class RowSettings:
     top_k: torch.Tensor
     top_p: torch.Tensor
     repetition_penalty: torch.Tensor
+    kth: torch.Tensor
+    top_k_on: torch.Tensor
+    top_p_on: torch.Tensor
     max_top_k: int
     any_sample: bool
+    all_sample: bool
     any_top_p: bool
+    all_top_p: bool
+    all_top_k: bool
     any_penalty: bool
 
     @classmethod
@@ -65,6 +73,7 @@ class RowSettings:
         sample = [bool(row[0]) for row in rows]
         top_k = [min(int(row[2]), vocab) if row[2] and row[2] > 0 else 0 for row in rows]
         top_p = [float(row[3]) if row[3] is not None else 1.0 for row in rows]
+        nucleus = [0.0 < p < 1.0 for p in top_p]
         penalty = [float(row[4]) for row in rows]
         temperature = [float(row[1]) if sample[i] else 1.0 for i, row in enumerate(rows)]  # greedy rows: unused
 
@@ -74,8 +83,11 @@ class RowSettings:
         return cls(
             do_sample=torch.tensor(sample, dtype=torch.bool, device=device), temperature=column(temperature),
             top_k=torch.tensor(top_k, dtype=torch.long, device=device), top_p=column(top_p),
-            repetition_penalty=column(penalty), max_top_k=max(top_k, default=0), any_sample=any(sample),
-            any_top_p=any(0.0 < p < 1.0 for p in top_p), any_penalty=any(p != 1.0 for p in penalty),
+            repetition_penalty=column(penalty), kth=column([max(k, 1) - 1 for k in top_k], torch.long),
+            top_k_on=column([k > 0 for k in top_k], torch.bool), top_p_on=column(nucleus, torch.bool),
+            max_top_k=max(top_k, default=0), any_sample=any(sample), all_sample=all(sample),
+            any_top_p=any(nucleus), all_top_p=all(nucleus), all_top_k=all(k > 0 for k in top_k),
+            any_penalty=any(p != 1.0 for p in penalty),
         )
 
 
@@ -110,39 +122,42 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def top_k_filter(logits: torch.Tensor, top_k: torch.Tensor | int, max_top_k: int | None = None) -> torch.Tensor:
-    """Keep each row's logits >= its k-th largest (ties may keep more than k); others become -inf; k = 0 keeps all.
-
-    Args:
-        logits: [N, V].
-        top_k: an int, or long [N] per row (each <= V).
-        max_top_k: the largest k of the rows (default: computed from an int top_k).
-    """
-    if isinstance(top_k, int):
-        top_k = torch.full(logits.shape[:1], min(top_k, logits.shape[-1]), dtype=torch.long, device=logits.device)
-        max_top_k = int(top_k[0]) if logits.shape[0] else 0
-    if not max_top_k:
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the logits >= the k-th largest of each row (ties may keep more than k); others become -inf; 0 keeps all."""
+    if not top_k or top_k <= 0:
         return logits
-    best = torch.topk(logits, max_top_k, dim=-1).values  # [N, max_top_k], descending
-    kth = best.gather(-1, (top_k.clamp(min=1) - 1)[:, None])
-    threshold = torch.where(top_k[:, None] > 0, kth, torch.full_like(kth, float("-inf")))
-    return logits.masked_fill(logits < threshold, float("-inf"))
+    kth = torch.topk(logits, min(int(top_k), logits.shape[-1]), dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor | float) -> torch.Tensor:
-    """Nucleus filter: per row, drop the tokens after the cumulative probability first exceeds p (only 0 < p < 1).
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter with one p for every row (see `_nucleus`); a no-op outside 0 < p < 1."""
+    if not 0.0 < top_p < 1.0:
+        return logits
+    return _nucleus(logits, torch.full((1, 1), float(top_p), device=logits.device), None)
+
+
+def _top_k_rows(logits: torch.Tensor, settings: RowSettings) -> torch.Tensor:
+    """Per row, keep the logits >= its k-th largest (ties may keep more than k); rows with k = 0 keep all."""
+    best = torch.topk(logits, settings.max_top_k, dim=-1).values  # [N, max_top_k], descending
+    threshold = best.gather(-1, settings.kth)
+    drop = logits < threshold
+    if not settings.all_top_k:
+        drop &= settings.top_k_on
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def _nucleus(logits: torch.Tensor, top_p: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
+    """Per row, drop the tokens after the cumulative probability first exceeds p (rows where `active` [N, 1]).
 
     The drop mask is shifted right by one, so the token that crosses p is kept and the best token always stays.
     """
-    if not isinstance(top_p, torch.Tensor):
-        top_p = torch.full((1, 1), float(top_p), device=logits.device)
     sorted_logits, sorted_indices = torch.sort(logits, descending=True, dim=-1)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-    drop_sorted = torch.zeros_like(cumulative, dtype=torch.bool)
-    drop_sorted[..., 1:] = cumulative[..., :-1] > top_p
-    drop_sorted &= (top_p > 0) & (top_p < 1)
-    drop = drop_sorted.scatter(-1, sorted_indices, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
+    drop_sorted = torch.nn.functional.pad(cumulative[..., :-1] > top_p, (1, 0))
+    if active is not None:
+        drop_sorted &= active
+    return logits.masked_fill(drop_sorted.scatter(-1, sorted_indices, drop_sorted), float("-inf"))
 
 
 def sample_rows(
@@ -162,14 +177,17 @@ def sample_rows(
     logits = logits.float()
     if seen is not None and settings.any_penalty:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
-    greedy = logits.argmax(dim=-1)
     if noise is None or not settings.any_sample:
-        return greedy
-    scaled = top_k_filter(logits / settings.temperature, settings.top_k, settings.max_top_k)
+        return logits.argmax(dim=-1)
+    scaled = logits / settings.temperature
+    if settings.max_top_k:
+        scaled = _top_k_rows(scaled, settings)
     if settings.any_top_p:
-        scaled = top_p_filter(scaled, settings.top_p)
+        scaled = _nucleus(scaled, settings.top_p, None if settings.all_top_p else settings.top_p_on)
     sampled = (torch.softmax(scaled, dim=-1) / noise).argmax(dim=-1)
-    return torch.where(settings.do_sample, sampled, greedy)
+    if settings.all_sample:
+        return sampled
+    return torch.where(settings.do_sample, sampled, logits.argmax(dim=-1))
 
 
 __all__ = [
