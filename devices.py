@@ -14,7 +14,6 @@ Facts behind every choice are in the team's `spec/npu.md` (section numbers are c
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -22,7 +21,6 @@ import logging
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Callable, MutableMapping, Optional, Union
@@ -51,17 +49,14 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 # --- Device quirks --------------------------------------------------------------------------------------------------
 # torch_npu's SDPA reaches its fused FlashAttentionScore kernel only with a bool mask (or none); an additive float
-# mask always takes the slow math path (npu.md §2.1). Every attention mask in this project is bool, True = attend.
-FUSED_ATTENTION_MASK_DTYPE = torch.bool
+# mask always takes the slow math path (npu.md §2.1). So every attention mask in this project is bool, True = attend.
 # torch_npu.npu_fusion_attention takes q/k/v as [B, N, S, D] ("BNSD"), which is our [B, H, T, D]: no transposes.
 NPU_FUSION_LAYOUT = "BNSD"
 # sparse_mode 0 applies atten_mask exactly as given. Modes 2/3 would substitute a top-left/bottom-right causal mask
 # and drop our key padding (npu.md §2.2).
 NPU_FUSION_SPARSE_MODE = 0
-# torch.multinomial on NPU accepts fp16/fp32 input only, so bf16 probabilities fail there (npu.md §0.4). Sampling
-# casts probabilities to float32 on every device; for fp32 models that is the identity, so CPU results are unchanged.
-SAMPLING_DTYPE = torch.float32
-NPU_MULTINOMIAL_DTYPES = (torch.float16, torch.float32)
+# torch.multinomial on NPU accepts fp16/fp32 input only (npu.md §0.4); sampling.py never calls it (it samples by
+# argmax over float32 probabilities and exponential noise), so bf16 models sample on NPU too.
 # torch.npu.mem_get_info is absent in torch_npu 2.1.0 (release 5.0.0); it exists from 2.1.0.post4 / 2.2.0
 # (npu.md §1.4). Looked up with getattr: when absent, free memory is unknown and chunk batching uses batch 1.
 MEM_GET_INFO = "mem_get_info"
@@ -608,55 +603,6 @@ def new_generator(device: DeviceLike, seed: int) -> torch.Generator:
     except RuntimeError as error:
         logger.info("no generators on %s (%s); drawing random numbers on the CPU", spec.device, error)
         return torch.Generator().manual_seed(seed)
-
-
-class Timer:
-    """Elapsed milliseconds of device work, for benchmarks.
-
-    Uses the device's timing events (torch.cuda.Event / torch.npu.Event, recorded on the current stream) where the
-    module has them; otherwise time.perf_counter between two synchronize calls. Usage:
-
-        with Timer(spec) as timer:
-            model.generate(...)
-        logger.info("generate took %.1f ms", timer.elapsed_ms)
-    """
-
-    def __init__(self, device: DeviceLike):
-        self.spec = _as_spec(device)
-        self.elapsed_ms: Optional[float] = None
-        self._events = None
-        self._started = 0.0
-
-    def __enter__(self) -> "Timer":
-        event_class = getattr(self.spec.module, "Event", None)
-        if event_class is not None:
-            self._events = (event_class(enable_timing=True), event_class(enable_timing=True))
-            self._events[0].record()
-        else:
-            synchronize(self.spec)
-            self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc_info) -> bool:
-        if self._events is not None:
-            start, end = self._events
-            end.record()
-            end.synchronize()
-            self.elapsed_ms = float(start.elapsed_time(end))
-        else:
-            synchronize(self.spec)
-            self.elapsed_ms = (time.perf_counter() - self._started) * 1000.0
-        return False
-
-
-def autocast(device: DeviceLike, dtype: Optional[torch.dtype] = None) -> contextlib.AbstractContextManager:
-    """torch.autocast for the device: enabled for fp16/bf16, disabled (forcing full precision) for None/fp32.
-
-    Lets modules such as the codec's quantizer turn autocast off on any device without naming the device type.
-    """
-    spec = _as_spec(device)
-    enabled = dtype in HALF_DTYPES
-    return torch.autocast(device_type=spec.type, dtype=dtype if enabled else None, enabled=enabled)
 
 
 # --- Graph capture --------------------------------------------------------------------------------------------------

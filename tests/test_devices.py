@@ -345,41 +345,6 @@ def test_manual_seed_rejects_non_integers(seed):
         devices.manual_seed("cpu", seed)
 
 
-def test_timer_on_cpu_measures_wall_time_in_ms():
-    with devices.Timer("cpu") as timer:
-        time.sleep(0.02)
-    assert 15.0 <= timer.elapsed_ms < 2000.0
-
-
-def test_timer_uses_device_events_where_they_exist(fake_cuda):
-    class Event:
-        def __init__(self, enable_timing=False):
-            assert enable_timing
-            self.at = None
-
-        def record(self, stream=None):
-            self.at = time.perf_counter()
-
-        def synchronize(self):
-            fake_cuda.synced.append("event")
-
-        def elapsed_time(self, end):
-            return (end.at - self.at) * 1000.0
-
-    fake_cuda.Event = Event
-    with devices.Timer("cuda:0") as timer:
-        time.sleep(0.01)
-    assert timer.elapsed_ms >= 5.0 and fake_cuda.synced == ["event"]
-
-
-def test_autocast_context_enables_half_precision_and_disables_for_fp32():
-    with devices.autocast("cpu", torch.bfloat16):
-        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        with devices.autocast("cpu", None):
-            assert not torch.is_autocast_enabled("cpu")
-            assert torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2)).dtype == torch.float32
-
-
 # --- Environment ----------------------------------------------------------------------------------------------------
 def test_recommended_env_is_applied_where_unset():
     env = {}

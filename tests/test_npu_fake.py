@@ -213,7 +213,7 @@ def test_npu_batch_size_comes_from_free_memory_not_allocated_bytes_and_is_one_on
 
 def test_npu_sync_seed_peak_memory_and_timer_use_torch_npu():
     run_child("""
-        import time, torch, fake_torch_npu
+        import torch, fake_torch_npu
         state = fake_torch_npu.install()
         from local_package import import_module
         devices = import_module("devices")
@@ -226,8 +226,5 @@ def test_npu_sync_seed_peak_memory_and_timer_use_torch_npu():
         assert devices.peak_memory_bytes(spec) == 5 << 20
         devices.reset_peak_memory(spec)
         assert state.peak_resets == 1 and devices.peak_memory_bytes(spec) == 1 << 20
-        with devices.Timer(spec) as timer:
-            time.sleep(0.01)
-        assert timer.elapsed_ms >= 5.0 and state.synchronize_calls == 2  # the end event's synchronize
         assert spec.graph_class is None  # no NPUGraph before torch_npu release 7.0.0 (and none in the fake)
     """)
