@@ -8,7 +8,6 @@ test_npu_fake.py and run in subprocesses.
 import dataclasses
 import logging
 import math
-import time
 
 import pytest
 import torch
