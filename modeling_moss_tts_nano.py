@@ -199,6 +199,21 @@ class MossTTSNanoPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = False
     _keys_to_ignore_on_load_unexpected = _IgnorePatterns([r"local_transformer\.wte\.weight"])
 
+    def set_attn_implementation(self, attn_implementation: str, **kwargs: Any) -> None:
+        """transformers' public switch (4.57 and 5.x), routed to the model's `_set_attention_implementation`
+        (both decoders).
+
+        transformers' own version only sets `config._attn_implementation`, which this model does not read (it resolves
+        its own request per device), so without this override the call would change nothing.
+
+        Raises:
+            ValueError: for a dict (per-sub-config requests) or an unknown backend name.
+        """
+        if not isinstance(attn_implementation, str):
+            raise ValueError(f"attn_implementation={attn_implementation!r}; expected one backend name for both "
+                             "decoders, e.g. 'sdpa' or 'eager'")
+        self._set_attention_implementation(attn_implementation)
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """N(0, initializer_range) for Linear/Embedding weights, zero biases, LayerNorm 1/0."""

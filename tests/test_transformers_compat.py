@@ -118,3 +118,82 @@ def test_no_transformers_deprecation_warning_for_the_cache_names():
     """)
     assert output.strip().endswith("done")
     assert "deprecated" not in output.lower()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The attention request (ours) vs transformers' `_attn_implementation` (theirs, which the model does not read)
+
+
+@pytest.fixture(scope="module")
+def flash_repository(tmp_path_factory, model):
+    """A repository whose config.json asks for the released "flash_attention_2" (global) and eager (local)."""
+    config = checkpoints.tiny_config(attn_implementation="flash_attention_2",
+                                     local_transformer_attn_implementation="eager")
+    folder = tmp_path_factory.mktemp("flash_repo")
+    return checkpoints.write_model_repository(folder, config, model.state_dict())
+
+
+def test_config_json_attention_request_survives_loading(flash_repository):
+    config = AutoConfig.from_pretrained(str(flash_repository), trust_remote_code=True)
+    assert (config.attn_implementation, config.local_attn_implementation) == ("flash_attention_2", "eager")
+    loaded = AutoModel.from_pretrained(str(flash_repository), trust_remote_code=True)
+    assert loaded.config.attn_implementation == "flash_attention_2"
+    assert loaded._attention_pair() == ("sdpa", "eager")  # flash cannot run on the CPU: resolved per device
+
+
+def test_from_pretrained_attention_keyword_overrides_the_config(flash_repository):
+    loaded = AutoModel.from_pretrained(str(flash_repository), trust_remote_code=True, attn_implementation="eager")
+    assert loaded.config.attn_implementation == "eager" and loaded._attention_pair() == ("eager", "eager")
+
+
+def test_set_attn_implementation_switches_both_decoders(model):
+    switched = checkpoints.random_tiny_model(seed=21)
+    switched.set_attn_implementation("eager")
+    assert switched._attention_pair() == ("eager", "eager")
+    with pytest.raises(ValueError, match="expected one of"):
+        switched.set_attn_implementation("magic")
+    with pytest.raises(ValueError, match="one backend name"):
+        switched.set_attn_implementation({"": "eager"})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tied weights (a dict in 5.x, a list plus the `_tie_weights` hook in 4.57)
+
+
+def test_tie_weights_reties_separated_heads():
+    separated = checkpoints.random_tiny_model(seed=22)
+    separated.text_lm_head.weight = torch.nn.Parameter(separated.text_lm_head.weight.detach().clone())
+    separated.audio_lm_heads[3].weight = torch.nn.Parameter(separated.audio_lm_heads[3].weight.detach().clone())
+    separated.tie_weights()
+    assert separated.text_lm_head.weight is separated.transformer.wte.weight
+    assert all(head.weight is embedding.weight
+               for head, embedding in zip(separated.audio_lm_heads, separated.audio_embeddings))
+
+
+def test_auto_model_loads_forwards_generates_saves_and_reloads(model, tmp_path):
+    """The newest-transformers check of issue 10, on a tiny checkpoint in the upstream format."""
+    checkpoints.write_model_repository(tmp_path / "repo", model.config, model.state_dict())
+    loaded = AutoModel.from_pretrained(str(tmp_path / "repo"), trust_remote_code=True)
+    ids = _rows(6, seed=6)
+    hidden = loaded(ids).global_hidden_states
+    codes = loaded.generate(ids, max_new_frames=3).audio_token_ids
+    loaded.save_pretrained(tmp_path / "saved")
+    again = AutoModel.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)
+    assert again.text_lm_head.weight is again.transformer.wte.weight
+    torch.testing.assert_close(again(ids).global_hidden_states, hidden, atol=0, rtol=0)
+    assert torch.equal(again.generate(ids, max_new_frames=3).audio_token_ids, codes)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The nested gpt2_config (a plain attribute: the config declares no `sub_configs`)
+
+
+def test_nested_gpt2_config_survives_the_diff_serialisation_of_save_pretrained(tmp_path):
+    config = checkpoints.tiny_config(n_layer=3, rope_base=5000.0)
+    config.save_pretrained(tmp_path)  # writes the diff against the defaults
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["gpt2_config"]["n_layer"] == 3 and saved["gpt2_config"]["rope_base"] == 5000.0
+    again = configuration.MossTTSNanoConfig.from_pretrained(tmp_path)
+    assert (again.gpt2_config.n_layer, again.gpt2_config.rope_base, again.hidden_size) == (3, 5000.0, 64)
+    assert type(again.gpt2_config).__name__ == "GPT2Config"
+    assert json.loads(again.to_json_string(use_diff=False))["gpt2_config"]["n_embd"] == 64
