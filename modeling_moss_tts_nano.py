@@ -44,6 +44,7 @@ from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
 from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
+from .weight_formats import apply_weight_format  # noqa: F401,E402
 from .weights import ensure_model_files  # noqa: F401,E402
 
 logger = logging.getLogger(__name__)

@@ -45,6 +45,7 @@ import torch
 from .audio_io import OUTPUT_FILE_MODE, WRITE_FORMATS, load_audio, save_audio
 from .devices import chunk_batch_size, resolve_attention, resolve_device
 from .text_chunking import count_tokens, pause_samples, split_text_into_chunks, voice_clone_text_chunks
+from .weight_formats import dtype_change_unavailable_reason
 from .weights import CODEC_REPO_ID, CODEC_SUBFOLDER, PINNED, describe_manual_download
 
 logger = logging.getLogger(__name__)
@@ -460,8 +461,18 @@ def generate_codes(model, input_ids, attention_mask, generation: dict, fallback:
 
 
 def _retry_in_float32(model, input_ids, attention_mask, generation: dict, error: BaseException):
-    """The single retry of §7.1: float32 + the device's best backend, announced, then the dtype restored."""
+    """The single retry of §7.1: float32 + the device's best backend, announced, then the dtype restored.
+
+    A model in a converted weight format (oneDNN-packed bf16 or int8 layers) cannot be cast to float32 in place: the
+    retry is refused with a RuntimeError that says so and how to get a float32 model.
+    """
     original_dtype, device = model.dtype, model.device
+    blocker = dtype_change_unavailable_reason(model)
+    if blocker is not None:
+        raise RuntimeError(
+            f"Generation failed ({type(error).__name__}: {error}). The float32 retry cannot run: {blocker}. Load the "
+            "model again without a weight format (fp32) to generate in float32."
+        ) from error
     attention = resolve_attention(None, device, torch.float32)
     before = (model.config.attn_implementation, getattr(model.config, "local_attn_implementation", None))
     logger.warning(

@@ -15,6 +15,8 @@ from tiny_repository import HOP, SAMPLE_RATE, tiny_codec_config_dict, write_tiny
 synthesis = import_module("synthesis")
 modeling = import_module("modeling_moss_tts_nano")
 text_chunking = import_module("text_chunking")
+checkpoints = import_module("checkpoints")
+weight_formats = import_module("weight_formats")
 
 UPSTREAM_RESULT_KEYS = {
     "audio_path", "sample_rate", "audio_token_ids", "waveform", "reference_audio_token_ids",
@@ -239,6 +241,55 @@ def test_stability_error_retries_once_in_float32_then_restores_the_dtype(model, 
     assert (unstable.config.attn_implementation, unstable.config.local_attn_implementation) == requested
     message = next(r.getMessage() for r in caplog.records if "Retrying" in r.getMessage())
     assert "float32" in message and "bfloat16" in message and "'sdpa'" in message
+
+
+def _fails_once(monkeypatch, model):
+    """Make model.generate raise a stability error on its first call; returns the model dtype of every call."""
+    generate, dtypes = model.generate, []
+
+    def flaky(*args, **kwargs):
+        dtypes.append(model.dtype)
+        if len(dtypes) == 1:
+            raise RuntimeError("Non-finite logits during generation (inf or nan)")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", flaky)
+    return dtypes
+
+
+def _converted_tiny_model(weight_format):
+    return weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=9), weight_format)
+
+
+@pytest.mark.parametrize("weight_format, plain_bf16", [("fp32", False), ("fp16", False), ("bf16", True),
+                                                       ("bf16", False)])
+def test_float32_retry_works_for_weight_formats_that_cast(monkeypatch, weight_format, plain_bf16):
+    if plain_bf16:  # what every CPU without oneDNN packing (and every accelerator) gets
+        monkeypatch.setattr(weight_formats, "onednn_packing_available", lambda: False)
+    converted = _converted_tiny_model(weight_format)
+    if weight_formats.dtype_change_unavailable_reason(converted) is not None:
+        pytest.skip("oneDNN packs bf16 on this CPU: covered by the refusal test")
+    dtype = converted.dtype
+    dtypes = _fails_once(monkeypatch, converted)
+    ids = torch.randint(10, 1000, (1, 6, 17))
+    codes = synthesis.generate_codes(converted, ids, torch.ones(1, 6, dtype=torch.bool), dict(max_new_frames=2))
+    assert dtypes == [dtype, torch.float32] and converted.dtype == dtype
+    assert codes[0].shape[1] == 16 and converted.generate(ids, max_new_frames=1).audio_token_ids.shape[2] == 16
+
+
+@pytest.mark.parametrize("weight_format", [
+    pytest.param("int8", marks=pytest.mark.skipif(not weight_formats.int8_kernels_available(), reason="no int8")),
+    pytest.param("bf16", marks=pytest.mark.skipif(not weight_formats.onednn_packing_available(),
+                                                  reason="oneDNN packing does not run here: bf16 casts instead")),
+])
+def test_float32_retry_is_refused_clearly_for_converted_weight_formats(monkeypatch, weight_format):
+    converted = _converted_tiny_model(weight_format)
+    dtypes = _fails_once(monkeypatch, converted)
+    ids = torch.randint(10, 1000, (1, 6, 17))
+    with pytest.raises(RuntimeError, match=f"float32 retry cannot run: its weight format '{weight_format}'") as caught:
+        synthesis.generate_codes(converted, ids, torch.ones(1, 6, dtype=torch.bool), dict(max_new_frames=2))
+    assert "Non-finite logits" in str(caught.value) and "without a weight format (fp32)" in str(caught.value)
+    assert len(dtypes) == 1
 
 
 def test_other_generation_errors_are_not_retried(model):
