@@ -235,3 +235,28 @@ def test_download_only_verifies_files_already_in_place(pinned, capsys):
                                  "--no-progress"], capsys)
     assert code == 0, stderr
     assert "model folder ready" in stdout
+
+
+def _readme_command(prefix):
+    lines = [line.strip() for line in (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()]
+    (command,) = [line for line in lines if line.startswith(prefix)]
+    return command
+
+
+def test_readme_tiny_recipe_runs_the_main_job_with_audible_output(tmp_path, prompt_wav):
+    """The README's two commands, verbatim apart from the paths: a runnable repository, then speech in a file."""
+    import shlex
+
+    import numpy as np
+
+    paths = {"/tmp/moss_tiny.wav": str(tmp_path / "tiny.wav"), "/tmp/moss_tiny": str(tmp_path / "moss_tiny"),
+             "tokenizer.model": str(shared_path("assets", "tokenizer.model")), "voice.wav": str(prompt_wav)}
+    for prefix in ("python checkpoints.py", "python infer_npu.py --model-path /tmp/moss_tiny"):
+        argv = [paths.get(arg, arg) for arg in shlex.split(_readme_command(prefix))]
+        completed = subprocess.run([sys.executable, str(REPO_ROOT / argv[1]), *argv[2:]], capture_output=True,
+                                   text=True, cwd=str(tmp_path), timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert completed.returncode == 0, completed.stderr
+    samples, rate = sf.read(paths["/tmp/moss_tiny.wav"], dtype="int16")
+    assert rate == SAMPLE_RATE and samples.shape == (25 * HOP, 2)
+    rms = float(np.sqrt(np.mean((samples / 32768.0) ** 2)))
+    assert rms > 0.01 and np.count_nonzero(samples) > 0.9 * samples.size, rms  # audible: above -40 dBFS
