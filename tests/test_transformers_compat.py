@@ -79,9 +79,9 @@ def test_incremental_forward_one_row_at_a_time_equals_one_shot(model):
 
 
 def test_incremental_forward_with_a_left_padded_mask_equals_one_shot(model):
-    ids, mask = model._left_pad_inference_batch([_rows(9, seed=3), _rows(6, seed=4)],
-                                                [torch.ones(1, 9, dtype=torch.bool), torch.ones(1, 6, dtype=torch.bool)],
-                                                device="cpu")
+    rows = [_rows(9, seed=3), _rows(6, seed=4)]
+    masks = [torch.ones(1, row.shape[1], dtype=torch.bool) for row in rows]
+    ids, mask = model._left_pad_inference_batch(rows, masks, device="cpu")
     one_shot = model(ids, mask).global_hidden_states
     output = model(ids[:, :5], mask[:, :5], use_cache=True)
     pieces = [output.global_hidden_states]
