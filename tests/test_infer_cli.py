@@ -3,11 +3,14 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import soundfile as sf
+import torch
 
 from conftest import REPO_ROOT, import_module, shared_path
 from fake_cuda import FakeCuda
@@ -18,6 +21,7 @@ devices = import_module("devices")
 weight_formats = import_module("weight_formats")
 
 FAST = ["--max-new-frames", "2", "--no-do-sample", "--no-progress", "--device", "cpu"]
+TWO_SENTENCES = "Hello world. This is a test."
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +144,15 @@ def test_help_states_the_values_actually_applied():
         assert phrase in text
 
 
+def test_help_states_each_default_once_and_never_none():
+    parser = infer_npu.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            line = formatter._expand_help(action) if "%(" in formatter._get_help_string(action) else action.help
+            assert line.count("default") <= 1 and "(default: None)" not in line, line
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs: exit code 2, a clear message, no output file
 
@@ -155,9 +168,10 @@ def _bad_jsonl(tmp_path):
     ("empty text", ["--prompt-audio-path", "{prompt}", "--text", ""], "empty"),
     ("no text", ["--prompt-audio-path", "{prompt}"], "no text given"),
     ("unknown device", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "tpu"], "unknown device"),
-    ("bad dtype", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--dtype", "float8"], "unknown dtype"),
+    ("bad dtype", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--dtype", "float8"],
+     "argument --dtype: invalid choice: 'float8'"),
     ("bad attention", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--attn-implementation", "magic"],
-     "unknown attention"),
+     "argument --attn-implementation: invalid choice: 'magic'"),
     ("unknown weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--weight-format", "int4"],
      "argument --weight-format: invalid choice: 'int4'"),
     ("dtype against weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "cpu",
@@ -166,17 +180,34 @@ def _bad_jsonl(tmp_path):
     ("bad jsonl line", ["--prompt-audio-path", "{prompt}", "--jsonl", "{jsonl}"], "bad.jsonl:2: not valid JSON"),
     ("bad flag value", ["--max-new-frames", "many"], "invalid int value"),
     ("prompt text in voice clone", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--prompt-text", "Hey"],
-     "does not take prompt_text"),
+     "--mode voice_clone does not take --prompt-text; use --mode continuation"),
+    ("no prompt in voice clone", ["--text", "Hi."], "--mode voice_clone needs --prompt-audio-path"),
     ("missing text file", ["--prompt-audio-path", "{prompt}", "--text-file", "{tmp}/none.txt"], "cannot read"),
+    ("no frames", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--max-new-frames", "0"],
+     "--max-new-frames 0; expected an integer >= 1"),
+    ("top-p above 1", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--audio-top-p", "2"],
+     "--audio-top-p 2.0; expected a number in (0, 1]"),
+    ("top-k 0", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--audio-top-k", "0"],
+     "--audio-top-k 0; expected an integer >= 1"),
+    ("zero temperature", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--audio-temperature", "0"],
+     "--audio-temperature must be > 0 when sampling"),
+    ("output in a file", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--output-path", "{blocker}/x.wav"],
+     "--output-path '{blocker}/x.wav' cannot be written: {blocker} is a file, not a folder"),
 ])
-def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, case, extra,
-                                                             message):
-    values = {"tmp": tmp_path, "prompt": prompt_wav, "jsonl": _bad_jsonl(tmp_path) if "jsonl" in case else ""}
+def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, monkeypatch, case,
+                                                             extra, message):
+    monkeypatch.setattr(infer_npu, "_verify", lambda args: pytest.fail("loading started before the check"))
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("a file")
+    values = {"tmp": tmp_path, "prompt": prompt_wav, "jsonl": _bad_jsonl(tmp_path) if "jsonl" in case else "",
+              "blocker": blocker}
     argv = [arg.format(**values) for arg in extra]
     code, _, stderr = _run(["--model-path", repo, "--no-verify", "--output-path", tmp_path / "x.wav", *argv],
                            capsys)
     assert code == 2, case
-    assert message in stderr, stderr
+    assert message.format(**values) in stderr, stderr
+    for api_name in ("output_audio_path", "prompt_audio_path", "prompt_text", "mode='", "torch.dtype", "None,"):
+        assert api_name not in stderr, stderr  # the command line names its own flags
     assert not any(name.endswith((".wav", ".tmp")) for name in os.listdir(tmp_path))
 
 
@@ -203,7 +234,7 @@ def test_100k_character_continuation_text_exits_2_with_advice(repo, tmp_path, ca
     text_file.write_text("word " * 20000, encoding="utf-8")
     code, _, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text-file", text_file,
                             "--output-path", tmp_path / "x.wav", *FAST], capsys)
-    assert code == 2 and "mode='voice_clone'" in stderr
+    assert code == 2 and "Use --mode voice_clone" in stderr
     assert not (tmp_path / "x.wav").exists()
 
 
@@ -227,6 +258,7 @@ def test_corrupted_checksum_exits_2_and_writes_nothing(repo, monkeypatch, tmp_pa
     code, _, stderr = _run(["--model-path", copy, "--mode", "continuation", "--text", "Hi.", "--output-path",
                             tmp_path / "x.wav", *FAST], capsys)
     assert code == 2 and "Checksum mismatch" in stderr and "pytorch_model.bin" in stderr
+    assert "own checkpoint (fine-tuned or converted), pass --no-verify" in stderr
     assert not (tmp_path / "x.wav").exists()
 
 
@@ -260,3 +292,76 @@ def test_readme_tiny_recipe_runs_the_main_job_with_audible_output(tmp_path, prom
     assert rate == SAMPLE_RATE and samples.shape == (25 * HOP, 2)
     rms = float(np.sqrt(np.mean((samples / 32768.0) ** 2)))
     assert rms > 0.01 and np.count_nonzero(samples) > 0.9 * samples.size, rms  # audible: above -40 dBFS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Interruptions, progress and per-file reports
+
+
+def _start_cli(argv, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "infer_npu.py"), *map(str, argv)], cwd=str(cwd), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_stream_removes_the_partial_file_and_says_interrupted(repo, prompt_wav, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    process = _start_cli(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--text", "Hello.",
+                          "--output-path", out / "long.wav", "--stream", "--max-new-frames", "100000",
+                          "--no-do-sample", "--no-progress", "--device", "cpu"], tmp_path)
+    # The stream has written audio to its hidden temporary file: terminate it there, as `timeout` or docker would.
+    _wait_for(lambda: any(p.stat().st_size > 10 * HOP for p in out.glob(".long.wav.*.tmp")), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == infer_npu.EXIT_TERMINATED == 143, stderr
+    assert "error: interrupted (SIGTERM)" in stderr
+    assert os.listdir(out) == []
+
+
+def test_sigterm_during_jsonl_keeps_finished_files_and_no_unfinished_one(repo, prompt_wav, tmp_path):
+    out = tmp_path / "out"
+    lines = [{"text": f"Line {index}.", "output_path": str(out / f"{index}.wav")} for index in range(3)]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    process = _start_cli(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--jsonl", requests,
+                          "--max-new-frames", "400", "--no-do-sample", "--no-progress", "--device", "cpu"], tmp_path)
+    _wait_for(lambda: (out / "0.wav").exists(), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "interrupted" in stderr, stderr
+    assert sorted(os.listdir(out)) == ["0.wav"] and sf.info(str(out / "0.wav")).frames == 400 * HOP
+
+
+def test_jsonl_summary_lines_time_each_file_on_its_own(monkeypatch, capsys):
+    def two_slow_files(model, requests):
+        for _ in requests:
+            time.sleep(0.3)
+            yield {"audio_path": "x.wav", "waveform": torch.zeros(2, SAMPLE_RATE), "sample_rate": SAMPLE_RATE,
+                   "voice_clone_text_chunks": ["x"]}
+
+    monkeypatch.setattr(infer_npu.synthesis, "iter_inference_many", two_slow_files)
+    assert infer_npu._synthesise_offline(None, "cpu", [None, None]) == [1.0, 1.0]
+    seconds = [float(line.split(" in ")[1].split(" s ")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert len(seconds) == 2 and all(0.25 < value < 0.5 for value in seconds), seconds  # not 0.6 for the second
+
+
+def test_progress_is_visible_without_a_terminal_and_no_progress_silences_every_bar(repo, prompt_wav, tmp_path):
+    common = ["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--text", TWO_SENTENCES,
+              "--voice-clone-max-text-tokens", "5", "--max-new-frames", "2", "--no-do-sample", "--device", "cpu"]
+    shown = _start_cli([*common, "--output-path", tmp_path / "a.wav"], tmp_path)
+    _, shown_err = shown.communicate(timeout=240)
+    silent = _start_cli([*common, "--output-path", tmp_path / "b.wav", "--no-progress"], tmp_path)
+    _, silent_err = silent.communicate(timeout=240)
+    assert shown.returncode == silent.returncode == 0, shown_err + silent_err
+    assert "synthesising: 2/2 chunks" in shown_err  # stderr is a pipe here, as in a log file or CI
+    for text in ("synthesising:", "Loading weights", "it/s]"):
+        assert text not in silent_err, silent_err
