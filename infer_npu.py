@@ -39,6 +39,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
+import inspect
 import json
 import logging
 import re
@@ -63,7 +64,7 @@ PINS = weights.PINNED
 EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
 AUTO_FORMAT = "auto"  # --weight-format auto: keep the model in the --dtype (no conversion)
-# Python API parameters that this script spells differently; the others are the flags' own names (dest).
+# Parameters of `inference` that this script spells differently; the others are the flags' own names (dest).
 API_NAMES_OF_FLAGS = {"output_audio_path": "--output-path"}
 
 
@@ -237,15 +238,16 @@ def _sigterm_raises_terminated():
 
 
 def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library message with the Python API's parameter names replaced by this script's flags.
+    """A library message with the parameter names of `inference` replaced by this script's flags.
 
     `name=value` becomes `--flag value`; a bare name is replaced only when it contains "_" (so that plain words such
     as "text" or "mode" in a sentence stay).
     """
-    flags = {action.dest: action.option_strings[0] for action in parser._actions
-             if action.option_strings and action.dest != "help"}
-    flags.update(API_NAMES_OF_FLAGS)
-    for name, flag in flags.items():
+    by_dest = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    for name in inspect.signature(synthesis.SynthesisMixin.inference).parameters:
+        flag = API_NAMES_OF_FLAGS.get(name) or by_dest.get(name)
+        if flag is None:
+            continue
         message = re.sub(rf"\b{name}=('[^'\s]*'|\"[^\"\s]*\"|[^\s;,]+)",
                          lambda match: f"{flag} {match.group(1).strip(chr(39) + chr(34))}", message)
         if "_" in name:

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -365,3 +366,21 @@ def test_progress_is_visible_without_a_terminal_and_no_progress_silences_every_b
     assert "synthesising: 2/2 chunks" in shown_err  # stderr is a pipe here, as in a log file or CI
     for text in ("synthesising:", "Loading weights", "it/s]"):
         assert text not in silent_err, silent_err
+
+
+def test_download_only_without_network_fails_in_seconds_with_one_message(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a free port: refused at once, like no network
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "infer_npu.py"), "--download-only", "--download-source", "hf",
+         "--model-path", str(tmp_path / "model"), "--no-progress"],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=120, env=dict(env, HF_ENDPOINT=endpoint),
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert time.monotonic() - started < 60  # was about 95 s of retries
+    stderr = completed.stderr
+    assert stderr.count("no connection to 127.0.0.1") == 1 and "Every file failed the same way" in stderr
+    assert stderr.startswith("error: Model files missing from") and "Get these files" in stderr
+    assert len(stderr.splitlines()) < 40, stderr  # was 88 lines of retry noise before the message
