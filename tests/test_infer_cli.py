@@ -23,6 +23,7 @@ weight_formats = import_module("weight_formats")
 
 FAST = ["--max-new-frames", "2", "--no-do-sample", "--no-progress", "--device", "cpu"]
 TWO_SENTENCES = "Hello world. This is a test."
+SAY_HI = ["--prompt-audio-path", "{prompt}", "--text", "Hi."]  # a valid request; each bad-input case adds one flaw
 
 
 @pytest.fixture(scope="module")
@@ -168,31 +169,24 @@ def _bad_jsonl(tmp_path):
     ("missing prompt", ["--prompt-audio-path", "{tmp}/nope.wav", "--text", "Hi."], "does not exist"),
     ("empty text", ["--prompt-audio-path", "{prompt}", "--text", ""], "empty"),
     ("no text", ["--prompt-audio-path", "{prompt}"], "no text given"),
-    ("unknown device", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "tpu"], "unknown device"),
-    ("bad dtype", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--dtype", "float8"],
-     "argument --dtype: invalid choice: 'float8'"),
-    ("bad attention", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--attn-implementation", "magic"],
+    ("unknown device", [*SAY_HI, "--device", "tpu"], "unknown device"),
+    ("bad dtype", [*SAY_HI, "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    ("bad attention", [*SAY_HI, "--attn-implementation", "magic"],
      "argument --attn-implementation: invalid choice: 'magic'"),
-    ("unknown weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--weight-format", "int4"],
-     "argument --weight-format: invalid choice: 'int4'"),
-    ("dtype against weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "cpu",
-                                     "--dtype", "bfloat16", "--weight-format", "int8"],
+    ("unknown weight format", [*SAY_HI, "--weight-format", "int4"], "argument --weight-format: invalid choice: 'int4'"),
+    ("dtype against weight format", [*SAY_HI, "--device", "cpu", "--dtype", "bfloat16", "--weight-format", "int8"],
      "--dtype bfloat16 conflicts with --weight-format int8"),
     ("bad jsonl line", ["--prompt-audio-path", "{prompt}", "--jsonl", "{jsonl}"], "bad.jsonl:2: not valid JSON"),
     ("bad flag value", ["--max-new-frames", "many"], "invalid int value"),
-    ("prompt text in voice clone", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--prompt-text", "Hey"],
+    ("prompt text in voice clone", [*SAY_HI, "--prompt-text", "Hey"],
      "--mode voice_clone does not take --prompt-text; use --mode continuation"),
     ("no prompt in voice clone", ["--text", "Hi."], "--mode voice_clone needs --prompt-audio-path"),
     ("missing text file", ["--prompt-audio-path", "{prompt}", "--text-file", "{tmp}/none.txt"], "cannot read"),
-    ("no frames", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--max-new-frames", "0"],
-     "--max-new-frames 0; expected an integer >= 1"),
-    ("top-p above 1", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--audio-top-p", "2"],
-     "--audio-top-p 2.0; expected a number in (0, 1]"),
-    ("top-k 0", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--audio-top-k", "0"],
-     "--audio-top-k 0; expected an integer >= 1"),
-    ("zero temperature", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--audio-temperature", "0"],
-     "--audio-temperature must be > 0 when sampling"),
-    ("output in a file", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--output-path", "{blocker}/x.wav"],
+    ("no frames", [*SAY_HI, "--max-new-frames", "0"], "--max-new-frames 0; expected an integer >= 1"),
+    ("top-p above 1", [*SAY_HI, "--audio-top-p", "2"], "--audio-top-p 2.0; expected a number in (0, 1]"),
+    ("top-k 0", [*SAY_HI, "--audio-top-k", "0"], "--audio-top-k 0; expected an integer >= 1"),
+    ("zero temperature", [*SAY_HI, "--audio-temperature", "0"], "--audio-temperature must be > 0 when sampling"),
+    ("output in a file", [*SAY_HI, "--output-path", "{blocker}/x.wav"],
      "--output-path '{blocker}/x.wav' cannot be written: {blocker} is a file, not a folder"),
 ])
 def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, monkeypatch, case,
