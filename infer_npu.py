@@ -66,6 +66,7 @@ JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
 AUTO_FORMAT = "auto"  # --weight-format auto: keep the model in the --dtype (no conversion)
 # Parameters of `inference` that this script spells differently; the others are the flags' own names (dest).
 API_NAMES_OF_FLAGS = {"output_audio_path": "--output-path"}
+QUOTES = "'\""
 
 
 class UsageError(ValueError):
@@ -249,7 +250,7 @@ def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
         if flag is None:
             continue
         message = re.sub(rf"\b{name}=('[^'\s]*'|\"[^\"\s]*\"|[^\s;,]+)",
-                         lambda match: f"{flag} {match.group(1).strip(chr(39) + chr(34))}", message)
+                         lambda match: f"{flag} {match.group(1).strip(QUOTES)}", message)
         if "_" in name:
             message = re.sub(rf"\b{name}\b", flag, message)
     return message
