@@ -299,7 +299,7 @@ def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
     if fmt == "int8":
         weight_max = int8_weight_max()
         count = _replace_linears(model, lambda linear: Int8DynamicLinear(linear, weight_max))
-        why = "" if weight_max == INT8_WEIGHT_MAX_VNNI else " (7-bit: this CPU has no VNNI)"
+        why = "" if weight_max == INT8_WEIGHT_MAX_VNNI else ", 7 bits as this CPU has no VNNI"
         return (f"{count} Linear layers int8 (per-channel weights in [-{weight_max}, {weight_max}]{why}, dynamic 8-bit "
                 "activations), embeddings, norms and text head float32")
     if fmt == "bf16" and spec.type == devices.CPU:
