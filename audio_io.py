@@ -17,8 +17,9 @@ Choices, all documented here because they decide what the codec hears:
   equal-weight average of all channels, which is then duplicated to both outputs. libsndfile does not report channel
   layouts, so no layout-specific (5.1 / 7.1) matrix is guessed. For a mono target every input is averaged.
 * Length: prompts longer than ``max_seconds`` (default ``DEFAULT_MAX_SECONDS`` = 30 s) are trimmed to their first
-  ``max_seconds`` with one log line; only that part is read from disk. The voice prompt is encoded whole and becomes
-  12.5 prompt frames per second, so a long prompt costs time and context without helping the voice.
+  ``max_seconds`` with one WARNING (seen at the default log level); only that part is read from disk. The voice prompt
+  is encoded whole and becomes 12.5 prompt frames per second, so a long prompt costs time and context without helping
+  the voice.
 * Rejected inputs (``ValueError`` naming the file): a missing path, a directory, an empty (0-byte) file, a file
   libsndfile cannot decode (garbage bytes, unsupported format), audio with no samples, audio containing NaN or Inf,
   and silence: every sample below ``SILENCE_PEAK`` (1e-3, i.e. -60 dBFS) in magnitude.
@@ -218,9 +219,9 @@ def _read_samples(path: Path, max_seconds: float | None) -> tuple[np.ndarray, in
             f"Expected a wav, flac, ogg or mp3 file{mp3_note}"
         ) from error
     if keep < total:
-        logger.info(
-            "Prompt audio %s is %.2f s long; using its first %.2f s (max_seconds=%s)",
-            path, total / sample_rate, keep / sample_rate, max_seconds,
+        logger.warning(
+            "Prompt audio %s is %.2f s long; using its first %.2f s (the cap on reference audio; 5 to 15 s of clean "
+            "speech is typical)", path, total / sample_rate, keep / sample_rate,
         )
     return np.ascontiguousarray(frames.T), sample_rate
 

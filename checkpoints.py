@@ -6,13 +6,21 @@ in 16 bits, with each tied pair sharing one storage. `save_upstream_checkpoint` 
 `write_model_repository` adds what `AutoModel.from_pretrained(folder, trust_remote_code=True)` needs offline: a
 config.json with `auto_map`, this repository's library modules and, optionally, the tokenizer files.
 
+`write_runnable_repository` writes a complete tiny repository in the layout `python infer_npu.py --download-only`
+produces: the TTS above, the codec in `audio_tokenizer/` (our MossAudioTokenizerModel with the upstream key names and
+signal layout: 48 kHz stereo, hop 3840, 16 x 1024 codes, small widths like shared/golden/codec_tiny) and, when given,
+the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_frames frames, so output lengths are
+exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
+`infer_npu.py` and `inference` run on it end to end. The tests use the same recipe.
+
 Command line (prints the folder):
 
     python checkpoints.py OUT_DIR [--tokenizer PATH/tokenizer.model] [--seed 0] [--dtype bfloat16]
 
-then
+then, with a tokenizer (`python infer_npu.py --download-only` fetches the real one):
 
-    python -c "from transformers import AutoModel; m = AutoModel.from_pretrained('OUT_DIR', trust_remote_code=True)"
+    python infer_npu.py --model-path OUT_DIR --no-verify --prompt-audio-path voice.wav --text "Hello." \
+        --max-new-frames 25 --output-path tiny.wav
 """
 
 if __name__ == "__main__" and not __package__:
@@ -34,6 +42,7 @@ from typing import Mapping
 import torch
 
 from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig
+from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +184,97 @@ def random_tiny_model(seed: int = 0, **overrides):
     return MossTTSNanoForCausalLM(tiny_config(**overrides)).eval()
 
 
+# The local ln_f bias along the continue direction of the always-continue TTS: large enough that "continue" wins for
+# any hidden state.
+CONTINUE_BIAS = 60.0
+# Level the tiny codec is scaled to (RMS of decoded random codes), about -20 dBFS: clearly audible in 16 bits.
+TINY_CODEC_RMS = 0.1
+
+
+def always_continue_tiny_model(seed: int = 0):
+    """A random tiny TTS whose continue/stop decision always continues (greedy runs exactly max_new_frames frames)."""
+    model = random_tiny_model(seed=seed)
+    with torch.no_grad():
+        wte = model.transformer.wte.weight
+        direction = wte[9] - wte[7]
+        model.local_transformer.ln_f.bias.copy_(CONTINUE_BIAS * direction / direction.norm())
+    return model
+
+
+def tiny_codec_config_dict() -> dict:
+    """The tiny codec config (golden codec_tiny shape): patch sizes 240, 2, 2, 2, 4; d_model 32; code_dim 96."""
+    encoder = [_codec_patch(240), _codec_stage(240, 48, 0.02), _codec_patch(2), _codec_stage(96, 48, 0.04),
+               _codec_patch(2), _codec_stage(96, 48, 0.06), _codec_patch(2), _codec_stage(96, 24, 0.08),
+               _codec_patch(4)]
+    decoder = [_codec_patch(4), _codec_stage(24, 96, 0.08), _codec_patch(2), _codec_stage(48, 96, 0.06),
+               _codec_patch(2), _codec_stage(48, 96, 0.04), _codec_patch(2), _codec_stage(48, 240, 0.02),
+               _codec_patch(240)]
+    quantizer = {"codebook_dim": 8, "codebook_loss_weight": 1.0, "codebook_size": 1024,
+                 "commitment_loss_weight": 0.25, "input_dim": 96, "num_quantizers": 16, "output_dim": 96,
+                 "quantizer_dropout": 1.0, "quantizer_type": "rlfq", "rvq_dim": 32}
+    return {
+        "sample_rate": 48000, "sampling_rate": 48000, "downsample_rate": 3840,
+        "causal_transformer_context_duration": 0.08, "number_channels": 2, "enable_channel_interleave": True,
+        "attention_implementation": "sdpa", "compute_dtype": "fp32", "code_dim": 96, "encoder_kwargs": encoder,
+        "decoder_kwargs": decoder, "quantizer_type": "rlfq", "quantizer_kwargs": quantizer,
+    }
+
+
+def _codec_stage(input_dim: int, output_dim: int, context: float) -> dict:
+    return {
+        "module_type": "Transformer", "causal": True, "context_duration": context, "conv_layout": True,
+        "d_model": 32, "dim_feedforward": 64, "gating": "none", "input_dimension": input_dim, "layer_scale": 0.01,
+        "max_period": 10000, "norm": "layer_norm", "num_heads": 2, "num_layers": 1, "output_dimension": output_dim,
+        "positional_embedding": "rope",
+    }
+
+
+def _codec_patch(size: int) -> dict:
+    return {"module_type": "PatchedPretransform", "patch_size": size}
+
+
+def tiny_codec(seed: int = 0):
+    """A random tiny MossAudioTokenizerModel in eval mode whose decoded audio is audible (RMS about TINY_CODEC_RMS).
+
+    The default init (normal, std 0.02) shrinks the signal at every projection, to about 1e-11 at the output, which
+    16-bit files store as silence. Every Linear gets unit gain (std 1/sqrt(fan_in)) instead, and the last projection
+    is scaled so that decoding seeded random codes gives TINY_CODEC_RMS.
+    """
+    from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
+    from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel
+
+    torch.manual_seed(seed)
+    codec = MossAudioTokenizerModel(MossAudioTokenizerConfig(**tiny_codec_config_dict())).eval()
+    linears = [module for module in codec.modules() if isinstance(module, torch.nn.Linear)]
+    with torch.no_grad():
+        for linear in linears:
+            torch.nn.init.normal_(linear.weight, std=linear.in_features ** -0.5)
+        codes = torch.randint(0, 1024, (16, 25), generator=torch.Generator().manual_seed(seed))
+        audio = codec.batch_decode([codes], num_quantizers=16, chunk_duration=None).audio
+        codec.decoder[-2].output_proj.weight.mul_(TINY_CODEC_RMS / audio.pow(2).mean().sqrt())
+    return codec
+
+
+def write_runnable_repository(folder, tokenizer_model=None, seed: int = 0,
+                              dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a complete tiny model repository (TTS, codec, tokenizer when given) to `folder` and return it.
+
+    Args:
+        folder: destination (created if needed).
+        tokenizer_model: path of a SentencePiece tokenizer.model (needed to synthesise from text), or None.
+        seed: seed of the random weights.
+        dtype: checkpoint dtype of the TTS (16-bit like the release).
+
+    Returns:
+        The folder: `infer_npu.py --model-path folder --no-verify ...` and `AutoModel.from_pretrained(folder,
+        trust_remote_code=True).inference(...)` run on it.
+    """
+    tts = always_continue_tiny_model(seed)
+    folder = write_model_repository(folder, tts.config, tts.state_dict(), tokenizer_model=tokenizer_model, dtype=dtype)
+    tiny_codec(seed).save_pretrained(str(Path(folder) / CODEC_SUBFOLDER))
+    return folder
+
+
 def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
     """A model from a folder holding config.json and model.safetensors (e.g. shared/golden/tts_tiny).
 
@@ -201,26 +301,36 @@ def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
 
 
 def main(argv=None) -> int:
-    """CLI: write a random tiny model repository to OUT_DIR and print its path."""
-    parser = argparse.ArgumentParser(description="Write a tiny random MOSS-TTS-Nano repository (upstream format).")
+    """CLI: write a runnable tiny model repository to OUT_DIR and print its path."""
+    parser = argparse.ArgumentParser(description="Write a tiny random MOSS-TTS-Nano repository (upstream format): the "
+                                                 "TTS, the codec in audio_tokenizer/ and, with --tokenizer, the "
+                                                 "tokenizer, so that infer_npu.py runs on it end to end.")
     parser.add_argument("out_dir", help="destination folder")
-    parser.add_argument("--tokenizer", default=None, help="path of tokenizer.model to include (optional)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.model to include (needed to synthesise; `python infer_npu.py --download-only` "
+                             "fetches the real one)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="checkpoint dtype")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                        help="checkpoint dtype (default bfloat16)")
     args = parser.parse_args(argv)
-    model = random_tiny_model(args.seed)
-    folder = write_model_repository(args.out_dir, model.config, model.state_dict(), args.tokenizer,
-                                    getattr(torch, args.dtype))
+    folder = write_runnable_repository(args.out_dir, args.tokenizer, args.seed, getattr(torch, args.dtype))
+    if args.tokenizer is None:
+        logging.basicConfig(format="%(message)s")
+        logger.warning("No --tokenizer given: the folder loads, but synthesising text needs tokenizer.model in it")
     sys.stdout.write(f"{folder}\n")
     return 0
 
 
 __all__ = [
+    "always_continue_tiny_model",
     "load_safetensors_model",
     "random_tiny_model",
     "save_upstream_checkpoint",
     "tied_keys",
+    "tiny_codec",
+    "tiny_codec_config_dict",
     "tiny_config",
     "upstream_state_dict",
     "write_model_repository",
+    "write_runnable_repository",
 ]

@@ -144,6 +144,18 @@ class MossTTSNanoConfig(PretrainedConfig):
         self.gpt2_config.pad_token_id = pad_token_id
         self.validate()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "MossTTSNanoConfig":
+        """As `PretrainedConfig.from_dict`, keeping config.json's attention request on transformers 4.57.
+
+        4.57's from_dict replaces `attn_implementation` with the caller's keyword, None when it is not given, so the
+        released request was lost on loading (spec §11 item 2); 5.x keeps it. An explicit keyword still wins.
+        Remove when 4.57 support ends.
+        """
+        if "attn_implementation" in config_dict:
+            kwargs.setdefault("attn_implementation", config_dict["attn_implementation"])
+        return super().from_dict(config_dict, **kwargs)
+
     def validate(self) -> None:
         """Check the invariants of spec §1.2.
 

@@ -44,6 +44,8 @@ _DTYPE_NAMES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+# The dtype names resolve_dtype accepts besides "auto" (e.g. for a command line's choices).
+DTYPE_NAMES = tuple(_DTYPE_NAMES)
 # flash_attn kernels exist for half precision only.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 

@@ -20,10 +20,13 @@ them; each has a teacher-forced audio-logit quality check in the tests and in ve
 --prompt-text. Every line is checked before anything is synthesised; the model, tokenizer, codec and each distinct
 prompt's codes are loaded once for the whole file.
 
-Exit codes: 0 success; 2 a user error (bad argument, input file or text; unknown device, dtype or weight format, or
-one the device cannot run; missing or corrupt model files, with instructions); 1 a runtime failure (generation,
-decoding or writing failed); 130 interrupted.
-No output file is left behind on failure: files are written to a temporary name and renamed when complete.
+Exit codes: 0 success; 2 a user error (bad argument, input file or text; an output location that cannot be written;
+unknown device, dtype or weight format, or one the device cannot run; missing or corrupt model files, with
+instructions), always reported before the model loads where the argument alone tells; 1 a runtime failure
+(generation, decoding or writing failed); 130 interrupted (Ctrl-C, SIGINT); 143 terminated (SIGTERM, as sent by
+`timeout`, docker and systemd). No output file is left behind on failure or interruption: files are written to a
+temporary name and renamed when complete, so with --jsonl the finished files stay and unfinished ones never appear.
+Error messages name this script's flags.
 
 The script passes device strings to devices.py and never names a device type itself.
 """
@@ -35,9 +38,14 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit(import_module("infer_npu").main())
 
 import argparse
+import contextlib
+import inspect
 import json
 import logging
+import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,13 +61,20 @@ REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = "outputs/output.wav"
 # Files verified before loading (size + sha256); tests substitute pins of a tiny model.
 PINS = weights.PINNED
-EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
 AUTO_FORMAT = "auto"  # --weight-format auto: keep the model in the --dtype (no conversion)
+# Parameters of `inference` that this script spells differently; the others are the flags' own names (dest).
+API_NAMES_OF_FLAGS = {"output_audio_path": "--output-path"}
+QUOTES = "'\""
 
 
 class UsageError(ValueError):
-    """A bad command line (argparse's complaint), reported with exit code 2."""
+    """A bad command line or input file, with a message in this script's terms (exit code 2)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that partial outputs are cleaned up on the way out."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,10 +82,20 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" only where the help does not state the default itself and X means something."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (help strings state the values actually applied)."""
     parser = _Parser(description="MOSS-TTS-Nano text-to-speech on Ascend NPU, CUDA or CPU.",
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_HelpFormatter)
     _add_io_arguments(parser)
     _add_runtime_arguments(parser)
     _add_generation_arguments(parser)
@@ -103,7 +128,8 @@ def _add_runtime_arguments(parser) -> None:
     group.add_argument("--no-verify", action="store_true",
                        help="skip the size/sha256 check of the pinned files (for fine-tuned or custom checkpoints)")
     group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
-    group.add_argument("--dtype", default="auto",
+    group.add_argument("--dtype", default="auto", type=str.lower, choices=("auto",) + devices.DTYPE_NAMES,
+                       metavar="DTYPE",
                        help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
     group.add_argument("--weight-format", default="auto", type=str.lower,
                        choices=(AUTO_FORMAT,) + weight_formats.WEIGHT_FORMATS,
@@ -113,11 +139,14 @@ def _add_runtime_arguments(parser) -> None:
                             "uses oneDNN's packed layout, fast on CPUs with AVX-512 BF16); int8: int8 weights, float32 "
                             "activations, CPU only, fastest there (cosine >= 0.995). A format other than auto sets the "
                             "dtype (int8: float32); a different explicit --dtype is an error")
-    group.add_argument("--attn-implementation", default="auto",
+    group.add_argument("--attn-implementation", default="auto", choices=("auto",) + devices.ATTENTION_BACKENDS,
+                       metavar="NAME",
                        help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
                             "run falls back to the device default with a log line)")
     group.add_argument("--seed", type=int, default=None, help="random seed (None: not seeded)")
-    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group.add_argument("--no-progress", action="store_true",
+                       help="no progress output: no bars (ours, transformers' weight loading, downloads) and, when "
+                            "stderr is not a terminal, no periodic progress lines")
     group.add_argument("--verbose", action="store_true", help="log INFO messages")
 
 
@@ -156,34 +185,93 @@ class Job:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command line; returns the exit code (0 ok, 1 runtime failure, 2 user error, 130 interrupted)."""
+    """Run the command line; returns the exit code (see the module docstring)."""
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except UsageError as error:
         _say_error(error)
         return EXIT_USER
     except SystemExit as exit_request:  # --help
         return int(exit_request.code or 0)
-    _configure_logging(args.verbose)
+    _configure_output(args.verbose, args.no_progress)
+    with _sigterm_raises_terminated():
+        return _run(args, parser)
+
+
+def _run(args, parser) -> int:
+    """The job, with every failure turned into a message and an exit code."""
     try:
         return _download(args) if args.download_only else _synthesise(args)
+    except Terminated:
+        _say_error("interrupted (SIGTERM); unfinished output files were removed")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
-        _say_error("interrupted")
+        _say_error("interrupted; unfinished output files were removed")
         return EXIT_INTERRUPTED
-    except (ValueError, weights.WeightsUnavailableError) as error:  # ChecksumError is a ValueError
+    except UsageError as error:
         _say_error(error)
         return EXIT_USER
+    except (ValueError, weights.WeightsUnavailableError) as error:  # ChecksumError is a ValueError
+        _say_error(in_flag_terms(str(error), parser))
+        return EXIT_USER
     except (RuntimeError, OSError) as error:
-        _say_error(f"{type(error).__name__}: {error}")
+        _say_error(f"{type(error).__name__}: {in_flag_terms(str(error), parser)}")
         return EXIT_RUNTIME
+
+
+@contextlib.contextmanager
+def _sigterm_raises_terminated():
+    """While the job runs, SIGTERM raises Terminated in the main thread (later ones are ignored during cleanup)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
+    """A library message with the parameter names of `inference` replaced by this script's flags.
+
+    `name=value` becomes `--flag value`; a bare name is replaced only when it contains "_" (so that plain words such
+    as "text" or "mode" in a sentence stay).
+    """
+    by_dest = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
+    for name in inspect.signature(synthesis.SynthesisMixin.inference).parameters:
+        flag = API_NAMES_OF_FLAGS.get(name) or by_dest.get(name)
+        if flag is None:
+            continue
+        message = re.sub(rf"\b{name}=('[^'\s]*'|\"[^\"\s]*\"|[^\s;,]+)",
+                         lambda match: f"{flag} {match.group(1).strip(QUOTES)}", message)
+        if "_" in name:
+            message = re.sub(rf"\b{name}\b", flag, message)
+    return message
 
 
 def _say_error(error) -> None:
     sys.stderr.write(f"error: {error}\n")
 
 
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _configure_output(verbose: bool, no_progress: bool) -> None:
+    """Log level, and progress output: off everywhere with --no-progress, else progress lines shown."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if no_progress:
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()  # transformers' "Loading weights" bars
+        huggingface_hub.utils.disable_progress_bars()  # download bars of --download-only
+    else:
+        synthesis.progress_logger.setLevel(logging.INFO)
 
 
 def _model_folder(args) -> Path:
@@ -209,7 +297,7 @@ def _jobs(args) -> list:
     elif args.text is not None:
         text = args.text
     else:
-        raise ValueError("no text given; expected --text, --text-file or --jsonl")
+        raise UsageError("no text given; expected --text, --text-file or --jsonl")
     return [Job(text, args.output_path, args.prompt_audio_path, args.prompt_text)]
 
 
@@ -217,30 +305,30 @@ def _read_text_file(path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read --text-file {path}: {error}; expected a UTF-8 text file") from error
+        raise UsageError(f"cannot read --text-file {path}: {error}; expected a UTF-8 text file") from error
 
 
 def read_jsonl(path, default_prompt: Optional[str] = None, default_prompt_text: Optional[str] = None) -> list:
     """Jobs of a JSON-lines file (schema in the module docstring).
 
     Raises:
-        ValueError: naming the file and line of the first malformed line, or a duplicated output_path.
+        UsageError (a ValueError): naming the file and line of the first malformed line, or a duplicated output_path.
     """
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"cannot read --jsonl {path}: {error}") from error
+        raise UsageError(f"cannot read --jsonl {path}: {error}") from error
     jobs, outputs = [], set()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         job = _jsonl_job(line, f"{path}:{number}", default_prompt, default_prompt_text)
         if job.output_path in outputs:
-            raise ValueError(f"{path}:{number}: output_path {job.output_path!r} is used by an earlier line")
+            raise UsageError(f"{path}:{number}: output_path {job.output_path!r} is used by an earlier line")
         outputs.add(job.output_path)
         jobs.append(job)
     if not jobs:
-        raise ValueError(f"--jsonl {path} has no requests; expected one JSON object per line")
+        raise UsageError(f"--jsonl {path} has no requests; expected one JSON object per line")
     return jobs
 
 
@@ -248,18 +336,18 @@ def _jsonl_job(line: str, where: str, default_prompt, default_prompt_text) -> Jo
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+        raise UsageError(f"{where}: not valid JSON ({error.msg})") from error
     if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
     unknown = set(record) - JSONL_KEYS
     if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(JSONL_KEYS)}")
+        raise UsageError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(JSONL_KEYS)}")
     for key in ("text", "output_path"):
         if not isinstance(record.get(key), str) or not record[key].strip():
-            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {record.get(key)!r}")
+            raise UsageError(f"{where}: {key!r} must be a non-empty string, got {record.get(key)!r}")
     for key in ("prompt_audio_path", "prompt_text"):
         if record.get(key) is not None and not isinstance(record[key], str):
-            raise ValueError(f"{where}: {key!r} must be a string, got {record[key]!r}")
+            raise UsageError(f"{where}: {key!r} must be a string, got {record[key]!r}")
     return Job(record["text"], record["output_path"], record.get("prompt_audio_path", default_prompt),
                record.get("prompt_text", default_prompt_text))
 
@@ -272,12 +360,16 @@ def _verify(args) -> None:
             raise weights.WeightsUnavailableError(
                 f"{folder} has no config.json; expected a model folder.\n" + weights.describe_manual_download(folder))
         return
+    download = "python infer_npu.py --download-only" + (f" --model-path {folder}" if args.model_path else "")
     try:
         weights.ensure_model_files(model_path=folder, pins=PINS, progress=not args.no_progress)
     except weights.WeightsUnavailableError as error:
-        raise weights.WeightsUnavailableError(
-            f"{error}\nOr run: python infer_npu.py --download-only"
-            + (f" --model-path {folder}" if args.model_path else "")) from None
+        raise weights.WeightsUnavailableError(f"{error}\nOr run: {download}") from None
+    except weights.ChecksumError as error:
+        raise UsageError(
+            f"{error}\nIf this is your own checkpoint (fine-tuned or converted), pass --no-verify to skip the check of "
+            f"the pinned upstream files; if it should be the upstream release, fetch it again with: {download}"
+        ) from None
 
 
 def load_model(args):
@@ -310,7 +402,7 @@ def _resolve_model_dtype(args, device) -> torch.dtype:
         raise ValueError(reason)
     format_dtype = weight_formats.FORMAT_DTYPES[args.weight_format]
     if args.dtype.strip().lower() != "auto" and dtype != format_dtype:
-        raise ValueError(f"--dtype {args.dtype} conflicts with --weight-format {args.weight_format}, which runs in "
+        raise UsageError(f"--dtype {args.dtype} conflicts with --weight-format {args.weight_format}, which runs in "
                          f"{str(format_dtype).removeprefix('torch.')}; pass only one of them (or --dtype auto)")
     return format_dtype
 
@@ -343,17 +435,26 @@ def _synthesise(args) -> int:
     if args.stream:
         results = [_stream_one(model, device, request) for request in requests]
     else:
-        results = []
-        for result in synthesis.iter_inference_many(model, requests):
-            devices.synchronize(device)
-            _print_summary(result, time.perf_counter() - started)
-            results.append(_seconds(result))
+        results = _synthesise_offline(model, device, requests)
     if len(results) > 1:
         total = sum(results)
         elapsed = time.perf_counter() - started
         print(f"total: {len(results)} files, {total:.2f} s of audio in {elapsed:.2f} s "
               f"(RTF {elapsed / max(total, 1e-9):.3f})", flush=True)
     return EXIT_OK
+
+
+def _synthesise_offline(model, device, requests) -> list:
+    """Every request, batched together; one summary line per file with the time since the previous file was done
+    (so a file's RTF is its own, not the run's so far). Returns the audio seconds of each file."""
+    results, previous = [], time.perf_counter()
+    for result in synthesis.iter_inference_many(model, requests):
+        devices.synchronize(device)
+        now = time.perf_counter()
+        _print_summary(result, now - previous)
+        results.append(_seconds(result))
+        previous = now
+    return results
 
 
 def _seconds(result: dict) -> float:

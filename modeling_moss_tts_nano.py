@@ -45,6 +45,7 @@ from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401
 from .sampling import RowSettings  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
 from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
+from .weight_formats import apply_weight_format  # noqa: F401,E402
 from .weights import ensure_model_files  # noqa: F401,E402
 
 logger = logging.getLogger(__name__)
@@ -72,17 +73,56 @@ class _IgnorePatterns(list):
 class MossTTSNanoOutput(ModelOutput):
     """Output of `forward`.
 
+    The cache field is `cache`, the name transformers 5.24 gives it in every `ModelOutput`; `past_key_values` (the name
+    up to 5.23 and upstream's) is an alias in the constructor, as an attribute and as a key, on every version from
+    4.57.1 on and without transformers' deprecation warning. The constructor is written out because 5.24 renames a
+    `past_key_values` keyword to `cache` (with that warning) inside every dataclass-generated one.
+
     Attributes:
         global_hidden_states: [B, T, C] after the global ln_f, pad positions exactly 0.
-        past_key_values: the `KVCache` (when use_cache), holding the post-RoPE keys of every layer.
+        cache: the `KVCache` (when use_cache), holding the post-RoPE keys of every layer.
         hidden_states: input of every block plus the final output (when output_hidden_states).
         attentions: always None (not recorded).
     """
 
     global_hidden_states: torch.FloatTensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
+
+    def __init__(self, global_hidden_states=None, cache=None, hidden_states=None, attentions=None, *,
+                 past_key_values=None) -> None:
+        self.global_hidden_states = global_hidden_states
+        self.cache = _one_cache_argument(cache, past_key_values, "MossTTSNanoOutput")
+        self.hidden_states = hidden_states
+        self.attentions = attentions
+        self.__post_init__()
+
+    @property
+    def past_key_values(self) -> Any:
+        """Alias of `cache`."""
+        return self.cache
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(_CACHE_NAME if name == _OLD_CACHE_NAME else name, value)
+
+    def __getitem__(self, key):
+        return super().__getitem__(_CACHE_NAME if key == _OLD_CACHE_NAME else key)
+
+
+# The cache's name in MossTTSNanoOutput and forward, and the alias kept for transformers <= 5.23 and upstream callers.
+_CACHE_NAME, _OLD_CACHE_NAME = "cache", "past_key_values"
+
+
+def _one_cache_argument(cache: Any, past_key_values: Any, where: str) -> Any:
+    """`cache` or its alias `past_key_values`; passing both is a mistake.
+
+    Raises:
+        ValueError: when both are given.
+    """
+    if cache is not None and past_key_values is not None:
+        raise ValueError(f"{where} got both cache= and past_key_values= (the same argument); pass only cache=")
+    return cache if cache is not None else past_key_values
 
 
 @dataclass
@@ -107,6 +147,21 @@ class MossTTSNanoPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     supports_gradient_checkpointing = False
     _keys_to_ignore_on_load_unexpected = _IgnorePatterns([r"local_transformer\.wte\.weight"])
+
+    def set_attn_implementation(self, attn_implementation: str, **kwargs: Any) -> None:
+        """transformers' public switch (4.57 and 5.x), routed to the model's `_set_attention_implementation`
+        (both decoders).
+
+        transformers' own version only sets `config._attn_implementation`, which this model does not read (it resolves
+        its own request per device), so without this override the call would change nothing.
+
+        Raises:
+            ValueError: for a dict (per-sub-config requests) or an unknown backend name.
+        """
+        if not isinstance(attn_implementation, str):
+            raise ValueError(f"attn_implementation={attn_implementation!r}; expected one backend name for both "
+                             "decoders, e.g. 'sdpa' or 'eager'")
+        self._set_attention_implementation(attn_implementation)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -272,27 +327,35 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         labels: torch.Tensor | None = None,
         attn_implementation: str | None = None,
         max_cache_length: int | None = None,
+        cache: KVCache | tuple | None = None,
         **kwargs: Any,
     ) -> MossTTSNanoOutput | tuple:
         """Run the global decoder over rows (spec §6.1). Computes no logits.
 
+        Incremental use, as with any transformers model: `out = model(ids, use_cache=True)`, then
+        `model(next_ids, past_key_values=out.past_key_values)` (or `cache=out.cache`), each time passing the cache
+        of the previous output. A cache too small for the new rows is replaced by a larger copy, so keep using the
+        returned one.
+
         Args:
             input_ids: long [B, T, n_vq + 1] rows (or `inputs_embeds` [B, T, C]).
             attention_mask: bool [B, P + T], the full mask including the P cached positions (default all valid).
-            past_key_values: a `KVCache` (or upstream's legacy tuple) to extend, or None.
-            use_cache: return the cache in `past_key_values`.
+            past_key_values: a `KVCache` (or upstream's legacy tuple) to extend, or None; `cache` is the same
+                argument under the name transformers 5.24 uses (pass one of them).
+            use_cache: return the cache in `cache` (alias `past_key_values`).
             output_hidden_states: also return the hidden states of every block.
-            return_dict: False returns (global_hidden_states, past_key_values, hidden_states, attentions).
+            return_dict: False returns (global_hidden_states, cache, hidden_states, attentions).
             labels: not supported (inference-only model).
             attn_implementation: run-time attention request (default: the config's, resolved per device).
-            max_cache_length: capacity of a cache created here (default: exactly P + T).
+            max_cache_length: capacity of a cache created or grown here (default: what the rows need).
+            cache: see past_key_values.
 
         Returns:
             MossTTSNanoOutput, or the 4-tuple.
 
         Raises:
             NotImplementedError: when labels are given.
-            ValueError: malformed input rows.
+            ValueError: malformed input rows, or both cache and past_key_values.
         """
         if labels is not None:
             raise NotImplementedError("MossTTSNanoForCausalLM is inference-only: labels are not supported")
@@ -303,28 +366,33 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         if inputs_embeds is None:
             self._validate_input_ids(input_ids)
             inputs_embeds = self._embed_rows(input_ids)
-        cache = self._forward_cache(past_key_values, use_cache, inputs_embeds, max_cache_length)
+        past = _one_cache_argument(cache, past_key_values, "forward")
+        cache = self._forward_cache(past, use_cache, inputs_embeds, max_cache_length)
         hidden, all_hidden = self.transformer(
             inputs_embeds, attention_mask, cache, self._attention_pair(attn_implementation)[0],
             output_hidden_states=bool(output_hidden_states),
         )
-        output = MossTTSNanoOutput(global_hidden_states=hidden, past_key_values=cache, hidden_states=all_hidden)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if not return_dict:
             return hidden, cache, all_hidden, None
-        return output
+        return MossTTSNanoOutput(global_hidden_states=hidden, cache=cache, hidden_states=all_hidden)
 
     def _forward_cache(self, past, use_cache, inputs_embeds, capacity) -> KVCache | None:
-        """The cache forward writes into: the given one, one converted from a legacy tuple, a new one, or None."""
+        """The cache forward writes into: the given one (grown when the new rows do not fit), one converted from a
+        legacy tuple, a new one, or None."""
         batch, length = inputs_embeds.shape[:2]
-        if isinstance(past, KVCache):
-            return past
-        if past is not None:
+        if past is None:
+            if not use_cache:
+                return None
+            return KVCache.for_decoder(self.transformer, batch, capacity or length, dtype=inputs_embeds.dtype)
+        if not isinstance(past, KVCache):
             past_length = past[0][0].shape[1]
-            return KVCache.from_legacy(past, capacity or past_length + length)
-        if not use_cache:
-            return None
-        return KVCache.for_decoder(self.transformer, batch, capacity or length, dtype=inputs_embeds.dtype)
+            return KVCache.from_legacy(past, max(capacity or 0, past_length + length))
+        needed = past.length + length
+        if needed <= past.capacity:
+            return past
+        # Doubling keeps a token-by-token loop at O(1) copies per token on average (generate sizes its cache once).
+        return past.grow(max(needed, capacity or 0, 2 * past.capacity))
 
     # ------------------------------------------------------------------------------------------------------------
     # Prompt rows

@@ -32,9 +32,9 @@ def validate_sampling_args(do_sample: bool, temperature: float, repetition_penal
         ValueError: a temperature <= 0 with do_sample, or a repetition penalty <= 0.
     """
     if do_sample and not temperature > 0:
-        raise ValueError(f"{name}temperature={temperature} must be > 0 when sampling")
+        raise ValueError(f"{name}temperature must be > 0 when sampling, got {temperature}")
     if not repetition_penalty > 0:
-        raise ValueError(f"{name}repetition_penalty={repetition_penalty} must be > 0")
+        raise ValueError(f"{name}repetition_penalty must be > 0, got {repetition_penalty}")
 
 
 @dataclass

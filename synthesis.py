@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,11 +48,15 @@ from .devices import chunk_batch_size, resolve_attention, resolve_device
 from .engine import (UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent,
                      SpeechEngine, SpeechRequest, StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
+from .sampling import validate_sampling_args
 from .text_chunking import (count_tokens, pause_samples, pause_seconds_after, split_text_into_chunks,
                             voice_clone_text_chunks)
+from .weight_formats import dtype_change_unavailable_reason
 from .weights import CODEC_REPO_ID, CODEC_SUBFOLDER, PINNED, describe_manual_download
 
 logger = logging.getLogger(__name__)
+# Chunk progress without a terminal; the command line shows its INFO lines unless --no-progress.
+progress_logger = logging.getLogger(f"{__name__}.progress")
 
 MODES = ("continuation", "voice_clone")
 CODEC_TYPE = "moss-audio-tokenizer-nano"
@@ -71,6 +76,10 @@ STABILITY_ERROR_MARKERS = (
 CONTINUATION_MAX_TEXT_TOKENS = 2048
 # Codec frames per second of the released codec, for messages only (12.5 Hz).
 DEFAULT_FRAME_RATE = 12.5
+# Chunks quoted in the one truncation warning of a request (the rest are counted).
+TRUNCATION_PREVIEWS = 3
+# Without a terminal, chunk progress is a log line (progress_logger, INFO) at most this often, and at the end.
+PROGRESS_LOG_SECONDS = 10.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,14 +125,15 @@ def build_request(**arguments) -> SynthesisRequest:
         The request; `reference_audio_path` is folded into `prompt_audio_path`.
 
     Raises:
-        ValueError: empty text, unknown mode, a prompt that the mode forbids or lacks, a bad output path or a bad
-            batch/chunk setting.
+        ValueError: empty text, unknown mode, a prompt that the mode forbids or lacks, a generation setting out of
+            range, an output path that cannot be written or a bad batch/chunk setting.
     """
     reference = arguments.pop("reference_audio_path", None)
     generation = {name: arguments.pop(name) for name in _GENERATION_ARGUMENTS}
     request = SynthesisRequest(generation=generation, nq=generation["nq"], **arguments)
     request.prompt_audio_path = _merge_prompt_path(request.prompt_audio_path, reference)
     _check_text_and_mode(request)
+    check_generation_settings(generation)
     _check_batching(request)
     if request.prompt_audio_path is not None and not Path(request.prompt_audio_path).is_file():
         raise ValueError(f"prompt audio file {str(request.prompt_audio_path)!r} does not exist or is not a file; "
@@ -137,6 +147,34 @@ _GENERATION_ARGUMENTS = (
     "nq", "max_new_frames", "do_sample", "text_temperature", "text_top_p", "text_top_k", "audio_temperature",
     "audio_top_p", "audio_top_k", "audio_repetition_penalty", "use_kv_cache",
 )
+
+
+def check_generation_settings(generation: dict) -> None:
+    """Check the generation settings before anything is loaded (generate checks them only when it starts).
+
+    Stricter than upstream, which accepts top_p outside (0, 1] and top_k <= 0 as "no filter" and, for
+    max_new_frames=0, generates nothing: each is a mistake here, named with the expected range.
+
+    Raises:
+        ValueError: naming the setting, its value and the expected range.
+    """
+    _require_int(generation, "max_new_frames", 1, "frames of 80 ms per chunk")
+    if generation["nq"] is not None:
+        _require_int(generation, "nq", 1, "audio codebooks to generate")
+    for prefix in ("text_", "audio_"):
+        top_p = generation[f"{prefix}top_p"]
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise ValueError(f"{prefix}top_p={top_p!r}; expected a number in (0, 1] (1 keeps every token)")
+        _require_int(generation, f"{prefix}top_k", 1, "most likely tokens kept; 1024 keeps every audio token")
+    validate_sampling_args(generation["do_sample"], generation["text_temperature"], name="text_")
+    validate_sampling_args(generation["do_sample"], generation["audio_temperature"],
+                           generation["audio_repetition_penalty"], name="audio_")
+
+
+def _require_int(generation: dict, name: str, minimum: int, meaning: str) -> None:
+    value = generation[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r}; expected an integer >= {minimum} ({meaning})")
 
 
 def _merge_prompt_path(prompt_audio_path, reference_audio_path):
@@ -177,12 +215,34 @@ def _check_batching(request: SynthesisRequest) -> None:
 
 
 def _check_output_path(path) -> None:
-    """Fail before any generation when the output file could not be written."""
+    """Fail before any generation when the output file could not be written (by a trial file in its folder).
+
+    Raises:
+        ValueError: a suffix other than WRITE_FORMATS, a directory, a parent that is a file, or a folder that cannot
+            be written (read-only, no permission), naming the user's path.
+    """
     path = Path(path)
     if path.suffix.lower() not in WRITE_FORMATS:
         raise ValueError(f"output_audio_path {str(path)!r} must end in one of {tuple(WRITE_FORMATS)}")
     if path.is_dir():
         raise ValueError(f"output_audio_path {str(path)!r} is a directory; expected a file name")
+    folder = _nearest_existing(path.absolute().parent)
+    if not folder.is_dir():
+        raise ValueError(f"output_audio_path {str(path)!r} cannot be written: {folder} is a file, not a folder")
+    try:
+        handle, trial = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+    except OSError as error:
+        raise ValueError(f"output_audio_path {str(path)!r} cannot be written: folder {folder} is not writable "
+                         f"({error.strerror})") from None
+    os.close(handle)
+    os.unlink(trial)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    """`folder`, or its closest ancestor that exists (the output's missing folders are created when writing)."""
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -464,8 +524,18 @@ def generate_codes(model, input_ids, attention_mask, generation: dict, fallback:
 
 
 def _retry_in_float32(model, input_ids, attention_mask, generation: dict, error: BaseException):
-    """The single retry of §7.1: float32 + the device's best backend, announced, then the dtype restored."""
+    """The single retry of §7.1: float32 + the device's best backend, announced, then the dtype restored.
+
+    A model in a converted weight format (oneDNN-packed bf16 or int8 layers) cannot be cast to float32 in place: the
+    retry is refused with a RuntimeError that says so and how to get a float32 model.
+    """
     original_dtype, device = model.dtype, model.device
+    blocker = dtype_change_unavailable_reason(model)
+    if blocker is not None:
+        raise RuntimeError(
+            f"Generation failed ({type(error).__name__}: {error}). The float32 retry cannot run: {blocker}. Load the "
+            "model again without a weight format (fp32) to generate in float32."
+        ) from error
     attention = resolve_attention(None, device, torch.float32)
     before = (model.config.attn_implementation, getattr(model.config, "local_attn_implementation", None))
     logger.warning(
@@ -481,14 +551,17 @@ def _retry_in_float32(model, input_ids, attention_mask, generation: dict, error:
 
 
 def _warn_if_truncated(codes_list: Sequence[torch.Tensor], chunks: Sequence[str], max_new_frames: int) -> None:
-    """One WARNING per chunk that hit max_new_frames before the model chose to end it (upstream is silent)."""
-    for codes, chunk in zip(codes_list, chunks):
-        if max_new_frames > 0 and codes.shape[0] >= max_new_frames:
-            logger.warning(
-                "The speech for %r reached max_new_frames=%d (%.1f s) before the model ended it; its end may be cut "
-                "off. Raise max_new_frames, or use voice_clone mode with a smaller voice_clone_max_text_tokens.",
-                _preview(chunk), max_new_frames, max_new_frames / DEFAULT_FRAME_RATE,
-            )
+    """One WARNING for all chunks that hit max_new_frames before the model chose to end them (upstream is silent)."""
+    cut = [chunk for codes, chunk in zip(codes_list, chunks) if max_new_frames > 0 and codes.shape[0] >= max_new_frames]
+    if not cut:
+        return
+    shown = ", ".join(repr(_preview(chunk)) for chunk in cut[:TRUNCATION_PREVIEWS])
+    more = f" and {len(cut) - TRUNCATION_PREVIEWS} more" if len(cut) > TRUNCATION_PREVIEWS else ""
+    logger.warning(
+        "%d of %d chunk(s) reached max_new_frames=%d (%.1f s) before the model ended them, so their ends may be cut "
+        "off: %s%s. Raise max_new_frames, or use voice_clone mode with a smaller voice_clone_max_text_tokens.",
+        len(cut), len(chunks), max_new_frames, max_new_frames / DEFAULT_FRAME_RATE, shown, more,
+    )
 
 
 def _preview(text: str, limit: int = 60) -> str:
@@ -553,12 +626,35 @@ def _batches(count: int, size: int) -> list[range]:
     return [range(start, min(count, start + size)) for start in range(0, count, size)]
 
 
-def _progress(total: int, enabled: Optional[bool], description: str):
-    """A tqdm bar over chunks; `enabled` None = only when there are several chunks and stderr is a terminal."""
-    from tqdm.auto import tqdm
+class _ChunkProgress:
+    """Progress over chunks: a tqdm bar on a terminal, else a `progress_logger` INFO line every PROGRESS_LOG_SECONDS
+    and one at the end. `enabled` None = only when there are several chunks."""
 
-    disable = (not enabled) if enabled is not None else (None if total > 1 else True)
-    return tqdm(total=total, desc=description, unit="chunk", disable=disable, leave=False)
+    def __init__(self, total: int, enabled: Optional[bool], description: str):
+        from tqdm.auto import tqdm
+
+        show = enabled if enabled is not None else total > 1
+        on_terminal = sys.stderr.isatty()
+        self.total, self.done, self.description = total, 0, description
+        self.started = self.logged = time.perf_counter()
+        self.log = bool(show) and not on_terminal
+        self.bar = tqdm(total=total, desc=description, unit="chunk", disable=not (show and on_terminal), leave=False)
+
+    def __enter__(self) -> "_ChunkProgress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.bar.close()
+
+    def update(self, count: int) -> None:
+        self.done += count
+        self.bar.update(count)
+        now = time.perf_counter()
+        if self.log and (now - self.logged >= PROGRESS_LOG_SECONDS or self.done == self.total):
+            self.logged, elapsed = now, now - self.started
+            left = elapsed / self.done * (self.total - self.done)
+            progress_logger.info("%s: %d/%d chunks, %.0f s elapsed, about %.0f s left", self.description, self.done,
+                                 self.total, elapsed, left)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -672,7 +768,7 @@ def iter_inference_many(model, requests: Sequence[SynthesisRequest]) -> Iterator
         batch_sizes = resolve_batch_sizes(prepared[0].device, len(items), requests[0], streaming=False)
         codes: list = [[None] * len(one.chunks) for one in prepared]
         finished = 0
-        with _progress(len(items), requests[0].progress, "synthesising") as bar:
+        with _ChunkProgress(len(items), requests[0].progress, "synthesising") as bar:
             for batch in _batches(len(items), batch_sizes[0]):
                 for (index, chunk), chunk_codes in zip([items[k] for k in batch],
                                                        _generate_items(model, requests, prepared, items, batch)):
@@ -837,7 +933,7 @@ def _stream_events(engine, handle, prepared: _Prepared, request, writer):
     """Tick the engine and turn its events into upstream's dictionaries; returns the waveform and codes."""
     pieces, emitted, first_time = [], 0, None
     rate = prepared.info.sample_rate
-    with _progress(len(prepared.chunks), request.progress, "streaming") as bar:
+    with _ChunkProgress(len(prepared.chunks), request.progress, "streaming") as bar:
         while True:
             busy = engine.step()
             for event in handle.pending():
@@ -913,8 +1009,9 @@ class ProgressiveWavWriter:
 class SynthesisMixin:
     """`inference` and `inference_stream` for MossTTSNanoForCausalLM, with upstream's signatures and results.
 
-    Both accept two keyword-only extras after upstream's parameters: `progress` (tqdm bars per chunk: True, False,
-    or None = when several chunks are synthesised on a terminal) and, for streaming, `stream_policy`.
+    Both accept two keyword-only extras after upstream's parameters: `progress` (per chunk: True, False, or None =
+    when several chunks are synthesised; a tqdm bar on a terminal, else INFO lines of `progress_logger`) and, for
+    streaming, `stream_policy`.
     """
 
     def inference(
@@ -943,7 +1040,7 @@ class SynthesisMixin:
             voice_clone_max_text_tokens: token budget per voice-clone chunk (<= 0: no chunking).
             voice_clone_max_memory_per_sample_gb: memory planned per chunk for batching by free device memory.
             tts_max_batch_size / codec_max_batch_size: caps on the chunk batches (0 = no cap).
-            progress: tqdm bar per chunk (keyword-only extra).
+            progress: chunk progress (keyword-only extra; see the class docstring).
 
         Returns:
             dict with audio_path, sample_rate, audio_token_ids [F, 16], waveform [C, N] float32 CPU,

@@ -85,7 +85,10 @@ class MossTTSNanoSentencePieceTokenizer(PreTrainedTokenizer):
     def get_vocab(self) -> dict[str, int]:
         """Return every piece with its id, plus the tokens added through the HF layer."""
         vocab = {self.sp_model.id_to_piece(index): index for index in range(self.vocab_size)}
-        vocab.update(getattr(self, "_added_tokens_encoder", {}))
+        try:
+            vocab.update(self.get_added_vocab())
+        except AttributeError:  # called by the base __init__ before its added-token tables exist (4.57 and 5.x)
+            pass
         return vocab
 
     def _tokenize(self, text: str, **kwargs) -> list[str]:

@@ -70,6 +70,8 @@ logger = logging.getLogger(__name__)
 REPORT_NAME = "npu_verification_report.json"
 REFERENCE = ("cpu", "float32", "eager")  # device, dtype, attention of the reference run
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3
+# Under outputs/, like infer_npu.py's default, so that a run in the repository folder leaves git clean.
+DEFAULT_OUTPUT_DIR = "outputs/verify_npu"
 DEFAULT_TEXT = "Hello world. This is a short verification sentence."
 DEFAULT_FRAMES = 16
 TOP_K_OVERLAP = 5
@@ -169,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompt-audio-path", default=None, help="reference voice (default: a synthetic tone)")
     parser.add_argument("--text", default=DEFAULT_TEXT, help="text to speak")
     parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES, help="greedy frames to generate (80 ms each)")
-    parser.add_argument("--output-dir", default="verify_npu_output", help="where the report and wavs go")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                        help="where the report and wavs go (default: outputs/verify_npu, which git ignores)")
     parser.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --tiny weights and the synthetic prompt")
     return parser

@@ -11,15 +11,30 @@ a loaded model in place and logs one line naming the format; nothing is ever con
 | fp16   | float16                          | float16     | every device       | cosine vs fp32 >= 0.999               |
 | int8   | int8, one scale per output row   | float32, quantised per call (dynamic) | CPU only | cosine vs fp32 >= 0.995  |
 
+Measured teacher-forced audio-logit cosine vs fp32 (minimum over every logit vector; tests/test_weight_formats.py):
+
+| CPU                          | int8 kernel                                 | golden tiny model | full-size random |
+|------------------------------|---------------------------------------------|-------------------|------------------|
+| Xeon, AVX-512 BF16 + VNNI    | weights in [-127, 127], 8-bit activations   | -                 | 0.9991           |
+| AMD EPYC, AVX2 only          | weights in [-63, 63], 8-bit activations     | 0.99716           | 0.99813          |
+| AMD EPYC, AVX2 only (before) | weights in [-127, 127], 7-bit activations   | 0.99403 (< 0.995) | 0.99680          |
+
 CPU kernels (why the formats are not just `model.to(dtype)`):
 * bf16: a plain bf16 `F.linear` of one row is no faster than fp32 on CPU. oneDNN's linear with a weight reordered once
   into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the op torch.compile's CPU freezing uses) reads
   half the bytes and runs about 1.7x faster per Linear, so on CPU every block Linear and audio head becomes a
-  `PackedLinear`. Where that op is missing, plain bf16 Linears are kept (logged).
+  `PackedLinear`. That op runs only on some CPUs (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU
+  it raises), so a one-time trial on a tiny weight (`onednn_packing_available`, cached) decides; where it fails,
+  plain bf16 `nn.Linear` layers are kept. The load log line names the kernel chosen.
 * int8: `Int8DynamicLinear` holds a per-output-channel symmetric int8 copy of the weight, packed once for fbgemm /
-  oneDNN (`torch.ops.quantized.linear_prepack`), and quantises each input row to uint8 on the fly
+  oneDNN (`torch.ops.quantized.linear_prepack`), and quantises each input row to uint8 (8 bits) on the fly
   (`torch.ops.quantized.linear_dynamic`). These are the kernels behind torch's dynamic quantisation, called directly
   (the `torch.ao.quantization` front end is deprecated). About 3.5x faster than fp32 per Linear at batch 1.
+  Without VNNI, fbgemm adds each pair of uint8 x int8 products in int16 (saturating at 32767). torch's usual answer
+  is 7-bit activations, which cost accuracy (0.99403 above); here the weights use [-63, 63] instead, so a pair stays
+  at most 2 x 255 x 63 = 32130 and 8-bit activations never saturate (measured: the kernel equals a float64
+  emulation to 1e-7 relative; [-127, 127] weights with 8-bit activations are off by up to 35%). With VNNI the
+  products go straight to int32 and the weights use [-127, 127].
 * fp16 has no fast batch-1 CPU kernel; it is offered for accelerators and runs correctly (not faster) on CPU.
 
 Tied weights: `text_lm_head` shares `transformer.wte.weight` and `audio_lm_heads[c]` shares
@@ -36,6 +51,7 @@ compared with the fp32 model's.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -55,8 +71,9 @@ FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 QUALITY_THRESHOLDS = {"fp32": 1.0 - 1e-6, "bf16": 0.999, "fp16": 0.999, "int8": 0.995}
 # Modules that are never converted: the text head (tied to wte; decoding reads two rows of the float table).
 _KEEP_FLOAT = ("text_lm_head",)
-# None: decide per CPU (`int8_reduce_range`). True/False: force it (tests, experiments).
-INT8_REDUCE_RANGE: bool | None = None
+# int8 weight range: [-127, 127] where VNNI accumulates in int32; [-63, 63] where fbgemm adds pairs of uint8 x int8
+# products in int16 (no VNNI), so 8-bit activations stay below its saturation (see the module docstring).
+INT8_WEIGHT_MAX_VNNI, INT8_WEIGHT_MAX_INT16_PAIRS = 127, 63
 
 
 def normalize_weight_format(weight_format: str | None) -> str:
@@ -78,14 +95,25 @@ def normalize_weight_format(weight_format: str | None) -> str:
 # Converted Linear modules (frozen, inference only)
 
 
+@functools.lru_cache(maxsize=None)
 def onednn_packing_available() -> bool:
-    """Whether this torch build has oneDNN's reorder-once linear (used for bf16 on CPU)."""
-    if not torch.backends.mkldnn.is_available():
+    """Whether oneDNN's reorder-once bf16 linear runs here: a one-time trial on a 16 x 16 weight (cached).
+
+    The op exists in every x86 build of torch but raises on CPUs without AVX-512 BW/VL/DQ or AVX-NE-CONVERT, so only
+    a call tells. The reason of a failure is logged once (INFO).
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        logger.info("oneDNN bf16 packing: not in this torch build")
         return False
+    weight = torch.ones(16, 16, dtype=torch.bfloat16)
     try:
-        return hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+        output = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 16, dtype=torch.bfloat16), packed, None, "none",
+                                                    [], "")
+    except (AttributeError, RuntimeError) as error:
+        logger.info("oneDNN bf16 packing does not run on this CPU: %s", str(error).splitlines()[0])
         return False
+    return bool(torch.equal(output.float(), torch.full((1, 16), 16.0)))
 
 
 def cpu_has_vnni() -> bool:
@@ -106,15 +134,10 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def int8_reduce_range() -> bool:
-    """Whether int8 layers quantise activations to 7 bits instead of 8.
-
-    Without VNNI, fbgemm adds pairs of u8*s8 products in int16, which 8-bit activations can saturate, so torch's
-    x86 default is 7 bits. With VNNI the products go straight to int32 and 8 bits are safe; they are also clearly
-    more accurate (teacher-forced audio-logit cosine vs fp32 on the full-size random model: min 0.9991 with 8 bits,
-    0.9968 with 7).
-    """
-    return (not cpu_has_vnni()) if INT8_REDUCE_RANGE is None else INT8_REDUCE_RANGE
+def int8_weight_max() -> int:
+    """The largest int8 weight magnitude: 127 with VNNI, else 63 so that 8-bit activations cannot saturate fbgemm's
+    int16 pair sums (2 x 255 x 63 = 32130 <= 32767; see the module docstring)."""
+    return INT8_WEIGHT_MAX_VNNI if cpu_has_vnni() else INT8_WEIGHT_MAX_INT16_PAIRS
 
 
 def int8_kernels_available() -> bool:
@@ -153,20 +176,20 @@ class PackedLinear(nn.Module):
 class Int8DynamicLinear(nn.Module):
     """A frozen Linear with an int8 weight (symmetric, one scale per output row) and float32 inputs/outputs.
 
-    Each call quantises its input per tensor (uint8, dynamic range) and runs the fbgemm/oneDNN int8 GEMM; the
+    Each call quantises its input per tensor (uint8, 8 bits, dynamic range) and runs the fbgemm/oneDNN int8 GEMM; the
     bias is added in float32.
 
     Args:
         linear: the source nn.Linear (float weights; copied).
-        reduce_range: quantise activations to 7 bits (default: `int8_reduce_range()`).
+        weight_max: largest weight magnitude, 127 or 63 (default: `int8_weight_max()` for this CPU).
     """
 
-    def __init__(self, linear: nn.Linear, reduce_range: bool | None = None) -> None:
+    def __init__(self, linear: nn.Linear, weight_max: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.reduce_range = int8_reduce_range() if reduce_range is None else reduce_range
+        self.weight_max = int8_weight_max() if weight_max is None else weight_max
         weight = linear.weight.detach().float().cpu()
-        scales = (weight.abs().amax(dim=1) / 127.0).clamp_min(1e-12).double()  # [out]
+        scales = (weight.abs().amax(dim=1) / self.weight_max).clamp_min(1e-12).double()  # [out]
         zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         with warnings.catch_warnings():
             # torch 2.13 deprecates creating quantized tensors; linear_prepack still takes only them (remove when
@@ -178,10 +201,11 @@ class Int8DynamicLinear(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 [..., in] -> float32 [..., out]."""
-        return torch.ops.quantized.linear_dynamic(hidden, self._packed, self.reduce_range)
+        return torch.ops.quantized.linear_dynamic(hidden, self._packed, False)  # False: 8-bit activations
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 per-channel in "
+                f"[-{self.weight_max}, {self.weight_max}]")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,23 +295,39 @@ def format_unavailable_reason(device, weight_format: str | None) -> str | None:
 
 
 def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
-    """Swap Linears for the CPU kernels of `fmt`; returns a description for the log line."""
+    """Swap Linears for the CPU kernels of `fmt`; returns a description (naming the kernel) for the log line."""
     if fmt == "int8":
-        count = _replace_linears(model, Int8DynamicLinear)
-        bits = 7 if int8_reduce_range() else 8
-        return (f"{count} Linear layers int8 (per-channel weights, dynamic {bits}-bit activations), embeddings, norms "
-                "and text head float32")
+        weight_max = int8_weight_max()
+        count = _replace_linears(model, lambda linear: Int8DynamicLinear(linear, weight_max))
+        why = "" if weight_max == INT8_WEIGHT_MAX_VNNI else ", 7 bits as this CPU has no VNNI"
+        return (f"{count} Linear layers int8 (per-channel weights in [-{weight_max}, {weight_max}]{why}, dynamic 8-bit "
+                "activations), embeddings, norms and text head float32")
     if fmt == "bf16" and spec.type == devices.CPU:
         if onednn_packing_available():
             count = _replace_linears(model, PackedLinear)
             native = "" if cpu_has_native_bf16() else " (this CPU has no AVX-512 BF16: expect no speed-up over fp32)"
             return f"{count} Linear layers bf16 in oneDNN's packed layout, embeddings and text head bf16{native}"
-        return "bf16 parameters (oneDNN packing unavailable in this torch build: plain bf16 Linear, no speed-up)"
+        return ("all parameters bfloat16, plain nn.Linear kernels (oneDNN's packed bf16 linear does not run on this "
+                "CPU: no speed-up over fp32)")
     return f"all parameters {str(FORMAT_DTYPES[fmt]).removeprefix('torch.')}"
 
 
 def _has_converted_linears(model: nn.Module) -> bool:
     return any(isinstance(module, (PackedLinear, Int8DynamicLinear)) for module in model.modules())
+
+
+def dtype_change_unavailable_reason(model: nn.Module) -> str | None:
+    """Why `model.to(dtype)` cannot change the dtype this model computes in, or None when it can.
+
+    Packed bf16 and int8 layers are frozen copies that do not follow `.to()` (see the module docstring); a plain
+    dtype format (fp32, fp16, bf16 without packing) casts back and forth exactly.
+    """
+    for kind, fmt, description in ((PackedLinear, "bf16", "oneDNN-packed"), (Int8DynamicLinear, "int8", "int8")):
+        count = sum(isinstance(module, kind) for module in model.modules())
+        if count:
+            return (f"its weight format {fmt!r} holds {count} {description} Linear layers, which model.to() cannot "
+                    "convert")
+    return None
 
 
 def weight_format_of(model: nn.Module) -> str:
@@ -363,9 +403,10 @@ __all__ = [
     "audio_logit_cosine",
     "cpu_has_native_bf16",
     "cpu_has_vnni",
+    "dtype_change_unavailable_reason",
     "format_unavailable_reason",
     "int8_kernels_available",
-    "int8_reduce_range",
+    "int8_weight_max",
     "normalize_weight_format",
     "onednn_packing_available",
     "teacher_forced_audio_logits",

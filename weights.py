@@ -18,7 +18,9 @@ A file that fails is never installed: downloads go to a temporary ``.part`` file
 into place only after they verify; a corrupt file already in the managed folder is removed (and fetched again when a
 source is available). Files in a user's ``model_path`` folder are verified but never modified.
 
-Sources. ``source="hf"`` uses ``huggingface_hub.hf_hub_download(repo_id, filename, revision=<commit>)`` (its cache,
+Sources. Before a source's first download one TCP connection to it (or to the HTTPS proxy) is tried for at most
+``PROBE_TIMEOUT_SECONDS``; when it fails, that source is skipped with one line, so a machine without network gets the
+manual instructions in seconds instead of the clients' retries. ``source="hf"`` uses ``huggingface_hub.hf_hub_download(repo_id, filename, revision=<commit>)`` (its cache,
 ``HF_HOME`` / ``HF_HUB_CACHE``, mirrors through ``HF_ENDPOINT``); with ``HF_HUB_OFFLINE=1`` (or ``offline=True``) only
 the local Hugging Face cache is used. ``source="modelscope"`` uses the optional ``modelscope`` package (imported only
 when used) with ``openmoss/MOSS-TTS-Nano`` and ``openmoss/MOSS-Audio-Tokenizer-Nano``. ModelScope repositories have
@@ -47,7 +49,10 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import tempfile
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
@@ -76,6 +81,11 @@ CODEC_CODE_MODULES = ("configuration_moss_audio_tokenizer", "modeling_moss_audio
 PROGRESS_MIN_BYTES = 8 * 2**20
 _CHUNK_BYTES = 2**20
 _OFFLINE_VALUES = {"1", "on", "yes", "true"}
+HF_DEFAULT_ENDPOINT = "https://huggingface.co"
+MODELSCOPE_DEFAULT_DOMAIN = "www.modelscope.cn"
+# One connection attempt of at most this long decides whether a source is reachable at all (without it, a machine
+# without network waited about 95 s through the clients' retries and printed 88 lines of them).
+PROBE_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass(frozen=True)
@@ -282,37 +292,51 @@ def resolve_offline(offline: bool | None = None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
 
 
-def hf_downloader(cache_dir: str | os.PathLike | None = None) -> Downloader:
+def hf_downloader(cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Downloader:
     """A Downloader over ``huggingface_hub.hf_hub_download`` (works with huggingface_hub 0.36 and 1.x/2.x).
+
+    Before its first download it tries one connection to the endpoint (``connection_problem``), so that a machine
+    without network fails in seconds with one line instead of the client's retries.
 
     Args:
         cache_dir: Hugging Face cache folder; None = the default (``HF_HUB_CACHE`` / ``HF_HOME``).
+        endpoint: the Hub URL; None = ``HF_ENDPOINT`` or https://huggingface.co.
     """
+    probe = _ConnectionProbe()
 
     def download(pin: PinnedFile, offline: bool) -> str:
         # Imported here so that importing this module (e.g. through remote code) stays light.
         from huggingface_hub import hf_hub_download
 
+        if not offline:
+            probe.require(endpoint or os.environ.get("HF_ENDPOINT") or HF_DEFAULT_ENDPOINT)
         return hf_hub_download(
             repo_id=pin.repo_id, filename=pin.filename, revision=pin.revision,
-            cache_dir=None if cache_dir is None else str(cache_dir), local_files_only=offline,
+            cache_dir=None if cache_dir is None else str(cache_dir), local_files_only=offline, endpoint=endpoint,
         )
 
     return download
 
 
-def modelscope_downloader(cache_dir: str | os.PathLike | None = None) -> Downloader:
+def modelscope_downloader(cache_dir: str | os.PathLike | None = None, endpoint: str | None = None) -> Downloader:
     """A Downloader over the optional ``modelscope`` package (``model_file_download``), pinned to ``master``.
+
+    Like ``hf_downloader``, it tries one connection before its first download.
 
     Args:
         cache_dir: ModelScope cache folder; None = the default (``MODELSCOPE_CACHE``).
+        endpoint: the site to probe; None = ``MODELSCOPE_DOMAIN`` or www.modelscope.cn.
     """
+    probe = _ConnectionProbe()
 
     def download(pin: PinnedFile, offline: bool) -> str:
         try:
             from modelscope.hub.file_download import model_file_download
         except ImportError as error:
             raise ImportError("the optional package 'modelscope' is not installed (pip install modelscope)") from error
+        if not offline:
+            domain = os.environ.get("MODELSCOPE_DOMAIN") or MODELSCOPE_DEFAULT_DOMAIN
+            probe.require(endpoint or (domain if "://" in domain else f"https://{domain}"))
         # Only pass local_files_only when needed: older modelscope releases do not accept it.
         extra = {"local_files_only": True} if offline else {}
         return model_file_download(
@@ -321,6 +345,40 @@ def modelscope_downloader(cache_dir: str | os.PathLike | None = None) -> Downloa
         )
 
     return download
+
+
+def connection_problem(url: str, timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+    """Why one TCP connection to ``url``'s host (or to the HTTPS proxy, when one is set) fails, or None when it works.
+
+    Args:
+        url: e.g. "https://huggingface.co".
+        timeout: seconds to wait for the connection.
+    """
+    address = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(address.scheme or "https")
+    if proxy and urllib.request.proxy_bypass(address.hostname or ""):
+        proxy = None
+    target = urllib.parse.urlsplit(proxy) if proxy else address
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((target.hostname, port), timeout=timeout):
+            return None
+    except OSError as error:
+        via = " (the proxy)" if proxy else ""
+        return f"no connection to {target.hostname}:{port}{via} within {timeout:g} s: {error.strerror or error}"
+
+
+class _ConnectionProbe:
+    """One connection attempt per URL for the lifetime of a downloader; later files reuse the answer."""
+
+    def __init__(self) -> None:
+        self.problems: dict[str, str | None] = {}
+
+    def require(self, url: str) -> None:
+        if url not in self.problems:
+            self.problems[url] = connection_problem(url)
+        if self.problems[url] is not None:
+            raise ConnectionError(self.problems[url])
 
 
 def describe_manual_download(target_dir: str | os.PathLike = REPO_ROOT, pins: Sequence[PinnedFile] = PINNED) -> str:
@@ -463,11 +521,16 @@ class _NotFetched(Exception):
 
 
 def _unavailable_message(target: Path, unavailable: list, offline: bool, could_download: bool) -> str:
-    """What is missing, why each source failed, and the manual instructions for exactly those files."""
+    """What is missing, why each source failed (once when every file failed alike), and the manual instructions."""
     lines = [f"Model files missing from {target} that could not be fetched:"]
+    shared = all(missing.failures == unavailable[0].failures for missing in unavailable)
     for missing in unavailable:
         lines.append(f"  {missing.pin.target} ({missing.pin.label})")
-        lines += [f"    - {failure}" for failure in missing.failures]
+        if not shared:
+            lines += [f"    - {failure}" for failure in missing.failures]
+    if shared:
+        lines.append("Every file failed the same way:")
+        lines += [f"  - {failure}" for failure in unavailable[0].failures]
     if offline and could_download:
         lines.append(
             "Offline mode (HF_HUB_OFFLINE=1 or offline=True): only the local folder and the Hugging Face cache were "

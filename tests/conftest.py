@@ -1,7 +1,9 @@
 """Shared test fixtures: the repository as a package, and the team's `../shared` folder when present.
 
 Tests that need `../shared` (golden fixtures, the real tokenizer, reference clips, the fake NPU) skip with a reason
-when it is absent, so that the suite passes on a user's fresh clone. `MOSS_SHARED_DIR` overrides its location.
+when it is absent, so that the suite passes on a user's fresh clone. Under CI (`CI=true`, as .ci/run sets it) a missing
+`../shared` fails those tests instead: the golden parity checks must run there. `MOSS_SHARED_DIR` overrides its
+location.
 """
 
 import os
@@ -21,13 +23,17 @@ from local_package import import_local_package, import_module  # noqa: E402
 import_local_package()
 
 SHARED_DIR = Path(os.environ.get("MOSS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+IN_CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 
 
 def shared_path(*parts: str) -> Path:
-    """Path under ../shared, or skip the calling test with the reason when it is missing."""
+    """Path under ../shared; when it is missing, skip the calling test with the reason (fail it under CI)."""
     path = SHARED_DIR.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"needs {path} (the team's shared/ folder beside the repository); absent on a fresh clone")
+        reason = f"needs {path} (the team's shared/ folder beside the repository)"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true requires it, so that the golden parity checks run", pytrace=False)
+        pytest.skip(f"{reason}; absent on a fresh clone")
     return path
 
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from conftest import import_module
-from tiny_repository import always_continue_tiny_tts
 
 engine_module = import_module("engine")
 generation = import_module("generation")
 checkpoints = import_module("checkpoints")
+always_continue_tiny_tts = checkpoints.always_continue_tiny_model
 
 SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
                audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)

@@ -3,11 +3,15 @@
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import soundfile as sf
+import torch
 
 from conftest import REPO_ROOT, import_module, shared_path
 from fake_cuda import FakeCuda
@@ -18,6 +22,8 @@ devices = import_module("devices")
 weight_formats = import_module("weight_formats")
 
 FAST = ["--max-new-frames", "2", "--no-do-sample", "--no-progress", "--device", "cpu"]
+TWO_SENTENCES = "Hello world. This is a test."
+SAY_HI = ["--prompt-audio-path", "{prompt}", "--text", "Hi."]  # a valid request; each bad-input case adds one flaw
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +146,15 @@ def test_help_states_the_values_actually_applied():
         assert phrase in text
 
 
+def test_help_states_each_default_once_and_never_none():
+    parser = infer_npu.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.help:
+            line = formatter._expand_help(action) if "%(" in formatter._get_help_string(action) else action.help
+            assert line.count("default") <= 1 and "(default: None)" not in line, line
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad inputs: exit code 2, a clear message, no output file
 
@@ -154,29 +169,40 @@ def _bad_jsonl(tmp_path):
     ("missing prompt", ["--prompt-audio-path", "{tmp}/nope.wav", "--text", "Hi."], "does not exist"),
     ("empty text", ["--prompt-audio-path", "{prompt}", "--text", ""], "empty"),
     ("no text", ["--prompt-audio-path", "{prompt}"], "no text given"),
-    ("unknown device", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "tpu"], "unknown device"),
-    ("bad dtype", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--dtype", "float8"], "unknown dtype"),
-    ("bad attention", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--attn-implementation", "magic"],
-     "unknown attention"),
-    ("unknown weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--weight-format", "int4"],
-     "argument --weight-format: invalid choice: 'int4'"),
-    ("dtype against weight format", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--device", "cpu",
-                                     "--dtype", "bfloat16", "--weight-format", "int8"],
+    ("unknown device", [*SAY_HI, "--device", "tpu"], "unknown device"),
+    ("bad dtype", [*SAY_HI, "--dtype", "float8"], "argument --dtype: invalid choice: 'float8'"),
+    ("bad attention", [*SAY_HI, "--attn-implementation", "magic"],
+     "argument --attn-implementation: invalid choice: 'magic'"),
+    ("unknown weight format", [*SAY_HI, "--weight-format", "int4"], "argument --weight-format: invalid choice: 'int4'"),
+    ("dtype against weight format", [*SAY_HI, "--device", "cpu", "--dtype", "bfloat16", "--weight-format", "int8"],
      "--dtype bfloat16 conflicts with --weight-format int8"),
     ("bad jsonl line", ["--prompt-audio-path", "{prompt}", "--jsonl", "{jsonl}"], "bad.jsonl:2: not valid JSON"),
     ("bad flag value", ["--max-new-frames", "many"], "invalid int value"),
-    ("prompt text in voice clone", ["--prompt-audio-path", "{prompt}", "--text", "Hi.", "--prompt-text", "Hey"],
-     "does not take prompt_text"),
+    ("prompt text in voice clone", [*SAY_HI, "--prompt-text", "Hey"],
+     "--mode voice_clone does not take --prompt-text; use --mode continuation"),
+    ("no prompt in voice clone", ["--text", "Hi."], "--mode voice_clone needs --prompt-audio-path"),
     ("missing text file", ["--prompt-audio-path", "{prompt}", "--text-file", "{tmp}/none.txt"], "cannot read"),
+    ("no frames", [*SAY_HI, "--max-new-frames", "0"], "--max-new-frames 0; expected an integer >= 1"),
+    ("top-p above 1", [*SAY_HI, "--audio-top-p", "2"], "--audio-top-p 2.0; expected a number in (0, 1]"),
+    ("top-k 0", [*SAY_HI, "--audio-top-k", "0"], "--audio-top-k 0; expected an integer >= 1"),
+    ("zero temperature", [*SAY_HI, "--audio-temperature", "0"], "--audio-temperature must be > 0 when sampling"),
+    ("output in a file", [*SAY_HI, "--output-path", "{blocker}/x.wav"],
+     "--output-path '{blocker}/x.wav' cannot be written: {blocker} is a file, not a folder"),
 ])
-def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, case, extra,
-                                                             message):
-    values = {"tmp": tmp_path, "prompt": prompt_wav, "jsonl": _bad_jsonl(tmp_path) if "jsonl" in case else ""}
+def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, monkeypatch, case,
+                                                             extra, message):
+    monkeypatch.setattr(infer_npu, "_verify", lambda args: pytest.fail("loading started before the check"))
+    blocker = tmp_path / "blocker.txt"
+    blocker.write_text("a file")
+    values = {"tmp": tmp_path, "prompt": prompt_wav, "jsonl": _bad_jsonl(tmp_path) if "jsonl" in case else "",
+              "blocker": blocker}
     argv = [arg.format(**values) for arg in extra]
     code, _, stderr = _run(["--model-path", repo, "--no-verify", "--output-path", tmp_path / "x.wav", *argv],
                            capsys)
     assert code == 2, case
-    assert message in stderr, stderr
+    assert message.format(**values) in stderr, stderr
+    for api_name in ("output_audio_path", "prompt_audio_path", "prompt_text", "mode='", "torch.dtype", "None,"):
+        assert api_name not in stderr, stderr  # the command line names its own flags
     assert not any(name.endswith((".wav", ".tmp")) for name in os.listdir(tmp_path))
 
 
@@ -203,7 +229,7 @@ def test_100k_character_continuation_text_exits_2_with_advice(repo, tmp_path, ca
     text_file.write_text("word " * 20000, encoding="utf-8")
     code, _, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text-file", text_file,
                             "--output-path", tmp_path / "x.wav", *FAST], capsys)
-    assert code == 2 and "mode='voice_clone'" in stderr
+    assert code == 2 and "Use --mode voice_clone" in stderr
     assert not (tmp_path / "x.wav").exists()
 
 
@@ -227,6 +253,7 @@ def test_corrupted_checksum_exits_2_and_writes_nothing(repo, monkeypatch, tmp_pa
     code, _, stderr = _run(["--model-path", copy, "--mode", "continuation", "--text", "Hi.", "--output-path",
                             tmp_path / "x.wav", *FAST], capsys)
     assert code == 2 and "Checksum mismatch" in stderr and "pytorch_model.bin" in stderr
+    assert "own checkpoint (fine-tuned or converted), pass --no-verify" in stderr
     assert not (tmp_path / "x.wav").exists()
 
 
@@ -235,3 +262,119 @@ def test_download_only_verifies_files_already_in_place(pinned, capsys):
                                  "--no-progress"], capsys)
     assert code == 0, stderr
     assert "model folder ready" in stdout
+
+
+def _readme_command(prefix):
+    lines = [line.strip() for line in (REPO_ROOT / "README.md").read_text(encoding="utf-8").splitlines()]
+    (command,) = [line for line in lines if line.startswith(prefix)]
+    return command
+
+
+def test_readme_tiny_recipe_runs_the_main_job_with_audible_output(tmp_path, prompt_wav):
+    """The README's two commands, verbatim apart from the paths: a runnable repository, then speech in a file."""
+    import shlex
+
+    import numpy as np
+
+    paths = {"/tmp/moss_tiny.wav": str(tmp_path / "tiny.wav"), "/tmp/moss_tiny": str(tmp_path / "moss_tiny"),
+             "tokenizer.model": str(shared_path("assets", "tokenizer.model")), "voice.wav": str(prompt_wav)}
+    for prefix in ("python checkpoints.py", "python infer_npu.py --model-path /tmp/moss_tiny"):
+        argv = [paths.get(arg, arg) for arg in shlex.split(_readme_command(prefix))]
+        completed = subprocess.run([sys.executable, str(REPO_ROOT / argv[1]), *argv[2:]], capture_output=True,
+                                   text=True, cwd=str(tmp_path), timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert completed.returncode == 0, completed.stderr
+    samples, rate = sf.read(paths["/tmp/moss_tiny.wav"], dtype="int16")
+    assert rate == SAMPLE_RATE and samples.shape == (25 * HOP, 2)
+    rms = float(np.sqrt(np.mean((samples / 32768.0) ** 2)))
+    assert rms > 0.01 and np.count_nonzero(samples) > 0.9 * samples.size, rms  # audible: above -40 dBFS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Interruptions, progress and per-file reports
+
+
+def _start_cli(argv, cwd):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.Popen([sys.executable, str(REPO_ROOT / "infer_npu.py"), *map(str, argv)], cwd=str(cwd), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, process, timeout=240.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigterm_during_stream_removes_the_partial_file_and_says_interrupted(repo, prompt_wav, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    process = _start_cli(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--text", "Hello.",
+                          "--output-path", out / "long.wav", "--stream", "--max-new-frames", "100000",
+                          "--no-do-sample", "--no-progress", "--device", "cpu"], tmp_path)
+    # The stream has written audio to its hidden temporary file: terminate it there, as `timeout` or docker would.
+    _wait_for(lambda: any(p.stat().st_size > 10 * HOP for p in out.glob(".long.wav.*.tmp")), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == infer_npu.EXIT_TERMINATED == 143, stderr
+    assert "error: interrupted (SIGTERM)" in stderr
+    assert os.listdir(out) == []
+
+
+def test_sigterm_during_jsonl_keeps_finished_files_and_no_unfinished_one(repo, prompt_wav, tmp_path):
+    out = tmp_path / "out"
+    lines = [{"text": f"Line {index}.", "output_path": str(out / f"{index}.wav")} for index in range(3)]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    process = _start_cli(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--jsonl", requests,
+                          "--max-new-frames", "400", "--no-do-sample", "--no-progress", "--device", "cpu"], tmp_path)
+    _wait_for(lambda: (out / "0.wav").exists(), process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "interrupted" in stderr, stderr
+    assert sorted(os.listdir(out)) == ["0.wav"] and sf.info(str(out / "0.wav")).frames == 400 * HOP
+
+
+def test_jsonl_summary_lines_time_each_file_on_its_own(monkeypatch, capsys):
+    def two_slow_files(model, requests):
+        for _ in requests:
+            time.sleep(0.3)
+            yield {"audio_path": "x.wav", "waveform": torch.zeros(2, SAMPLE_RATE), "sample_rate": SAMPLE_RATE,
+                   "voice_clone_text_chunks": ["x"]}
+
+    monkeypatch.setattr(infer_npu.synthesis, "iter_inference_many", two_slow_files)
+    assert infer_npu._synthesise_offline(None, "cpu", [None, None]) == [1.0, 1.0]
+    seconds = [float(line.split(" in ")[1].split(" s ")[0]) for line in capsys.readouterr().out.splitlines()]
+    assert len(seconds) == 2 and all(0.25 < value < 0.5 for value in seconds), seconds  # not 0.6 for the second
+
+
+def test_progress_is_visible_without_a_terminal_and_no_progress_silences_every_bar(repo, prompt_wav, tmp_path):
+    common = ["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--text", TWO_SENTENCES,
+              "--voice-clone-max-text-tokens", "5", "--max-new-frames", "2", "--no-do-sample", "--device", "cpu"]
+    shown = _start_cli([*common, "--output-path", tmp_path / "a.wav"], tmp_path)
+    _, shown_err = shown.communicate(timeout=240)
+    silent = _start_cli([*common, "--output-path", tmp_path / "b.wav", "--no-progress"], tmp_path)
+    _, silent_err = silent.communicate(timeout=240)
+    assert shown.returncode == silent.returncode == 0, shown_err + silent_err
+    assert "synthesising: 2/2 chunks" in shown_err  # stderr is a pipe here, as in a log file or CI
+    for text in ("synthesising:", "Loading weights", "it/s]"):
+        assert text not in silent_err, silent_err
+
+
+def test_download_only_without_network_fails_in_seconds_with_one_message(tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as server:  # a free port: refused at once, like no network
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    started = time.monotonic()
+    completed = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "infer_npu.py"), "--download-only", "--download-source", "hf",
+         "--model-path", str(tmp_path / "model"), "--no-progress"],
+        capture_output=True, text=True, cwd=str(tmp_path), timeout=120, env=dict(env, HF_ENDPOINT=endpoint),
+    )
+    assert completed.returncode == 2, completed.stderr
+    assert time.monotonic() - started < 60  # was about 95 s of retries
+    stderr = completed.stderr
+    assert stderr.count("no connection to 127.0.0.1") == 1 and "Every file failed the same way" in stderr
+    assert stderr.startswith("error: Model files missing from") and "Get these files" in stderr
+    assert len(stderr.splitlines()) < 40, stderr  # was 88 lines of retry noise before the message

@@ -1,8 +1,11 @@
 """The inference pipeline (synthesis.py) on a tiny model repository: files, lengths, streaming, chunking, errors."""
 
+import io
 import json
 import logging
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,8 @@ from tiny_repository import HOP, SAMPLE_RATE, tiny_codec_config_dict, write_tiny
 synthesis = import_module("synthesis")
 modeling = import_module("modeling_moss_tts_nano")
 text_chunking = import_module("text_chunking")
+checkpoints = import_module("checkpoints")
+weight_formats = import_module("weight_formats")
 
 UPSTREAM_RESULT_KEYS = {
     "audio_path", "sample_rate", "audio_token_ids", "waveform", "reference_audio_token_ids",
@@ -243,6 +248,55 @@ def test_stability_error_retries_once_in_float32_then_restores_the_dtype(model, 
     assert "float32" in message and "bfloat16" in message and "'sdpa'" in message
 
 
+def _fails_once(monkeypatch, model):
+    """Make model.generate raise a stability error on its first call; returns the model dtype of every call."""
+    generate, dtypes = model.generate, []
+
+    def flaky(*args, **kwargs):
+        dtypes.append(model.dtype)
+        if len(dtypes) == 1:
+            raise RuntimeError("Non-finite logits during generation (inf or nan)")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", flaky)
+    return dtypes
+
+
+def _converted_tiny_model(weight_format):
+    return weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=9), weight_format)
+
+
+@pytest.mark.parametrize("weight_format, plain_bf16", [("fp32", False), ("fp16", False), ("bf16", True),
+                                                       ("bf16", False)])
+def test_float32_retry_works_for_weight_formats_that_cast(monkeypatch, weight_format, plain_bf16):
+    if plain_bf16:  # what every CPU without oneDNN packing (and every accelerator) gets
+        monkeypatch.setattr(weight_formats, "onednn_packing_available", lambda: False)
+    converted = _converted_tiny_model(weight_format)
+    if weight_formats.dtype_change_unavailable_reason(converted) is not None:
+        pytest.skip("oneDNN packs bf16 on this CPU: covered by the refusal test")
+    dtype = converted.dtype
+    dtypes = _fails_once(monkeypatch, converted)
+    ids = torch.randint(10, 1000, (1, 6, 17))
+    codes = synthesis.generate_codes(converted, ids, torch.ones(1, 6, dtype=torch.bool), dict(max_new_frames=2))
+    assert dtypes == [dtype, torch.float32] and converted.dtype == dtype
+    assert codes[0].shape[1] == 16 and converted.generate(ids, max_new_frames=1).audio_token_ids.shape[2] == 16
+
+
+@pytest.mark.parametrize("weight_format", [
+    pytest.param("int8", marks=pytest.mark.skipif(not weight_formats.int8_kernels_available(), reason="no int8")),
+    pytest.param("bf16", marks=pytest.mark.skipif(not weight_formats.onednn_packing_available(),
+                                                  reason="oneDNN packing does not run here: bf16 casts instead")),
+])
+def test_float32_retry_is_refused_clearly_for_converted_weight_formats(monkeypatch, weight_format):
+    converted = _converted_tiny_model(weight_format)
+    dtypes = _fails_once(monkeypatch, converted)
+    ids = torch.randint(10, 1000, (1, 6, 17))
+    with pytest.raises(RuntimeError, match=f"float32 retry cannot run: its weight format '{weight_format}'") as caught:
+        synthesis.generate_codes(converted, ids, torch.ones(1, 6, dtype=torch.bool), dict(max_new_frames=2))
+    assert "Non-finite logits" in str(caught.value) and "without a weight format (fp32)" in str(caught.value)
+    assert len(dtypes) == 1
+
+
 def test_other_generation_errors_are_not_retried(model):
     class Broken(type(model)):
         def generate(self, *args, **kwargs):
@@ -368,6 +422,68 @@ def test_bad_arguments_raise_clear_value_errors(model, tmp_path, overrides, matc
     with pytest.raises(ValueError, match=match):
         model.inference(**kwargs)
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(max_new_frames=0), r"max_new_frames=0; expected an integer >= 1"),
+    (dict(audio_top_p=2), r"audio_top_p=2; expected a number in \(0, 1\]"),
+    (dict(text_top_p=0.0), r"text_top_p=0.0; expected a number in \(0, 1\]"),
+    (dict(audio_top_k=0), r"audio_top_k=0; expected an integer >= 1"),
+    (dict(nq=0), r"nq=0; expected an integer >= 1"),
+    (dict(do_sample=True, audio_temperature=0.0), "audio_temperature must be > 0"),
+    (dict(audio_repetition_penalty=-1.0), "audio_repetition_penalty must be > 0"),
+])
+def test_generation_settings_are_checked_before_anything_is_loaded(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        synthesis.build_request(**_arguments(**overrides))
+
+
+def _unwritable_outputs(tmp_path):
+    blocker = tmp_path / "a_file.txt"
+    blocker.write_text("not a folder")
+    cases = [(blocker / "out.wav", "is a file, not a folder"), (blocker / "deeper" / "out.wav", "is a file")]
+    if Path("/proc/self").is_dir():  # procfs refuses new files even to root
+        cases.append((Path("/proc/self/out.wav"), "is not writable"))
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "out.wav", "is not writable"))
+    return cases
+
+
+def test_unwritable_output_location_is_refused_before_anything_is_loaded(tmp_path):
+    for path, reason in _unwritable_outputs(tmp_path):
+        with pytest.raises(ValueError, match=reason) as caught:
+            synthesis.build_request(**_arguments(output_audio_path=str(path)))
+        assert f"output_audio_path {str(path)!r} cannot be written" in str(caught.value)
+
+
+def test_writable_output_in_a_missing_folder_is_accepted_and_nothing_is_left(tmp_path):
+    synthesis.build_request(**_arguments(output_audio_path=str(tmp_path / "new" / "sub" / "out.wav")))
+    assert _leftovers(tmp_path) == []
+
+
+def test_chunks_cut_at_max_new_frames_give_one_summary_warning(model, prompt_wav, caplog):
+    text = " ".join(f"Sentence number {index} is here." for index in range(6))
+    with caplog.at_level(logging.WARNING, logger=synthesis.__name__):
+        result = model.inference(text, None, mode="voice_clone", prompt_audio_path=str(prompt_wav),
+                                 voice_clone_max_text_tokens=8, **GREEDY)
+    chunks = len(result["voice_clone_text_chunks"])
+    assert chunks >= 5
+    (warning,) = [r.getMessage() for r in caplog.records if "max_new_frames" in r.getMessage()]
+    assert warning.startswith(f"{chunks} of {chunks} chunk(s) reached max_new_frames=2")
+    assert f"and {chunks - 3} more" in warning
+
+
+def test_progress_without_a_terminal_is_a_periodic_log_line(model, prompt_wav, caplog, monkeypatch):
+    monkeypatch.setattr(synthesis, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, also under `pytest -s`
+    with caplog.at_level(logging.INFO, logger=synthesis.progress_logger.name):
+        model.inference(TWO_CHUNKS, None, mode="voice_clone", prompt_audio_path=str(prompt_wav),
+                        voice_clone_max_text_tokens=5, do_sample=False, max_new_frames=2, progress=None)
+    lines = [r.getMessage() for r in caplog.records if r.name == synthesis.progress_logger.name]
+    assert [line.split(",")[0] for line in lines] == ["synthesising: 1/2 chunks", "synthesising: 2/2 chunks"]
+    assert "s left" in lines[0]
 
 
 def test_missing_codec_says_how_to_download(tmp_path, repo):

@@ -133,3 +133,11 @@ def test_pickled_tokenizer_encodes_the_same(auto_tokenizer):
 def test_missing_vocab_file_raises_value_error(tmp_path):
     with pytest.raises(ValueError, match="vocab_file"):
         tokenization.MossTTSNanoSentencePieceTokenizer(str(tmp_path / "absent.model"))
+
+
+def test_added_tokens_reach_the_vocabulary(tokenizer_dir):
+    """get_vocab reads the added tokens through the public get_added_vocab (the private table moved in 5.x)."""
+    tokenizer = tokenization.MossTTSNanoSentencePieceTokenizer.from_pretrained(str(tokenizer_dir))
+    assert tokenizer.add_tokens(["<|new_marker|>"]) == 1
+    assert tokenizer.get_vocab()["<|new_marker|>"] == 16384 and len(tokenizer) == 16385
+    assert tokenizer.encode("a<|new_marker|>b")[1] == 16384

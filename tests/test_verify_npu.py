@@ -165,3 +165,19 @@ def test_simulated_npu_runs_the_verification_to_a_pass_table(fake_npu_path, tmp_
     assert "(fake)" in out  # the environment section names the simulated device
     report = _report(tmp_path)
     assert {row["device"] for row in report["rows"]} == {"npu:0"} and report["verdict"] == "PASS"
+
+
+def test_default_output_folder_is_ignored_by_git():
+    """A run from the repository folder (as the README shows) must leave `git status` clean."""
+    import shutil
+    import subprocess
+
+    from conftest import REPO_ROOT
+
+    if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+        pytest.skip("needs git and a git checkout of the repository")
+    default = verify_npu.build_parser().parse_args(["--tiny"]).output_dir
+    paths = [f"{default}/npu_verification_report.json", f"{default}/wavs/cpu.wav",
+             "verify_npu_output/npu_verification_report.json"]  # the folder earlier versions wrote
+    result = subprocess.run(["git", "check-ignore", *paths], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(paths)

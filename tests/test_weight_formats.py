@@ -116,11 +116,52 @@ def test_int8_heads_are_copies_and_embeddings_stay_float32():
     assert isinstance(model.local_transformer.h[0].attn.c_attn, weight_formats.Int8DynamicLinear)
 
 
-def test_format_choice_is_logged(caplog):
-    model = checkpoints.random_tiny_model(seed=7)
+def _format_log_line(caplog, model, weight_format):
     with caplog.at_level(logging.INFO, logger=weight_formats.__name__):
-        weight_formats.apply_weight_format(model, "bfloat16")
-    assert any("weight format bf16" in record.getMessage() for record in caplog.records)
+        weight_formats.apply_weight_format(model, weight_format)
+    (line,) = [record.getMessage() for record in caplog.records if "weight format" in record.getMessage()]
+    return line
+
+
+def test_format_choice_is_logged_with_the_kernel_the_probe_chose(caplog):
+    line = _format_log_line(caplog, checkpoints.random_tiny_model(seed=7), "bfloat16")
+    assert line.startswith("weight format bf16 on cpu")
+    assert ("oneDNN's packed layout" in line) == weight_formats.onednn_packing_available(), line
+    assert ("plain nn.Linear" in line) != weight_formats.onednn_packing_available(), line
+
+
+def test_bf16_falls_back_to_plain_linears_where_packing_does_not_run(caplog, monkeypatch):
+    monkeypatch.setattr(weight_formats, "onednn_packing_available", lambda: False)
+    model = checkpoints.random_tiny_model(seed=7)
+    line = _format_log_line(caplog, model, "bf16")
+    assert "plain nn.Linear" in line and "does not run on this CPU" in line
+    assert not any(isinstance(module, weight_formats.PackedLinear) for module in model.modules())
+    assert model.transformer.h[0].mlp.fc_in.weight.dtype == torch.bfloat16
+    ids, _ = _prompt_and_frames(3, 10, 0)
+    assert model.generate(ids, max_new_frames=2).audio_token_ids.shape[2] == 16
+
+
+def test_packing_probe_agrees_with_a_real_packed_layer():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48).to(torch.bfloat16)
+    if weight_formats.onednn_packing_available():
+        weight_formats.PackedLinear(linear)(torch.randn(1, 64).to(torch.bfloat16))
+    else:  # the probe said no: so does the op (e.g. an AVX2-only CPU)
+        with pytest.raises(RuntimeError):
+            weight_formats.PackedLinear(linear)(torch.randn(1, 64).to(torch.bfloat16))
+
+
+@needs_int8
+def test_int8_layer_with_8_bit_activations_does_not_saturate_on_extreme_inputs():
+    """fbgemm without VNNI adds pairs of uint8 x int8 products in int16; the weight range keeps them below 32767."""
+    linear = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        linear.weight.fill_(0.5)
+        linear.bias.zero_()
+    hidden = torch.full((2, 64), 3.0)
+    hidden[1, ::2] = 0.0  # a second row with half the products
+    output = weight_formats.Int8DynamicLinear(linear)(hidden)
+    torch.testing.assert_close(output, linear(hidden).detach(), rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("name, expected", [(None, "fp32"), ("float32", "fp32"), ("BF16", "bf16"),
@@ -141,7 +182,8 @@ def test_switching_an_int8_model_to_another_format_raises():
         weight_formats.apply_weight_format(model, "fp32")
 
 
-@pytest.mark.skipif(not weight_formats.onednn_packing_available(), reason="this torch build has no oneDNN packing")
+@pytest.mark.skipif(not weight_formats.onednn_packing_available(),
+                    reason="oneDNN's packed bf16 linear does not run on this CPU or torch build")
 def test_packed_linear_equals_plain_bf16_linear():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48).to(torch.bfloat16)

@@ -4,7 +4,9 @@ import hashlib
 import json
 import logging
 import shutil
+import socket
 import subprocess
+import time
 import sys
 import types
 from pathlib import Path
@@ -102,6 +104,21 @@ def code_dir(tmp_path):
     for name, text in CODE.items():
         (folder / name).write_text(text)
     return folder
+
+
+@pytest.fixture
+def listening_endpoint():
+    """A URL of a socket listening on 127.0.0.1 (a connection succeeds; nothing is ever served)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+
+
+@pytest.fixture
+def refused_endpoint():
+    """A URL of a free 127.0.0.1 port: connections are refused at once, as on a machine without network."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
 
 
 def ensure(target, pins, code_dir, **kwargs):
@@ -229,6 +246,30 @@ def test_missing_network_explains_exactly_what_to_fetch_and_where(tmp_path, pins
     assert not (target / "pytorch_model.bin").exists()
 
 
+def test_unreachable_hub_fails_in_seconds_with_the_cause_said_once(tmp_path, pins, code_dir, monkeypatch,
+                                                                  refused_endpoint):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: pytest.fail("the client was called"))
+    monkeypatch.setitem(sys.modules, "modelscope", None)
+    downloaders = {"hf": weights.hf_downloader(tmp_path / "cache", endpoint=refused_endpoint),
+                   "modelscope": weights.modelscope_downloader()}
+    started = time.perf_counter()
+    with pytest.raises(weights.WeightsUnavailableError) as error:
+        ensure(tmp_path / "repo", pins, code_dir, downloaders=downloaders)
+    assert time.perf_counter() - started < weights.PROBE_TIMEOUT_SECONDS + 2
+    message = str(error.value)
+    host = refused_endpoint.removeprefix("http://")
+    assert message.count(f"hf: ConnectionError: no connection to {host} within 3 s") == 1, message
+    assert message.count("optional package 'modelscope' is not installed") == 1
+    assert "Every file failed the same way:" in message
+
+
+def test_connection_probe_answers_none_for_a_listening_host(listening_endpoint, refused_endpoint):
+    assert weights.connection_problem(listening_endpoint) is None
+    assert "no connection to 127.0.0.1" in weights.connection_problem(refused_endpoint)
+
+
 def test_local_source_never_downloads(tmp_path, pins, hub, code_dir):
     with pytest.raises(weights.WeightsUnavailableError, match="no download source allowed"):
         ensure(tmp_path / "repo", pins, code_dir, source="local", downloaders={"hf": hub})
@@ -292,7 +333,7 @@ def test_auto_falls_back_to_modelscope_when_the_hub_is_unreachable(tmp_path, pin
     assert files.codec_weights.read_bytes() == CONTENTS["codec_weights"] and len(hub.calls) == 4
 
 
-def test_modelscope_downloader_asks_for_the_pinned_branch(tmp_path, pins, monkeypatch):
+def test_modelscope_downloader_asks_for_the_pinned_branch(tmp_path, pins, monkeypatch, listening_endpoint):
     calls = []
 
     def model_file_download(model_id, file_path, revision=None, cache_dir=None, **kwargs):
@@ -304,7 +345,7 @@ def test_modelscope_downloader_asks_for_the_pinned_branch(tmp_path, pins, monkey
     for name in ("modelscope", "modelscope.hub"):
         monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
     monkeypatch.setitem(sys.modules, "modelscope.hub.file_download", module)
-    download = weights.modelscope_downloader()
+    download = weights.modelscope_downloader(endpoint=listening_endpoint)
     assert download(pins[3], False) == str(tmp_path / "model.safetensors")
     download(pins[0], True)
     assert calls == [("ms/codec", "model.safetensors", "master", {}),
