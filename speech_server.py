@@ -171,19 +171,20 @@ def _open_router(state: ServerState) -> APIRouter:
 
 
 async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Response:
-    """Prepare, submit, wait for the first event (so early failures get a status), then answer in the asked form."""
+    """Prepare, submit, wait for the first event (so that an early failure still gets a status), then answer in the
+    asked form. Until a streamed body takes them over, the request and its encoder are closed here on every exit."""
     service = state.ready()
     if not body.stream and body.stream_format == "sse":
         raise bad_field("stream", "stream=false returns one whole file; stream_format 'sse' is always streamed")
     prepared = await to_thread.run_sync(service.prepare, body)
-    audio = ResponseAudio(body.response_format, body.speed, service.sample_rate, service.channels,
-                          whole_file=not body.stream)
     stream = EngineStream(lambda listener: service.submit(prepared, listener), asyncio.get_running_loop(),
                           state.metrics.tracker())
+    audio, handed_over = None, False
     headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(service.sample_rate),
                "x-channels": str(service.channels)}
-    handed_over = False
     try:
+        audio = ResponseAudio(body.response_format, body.speed, service.sample_rate, service.channels,
+                              whole_file=not body.stream)
         first = await stream.next(request.is_disconnected)
         if isinstance(first, ErrorEvent):
             raise APIError(500, f"synthesis failed: {first.message}", error_type="server_error")
@@ -197,15 +198,16 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
         if not handed_over:
             _close(stream, audio)
     if body.stream_format == "sse":
-        return _StreamedSpeech(sse_body(stream, audio, first, prepared.input_tokens), stream, audio,
-                               media_type="text/event-stream", headers=headers)
-    return _StreamedSpeech(audio_body(stream, audio, first), stream, audio, media_type=audio.content_type,
-                           headers=headers)
+        content, media_type = sse_body(stream, audio, first, prepared.input_tokens), "text/event-stream"
+    else:
+        content, media_type = audio_body(stream, audio, first), audio.content_type
+    return _StreamedSpeech(content, stream, audio, media_type=media_type, headers=headers)
 
 
-def _close(stream: EngineStream, audio: ResponseAudio) -> None:
+def _close(stream: EngineStream, audio: Optional[ResponseAudio]) -> None:
     stream.close()
-    audio.close()
+    if audio is not None:
+        audio.close()
 
 
 class _StreamedSpeech(StreamingResponse):
