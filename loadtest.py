@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import signal
@@ -166,7 +167,7 @@ async def run_level(url: str, clients: int, body: dict, stagger: float, api_key:
 def percentile(values: list, share: float) -> float:
     """Nearest-rank percentile (share in 0..1) of a non-empty list."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(share * len(ordered) + 0.5)) - 1))]
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
 def summarise(clients: int, results: list, wall: float) -> dict:
