@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "MOSS_TTS_API_KEY"
 EXIT_OK, EXIT_LOAD_FAILED = 0, 1
-STREAM_POLICIES = {"upstream": UPSTREAM_STREAM_POLICY, "cuda": UPSTREAM_CUDA_STREAM_POLICY,
+# --stream-policy choices (engine.py); "throughput" is the larger budget upstream applies on its accelerator.
+STREAM_POLICIES = {"upstream": UPSTREAM_STREAM_POLICY, "throughput": UPSTREAM_CUDA_STREAM_POLICY,
                    "every-frame": EVERY_FRAME_STREAM_POLICY}
 
 
@@ -70,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--step-mode", default="eager", choices=("eager", "compile", "graph"),
                         help="decode step: eager, torch.compile or device graphs")
     engine.add_argument("--stream-policy", default="upstream", choices=tuple(STREAM_POLICIES),
-                        help="frames per codec call: upstream (1/2/4/8 by lead, first audio soonest), cuda "
-                             "(upstream's CUDA budget 4..12), every-frame (1 per call: the same samples for a "
-                             "request whatever the load)")
+                        help="frames per codec call: upstream (1/2/4/8 by lead, first audio soonest), throughput "
+                             "(4..12 by lead, upstream's accelerator budget), every-frame (1 per call: the same "
+                             "samples for a request whatever the load)")
     return parser
 
 

@@ -462,6 +462,7 @@ def test_voices_survive_a_restart_and_sigterm_drains_running_streams(repository,
             with http.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
                 raw = response.iter_raw()
                 chunks = [next(raw)]
+                assert health(url)["active"] == 1  # still generating when the signal comes
                 process.send_signal(signal.SIGTERM)
                 time.sleep(0.3)
                 with pytest.raises(httpx.ConnectError):  # no new connections while draining
