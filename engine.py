@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import random
 import threading
@@ -244,6 +245,11 @@ class StreamDecodePolicy:
 UPSTREAM_STREAM_POLICY = StreamDecodePolicy()
 # What upstream's runtime patches in on CUDA (bigger codec calls, more throughput, later first audio).
 UPSTREAM_CUDA_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((0.20, 4), (0.55, 6), (1.10, 8)), max_frames=12)
+# Every frame goes to the codec as soon as it is generated. The lead-based policies pick the frames per codec call from
+# the timing, and the codec's float rounding depends on that (~1e-6, a 16-bit step in ~1% of samples); here the calls
+# do not depend on timing, so a request alone in the engine gives the same samples every time. Costs codec throughput
+# (one frame per call).
+EVERY_FRAME_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((math.inf, 1),), max_frames=1, head_lead_seconds=math.inf)
 
 
 def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float], now: float) -> float:
@@ -721,6 +727,7 @@ __all__ = [
     "SpeechEngine",
     "SpeechRequest",
     "StreamDecodePolicy",
+    "EVERY_FRAME_STREAM_POLICY",
     "UPSTREAM_CUDA_STREAM_POLICY",
     "UPSTREAM_STREAM_POLICY",
     "auto_slot_count",

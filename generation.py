@@ -32,7 +32,7 @@ import torch
 
 from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
-from .sampling import RowSettings, draw_channel_noise, draw_noise, sample_rows, validate_sampling_args
+from .sampling import RowSettings, SettingError, draw_channel_noise, draw_noise, sample_rows, validate_sampling_args
 
 logger = logging.getLogger(__name__)
 
@@ -63,17 +63,17 @@ class GenerationSettings:
         """A copy with nq resolved (None -> n_vq), after checking every value.
 
         Raises:
-            ValueError: naming the bad argument and what it accepts.
+            SettingError (a ValueError): naming the bad argument and what it accepts.
         """
         nq = n_vq if self.nq is None else self.nq
         if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= n_vq:
-            raise ValueError(f"nq={self.nq!r}; expected None or an integer in 1..{n_vq}")
+            raise SettingError("nq", f"nq={self.nq!r}; expected None or an integer in 1..{n_vq}")
         if isinstance(self.max_new_frames, bool) or not isinstance(self.max_new_frames, int) or self.max_new_frames < 0:
-            raise ValueError(f"max_new_frames={self.max_new_frames!r}; expected an integer >= 0")
+            raise SettingError("max_new_frames", f"max_new_frames={self.max_new_frames!r}; expected an integer >= 0")
         for name in ("text_top_k", "audio_top_k"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name}={value!r}; expected an integer (0 or less: no top-k filter)")
+                raise SettingError(name, f"{name}={value!r}; expected an integer (0 or less: no top-k filter)")
         validate_sampling_args(self.do_sample, self.text_temperature, name="text_")
         validate_sampling_args(self.do_sample, self.audio_temperature, self.audio_repetition_penalty, name="audio_")
         return GenerationSettings(**{**self.__dict__, "nq": nq})

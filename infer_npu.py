@@ -39,6 +39,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -54,6 +55,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import devices, synthesis, weight_formats, weights
+from .generation import GenerationSettings
 
 logger = logging.getLogger(__name__)
 
@@ -119,12 +121,20 @@ def _add_io_arguments(parser) -> None:
 
 def _add_runtime_arguments(parser) -> None:
     group = parser.add_argument_group("model and device")
-    group.add_argument("--model-path", default=None,
-                       help="model folder (default: this repository folder, filled by --download-only)")
+    add_model_arguments(group)
     group.add_argument("--download-only", action="store_true",
                        help="download the pinned, sha256-checked weights into the model folder and exit")
     group.add_argument("--download-source", choices=weights.SOURCES, default="auto",
                        help="where --download-only fetches from (auto: Hugging Face, then ModelScope)")
+    group.add_argument("--seed", type=int, default=None, help="random seed (None: not seeded)")
+    group.add_argument("--verbose", action="store_true", help="log INFO messages")
+
+
+def add_model_arguments(group) -> None:
+    """The flags that load_model reads: model folder, verification, device, dtype, weight format, attention
+    (serve.py offers the same ones)."""
+    group.add_argument("--model-path", default=None,
+                       help="model folder (default: this repository folder, filled by --download-only)")
     group.add_argument("--no-verify", action="store_true",
                        help="skip the size/sha256 check of the pinned files (for fine-tuned or custom checkpoints)")
     group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
@@ -143,11 +153,9 @@ def _add_runtime_arguments(parser) -> None:
                        metavar="NAME",
                        help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
                             "run falls back to the device default with a log line)")
-    group.add_argument("--seed", type=int, default=None, help="random seed (None: not seeded)")
     group.add_argument("--no-progress", action="store_true",
                        help="no progress output: no bars (ours, transformers' weight loading, downloads) and, when "
                             "stderr is not a terminal, no periodic progress lines")
-    group.add_argument("--verbose", action="store_true", help="log INFO messages")
 
 
 def _add_generation_arguments(parser) -> None:
@@ -392,6 +400,14 @@ def load_model(args):
     return model, device, dtype, attention
 
 
+def generation_defaults() -> dict:
+    """What this CLI applies when no generation flag is given (upstream infer.py's values): the GenerationSettings
+    fields plus voice_clone_max_text_tokens (serve.py's per-request defaults)."""
+    parser = build_parser()
+    names = [field.name for field in dataclasses.fields(GenerationSettings)] + ["voice_clone_max_text_tokens"]
+    return {name: parser.get_default(name) for name in names}
+
+
 def _resolve_model_dtype(args, device) -> torch.dtype:
     """--dtype, or the dtype of an explicit --weight-format (ValueError: the device cannot run it, or a conflict)."""
     dtype = devices.resolve_dtype(device, args.dtype)
@@ -485,4 +501,5 @@ def _print_summary(result: dict, elapsed: float, first_audio: Optional[float] = 
     print(line, flush=True)
 
 
-__all__ = ["Job", "build_parser", "load_model", "main", "read_jsonl"]
+__all__ = ["Job", "add_model_arguments", "build_parser", "generation_defaults", "load_model", "main",
+           "read_jsonl"]

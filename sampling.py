@@ -25,16 +25,26 @@ import torch
 from .devices import device_spec
 
 
+class SettingError(ValueError):
+    """A bad generation setting. `name` is the argument (e.g. "audio_temperature"), so that the command line and the
+    server can name their own flag or field without parsing the message."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
 def validate_sampling_args(do_sample: bool, temperature: float, repetition_penalty: float = 1.0, name: str = "") -> None:
     """Check the user's sampling values once, before generation starts.
 
     Raises:
-        ValueError: a temperature <= 0 with do_sample, or a repetition penalty <= 0.
+        SettingError: a temperature <= 0 with do_sample, or a repetition penalty <= 0.
     """
     if do_sample and not temperature > 0:
-        raise ValueError(f"{name}temperature must be > 0 when sampling, got {temperature}")
+        raise SettingError(f"{name}temperature", f"{name}temperature must be > 0 when sampling, got {temperature}")
     if not repetition_penalty > 0:
-        raise ValueError(f"{name}repetition_penalty must be > 0, got {repetition_penalty}")
+        raise SettingError(f"{name}repetition_penalty",
+                           f"{name}repetition_penalty must be > 0, got {repetition_penalty}")
 
 
 @dataclass
@@ -192,6 +202,7 @@ def sample_rows(
 
 __all__ = [
     "RowSettings",
+    "SettingError",
     "apply_repetition_penalty",
     "draw_channel_noise",
     "draw_noise",

@@ -169,13 +169,10 @@ class VoiceStore:
             VoiceExistsError: the name exists and replace is False.
         """
         check_voice_name(name)
-        data = self._check_upload(name, data)
         if not replace and self._clips(name):
             raise VoiceExistsError(f"voice {name!r} already exists; delete it first or add it with replace=True")
-        with tempfile.TemporaryDirectory(prefix="voice-upload-") as scratch:
-            upload = Path(scratch) / f"{name}-upload"
-            upload.write_bytes(data)
-            codes, suffix = self._encode_upload(upload, name)
+        codes, suffix = self.encode_clip(data, f"voice {name!r}")
+        data = bytes(data)
         metadata = self._metadata(hashlib.sha256(data).hexdigest())
         with self._lock, self._folder_lock():
             existing = self._clips(name)
@@ -208,6 +205,27 @@ class VoiceStore:
             self._codes_path(name).unlink(missing_ok=True)
             self._codes.pop(name, None)
         logger.info("Deleted voice %r", name)
+
+    def encode_clip(self, data: bytes, label: str = "the clip") -> tuple[torch.Tensor, str]:
+        """Validate and encode an audio file's bytes as a prompt, storing nothing (what add_voice checks; the
+        server's per-request `ref_audio` too).
+
+        Args:
+            data: the file's bytes (at most max_upload_bytes).
+            label: how messages name the audio, e.g. "voice 'alice'" or "ref_audio".
+
+        Returns:
+            (prompt codes [T, n_vq] int64, the clip's file suffix).
+
+        Raises:
+            ValueError: empty or oversized data, or audio that is not a usable prompt (unreadable, silent, shorter
+                than one codec frame, or a container other than wav/flac/ogg/mp3).
+        """
+        data = self._check_upload(label, data)
+        with tempfile.TemporaryDirectory(prefix="voice-upload-") as scratch:
+            upload = Path(scratch) / "upload"
+            upload.write_bytes(data)
+            return self._encode_upload(upload, label)
 
     # -- the folder ---------------------------------------------------------------------------------------------
 
@@ -321,43 +339,42 @@ class VoiceStore:
             with self._codec_lock:
                 codes = self._cached(name, metadata)  # another thread may have encoded it meanwhile
                 if codes is None:
-                    codes = self._encode(clip, name)
+                    codes = self._encode(clip, f"voice {name!r}")
                     self._write_codes(name, metadata, codes)
         with self._lock:
             self._codes[name] = (metadata, codes)
         return codes
 
-    def _encode(self, clip: Path, name: str) -> torch.Tensor:
-        logger.info("Encoding voice %r from %s", name, clip.name)
+    def _encode(self, clip: Path, label: str) -> torch.Tensor:
+        logger.info("Encoding %s from %s", label, clip.name)
         with torch.no_grad():
             return encode_prompt_audio(self.codec, self.info, clip, self.config, self.n_vq).contiguous()
 
-    def _encode_upload(self, upload: Path, name: str) -> tuple[torch.Tensor, str]:
-        """(codes, clip suffix) of an uploaded clip; ValueError saying why it cannot be a voice."""
+    def _encode_upload(self, upload: Path, label: str) -> tuple[torch.Tensor, str]:
+        """(codes, clip suffix) of an uploaded clip; ValueError saying why it cannot be a prompt."""
         try:
             with self._codec_lock:
-                codes = self._encode(upload, name)
+                codes = self._encode(upload, label)
         except ValueError as error:
-            raise ValueError(f"the audio uploaded for voice {name!r} was refused: {error}") from error
+            raise ValueError(f"the audio uploaded for {label} was refused: {error}") from error
         container = sf.info(str(upload)).format
         if container not in UPLOAD_SUFFIXES:
-            raise ValueError(f"the audio uploaded for voice {name!r} is {container}; expected a wav, flac, ogg or "
-                             "mp3 file")
+            raise ValueError(f"the audio uploaded for {label} is {container}; expected a wav, flac, ogg or mp3 file")
         return codes, UPLOAD_SUFFIXES[container]
 
     def _write_codes(self, name: str, metadata: dict, codes: torch.Tensor) -> None:
         write_atomically(self._codes_path(name),
                          lambda temporary: save_file({"codes": codes.contiguous()}, temporary, metadata=metadata))
 
-    def _check_upload(self, name: str, data) -> bytes:
+    def _check_upload(self, label: str, data) -> bytes:
         if not isinstance(data, (bytes, bytearray, memoryview)):
-            raise ValueError(f"the audio for voice {name!r} must be bytes (an audio file's contents), got "
+            raise ValueError(f"the audio for {label} must be bytes (an audio file's contents), got "
                              f"{type(data).__name__}")
         data = bytes(data)
         if not data:
-            raise ValueError(f"the audio uploaded for voice {name!r} is empty (0 bytes)")
+            raise ValueError(f"the audio uploaded for {label} is empty (0 bytes)")
         if len(data) > self.max_upload_bytes:
-            raise ValueError(f"the audio uploaded for voice {name!r} is {len(data)} bytes; expected at most "
+            raise ValueError(f"the audio uploaded for {label} is {len(data)} bytes; expected at most "
                              f"{self.max_upload_bytes} (a voice needs a few seconds of speech)")
         return data
 

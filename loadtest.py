@@ -1,0 +1,309 @@
+"""Load test of the speech server: N concurrent streaming HTTP clients against the full-size model, staggered arrivals.
+
+    python loadtest.py --weight-format int8 --threads 2 --clients 2 4 8 12 16
+    python loadtest.py --url http://127.0.0.1:8000 --voice alice --clients 4     # an already running server
+
+Without --url it writes the released-size model with random weights (bench.py's seeded TTS with the stop decision
+forced to "continue", so every request makes exactly --frames frames; bench.py's random codec) into a temporary
+folder, starts `serve.py` on a free 127.0.0.1 port with --weight-format / --threads / --device, adds the reference
+clip as a voice, runs every --clients level one after another, and stops the server with SIGTERM.
+
+Each client asks for `pcm` with stream_format `audio`; client i starts i * --stagger seconds after the first. Per
+stream: time to first audio (request sent to first audio byte), real-time factor (request sent to last byte, over
+the audio seconds), and underruns. Playback of a stream starts when its first audio arrives; it underruns when a
+chunk arrives after the audio received before it has been played (received seconds < seconds since the first audio).
+Per level: TTFA p50 / p95 / p99, the median and worst RTF, streams that underran, errors, and throughput (audio
+seconds delivered per wall second). The last line names the largest level with no underrun and no error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent
+SHARED_DIR = Path(os.environ.get("MOSS_SHARED_DIR", REPO_ROOT.parent / "shared"))
+DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs back home to sleep."
+PCM_BYTES_PER_SECOND = 48000 * 2 * 2  # 48 kHz, stereo, 16-bit
+READY_TIMEOUT_SECONDS = 900.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The server under test
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_server(arguments: list, log_path: Path, env: Optional[dict] = None) -> subprocess.Popen:
+    """`python serve.py ARGUMENTS` with its output in log_path."""
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, str(REPO_ROOT / "serve.py"), *map(str, arguments)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT))
+
+
+def wait_until_ready(url: str, process: Optional[subprocess.Popen], timeout: float) -> dict:
+    """Poll GET /health until it answers 200; returns its JSON.
+
+    Raises:
+        RuntimeError: the process exited or `timeout` passed.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode} before it was ready")
+        try:
+            response = httpx.get(f"{url}/health", timeout=2.0)
+            if response.status_code == 200:
+                return response.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} was not ready after {timeout:.0f} s")
+
+
+def write_random_model(folder: Path, tokenizer: Path) -> Path:
+    """The released-size TTS (random, stop forced: bench.py) and codec (random: bench.py) as a model folder."""
+    import torch
+
+    import bench
+    from local_package import import_module
+
+    checkpoints = import_module("checkpoints")
+    lm = bench.build_lm(argparse.Namespace(model_path=None), torch.device("cpu"))
+    checkpoints.write_model_repository(folder, lm.config, lm.state_dict(), tokenizer_model=tokenizer,
+                                       dtype=torch.float32)
+    bench.build_codec(torch.device("cpu"), "fp32").save_pretrained(str(folder / "audio_tokenizer"))
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Clients
+
+
+@dataclass
+class StreamResult:
+    """One client's stream, measured at the client."""
+
+    ttfa: Optional[float] = None
+    seconds: float = 0.0
+    wall: float = 0.0
+    underrun_seconds: float = 0.0
+    error: Optional[str] = None
+
+    @property
+    def rtf(self) -> float:
+        return self.wall / self.seconds if self.seconds else float("inf")
+
+
+@dataclass
+class Playback:
+    """Playback of a stream that starts at its first audio; `arrive` records each chunk's arrival."""
+
+    started: Optional[float] = None
+    received: float = 0.0
+    underrun: float = 0.0
+
+    def arrive(self, now: float, seconds: float) -> None:
+        if self.started is None:
+            self.started = now
+        else:
+            self.underrun += max(0.0, (now - self.started) - self.received - self.underrun)
+        self.received += seconds
+
+
+async def one_stream(client, url: str, body: dict, delay: float) -> StreamResult:
+    await asyncio.sleep(delay)
+    result, playback, pending = StreamResult(), Playback(), 0
+    started = time.perf_counter()
+    try:
+        async with client.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
+            if response.status_code != 200:
+                result.error = f"{response.status_code}: {(await response.aread())[:200]!r}"
+                return result
+            async for chunk in response.aiter_raw():
+                now = time.perf_counter()
+                if result.ttfa is None:
+                    result.ttfa = now - started
+                pending += len(chunk)
+                playback.arrive(now, len(chunk) / PCM_BYTES_PER_SECOND)
+    except Exception as error:  # any transport failure counts as this stream's error
+        result.error = f"{type(error).__name__}: {error}"
+    result.wall = time.perf_counter() - started
+    result.seconds = pending / PCM_BYTES_PER_SECOND
+    result.underrun_seconds = playback.underrun
+    return result
+
+
+async def run_level(url: str, clients: int, body: dict, stagger: float, api_key: Optional[str]) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=clients + 4)
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits, headers=headers) as client:
+        results = await asyncio.gather(*[one_stream(client, url, {**body, "seed": index}, index * stagger)
+                                         for index in range(clients)])
+    return summarise(clients, results, time.perf_counter() - started)
+
+
+def percentile(values: list, share: float) -> float:
+    """Nearest-rank percentile (share in 0..1) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def summarise(clients: int, results: list, wall: float) -> dict:
+    good = [result for result in results if result.error is None and result.ttfa is not None]
+    ttfa = [result.ttfa for result in good] or [float("nan")]
+    rtf = [result.rtf for result in good] or [float("nan")]
+    return {
+        "clients": clients, "errors": len(results) - len(good), "error_messages": [r.error for r in results if r.error],
+        "ttfa_p50": percentile(ttfa, 0.50), "ttfa_p95": percentile(ttfa, 0.95), "ttfa_p99": percentile(ttfa, 0.99),
+        "rtf_median": statistics.median(rtf), "rtf_worst": max(rtf),
+        "underrun_streams": sum(result.underrun_seconds > 0 for result in good),
+        "underrun_seconds": sum(result.underrun_seconds for result in good),
+        "audio_seconds": sum(result.seconds for result in good), "wall_seconds": wall,
+        "throughput": sum(result.seconds for result in good) / wall,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
+    return " ".join(flag for flag in wanted if flag in flags)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 12, 16], help="concurrency levels")
+    parser.add_argument("--frames", type=int, default=120, help="frames per request (12.5 per second of audio)")
+    parser.add_argument("--stagger", type=float, default=0.25, help="seconds between two clients' arrivals")
+    parser.add_argument("--text", default=DEFAULT_TEXT)
+    parser.add_argument("--url", default=None, help="test this running server instead of starting one")
+    parser.add_argument("--voice", default=None, help="voice name on --url (default: add --ref-audio as a voice)")
+    parser.add_argument("--api-key", default=os.environ.get("MOSS_TTS_API_KEY"))
+    parser.add_argument("--ref-audio", default=str(SHARED_DIR / "assets" / "audio" / "en_2.wav"))
+    parser.add_argument("--tokenizer", default=str(SHARED_DIR / "assets" / "tokenizer.model"))
+    parser.add_argument("--weight-format", default="int8", help="serve.py --weight-format")
+    parser.add_argument("--threads", type=int, default=2, help="serve.py --threads")
+    parser.add_argument("--device", default="cpu", help="serve.py --device")
+    parser.add_argument("--num-slots", type=int, default=0, help="serve.py --num-slots (0: the largest level)")
+    parser.add_argument("--server-arg", action="append", default=[], help="one more serve.py argument (repeatable)")
+    parser.add_argument("--json", action="store_true", help="also print the levels as JSON")
+    return parser
+
+
+def start_local_server(args, folder: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    slots = args.num_slots or max(args.clients)
+    arguments = ["--model-path", folder / "model", "--no-verify", "--device", args.device, "--weight-format",
+                 args.weight_format, "--threads", args.threads, "--num-slots", slots, "--max-queue",
+                 max(args.clients), "--voices-dir", folder / "voices", "--port", port, "--log-level", "warning",
+                 *args.server_arg]
+    process = launch_server(arguments, folder / "server.log")
+    url = f"http://127.0.0.1:{port}"
+    wait_until_ready(url, process, READY_TIMEOUT_SECONDS)
+    return process, url
+
+
+def add_voice(url: str, clip: str, api_key: Optional[str]) -> str:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with open(clip, "rb") as handle:
+        response = httpx.post(f"{url}/v1/audio/voices", files={"audio_sample": handle},
+                              data={"name": "loadtest", "consent": "loadtest"}, headers=headers, timeout=300.0)
+    if response.status_code not in (200, 409):
+        raise RuntimeError(f"adding the voice failed: {response.status_code} {response.text}")
+    return "loadtest"
+
+
+def print_table(levels: list) -> None:
+    print(f"{'clients':>7} {'TTFA p50':>9} {'p95':>7} {'p99':>7} {'RTF med':>8} {'worst':>6} {'underruns':>10} "
+          f"{'errors':>6} {'audio s/s':>9}")
+    for level in levels:
+        print(f"{level['clients']:>7} {1000 * level['ttfa_p50']:>7.0f}ms {1000 * level['ttfa_p95']:>5.0f}ms "
+              f"{1000 * level['ttfa_p99']:>5.0f}ms {level['rtf_median']:>8.3f} {level['rtf_worst']:>6.3f} "
+              f"{level['underrun_streams']:>4}/{level['clients']:<5} {level['errors']:>6} {level['throughput']:>9.2f}")
+    fine = [level["clients"] for level in levels if level["underrun_streams"] == 0 and level["errors"] == 0]
+    print(f"largest level with no underrun and no error: {max(fine) if fine else 'none'}")
+
+
+def run(args, url: str, voice: str) -> list:
+    body = {"model": "tts-1", "input": args.text, "voice": voice, "response_format": "pcm", "stream_format": "audio",
+            "max_new_frames": args.frames}
+    levels = []
+    for clients in args.clients:
+        level = asyncio.run(run_level(url, clients, body, args.stagger, args.api_key))
+        levels.append(level)
+        for message in level["error_messages"][:3]:
+            print(f"  error ({clients} clients): {message}", flush=True)
+    return levels
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import bench
+
+    print(f"loadtest: CPU {cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_flags()}), python "
+          f"{platform.python_version()}, load average {bench.load_average()}", flush=True)
+    print(f"  {args.frames} frames ({args.frames / 12.5:.1f} s) per stream, pcm, arrivals every {args.stagger} s",
+          flush=True)
+    with tempfile.TemporaryDirectory(prefix="moss-loadtest-") as scratch:
+        folder, process = Path(scratch), None
+        try:
+            if args.url is None:
+                write_random_model(folder / "model", Path(args.tokenizer))
+                process, url = start_local_server(args, folder)
+                print(f"  server: serve.py --weight-format {args.weight_format} --threads {args.threads} --device "
+                      f"{args.device} {' '.join(args.server_arg)} on {url}", flush=True)
+            else:
+                url = args.url.rstrip("/")
+            voice = args.voice or add_voice(url, args.ref_audio, args.api_key)
+            levels = run(args, url, voice)
+        finally:
+            if process is not None:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=120)
+    print_table(levels)
+    if args.json:
+        print(json.dumps(levels, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""What the speech server does with a request, apart from HTTP: check it, resolve its voice, build the engine request.
+
+`SpeechService` holds the loaded pieces (model, text tokenizer, codec, the running `SpeechEngine`, the `VoiceStore`)
+and the server's defaults. Its blocking methods (`prepare`, `add_voice`, `warm_up`) run on worker threads, never on
+the event loop; generation itself happens only on the engine's thread. Every user mistake becomes an `APIError`
+naming the request field (speech_api.py).
+
+Each request gets a private random generator seeded with its `seed`, or with a fresh random seed that the response
+reports, so a request's audio never depends on what runs beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .engine import FinishedEvent, QueueFullError, RequestHandle, SpeechEngine, SpeechRequest
+from .generation import GenerationSettings
+from .sampling import SettingError
+from .speech_api import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject, bad_field
+from .synthesis import speech_request
+from .text_chunking import count_tokens
+from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's `input` limit; the server's --max-input-chars default.
+DEFAULT_MAX_INPUT_CHARS = 4096
+# Encoded ref_audio clips remembered by content (a client repeating its reference is not re-encoded).
+REFERENCE_CACHE_SIZE = 32
+# Seeds are drawn from [0, SEED_LIMIT) (what speech_api accepts).
+SEED_LIMIT = 2**63
+# Retry-After (s) of a 429 when the engine's queue is full.
+DEFAULT_RETRY_AFTER_SECONDS = 1
+WARM_UP_TIMEOUT_SECONDS = 600.0
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """The server's choices that requests do not change.
+
+    Attributes:
+        defaults: generation defaults: every GenerationSettings field plus voice_clone_max_text_tokens
+            (infer_npu.generation_defaults(), what the CLI applies without flags).
+        model_name: the served model id (GET /v1/models; `model` must be it or an OpenAI alias).
+        max_input_chars: the longest `input` accepted.
+        retry_after_seconds: the Retry-After of a 429.
+    """
+
+    defaults: dict
+    model_name: str = "moss-tts-nano-100m"
+    max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
+    retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
+
+
+@dataclass
+class PreparedSpeech:
+    """A checked request, ready for the engine."""
+
+    request: SpeechRequest
+    seed: int
+    input_tokens: int
+
+
+class SpeechService:
+    """The server's model side (module docstring).
+
+    Args:
+        model: the TTS model, on its device.
+        tokenizer: its text tokenizer.
+        engine: a SpeechEngine over the model and codec (started by the caller).
+        voices: the voice store (its codec is the engine's).
+        options: ServiceOptions.
+    """
+
+    def __init__(self, model, tokenizer, engine: SpeechEngine, voices: VoiceStore, options: ServiceOptions) -> None:
+        self.model, self.tokenizer, self.engine, self.voices, self.options = model, tokenizer, engine, voices, options
+        self.n_vq = int(model.config.n_vq)
+        self.pad_id = int(model.config.audio_pad_token_id)
+        self.sample_rate = engine.codec.rate
+        self.channels = engine.codec.channels
+        self.created = int(time.time())
+        self._references: OrderedDict = OrderedDict()  # sha256 of ref_audio bytes -> codes [T, n_vq]
+        self._references_lock = threading.Lock()
+
+    # -- requests -----------------------------------------------------------------------------------------------
+
+    def prepare(self, body: SpeechBody) -> PreparedSpeech:
+        """Check `body` and build its engine request (blocking: encodes ref_audio when given).
+
+        Raises:
+            APIError: 400 naming the field at fault.
+        """
+        self._check_model(body.model)
+        self._check_input(body.input)
+        settings, max_text_tokens = self._settings(body)
+        mode = body.mode or "voice_clone"
+        codes = self._prompt_codes(body, mode, settings.nq)
+        seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
+        try:
+            request = speech_request(self.model, self.tokenizer, body.input, mode, codes, body.ref_text, settings,
+                                     max_text_tokens, seed=seed)
+        except ValueError as error:
+            raise bad_field("input", error) from None
+        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input))
+
+    def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
+        """Queue the request on the engine; events go to `listener` (called on the engine thread).
+
+        Raises:
+            APIError: 429 (with Retry-After) when the engine's queue is full; 400 when the request needs more
+                positions than a slot holds.
+        """
+        try:
+            return self.engine.submit(prepared.request, listener)
+        except QueueFullError as error:
+            raise APIError(429, f"the server is busy: {error}", error_type="rate_limit_error",
+                           code="rate_limit_exceeded",
+                           headers={"Retry-After": str(self.options.retry_after_seconds)}) from None
+        except ValueError as error:  # settings were checked in prepare: what is left is a slot too small
+            raise bad_field("max_new_frames", error) from None
+
+    def _check_model(self, name: str) -> None:
+        accepted = (self.options.model_name,) + OPENAI_MODEL_ALIASES
+        if name not in accepted:
+            raise bad_field("model", f"model={name!r} is not served here; expected one of {', '.join(accepted)}")
+
+    def _check_input(self, text: str) -> None:
+        if not text.strip():
+            raise bad_field("input", "input is empty; expected the text to speak")
+        if len(text) > self.options.max_input_chars:
+            raise bad_field("input", f"input is {len(text)} characters; expected at most "
+                                     f"{self.options.max_input_chars} (split longer texts into several requests)")
+
+    def _settings(self, body: SpeechBody) -> tuple[GenerationSettings, int]:
+        """The request's GenerationSettings (checked) and voice-clone chunk size, over the server's defaults."""
+        values = {**self.options.defaults, **body.overrides()}
+        max_text_tokens = values.pop("voice_clone_max_text_tokens")
+        try:
+            settings = GenerationSettings(**values).checked(self.n_vq)
+        except SettingError as error:  # error.name is the argument, and the request field of the same name
+            raise APIError(400, str(error), param=error.name) from None
+        if settings.max_new_frames < 1:
+            raise bad_field("max_new_frames", f"max_new_frames={settings.max_new_frames}; expected at least 1 "
+                                              "(12.5 frames per second of audio)")
+        return settings, max_text_tokens
+
+    def _prompt_codes(self, body: SpeechBody, mode: str, nq: int) -> Optional[torch.Tensor]:
+        """The reference codes [T, n_vq] (channels >= nq padded, as synthesis.encode_prompt_audio pads them)."""
+        if mode == "voice_clone" and body.ref_text is not None:
+            raise bad_field("ref_text", "ref_text is only for mode 'continuation'; mode 'voice_clone' speaks input "
+                                        "in the voice of ref_audio or voice without a transcript")
+        codes = self._reference_codes(body.ref_audio) if body.ref_audio is not None else None
+        uses_voice = mode == "voice_clone" or body.ref_text is not None
+        if codes is None and uses_voice:
+            codes = self._voice_codes(body.voice_name(), mode)
+        if mode == "continuation" and (codes is None) != (body.ref_text is None):
+            raise bad_field("ref_text", "mode 'continuation' takes ref_text with ref_audio (or a voice), or neither")
+        if codes is not None:
+            codes = codes.clone()
+            codes[:, nq:] = self.pad_id
+        return codes
+
+    def _voice_codes(self, name: Optional[str], mode: str) -> torch.Tensor:
+        if name is None:
+            raise bad_field("voice", f"mode {mode!r} needs a voice (GET /v1/audio/voices) or ref_audio")
+        try:
+            return self.voices.prompt_codes(name)
+        except ValueError as error:  # UnknownVoiceError, a bad name, or a clip that is not a usable prompt
+            raise bad_field("voice", error) from None
+
+    def _reference_codes(self, text: str) -> torch.Tensor:
+        data = decode_base64_audio(text, self.voices.max_upload_bytes)
+        key = hashlib.sha256(data).hexdigest()
+        with self._references_lock:
+            if key in self._references:
+                self._references.move_to_end(key)
+                return self._references[key]
+        try:
+            codes, _ = self.voices.encode_clip(data, "ref_audio")
+        except ValueError as error:
+            raise bad_field("ref_audio", error) from None
+        with self._references_lock:
+            self._references[key] = codes
+            while len(self._references) > REFERENCE_CACHE_SIZE:
+                self._references.popitem(last=False)
+        return codes
+
+    # -- voices -------------------------------------------------------------------------------------------------
+
+    def list_voices(self) -> list[VoiceObject]:
+        return [self._voice_object(name) for name in self.voices.list_voices()]
+
+    def add_voice(self, name: str, data: bytes) -> VoiceObject:
+        """Store an uploaded clip as voice `name` (encoded once now; blocking).
+
+        Raises:
+            APIError: 409 when the voice exists; 400 naming `name` or `audio_sample`.
+        """
+        try:
+            self.voices.add_voice(name, data)
+        except VoiceExistsError as error:
+            raise APIError(409, str(error), param="name", code="voice_exists") from None
+        except ValueError as error:
+            param = "name" if str(error).startswith("voice name") else "audio_sample"
+            raise bad_field(param, error) from None
+        return self._voice_object(name)
+
+    def delete_voice(self, name: str) -> None:
+        """Raises: APIError 404 (no such voice) or 400 (a bad name)."""
+        try:
+            self.voices.delete_voice(name)
+        except UnknownVoiceError as error:
+            raise APIError(404, str(error), param="voice_id", code="voice_not_found") from None
+        except ValueError as error:
+            raise bad_field("voice_id", error) from None
+
+    def _voice_object(self, name: str) -> VoiceObject:
+        created = min((int(clip.stat().st_mtime) for clip in self.voices.folder.glob(f"{name}.*")), default=0)
+        return VoiceObject(id=name, name=name, created_at=created)
+
+    # -- readiness ----------------------------------------------------------------------------------------------
+
+    def warm_up(self, timeout: float = WARM_UP_TIMEOUT_SECONDS) -> float:
+        """Run one short request through the engine (prefill, frames, codec); returns its seconds.
+
+        Raises:
+            RuntimeError: when it fails.
+        """
+        started = time.perf_counter()
+        body = SpeechBody(model=self.options.model_name, input="Hello.", mode="continuation", max_new_frames=2,
+                          do_sample=False, seed=0)
+        handle = self.submit(self.prepare(body), None)
+        final = list(handle.events(timeout=timeout))[-1]
+        if not isinstance(final, FinishedEvent):
+            raise RuntimeError(f"the warm-up request failed: {final.message}")
+        return time.perf_counter() - started
+
+    def status(self) -> dict:
+        engine = self.engine
+        return {"model": self.options.model_name, "slots": engine.num_slots, "active": engine.active,
+                "waiting": engine.waiting, "max_queue": engine.max_queue, "sample_rate": self.sample_rate,
+                "channels": self.channels}
+
+
+def decode_base64_audio(text: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 audio file (a `data:<type>;base64,` prefix is allowed).
+
+    Raises:
+        APIError: 400 naming ref_audio: not base64, or larger than max_bytes.
+    """
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if len(text) * 3 // 4 > max_bytes + 3:
+        raise bad_field("ref_audio", f"ref_audio holds about {len(text) * 3 // 4} bytes; expected at most {max_bytes}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise bad_field("ref_audio", f"ref_audio is not valid base64 ({error}); expected the base64 of an audio "
+                                     "file (wav, flac, ogg or mp3)") from None
+
+
+__all__ = ["DEFAULT_MAX_INPUT_CHARS", "PreparedSpeech", "ServiceOptions", "SpeechService", "decode_base64_audio"]

@@ -1,0 +1,198 @@
+"""One speech request's audio on the event loop: the engine's events in, the HTTP body's bytes out.
+
+    engine thread --listener--> EngineStream (asyncio queue) --> ResponseAudio (speed, encoder; on worker threads)
+        --> audio_body (bytes as produced) | sse_body (speech.audio.delta / .done events) | whole_file (one body)
+
+The HTTP layer never generates anything itself: it waits on the request's own event queue. Encoding (mp3 and opus
+cost about 5% of a core per stream) and time stretching run on worker threads, so the event loop only moves bytes.
+Whatever ends a body (the last event, an error, the client leaving, the server's grace period running out), its
+`finally` cancels the engine request, so the slot is free at the engine's next tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+import torch
+from anyio import to_thread
+
+from .audio_formats import StreamingEncoder
+from .engine import AudioEvent, ErrorEvent, FinishedEvent
+from .server_metrics import RequestTracker
+from .speech_api import APIError, SpeechAudioDelta, SpeechAudioDone, Usage, error_body
+from .time_stretch import TimeStretcher
+
+logger = logging.getLogger(__name__)
+
+# How often a request whose response has not started checks whether its client is still there (seconds).
+DISCONNECT_POLL_SECONDS = 0.05
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response started."""
+
+
+class StreamFailed(RuntimeError):
+    """The engine ended a request with an error after its response had started (the body is cut short)."""
+
+
+class EngineStream:
+    """A submitted request's events, delivered from the engine thread into an asyncio queue.
+
+    Args:
+        submit: submit(listener) -> RequestHandle (SpeechService.submit with the prepared request).
+        loop: the event loop that reads the events.
+        tracker: the request's metrics.
+    """
+
+    def __init__(self, submit: Callable, loop: asyncio.AbstractEventLoop, tracker: RequestTracker) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._getter: Optional[asyncio.Future] = None
+        self.tracker = tracker
+        self.final: Optional[FinishedEvent] = None
+        self.handle = submit(self._deliver)
+
+    def _deliver(self, event) -> None:
+        """Engine thread: hand the event to the loop (a closed loop means nobody listens: the request ends)."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:
+            self.handle.cancel()
+
+    async def next(self, disconnected: Optional[Callable[[], Awaitable[bool]]] = None):
+        """The next event; with `disconnected`, raises ClientGone as soon as it returns True (polled)."""
+        if self._getter is None:
+            self._getter = asyncio.ensure_future(self._queue.get())
+        while disconnected is not None and not self._getter.done():
+            await asyncio.wait({self._getter}, timeout=DISCONNECT_POLL_SECONDS)
+            if not self._getter.done() and await disconnected():
+                raise ClientGone()
+        event, self._getter = await self._getter, None
+        if isinstance(event, AudioEvent):
+            self.tracker.audio(event.is_pause)
+        elif isinstance(event, FinishedEvent):
+            self.final = event
+            self.tracker.finished(event.audio_seconds)
+        elif isinstance(event, ErrorEvent):
+            self.tracker.end("disconnected" if event.cancelled else "error")
+        return event
+
+    def close(self, outcome: str = "disconnected") -> None:
+        """Cancel the request unless it has ended (the engine frees its slot at its next tick)."""
+        if self._getter is not None:
+            self._getter.cancel()
+        if not self.handle.done.is_set():
+            self.handle.cancel()
+            self.tracker.end(outcome)
+
+
+class ResponseAudio:
+    """One response's audio processing: `speed` (pitch-preserving) then the response_format encoder.
+
+    Not thread-safe; call it from one worker thread at a time (the body generators await each call).
+    """
+
+    def __init__(self, response_format: str, speed: float, sample_rate: int, channels: int, whole_file: bool):
+        self.stretcher = TimeStretcher(speed, sample_rate, channels) if speed != 1.0 else None
+        self.encoder = StreamingEncoder(response_format, sample_rate, channels, whole_file=whole_file)
+
+    @property
+    def content_type(self) -> str:
+        return self.encoder.content_type
+
+    def feed(self, waveform: torch.Tensor) -> bytes:
+        samples = waveform.numpy()
+        if self.stretcher is not None:
+            samples = self.stretcher.process(samples)
+        return self.encoder.encode(samples)
+
+    def finish(self) -> bytes:
+        tail = self.encoder.encode(self.stretcher.flush()) if self.stretcher is not None else b""
+        return tail + self.encoder.finish()
+
+    def close(self) -> None:
+        self.encoder.close()
+
+
+async def encoded_chunks(stream: EngineStream, audio: ResponseAudio, first,
+                         disconnected: Optional[Callable[[], Awaitable[bool]]] = None) -> AsyncIterator[bytes]:
+    """The encoded bytes of the request's audio as they become ready, starting from its already-read `first` event.
+
+    Raises:
+        StreamFailed: the engine ended the request with an error.
+        ClientGone: `disconnected` said the client left.
+    """
+    event = first
+    try:
+        while True:
+            if isinstance(event, AudioEvent):
+                data = await to_thread.run_sync(audio.feed, event.waveform)
+                if data:
+                    yield data
+            elif isinstance(event, FinishedEvent):
+                data = await to_thread.run_sync(audio.finish)
+                if data:
+                    yield data
+                return
+            elif isinstance(event, ErrorEvent):
+                raise StreamFailed(f"synthesis failed: {event.message}")
+            event = await stream.next(disconnected)
+    finally:
+        stream.close()
+        audio.close()
+
+
+async def audio_body(stream: EngineStream, audio: ResponseAudio, first) -> AsyncIterator[bytes]:
+    """stream_format 'audio': the bytes as produced. An error after the first byte cuts the body short (the client
+    sees an incomplete chunked response), since the status line has already been sent."""
+    try:
+        async for data in encoded_chunks(stream, audio, first):
+            yield data
+    except StreamFailed as error:
+        logger.warning("request %d: %s; ending its audio stream early", stream.handle.id, error)
+        raise
+
+
+async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_tokens: int) -> AsyncIterator[str]:
+    """stream_format 'sse': speech.audio.delta events (base64 of encoded bytes), then speech.audio.done with usage;
+    an error after the start is sent as an `error` event."""
+    try:
+        async for data in encoded_chunks(stream, audio, first):
+            yield _sse(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii")).model_dump())
+    except StreamFailed as error:
+        logger.warning("request %d: %s", stream.handle.id, error)
+        yield _sse({"type": "error", **error_body(str(error), "server_error")})
+        return
+    frames = sum(codes.shape[0] for codes in stream.final.codes)
+    usage = Usage(input_tokens=input_tokens, output_tokens=frames, total_tokens=input_tokens + frames)
+    yield _sse(SpeechAudioDone(usage=usage).model_dump())
+
+
+async def whole_file(stream: EngineStream, audio: ResponseAudio, first,
+                     disconnected: Callable[[], Awaitable[bool]]) -> bytes:
+    """stream=false: the complete file (the request is cancelled if the client leaves meanwhile).
+
+    Raises:
+        APIError: 500 when the engine ended the request with an error.
+        ClientGone: the client left.
+    """
+    pieces = []
+    try:
+        async for data in encoded_chunks(stream, audio, first, disconnected):
+            pieces.append(data)
+    except StreamFailed as error:
+        raise APIError(500, str(error), error_type="server_error") from None
+    return b"".join(pieces)
+
+
+def _sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+__all__ = ["ClientGone", "EngineStream", "ResponseAudio", "StreamFailed", "audio_body", "encoded_chunks",
+           "sse_body", "whole_file"]
