@@ -65,7 +65,8 @@ DEFAULT_OUTPUT = "outputs/output.wav"
 PINS = weights.PINNED
 EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
-AUTO_FORMAT = "auto"  # --weight-format auto: keep the model in the --dtype (no conversion)
+AUTO_FORMAT = "auto"  # --weight-format auto: the --dtype; in float32, fp32's fastest kernel for this CPU
+PLAIN_FORMAT = "plain"  # --weight-format plain: the --dtype with torch's own nn.Linear (upstream's exact kernels)
 # Parameters of `inference` that this script spells differently; the others are the flags' own names (dest).
 API_NAMES_OF_FLAGS = {"output_audio_path": "--output-path"}
 QUOTES = "'\""
@@ -142,13 +143,16 @@ def add_model_arguments(group) -> None:
                        metavar="DTYPE",
                        help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
     group.add_argument("--weight-format", default="auto", type=str.lower,
-                       choices=(AUTO_FORMAT,) + weight_formats.WEIGHT_FORMATS,
+                       choices=(AUTO_FORMAT, PLAIN_FORMAT) + weight_formats.WEIGHT_FORMATS,
                        help="how the weights are held after loading (weight_formats.py). auto: as --dtype gives "
-                            "them (a plain cast); fp32: float32, outputs exactly as upstream's; bf16 / fp16: 16-bit "
+                            "them, and in float32 as fp32; plain: as --dtype gives them with torch's own Linear "
+                            "kernels (upstream's exact arithmetic); fp32: float32 weights with the faster of F.linear "
+                            "and oneDNN's packed linear for this CPU (a timing probe at load; greedy codes stay "
+                            "upstream's); bf16 / fp16: 16-bit "
                             "weights and activations (teacher-forced audio-logit cosine vs fp32 >= 0.999; on CPU, bf16 "
                             "uses oneDNN's packed layout, fast on CPUs with AVX-512 BF16); int8: int8 weights, float32 "
-                            "activations, CPU only, fastest there (cosine >= 0.995). A format other than auto sets the "
-                            "dtype (int8: float32); a different explicit --dtype is an error")
+                            "activations, CPU only, fastest there (cosine >= 0.995). A format other than auto and plain "
+                            "sets the dtype (int8: float32); a different explicit --dtype is an error")
     group.add_argument("--attn-implementation", default="auto", choices=("auto",) + devices.ATTENTION_BACKENDS,
                        metavar="NAME",
                        help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
@@ -395,9 +399,17 @@ def load_model(args):
     model = MossTTSNanoForCausalLM.from_pretrained(str(_model_folder(args)))
     model._set_attention_implementation(attention)
     model.to(device=device, dtype=dtype).eval()
-    if args.weight_format != AUTO_FORMAT:
-        weight_formats.apply_weight_format(model, args.weight_format)
+    weight_format = _effective_weight_format(args.weight_format, dtype)
+    if weight_format is not None:
+        weight_formats.apply_weight_format(model, weight_format)
     return model, device, dtype, attention
+
+
+def _effective_weight_format(requested: str, dtype: torch.dtype) -> Optional[str]:
+    """The weight format to apply: the one asked for; auto in float32 -> fp32 (its fastest kernel); else none."""
+    if requested == PLAIN_FORMAT or (requested == AUTO_FORMAT and dtype != torch.float32):
+        return None
+    return "fp32" if requested == AUTO_FORMAT else requested
 
 
 def generation_defaults() -> dict:
@@ -411,7 +423,7 @@ def generation_defaults() -> dict:
 def _resolve_model_dtype(args, device) -> torch.dtype:
     """--dtype, or the dtype of an explicit --weight-format (ValueError: the device cannot run it, or a conflict)."""
     dtype = devices.resolve_dtype(device, args.dtype)
-    if args.weight_format == AUTO_FORMAT:
+    if args.weight_format in (AUTO_FORMAT, PLAIN_FORMAT):
         return dtype
     reason = weight_formats.format_unavailable_reason(device, args.weight_format)
     if reason is not None:
@@ -444,7 +456,8 @@ def _synthesise(args) -> int:
     requests = [_request(args, job) for job in jobs]  # every request checked before the model loads
     model, device, dtype, attention = load_model(args)
     print(f"device={device} dtype={str(dtype).removeprefix('torch.')} attention={attention} "
-          f"weights={args.weight_format} model={_model_folder(args)}", flush=True)
+          f"weights={weight_formats.weight_format_of(model)} kernels={weight_formats.linear_kernel_of(model)} "
+          f"model={_model_folder(args)}", flush=True)
     if args.seed is not None:
         devices.manual_seed(device, args.seed)
     started = time.perf_counter()

@@ -20,6 +20,10 @@ Measured teacher-forced audio-logit cosine vs fp32 (minimum over every logit vec
 | AMD EPYC, AVX2 only (before) | weights in [-127, 127], 7-bit activations   | 0.99403 (< 0.995) | 0.99680          |
 
 CPU kernels (why the formats are not just `model.to(dtype)`):
+* fp32: float32 weights either way, with the faster of two kernels for this CPU, decided once by a short timing
+  probe (`fp32_linear_kernel`): MKL's F.linear, or oneDNN's linear over a weight reordered once (`PackedLinear`).
+  The load line names the choice. Loading without a weight format (the Python API, or the CLI's `plain`) keeps
+  torch's own nn.Linear, upstream's exact kernels.
 * bf16: a plain bf16 `F.linear` of one row is no faster than fp32 on CPU. oneDNN's linear with a weight reordered once
   into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the op torch.compile's CPU freezing uses) reads
   half the bytes and runs about 1.7x faster per Linear, so on CPU every block Linear and audio head becomes a
@@ -53,9 +57,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import devices
@@ -114,6 +120,48 @@ def onednn_packing_available() -> bool:
         logger.info("oneDNN bf16 packing does not run on this CPU: %s", str(error).splitlines()[0])
         return False
     return bool(torch.equal(output.float(), torch.full((1, 16), 16.0)))
+
+
+# The fp32 kernel probe: a block-sized Linear (768 -> 3072) timed at batch 1 and 8, best of PROBE_RUNS calls each.
+PROBE_SHAPE, PROBE_BATCHES, PROBE_RUNS = (3072, 768), (1, 8), 15
+# oneDNN's packed fp32 linear is chosen when it beats F.linear by this factor (summed over the probe batches).
+PACKED_FP32_MIN_GAIN = 1.1
+
+
+@functools.lru_cache(maxsize=None)
+def fp32_linear_kernel() -> tuple[str, str]:
+    """("packed" or "plain", why): the faster fp32 Linear kernel on this CPU, decided once by a short timing probe.
+
+    MKL's F.linear is fast on some x86 CPUs and slow on others (on an AMD EPYC with AVX2, measured 4x slower at
+    batch 4 than at batch 1 while oneDNN's packed linear is 1.3x slower); oneDNN's linear with a weight reordered
+    once into its blocked layout reads the same float32 weights, so outputs match to float rounding (the golden
+    greedy and seeded codes stay identical, tests/test_weight_formats.py). The probe takes about 50 ms.
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
+        return "plain", "oneDNN linear not in this torch build"
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(PROBE_SHAPE, generator=generator)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    except RuntimeError as error:
+        return "plain", f"oneDNN fp32 packing does not run here ({str(error).splitlines()[0]})"
+    plain_us, packed_us = 0.0, 0.0
+    for batch in PROBE_BATCHES:
+        hidden = torch.randn(batch, PROBE_SHAPE[1], generator=generator)
+        plain_us += _best_call_us(lambda: F.linear(hidden, weight))
+        packed_us += _best_call_us(lambda: torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], ""))
+    kernel = "packed" if plain_us >= PACKED_FP32_MIN_GAIN * packed_us else "plain"
+    return kernel, f"probe at batch 1 + 8: F.linear {plain_us:.0f} us, oneDNN packed {packed_us:.0f} us"
+
+
+def _best_call_us(call) -> float:
+    call()
+    best = float("inf")
+    for _ in range(PROBE_RUNS):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e6
 
 
 def cpu_has_vnni() -> bool:
@@ -299,7 +347,7 @@ def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
     if fmt == "int8":
         weight_max = int8_weight_max()
         count = _replace_linears(model, lambda linear: Int8DynamicLinear(linear, weight_max))
-        why = "" if weight_max == INT8_WEIGHT_MAX_VNNI else ", 7 bits as this CPU has no VNNI"
+        why = "" if weight_max == INT8_WEIGHT_MAX_VNNI else ", halved as this CPU has no VNNI"
         return (f"{count} Linear layers int8 (per-channel weights in [-{weight_max}, {weight_max}]{why}, dynamic 8-bit "
                 "activations), embeddings, norms and text head float32")
     if fmt == "bf16" and spec.type == devices.CPU:
@@ -309,6 +357,12 @@ def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
             return f"{count} Linear layers bf16 in oneDNN's packed layout, embeddings and text head bf16{native}"
         return ("all parameters bfloat16, plain nn.Linear kernels (oneDNN's packed bf16 linear does not run on this "
                 "CPU: no speed-up over fp32)")
+    if fmt == "fp32" and spec.type == devices.CPU:
+        kernel, why = fp32_linear_kernel()
+        if kernel == "packed":
+            count = _replace_linears(model, PackedLinear)
+            return f"{count} Linear layers float32 in oneDNN's packed layout, faster here than F.linear ({why})"
+        return f"all parameters float32, F.linear kernels ({why})"
     return f"all parameters {str(FORMAT_DTYPES[fmt]).removeprefix('torch.')}"
 
 
@@ -322,12 +376,29 @@ def dtype_change_unavailable_reason(model: nn.Module) -> str | None:
     Packed bf16 and int8 layers are frozen copies that do not follow `.to()` (see the module docstring); a plain
     dtype format (fp32, fp16, bf16 without packing) casts back and forth exactly.
     """
-    for kind, fmt, description in ((PackedLinear, "bf16", "oneDNN-packed"), (Int8DynamicLinear, "int8", "int8")):
-        count = sum(isinstance(module, kind) for module in model.modules())
+    for fmt, description, frozen in (("bf16", "oneDNN-packed bf16", _packed_16_bit), ("int8", "int8", _int8)):
+        count = sum(frozen(module) for module in model.modules())
         if count:
             return (f"its weight format {fmt!r} holds {count} {description} Linear layers, which model.to() cannot "
                     "convert")
     return None
+
+
+def _packed_16_bit(module: nn.Module) -> bool:
+    return isinstance(module, PackedLinear) and module.packed_weight.dtype != torch.float32
+
+
+def _int8(module: nn.Module) -> bool:
+    return isinstance(module, Int8DynamicLinear)
+
+
+def linear_kernel_of(model: nn.Module) -> str:
+    """How the model's block Linears run: "int8", "onednn-packed" or "plain" (torch's nn.Linear)."""
+    if any(isinstance(module, Int8DynamicLinear) for module in model.modules()):
+        return "int8"
+    if any(isinstance(module, PackedLinear) for module in model.modules()):
+        return "onednn-packed"
+    return "plain"
 
 
 def weight_format_of(model: nn.Module) -> str:

@@ -115,11 +115,16 @@ def test_weight_format_run_writes_a_valid_file_and_names_the_format(repo, tmp_pa
     assert (info.samplerate, info.channels, info.frames) == (SAMPLE_RATE, 2, 2 * HOP)
 
 
-def test_default_weight_format_is_auto_and_printed(repo, tmp_path, capsys):
+def test_default_on_cpu_is_fp32_with_the_probed_kernel_and_plain_keeps_torchs_linear(repo, tmp_path, capsys):
     code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
                                  "--output-path", tmp_path / "x.wav", *FAST], capsys)
     assert code == 0, stderr
-    assert "dtype=float32 attention=sdpa weights=auto " in stdout
+    kernel = {"packed": "onednn-packed", "plain": "plain"}[weight_formats.fp32_linear_kernel()[0]]
+    assert f"dtype=float32 attention=sdpa weights=fp32 kernels={kernel} " in stdout
+    code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
+                                 "--weight-format", "plain", "--output-path", tmp_path / "y.wav", *FAST], capsys)
+    assert code == 0, stderr
+    assert "dtype=float32 attention=sdpa weights=fp32 kernels=plain " in stdout
 
 
 def test_int8_on_an_accelerator_exits_2_before_loading(repo, tmp_path, capsys, monkeypatch):

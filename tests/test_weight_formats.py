@@ -191,3 +191,29 @@ def test_packed_linear_equals_plain_bf16_linear():
     for shape in [(1, 1, 64), (2, 7, 64)]:
         hidden = torch.randn(shape).to(torch.bfloat16)
         torch.testing.assert_close(packed(hidden).float(), linear(hidden).float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["packed", "plain"])
+def test_fp32_keeps_upstreams_golden_codes_with_either_cpu_kernel(monkeypatch, kernel):
+    """fp32 picks F.linear or oneDNN's packed linear per CPU (a timing probe); both must give upstream's greedy and
+    seeded-sampled codes on the golden model, so the choice only changes speed."""
+    from conftest import shared_path
+    from safetensors.torch import load_file
+
+    if kernel == "packed" and weight_formats.fp32_linear_kernel()[1].startswith("oneDNN"):
+        pytest.skip(weight_formats.fp32_linear_kernel()[1])
+    folder = shared_path("golden", "tts_tiny")
+    expected = load_file(folder / "expected.safetensors")
+    monkeypatch.setattr(weight_formats, "fp32_linear_kernel", lambda: (kernel, "forced by the test"))
+    model = weight_formats.apply_weight_format(checkpoints.load_safetensors_model(folder), "fp32")
+    assert weight_formats.linear_kernel_of(model) == ("onednn-packed" if kernel == "packed" else "plain")
+    for case, frames in (("greedy_voice_clone", 24), ("batch_left_pad", 16)):
+        codes = model.generate(expected[f"{case}.input_ids"], expected[f"{case}.attention_mask"],
+                               max_new_frames=frames).audio_token_ids
+        assert torch.equal(codes, expected[f"{case}.audio_token_ids"]), case
+    torch.manual_seed(2024)
+    sampled = model.generate(expected["sampled_seeded.input_ids"], expected["sampled_seeded.attention_mask"],
+                             max_new_frames=16, do_sample=True, audio_temperature=0.8, audio_top_p=0.95,
+                             audio_top_k=25, audio_repetition_penalty=1.2, text_temperature=1.0).audio_token_ids
+    assert torch.equal(sampled, expected["sampled_seeded.audio_token_ids"])
+
