@@ -580,10 +580,17 @@ def main(argv=None) -> int:
     report = {"threads": args.threads, "load_average_before": load_average(), "torch": torch.__version__,
               "device": args.device, "attention": args.attention, "weight_formats": args.weight_format,
               "codec_dtype": args.codec_dtype}
+    weight_formats = import_module("weight_formats")
+    report["cpu"] = import_module("devices").cpu_description()
+    report["kernels"] = {"fp32": " ".join(weight_formats.fp32_linear_kernel()),
+                         "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "plain",
+                         "int8": f"weights in +-{weight_formats.int8_weight_max()}"}
     if not args.json:
-        print(f"bench: device {args.device}, threads {args.threads}, torch {torch.__version__}, attention "
-              f"{args.attention}, weight formats {' '.join(args.weight_format)} (LM dtype per format), codec "
-              f"{args.codec_dtype}; load average {report['load_average_before']}")
+        print(f"bench: CPU {report['cpu']}; device {args.device}, threads {args.threads}, torch {torch.__version__}")
+        print(f"  kernels: fp32 {report['kernels']['fp32']}; bf16 {report['kernels']['bf16']}; int8 "
+              f"{report['kernels']['int8']}")
+        print(f"  attention {args.attention}, weight formats {' '.join(args.weight_format)} (LM dtype per format), "
+              f"codec {args.codec_dtype}; load average {report['load_average_before']}")
     with torch.inference_mode():
         for name in args.section:
             run, show = SECTIONS[name]

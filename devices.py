@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import platform
 import re
 import sys
 from dataclasses import dataclass
@@ -605,6 +606,26 @@ def new_generator(device: DeviceLike, seed: int) -> torch.Generator:
     except RuntimeError as error:
         logger.info("no generators on %s (%s); drawing random numbers on the CPU", spec.device, error)
         return torch.Generator().manual_seed(seed)
+
+
+# --- The host CPU, for benchmark reports ----------------------------------------------------------------------------
+_CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
+
+
+def cpu_description() -> str:
+    """The CPU model, logical CPU count and the vector extensions that decide kernel speed (for benchmark headers:
+    CPU figures are only comparable on the same CPU)."""
+    model, flags = platform.processor() or "unknown CPU", []
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == (platform.processor() or "unknown CPU"):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = [flag for flag in _CPU_FLAGS_OF_INTEREST if flag in value.split()]
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical CPUs, {' '.join(flags) or 'no AVX2'}"
 
 
 # --- Graph capture --------------------------------------------------------------------------------------------------

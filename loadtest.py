@@ -189,26 +189,6 @@ def summarise(clients: int, results: list, wall: float) -> dict:
 # Command line
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
-    return " ".join(flag for flag in wanted if flag in flags)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 12, 16], help="concurrency levels")
@@ -278,8 +258,9 @@ def run(args, url: str, voice: str) -> list:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     import bench
+    from local_package import import_module
 
-    print(f"loadtest: CPU {cpu_model()} ({os.cpu_count()} logical CPUs; {cpu_flags()}), python "
+    print(f"loadtest: CPU {import_module('devices').cpu_description()}, python "
           f"{platform.python_version()}, load average {bench.load_average()}", flush=True)
     print(f"  {args.frames} frames ({args.frames / 12.5:.1f} s) per stream, pcm, arrivals every {args.stagger} s",
           flush=True)

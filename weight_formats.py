@@ -148,20 +148,23 @@ def fp32_linear_kernel() -> tuple[str, str]:
     plain_us, packed_us = 0.0, 0.0
     for batch in PROBE_BATCHES:
         hidden = torch.randn(batch, PROBE_SHAPE[1], generator=generator)
-        plain_us += _best_call_us(lambda: F.linear(hidden, weight))
-        packed_us += _best_call_us(lambda: torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], ""))
+        plain, onednn = _best_calls_us(lambda: F.linear(hidden, weight),
+                                       lambda: torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], ""))
+        plain_us, packed_us = plain_us + plain, packed_us + onednn
     kernel = "packed" if plain_us >= PACKED_FP32_MIN_GAIN * packed_us else "plain"
     return kernel, f"probe at batch 1 + 8: F.linear {plain_us:.0f} us, oneDNN packed {packed_us:.0f} us"
 
 
-def _best_call_us(call) -> float:
-    call()
-    best = float("inf")
-    for _ in range(PROBE_RUNS):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best * 1e6
+def _best_calls_us(*calls) -> list[float]:
+    """The best time of each call over PROBE_RUNS rounds, the calls interleaved (a busy machine slows both alike)."""
+    best = [float("inf")] * len(calls)
+    for round_index in range(PROBE_RUNS + 1):
+        for index, call in enumerate(calls):
+            start = time.perf_counter()
+            call()
+            if round_index:  # the first round warms up
+                best[index] = min(best[index], time.perf_counter() - start)
+    return [seconds * 1e6 for seconds in best]
 
 
 def cpu_has_vnni() -> bool:
