@@ -458,6 +458,9 @@ def _synthesise(args) -> int:
     print(f"device={device} dtype={str(dtype).removeprefix('torch.')} attention={attention} "
           f"weights={weight_formats.weight_format_of(model)} kernels={weight_formats.linear_kernel_of(model)} "
           f"model={_model_folder(args)}", flush=True)
+    hint = weight_formats.faster_format_hint(device, weight_formats.weight_format_of(model))
+    if hint is not None:
+        print(f"hint: {hint}", flush=True)
     if args.seed is not None:
         devices.manual_seed(device, args.seed)
     started = time.perf_counter()

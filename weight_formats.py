@@ -319,6 +319,24 @@ def apply_weight_format(model: nn.Module, weight_format: str | None = "fp32") ->
     return model
 
 
+def faster_format_hint(device, weight_format: str) -> str | None:
+    """One line naming a faster weight format this CPU runs well than `weight_format` (fp32), or None.
+
+    int8 where the CPU has VNNI (8-bit products accumulated straight into int32), bf16 where it has AVX-512 BF16 and
+    oneDNN packs bf16 weights; fp32 stays the default because it is upstream-exact.
+    """
+    spec = devices.device_spec(device)
+    if spec.type != devices.CPU or normalize_weight_format(weight_format) != "fp32":
+        return None
+    if int8_kernels_available() and cpu_has_vnni():
+        return ("this CPU has VNNI: --weight-format int8 decodes about 3x faster (teacher-forced audio-logit cosine vs "
+                "fp32 >= 0.995); fp32 stays the default because it is upstream-exact")
+    if cpu_has_native_bf16() and onednn_packing_available():
+        return ("this CPU has AVX-512 BF16: --weight-format bf16 decodes about 1.5x faster (cosine vs fp32 >= 0.999); "
+                "fp32 stays the default because it is upstream-exact")
+    return None
+
+
 def format_unavailable_reason(device, weight_format: str | None) -> str | None:
     """Why a device cannot run a weight format, or None when it can; cheap, so callers check before loading.
 
