@@ -1,27 +1,32 @@
 """Benchmarks of this repository's models, one section per component (no download: random weights, real sizes).
 
-    python bench.py                         # every section, 2 threads, text table
-    python bench.py --section codec --json  # one section, figures as JSON
-    python bench.py --section lm --compare-eager --weight-format fp32 bf16 int8   # LM speed ladder
-    python bench.py --section e2e --device auto                                    # LM + codec, streaming
+    python bench.py                                                   # codec, e2e and lm sections, 2 threads
+    python bench.py --section lm --weight-format fp32 bf16 int8 --compare-upstream ../upstream_code
+    python bench.py --section codec --json                             # one section, figures as JSON
+    python bench.py --section engine --weight-format int8              # N concurrent streams (long)
+
+Every report starts with the CPU model and the kernels chosen on it: CPU figures are only comparable on one CPU (an
+Intel Xeon and an AMD EPYC give very different fp32 figures), so ratios to upstream are measured in the same run.
 
 Sections:
 - codec: MOSS-Audio-Tokenizer-Nano at the released size. Streaming decode time per 80 ms frame at steady state (every
   sliding window full) with 1 and several frames per call, and offline encode/decode real-time factors. Upstream's
   reference on a 2-vCPU host is 21-23 ms per frame streaming (spec codec.md §7).
-
 - lm: MOSS-TTS-Nano's generate_stream at the released size, random weights (or --model-path), a fixed 81-row
-  continuation prompt, greedy, --frames forced frames (default 120 = 9.6 s of audio). Per weight format
-  (weight_formats.py): decode ms/frame and frames/s after the first frame, the ratio to upstream's 6.5 frames/s
-  (issue 7, same machine), time to the first frame, LM real-time factor (prefill included; 12.5 frames = 1 s) and peak
-  memory. --compare-eager first runs fp32 with eager attention, so each other row shows its ratio to it ("x ref").
+  continuation prompt, sampled with the CLI's defaults (--greedy for greedy), --frames forced frames (default 120 =
+  9.6 s of audio). Per weight format (weight_formats.py): decode ms/frame and frames/s after the first frame, the ratio
+  to upstream (measured in this process on the same weights with --compare-upstream PATH, a folder of upstream's
+  remote-code files; else a quoted 6.5 frames/s), time to the first frame, LM real-time factor (prefill included;
+  12.5 frames = 1 s) and peak memory. --compare-eager first runs fp32 with eager attention ("x ref" column).
   Frames are forced by a bench-only weight edit (`force_continue`): the stop logit loses by 100 every frame, with
-  the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; the reference runs once.
+  the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; references run once.
 - e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then
   --e2e-codec-frames per call): time to first audio and end-to-end RTF per weight format (random codec weights).
+- engine: N concurrent streams (--streams) arriving --stagger s apart on one engine, LM + codec: aggregate frames/s,
+  time to first audio p50/p95, worst per-stream real-time factor, underruns (a stream whose received audio falls
+  behind playback), the largest N with none, peak memory.
 
 A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
-The device string is passed through to devices.py when that module is present (only CPU otherwise).
 """
 
 import argparse
@@ -209,7 +214,12 @@ def print_codec(result: dict) -> None:
 # lm, e2e
 # ----------------------------------------------------------------------------------------------------------------------
 FRAME_RATE = 12.5  # LM frames per second of audio
-UPSTREAM_LM_FRAMES_PER_SECOND = 6.5  # issue 7: upstream generate() on this 2-core machine, fp32, random weights
+UPSTREAM_LM_FRAMES_PER_SECOND = 6.5  # quoted (issue 7: upstream generate(), 2-core Xeon, fp32, greedy) without
+# --compare-upstream, which measures it in the same run instead
+# The CLI's generation defaults (upstream infer.py's applied values, spec tts.md §6.4 right column).
+SAMPLED_DEFAULTS = dict(do_sample=True, text_temperature=1.0, text_top_p=1.0, text_top_k=50, audio_temperature=0.8,
+                        audio_top_p=0.95, audio_top_k=25, audio_repetition_penalty=1.2)
+UPSTREAM_PACKAGE = "moss_tts_nano_upstream"
 STOP_MARGIN = 100.0  # bench-only: how far the stop logit is pushed below the continue logit
 
 
@@ -256,8 +266,48 @@ def bench_prompt(device, rows: int = 81) -> torch.Tensor:
     return ids.to(device)
 
 
+def generation_options(args) -> dict:
+    """What the lm and e2e sections generate with: the CLI's sampled defaults, or greedy with --greedy."""
+    return {"do_sample": False} if args.greedy else dict(SAMPLED_DEFAULTS)
+
+
+def build_upstream_lm(args, device):
+    """Upstream's MossTTSNanoForCausalLM from the remote-code files in --compare-upstream, holding the same (seeded,
+    stop-forced) weights as build_lm's model; its attention is sdpa (upstream's infer.py switches to it off CUDA).
+
+    Upstream's modeling file imports torchaudio for audio I/O that generate never uses; where torchaudio is not
+    installed (this project never installs it) an empty stand-in module is registered first (spec tts.md §10).
+    """
+    import importlib
+    import importlib.util
+    import types
+
+    from local_package import import_folder_as_package
+
+    import transformers  # noqa: F401  (first: it probes torchaudio's spec at import, which a stand-in lacks)
+
+    stand_in = importlib.util.find_spec("torchaudio") is None
+    if stand_in:  # only while upstream's modules import it: transformers probes torchaudio's spec later
+        sys.modules["torchaudio"] = types.ModuleType("torchaudio")
+    try:
+        import_folder_as_package(args.compare_upstream, UPSTREAM_PACKAGE)
+        modeling = importlib.import_module(f"{UPSTREAM_PACKAGE}.modeling_moss_tts_nano")
+    finally:
+        if stand_in:
+            del sys.modules["torchaudio"]
+    ours = build_lm(args, torch.device("cpu"))
+    model = modeling.MossTTSNanoForCausalLM(type(ours.config).from_dict(ours.config.to_dict()))
+    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"--compare-upstream: the state dicts differ (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    model._set_attention_implementation("sdpa")
+    return model.float().eval().to(device)
+
+
 def time_generation(model, prompt, device, frames: int, **kwargs) -> dict:
-    """One generate_stream run: ms to the first frame (prefill + 1 frame) and per later frame."""
+    """One generate_stream run (seeded): ms to the first frame (prefill + 1 frame) and per later frame."""
+    torch.manual_seed(0)
     synchronize(device)
     start = time.perf_counter()
     first = None
@@ -293,7 +343,7 @@ def bench_lm_variant(model, prompt, device, args, label: str, frames: int, runs:
         "decode_ms_per_frame": decode, "decode_frames_per_s": 1000.0 / decode,
         "first_frame_ms": statistics.median(r["first_frame_ms"] for r in results),
         "frames_per_s": frames / total, "rtf": total / (frames / FRAME_RATE),
-        "vs_upstream": (1000.0 / decode) / UPSTREAM_LM_FRAMES_PER_SECOND,
+        "vs_upstream": (1000.0 / decode) / (args.upstream_frames_per_s or UPSTREAM_LM_FRAMES_PER_SECOND),
         "peak_memory_mb": None if peak is None else peak / 2**20,  # CPU: process peak RSS (one LM + this run)
     }
 
@@ -320,7 +370,16 @@ def build_lm_in_format(args, device, weight_format: str):
 def run_lm(args) -> dict:
     device = resolve_device(args.device)
     prompt = bench_prompt(device)
+    options = generation_options(args)
     results = []
+    args.upstream_frames_per_s = None
+    if args.compare_upstream:
+        upstream = build_upstream_lm(args, device)
+        row = bench_lm_variant(upstream, prompt, device, args, "upstream (same process, same weights)",
+                               args.reference_frames or args.frames, 1, **options)
+        args.upstream_frames_per_s = row["decode_frames_per_s"]
+        results.append(dict(row, weight_format="fp32", attention="sdpa", fast_decode=None, vs_upstream=1.0))
+        del upstream
     for label, fmt, kwargs, reference in lm_variants(args):
         model = build_lm_in_format(args, device, fmt)
         fast_decode = kwargs.pop("fast_decode", None)
@@ -329,21 +388,26 @@ def run_lm(args) -> dict:
         frames = (args.reference_frames or args.frames) if reference else args.frames
         runs = 1 if reference else args.runs
         with torch.inference_mode():
-            row = bench_lm_variant(model, prompt, device, args, label, frames, runs, **kwargs)
-        row.update(weight_format=fmt, attention=kwargs["attn_implementation"], kv_cache=not reference,
-                   fast_decode=fast_decode)
+            row = bench_lm_variant(model, prompt, device, args, label, frames, runs, **kwargs, **options)
+        row.update(weight_format=fmt, attention=kwargs["attn_implementation"], fast_decode=fast_decode,
+                   kernels=import_module("weight_formats").linear_kernel_of(model))
         results.append(row)
         del model
     if args.compare_eager:
         for row in results:
             row["vs_reference"] = results[0]["decode_ms_per_frame"] / row["decode_ms_per_frame"]
+    upstream = args.upstream_frames_per_s
     return {"device": str(device), "prompt_rows": prompt.shape[1], "model": args.model_path or "random (config.json)",
-            "upstream_frames_per_s": UPSTREAM_LM_FRAMES_PER_SECOND, "variants": results}
+            "sampling": "greedy" if args.greedy else "sampled (CLI defaults)",
+            "upstream_frames_per_s": upstream or UPSTREAM_LM_FRAMES_PER_SECOND,
+            "upstream_measured": upstream is not None, "variants": results}
 
 
 def print_lm(result: dict) -> None:
-    print(f"lm ({result['device']}, {result['model']}, prompt {result['prompt_rows']} rows, greedy, stop forced): "
-          f"decode = after the first frame; RTF counts prefill; upstream {result['upstream_frames_per_s']} frames/s")
+    source = "measured in this run" if result["upstream_measured"] else "quoted, not measured: use --compare-upstream"
+    print(f"lm ({result['device']}, {result['model']}, prompt {result['prompt_rows']} rows, {result['sampling']}, "
+          f"stop forced): decode = after the first frame; RTF counts prefill; upstream "
+          f"{result['upstream_frames_per_s']:.1f} frames/s ({source})")
     print(f"  {'variant':40s} {'ms/frame':>9s} {'frames/s':>9s} {'x upstr':>8s} {'x ref':>6s} {'1st frame':>10s} "
           f"{'RTF':>6s} {'peak MB':>8s}")
     for row in result["variants"]:
@@ -378,7 +442,9 @@ def stream_once(model, codec, prompt, device, frames: int, args) -> dict:
     pending, first_audio, codec_s, samples = [], None, 0.0, 0
     synchronize(device)
     start = time.perf_counter()
-    for event in model.generate_stream(prompt, max_new_frames=frames, attn_implementation=args.attention):
+    torch.manual_seed(0)
+    for event in model.generate_stream(prompt, max_new_frames=frames, attn_implementation=args.attention,
+                                       **generation_options(args)):
         if event["type"] != "frame":
             continue
         pending.append(event["audio_token_ids"])  # [1, n_vq]
@@ -415,11 +481,6 @@ def print_e2e(result: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # engine: many concurrent streams
 # ----------------------------------------------------------------------------------------------------------------------
-# The CLI's generation defaults (upstream infer.py's applied values, spec tts.md §6.4 right column).
-SAMPLED_DEFAULTS = dict(do_sample=True, text_temperature=1.0, text_top_p=1.0, text_top_k=50, audio_temperature=0.8,
-                        audio_top_p=0.95, audio_top_k=25, audio_repetition_penalty=1.2)
-
-
 class StreamClock:
     """One request's timeline, recorded by the engine thread: submit, first audio, audio received, underruns.
 
@@ -547,6 +608,12 @@ def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fast-decode", nargs="+", default=[], choices=["compile", "graph"],
                        help="also time model.enable_fast_decode(MODE) rows (compile time lands in the warm-up)")
     group.add_argument("--frames", type=int, default=120, help="forced frames per timed run (default 120 = 9.6 s)")
+    group.add_argument("--greedy", action="store_true",
+                       help="greedy decoding (default: sampling with the CLI's defaults, what users run)")
+    group.add_argument("--compare-upstream", metavar="PATH", default=None,
+                       help="a folder holding upstream's remote-code files (modeling_moss_tts_nano.py, gpt2_decoder.py, "
+                            "...): time upstream's generate in this process on the same weights, so every 'x upstr' "
+                            "ratio is measured (lm section)")
     group.add_argument("--compare-eager", action="store_true",
                        help="also run fp32 with eager attention first, as the reference row of the x ref column")
     group.add_argument("--reference-frames", type=int, default=None,

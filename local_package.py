@@ -32,3 +32,14 @@ def import_module(module: str, package: str = PACKAGE_NAME) -> ModuleType:
     """Import `package.module` from the repository root, e.g. `import_module("devices")`."""
     import_local_package(package)
     return importlib.import_module(f"{package}.{module}")
+
+
+def import_folder_as_package(folder, name: str) -> ModuleType:
+    """Register any folder of modules that import each other relatively (e.g. a copy of upstream's remote code, for
+    bench.py --compare-upstream) as package `name`, once; its modules are then `importlib.import_module(name + ".x")`.
+    """
+    if name not in sys.modules:
+        package = ModuleType(name)
+        package.__path__ = [str(Path(folder).resolve())]
+        sys.modules[name] = package
+    return sys.modules[name]
