@@ -32,7 +32,8 @@ import torch
 
 from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
-from .sampling import RowSettings, SettingError, draw_channel_noise, draw_noise, sample_rows, validate_sampling_args
+from .sampling import (RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise, sample_rows,
+                       validate_sampling_args)
 
 logger = logging.getLogger(__name__)
 
@@ -137,88 +138,84 @@ class FrameOutput:
     done: bool = False
 
 
-class StepRunner:
-    """Runs a decoder's fixed-shape `decode_step` for given (rows, read length): eagerly, compiled or captured.
+class PhaseRunner:
+    """Runs one fixed-shape phase of the frame loop eagerly, compiled or captured in a device graph.
 
-    Compiled and captured steps are kept per (rows, read length) and read their inputs from the slot tables and write
-    their output to a buffer, so a replay sees the same memory every time. Any failure to compile or capture logs one
-    line and falls back to the eager step for good.
+    A phase is a function without arguments that reads persistent buffers (the caches, the slot tables, the noise)
+    and writes persistent buffers, so a compiled or captured version built for one key (rows in use, read length,
+    settings flags, ...) is right for every later call with that key, and a graph replay sees the same memory.
+    `state` names the tensors the phase mutates besides its outputs (cache positions and key masks, repetition
+    history): a capture's warm-up runs are undone by restoring them. Any failure to compile or capture logs one line
+    and falls back to eager for good.
 
     Args:
-        decoder: a MossTTSNanoGPT2Model.
-        cache: its KVCache.
-        attention: the resolved attention function.
+        name: for log lines ("decision phase", "audio phase").
         mode: one of STEP_MODES.
+        device: where the phase runs.
     """
 
-    def __init__(self, decoder, cache: KVCache, attention: Callable, mode: str = "eager") -> None:
+    def __init__(self, name: str, mode: str, device: torch.device) -> None:
         if mode not in STEP_MODES:
             raise ValueError(f"step mode {mode!r}; expected one of {STEP_MODES}")
-        self.decoder, self.cache, self.attention = decoder, cache, attention
-        self.mode = mode
-        self._built: dict[tuple, Callable[[], torch.Tensor]] = {}
+        self.name, self.mode, self.device = name, mode, device
+        self._built: dict[tuple, Callable[[], None]] = {}
 
-    def __call__(self, inputs: torch.Tensor, valid: torch.Tensor | None, read_length: int) -> torch.Tensor:
-        """inputs [N, 1, C], valid bool [N] or None = all real (views of persistent buffers when compiled or
-        captured) -> [N, C]."""
+    def __call__(self, key: tuple, phase: Callable[[], None], state: tuple = ()) -> None:
+        """Run `phase` (or its compiled/captured version built for `key` on the first call with that key)."""
         if self.mode == "eager":
-            return self.decoder.decode_step(inputs, valid, self.cache, read_length, self.attention)
-        key = (inputs.shape[0], read_length, inputs.data_ptr(), None if valid is None else valid.data_ptr())
+            phase()
+            return
         if key not in self._built:
-            self._built[key] = self._build(inputs, valid, read_length)
-        return self._built[key]()
+            self._built[key] = self._build(phase, state)
+        self._built[key]()
 
-    def _build(self, inputs, valid, read_length) -> Callable[[], torch.Tensor]:
-        output = torch.zeros(inputs.shape[0], inputs.shape[-1], dtype=inputs.dtype, device=inputs.device)
-
-        def step() -> torch.Tensor:
-            output.copy_(self.decoder.decode_step(inputs, valid, self.cache, read_length, self.attention))
-            return output
-
+    def _build(self, phase: Callable[[], None], state: tuple) -> Callable[[], None]:
         try:
             if self.mode == "compile":
-                compiled = torch.compile(step, backend=compile_backend(inputs.device), fullgraph=True, dynamic=False)
-                return self._guarded(compiled, step)
-            replay = self._capture(step, inputs.device)
+                compiled = torch.compile(phase, backend=compile_backend(self.device), fullgraph=True, dynamic=False)
+                return self._guarded(compiled, phase, state)
+            replay = self._capture(phase, state)
         except Exception as error:  # backend-specific errors (dynamo, CUDA graphs, aclgraph): all mean "run eager"
-            return self._fall_back(step, error)
+            return self._fall_back(phase, error)
         if replay is None:
-            return self._fall_back(step, RuntimeError(f"no graph capture on {inputs.device}"))
-        return lambda: (replay(), output)[1]
+            return self._fall_back(phase, RuntimeError(f"no graph capture on {self.device}"))
+        return replay
 
-    def _capture(self, step, device):
-        """Capture `step`; its warm-up runs advance positions and mark keys, so those are put back afterwards (the
-        keys the warm-ups wrote sit at masked positions and are overwritten by the real steps)."""
-        positions, key_mask = self.cache.positions.clone(), self.cache.key_mask.clone()
+    def _capture(self, phase, state):
+        """Capture `phase`, then put back the state its warm-up runs changed (what they wrote elsewhere sits at
+        masked positions or in outputs that the real run overwrites)."""
+        saved = [tensor.clone() for tensor in state]
         try:
-            return capture_graph(device, step)
+            return capture_graph(self.device, phase)
         finally:
-            self.cache.positions.copy_(positions)
-            self.cache.key_mask.copy_(key_mask)
+            for tensor, value in zip(state, saved):
+                tensor.copy_(value)
 
-    def _guarded(self, compiled, eager) -> Callable[[], torch.Tensor]:
-        state = {"run": None}
+    def _guarded(self, compiled, eager, state) -> Callable[[], None]:
+        """The compiled phase, whose first call (where compiling happens) falls back to eager on any failure."""
+        runner = {"run": None}
 
-        def run() -> torch.Tensor:
-            if state["run"] is None:
-                try:
-                    result = compiled()
-                    state["run"] = compiled
-                    return result
-                except Exception as error:  # see _build
-                    state["run"] = self._fall_back(eager, error)
-                    # The failed call may have advanced positions before failing; compiled graphs mutate only
-                    # at their end, so the eager step below sees the same state as the compiled one did.
-                    return eager()
-            return state["run"]()
+        def run() -> None:
+            if runner["run"] is not None:
+                return runner["run"]()
+            saved = [tensor.clone() for tensor in state]
+            try:
+                compiled()
+                runner["run"] = compiled
+            except Exception as error:  # see _build
+                for tensor, value in zip(state, saved):  # undo whatever the failed call changed
+                    tensor.copy_(value)
+                runner["run"] = self._fall_back(eager, error)
+                eager()
 
         return run
 
-    def _fall_back(self, eager, error: BaseException) -> Callable[[], torch.Tensor]:
+    def _fall_back(self, eager, error: BaseException) -> Callable[[], None]:
         reason = (str(error).splitlines() or [""])[0]
-        logger.warning("%s of the decode step failed (%s: %s); running it eagerly", self.mode,
+        logger.warning("%s of the %s failed (%s: %s); running it eagerly", self.mode, self.name,
                        type(error).__name__, reason)
         self.mode = "eager"
+        self._built.clear()
         return eager
 
 
@@ -249,9 +246,9 @@ class SlotDecoder:
             step_mode = "eager"
         self.global_cache = KVCache.for_decoder(model.transformer, num_slots, capacity)
         self.local_cache = KVCache.for_decoder(model.local_transformer, num_slots, self.n_vq + 1)
-        self.global_step = StepRunner(model.transformer, self.global_cache, attention_function(attention[0]), step_mode)
-        self.local_step = StepRunner(model.local_transformer, self.local_cache, attention_function(attention[1]),
-                                     step_mode)
+        self.attention = (attention_function(attention[0]), attention_function(attention[1]))
+        self.decision_phase = PhaseRunner("decision phase", step_mode, self.device)
+        self.audio_phase = PhaseRunner("audio phase", step_mode, self.device)
         self._allocate_tables(model, weight.dtype)
         self.groups: list[Group] = []
 
@@ -267,9 +264,18 @@ class SlotDecoder:
         self.channels = torch.arange(self.n_vq, device=device)
         self.tokens = torch.full((slots, self.n_vq), self.pad, dtype=torch.long, device=device)
         self.seen = torch.zeros(slots, self.n_vq, self.codebook, dtype=torch.bool, device=device)
-        self.logit_sums = torch.zeros(slots, 1 + self.n_vq, dtype=torch.float32, device=device)
+        # float32 row sums of the latest text / audio logits, [1 + n_vq, S]: finite iff every logit is (checked at
+        # the next sync); channel-major so that each channel writes a contiguous row.
+        self.logit_sums = torch.zeros(1 + self.n_vq, slots, dtype=torch.float32, device=device)
         self.text_noise = torch.ones(slots, 2, dtype=torch.float32, device=device)
         self.audio_noise = torch.ones(self.n_vq, slots, self.codebook, dtype=torch.float32, device=device)
+        # Outputs of the decision phase (text logits, choice, should-continue) and of the audio phase (codes).
+        self.text_logits = torch.zeros(slots, 2, dtype=self.local_dtype, device=device)
+        self.choice = torch.zeros(slots, dtype=torch.long, device=device)
+        self.should_continue = torch.zeros(slots, dtype=torch.bool, device=device)
+        self.codes = torch.full((slots, self.n_vq), self.pad, dtype=torch.long, device=device)
+        self.text_settings = SlotSettings(slots, 2, device)
+        self.audio_settings = SlotSettings(slots, self.codebook, device)
         config = model.config
         self.candidates = torch.tensor([config.audio_assistant_slot_token_id, config.audio_end_token_id],
                                        device=device)
@@ -277,10 +283,6 @@ class SlotDecoder:
         self.lengths = [0] * slots  # host: the next global write index of each slot
         self.valid_host = [False] * slots
         self.owner: list[Group | None] = [None] * slots
-        default = GenerationSettings()
-        self._settings_rows = [(default.text_row(), default.audio_row())] * slots
-        self._settings_version = 0
-        self._settings = None
 
     # ------------------------------------------------------------------------------------------------------------
     # Joining and leaving
@@ -311,9 +313,10 @@ class SlotDecoder:
         for slot, prompt in zip(group.slots, prompts):
             self._prefill(slot, prompt, attention)
             self.owner[slot] = group
-            self._settings_rows[slot] = (group.settings.text_row(), group.settings.audio_row())
-        group.rows_of(self.nq).fill_(group.settings.nq)
-        self._settings_version += 1
+        rows = slice(group.slots[0], group.slots[-1] + 1)
+        self.text_settings.set(rows, group.settings.text_row())
+        self.audio_settings.set(rows, group.settings.audio_row())
+        self.nq[rows] = group.settings.nq
         self.groups.append(group)
 
     def _prefill(self, slot: int, prompt: torch.Tensor, attention: str) -> None:
@@ -345,18 +348,16 @@ class SlotDecoder:
     def frame(self) -> list[FrameOutput]:
         """One frame for every group (spec §6.2). Groups that stop, fail or reach their limit leave."""
         rows = self._rows_in_use()
-        hidden = self.global_step(self.next_input[:rows], self.valid[:rows], self._read_length(rows))
-        text_logits = self._text_logits(rows, hidden)
-        choice = self._text_choice(rows, text_logits)
-        should_continue = (choice == CONTINUE_INDEX) & ~self.finished[:rows] & self.occupied[:rows]
-        self.finished[:rows] |= choice == STOP_INDEX
-        continues, nonfinite = self._sync(rows, should_continue)
+        self._run_decision_phase(rows)
+        continues, nonfinite = self._sync(rows)
+        text_logits = self.text_logits[:rows].clone()
         outputs = [self._decide(group, continues, nonfinite, text_logits) for group in list(self.groups)]
         going = [output for output in outputs if not output.done]
         if going:
             self._draw_audio_noise([output.group for output in going])
-            self._audio_channels(rows, choice)
-            codes = self._append(rows, should_continue & self.occupied[:rows], continues)
+            self._run_audio_phase(rows)
+            codes = self.codes[:rows].clone()
+            self._advance_host(rows, continues)
             for output in going:
                 output.codes = output.group.rows_of(codes)
         return outputs + self._retire_at_limit()
@@ -366,33 +367,51 @@ class SlotDecoder:
 
     def _read_length(self, rows: int) -> int:
         longest = max(self.lengths[:rows]) + 1
-        if self.global_step.mode == "eager":
+        if self.decision_phase.mode == "eager":
             return longest
         return min(self.capacity, -(-longest // READ_LENGTH_BUCKET) * READ_LENGTH_BUCKET)
 
-    def _text_logits(self, rows: int, hidden: torch.Tensor) -> torch.Tensor:
-        """Local step 0 (input: the global hidden state) and the text head's candidate rows -> [N, 2]."""
-        self.local_cache.reset(slice(0, rows))
-        self.local_input[:rows, 0] = hidden.to(self.local_dtype)
-        local_hidden = self.local_step(self.local_input[:rows], None, self.n_vq + 1)
-        logits = torch.nn.functional.linear(local_hidden, self.text_weight)
-        torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[:rows, 0])
-        return logits
+    # The decision phase: global step, local step 0, text head, text decision (everything before the sync).
 
-    def _text_choice(self, rows: int, logits: torch.Tensor) -> torch.Tensor:
-        text, _ = self._row_settings(rows)
-        if not text.any_sample:
-            return sample_rows(logits, text)
+    def _run_decision_phase(self, rows: int) -> None:
+        self._draw_text_noise()
+        settings = self.text_settings.rows(rows)
+        read_length = self._read_length(rows)
+        key = (rows, read_length, settings.any_sample, settings.all_sample, settings.any_top_p,
+               settings.all_top_p, settings.max_top_k, settings.all_top_k)
+        state = (self.global_cache.positions, self.global_cache.key_mask, self.local_cache.positions,
+                 self.local_cache.key_mask, self.finished)
+        self.decision_phase(key, lambda: self._decision(rows, read_length, settings), state)
+
+    def _draw_text_noise(self) -> None:
         for group in self.groups:
             if group.settings.do_sample:
                 group.rows_of(self.text_noise).copy_(draw_noise(len(group.slots), 2, group.generator, self.device))
-        return sample_rows(logits, text, self.text_noise[:rows])
 
-    def _sync(self, rows: int, should_continue: torch.Tensor) -> tuple[list[bool], list[bool]]:
+    def _decision(self, rows: int, read_length: int, settings: RowSettings) -> None:
+        hidden = self.model.transformer.decode_step(self.next_input[:rows], self.valid[:rows], self.global_cache,
+                                                    read_length, self.attention[0])
+        self.local_cache.reset(slice(0, rows))
+        logits = torch.nn.functional.linear(self._local_step(rows, hidden), self.text_weight)
+        torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[0, :rows])
+        self.text_logits[:rows] = logits
+        noise = self.text_noise[:rows] if settings.any_sample else None
+        choice = sample_rows(logits, settings, noise)
+        self.choice[:rows] = choice
+        self.should_continue[:rows] = (choice == CONTINUE_INDEX) & ~self.finished[:rows] & self.occupied[:rows]
+        self.finished[:rows] |= choice == STOP_INDEX
+
+    def _local_step(self, rows: int, slot_input: torch.Tensor) -> torch.Tensor:
+        """One local decoder step of every row: slot_input [N, C] at the rows' next local position -> [N, C]."""
+        self.local_input[:rows, 0] = slot_input.to(self.local_dtype)
+        return self.model.local_transformer.decode_step(self.local_input[:rows], None, self.local_cache,
+                                                        self.n_vq + 1, self.attention[1])
+
+    def _sync(self, rows: int) -> tuple[list[bool], list[bool]]:
         """The frame's one host sync: per row, whether it continues, and whether a logit of it (this frame's text
         decision, the previous frame's audio channels) was not finite."""
-        nonfinite = ~torch.isfinite(self.logit_sums[:rows]).all(dim=-1)
-        continues, bad = torch.stack((should_continue, nonfinite)).tolist()
+        nonfinite = ~torch.isfinite(self.logit_sums[:, :rows]).all(dim=0)
+        continues, bad = torch.stack((self.should_continue[:rows], nonfinite)).tolist()
         return continues, bad
 
     def _decide(self, group: Group, continues: list[bool], nonfinite: list[bool], text_logits) -> FrameOutput:
@@ -415,7 +434,7 @@ class SlotDecoder:
         ended = [group for group in self.groups if group.at_limit]
         if not ended:
             return []
-        bad = (~torch.isfinite(self.logit_sums).all(dim=-1)).tolist()
+        bad = (~torch.isfinite(self.logit_sums).all(dim=0)).tolist()
         outputs = []
         for group in ended:
             error = None
@@ -433,25 +452,32 @@ class SlotDecoder:
                 noise = draw_channel_noise(nq, rows, self.codebook, group.generator, self.device)
                 self.audio_noise[:nq, group.slots[0]:group.slots[0] + rows].copy_(noise)
 
-    def _audio_channels(self, rows: int, choice: torch.Tensor) -> None:
-        """Local steps 1..nq: channel c's head and sampling, fed the previous slot's embedding (spec §6.2).
+    # The audio phase: local steps 1..nq with the audio heads and sampling, and the next rows (after the sync).
 
-        Also sums the embedding of the row each slot appends, wte(text token) + the channels' code embeddings, in
-        the order `_embed_rows` adds them (so it is bit-identical to embedding the row later).
-        """
-        _, audio = self._row_settings(rows)
+    def _run_audio_phase(self, rows: int) -> None:
+        settings = self.audio_settings.rows(rows)
         nq_max = max(group.settings.nq for group in self.groups)
         every_row_full = min(group.settings.nq for group in self.groups) == nq_max
-        row_embedding = self.model.transformer.wte(self.candidates[choice])  # [N, C]
+        key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,
+               settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.any_penalty)
+        state = (self.local_cache.positions, self.local_cache.key_mask, self.seen)
+        self.audio_phase(key, lambda: self._audio_channels(rows, nq_max, every_row_full, settings), state)
+
+    def _audio_channels(self, rows: int, nq_max: int, every_row_full: bool, settings: RowSettings) -> None:
+        """Local steps 1..nq: channel c's head and sampling, fed the previous slot's embedding (spec §6.2); then the
+        frame's codes and the row each slot feeds next.
+
+        The next row's embedding, wte(text token) + the channels' code embeddings, is summed in the order
+        `_embed_rows` adds them (so it is bit-identical to embedding the row later).
+        """
+        row_embedding = self.model.transformer.wte(self.candidates[self.choice[:rows]])  # [N, C]
         slot_input = row_embedding
         for channel in range(nq_max):
-            self.local_input[:rows, 0] = slot_input.to(self.local_dtype)
-            hidden = self.local_step(self.local_input[:rows], None, self.n_vq + 1)
-            logits = self.model.audio_lm_heads[channel](hidden)  # [N, V]
-            torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[:rows, channel + 1])
+            logits = self.model.audio_lm_heads[channel](self._local_step(rows, slot_input))  # [N, V]
+            torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[channel + 1, :rows])
             seen = self.seen[:rows, channel, : logits.shape[-1]]
-            noise = self.audio_noise[channel, :rows, : logits.shape[-1]] if audio.any_sample else None
-            token = sample_rows(logits, audio, noise, seen)
+            noise = self.audio_noise[channel, :rows, : logits.shape[-1]] if settings.any_sample else None
+            token = sample_rows(logits, settings, noise, seen)
             seen.scatter_(1, token[:, None], True)
             self.tokens[:rows, channel] = token
             slot_input = self.model.audio_embeddings[channel](token)
@@ -459,27 +485,17 @@ class SlotDecoder:
                 slot_input = slot_input * (self.nq[:rows, None] > channel).to(slot_input.dtype)
             row_embedding = row_embedding + slot_input
         self.next_input[:rows, 0] = row_embedding.to(self.next_input.dtype)
-
-    def _append(self, rows: int, active: torch.Tensor, continues: list[bool]) -> torch.Tensor:
-        """This frame's codes [N, n_vq] (pad where a row stopped and in channels >= its nq); next rows' validity."""
+        active = self.should_continue[:rows] & self.occupied[:rows]
         keep = (self.channels < self.nq[:rows, None]) & active[:, None]
-        codes = torch.where(keep, self.tokens[:rows], self.pad)
+        self.codes[:rows] = torch.where(keep, self.tokens[:rows], self.pad)
         self.valid[:rows] = active
+
+    def _advance_host(self, rows: int, continues: list[bool]) -> None:
+        """The host's copy of each slot's next write index and validity (the device's moved inside the steps)."""
         for slot in range(rows):
             if self.valid_host[slot]:
                 self.lengths[slot] += 1
             self.valid_host[slot] = continues[slot] and self.owner[slot] is not None
-        return codes
-
-    def _row_settings(self, rows: int) -> tuple[RowSettings, RowSettings]:
-        """Text and audio RowSettings of slots [0, rows), rebuilt only when a group has joined since."""
-        key = (rows, self._settings_version)
-        if self._settings is None or self._settings[0] != key:
-            text = RowSettings.build([self._settings_rows[slot][0] for slot in range(rows)], 2, self.device)
-            audio = RowSettings.build([self._settings_rows[slot][1] for slot in range(rows)], self.codebook,
-                                      self.device)
-            self._settings = (key, (text, audio))
-        return self._settings[1]
 
 
-__all__ = ["FrameOutput", "GenerationSettings", "Group", "SlotDecoder", "StepRunner", "STEP_MODES"]
+__all__ = ["FrameOutput", "GenerationSettings", "Group", "PhaseRunner", "SlotDecoder", "STEP_MODES"]

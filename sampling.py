@@ -80,24 +80,61 @@ class RowSettings:
     @classmethod
     def build(cls, rows: Sequence[tuple], vocab: int, device) -> "RowSettings":
         """Settings from per-row tuples (do_sample, temperature, top_k, top_p, repetition_penalty)."""
-        sample = [bool(row[0]) for row in rows]
-        top_k = [min(int(row[2]), vocab) if row[2] and row[2] > 0 else 0 for row in rows]
-        top_p = [float(row[3]) if row[3] is not None else 1.0 for row in rows]
-        nucleus = [0.0 < p < 1.0 for p in top_p]
-        penalty = [float(row[4]) for row in rows]
-        temperature = [float(row[1]) if sample[i] else 1.0 for i, row in enumerate(rows)]  # greedy rows: unused
+        table = SlotSettings(len(rows), vocab, device)
+        for index, row in enumerate(rows):
+            table.set(slice(index, index + 1), row)
+        return table.rows(len(rows))
 
-        def column(values, dtype=torch.float32):
-            return torch.tensor(values, dtype=dtype, device=device)[:, None]
 
-        return cls(
-            do_sample=torch.tensor(sample, dtype=torch.bool, device=device), temperature=column(temperature),
-            top_k=torch.tensor(top_k, dtype=torch.long, device=device), top_p=column(top_p),
-            repetition_penalty=column(penalty), kth=column([max(k, 1) - 1 for k in top_k], torch.long),
-            top_k_on=column([k > 0 for k in top_k], torch.bool), top_p_on=column(nucleus, torch.bool),
-            max_top_k=max(top_k, default=0), any_sample=any(sample), all_sample=all(sample),
-            any_top_p=any(nucleus), all_top_p=all(nucleus), all_top_k=all(k > 0 for k in top_k),
-            any_penalty=any(p != 1.0 for p in penalty),
+class SlotSettings:
+    """The sampling settings of every slot, in persistent tensors written in place when a slot's group changes.
+
+    A compiled or captured phase of the frame loop reads them at fixed addresses; `rows(n)` gives the RowSettings of
+    slots [0, n) as views, with the host flags of those rows.
+
+    Args:
+        num_slots: S.
+        vocab: the logits' width (top-k is clamped to it).
+        device: of the tensors.
+    """
+
+    GREEDY = (False, 1.0, 0, 1.0, 1.0)
+
+    def __init__(self, num_slots: int, vocab: int, device) -> None:
+        self.vocab = vocab
+        self.host = [self.GREEDY] * num_slots  # per slot: (do_sample, temperature, top_k, top_p, penalty), clamped
+
+        def column(value, dtype=torch.float32):
+            return torch.full((num_slots, 1), value, dtype=dtype, device=device)
+
+        self.do_sample = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        self.top_k = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.temperature, self.top_p, self.penalty = column(1.0), column(1.0), column(1.0)
+        self.kth, self.top_k_on, self.top_p_on = column(0, torch.long), column(False, torch.bool), column(False, torch.bool)
+
+    def set(self, slots: slice, row: tuple) -> None:
+        """Give slots `slots` the settings (do_sample, temperature, top_k, top_p, repetition_penalty)."""
+        sample = bool(row[0])
+        top_k = min(int(row[2]), self.vocab) if row[2] and row[2] > 0 else 0
+        top_p = float(row[3]) if row[3] is not None else 1.0
+        clamped = (sample, float(row[1]) if sample else 1.0, top_k, top_p, float(row[4]))  # greedy: T unused
+        for slot in range(*slots.indices(len(self.host))):
+            self.host[slot] = clamped
+        for table, value in ((self.do_sample, sample), (self.temperature, clamped[1]), (self.top_k, top_k),
+                             (self.top_p, top_p), (self.penalty, clamped[4]), (self.kth, max(top_k, 1) - 1),
+                             (self.top_k_on, top_k > 0), (self.top_p_on, 0.0 < top_p < 1.0)):
+            table[slots] = value
+
+    def rows(self, count: int) -> RowSettings:
+        host = self.host[:count]
+        nucleus = [0.0 < row[3] < 1.0 for row in host]
+        return RowSettings(
+            do_sample=self.do_sample[:count], temperature=self.temperature[:count], top_k=self.top_k[:count],
+            top_p=self.top_p[:count], repetition_penalty=self.penalty[:count], kth=self.kth[:count],
+            top_k_on=self.top_k_on[:count], top_p_on=self.top_p_on[:count],
+            max_top_k=max((row[2] for row in host), default=0), any_sample=any(row[0] for row in host),
+            all_sample=all(row[0] for row in host), any_top_p=any(nucleus), all_top_p=all(nucleus),
+            all_top_k=all(row[2] > 0 for row in host), any_penalty=any(row[4] != 1.0 for row in host),
         )
 
 
@@ -203,6 +240,7 @@ def sample_rows(
 __all__ = [
     "RowSettings",
     "SettingError",
+    "SlotSettings",
     "apply_repetition_penalty",
     "draw_channel_noise",
     "draw_noise",

@@ -1,9 +1,11 @@
-"""The decode step compiled or captured (generation.StepRunner) gives the eager step's codes (CPU, tiny models).
+"""The frame's two phases compiled or captured (generation.PhaseRunner) give the eager codes (CPU, tiny models).
 
-What runs here: torch.compile of the fixed-shape steps (tiny 1-layer model, ~10-20 s of compiling on a 2-core machine
-the first time), the graph path with a stand-in capture that replays the recorded step (so the buffer discipline of
-a replay is checked; real CUDA / NPU graph capture needs hardware and is not exercised anywhere in this suite), and
-the fallbacks: graph capture unavailable, capture raising, compile raising.
+A frame is two fixed-shape phases: the decision phase (global step, local step 0, text head and decision) and the
+audio phase (local steps 1..nq with their heads and sampling, the next rows). What runs here: torch.compile of both
+(a tiny 1-layer model with nq = 2, to keep compiling short on a 2-core machine), the graph path with a stand-in
+capture that replays the recorded phase (so the buffer discipline of a replay is checked; real CUDA / NPU graph
+capture needs hardware and is not exercised anywhere in this suite), and the fallbacks: graph capture unavailable,
+capture raising, compile raising.
 """
 
 import logging
@@ -57,7 +59,7 @@ def test_unknown_fast_decode_mode_raises_value_error():
     with pytest.raises(ValueError, match="fast decode mode 'static'"):
         model.enable_fast_decode("static")
     with pytest.raises(ValueError, match="step mode"):
-        generation.StepRunner(model.transformer, None, None, "turbo")
+        generation.PhaseRunner("audio phase", "turbo", torch.device("cpu"))
 
 
 def test_graph_mode_on_cpu_logs_one_line_and_runs_the_eager_step(caplog):
@@ -92,7 +94,7 @@ def test_captured_steps_replayed_on_their_buffers_give_the_eager_codes(monkeypat
     model = _forced_tiny_model(seed=4)
     ids = torch.cat([_prompt(1, 12, seed=1), _prompt(1, 12, seed=2)])
     _assert_same_as_eager(model, "graph", ids, max_new_frames=6, do_sample=True, audio_repetition_penalty=1.2)
-    assert len(recorded) == 2  # one global step (one read-length bucket) and one local step, replayed every frame
+    assert len(recorded) == 2  # the decision phase (one read-length bucket) and the audio phase, replayed per frame
 
 
 @pytest.mark.parametrize("failure", ["unsupported", "capture error"])
@@ -109,7 +111,7 @@ def test_failed_capture_falls_back_to_the_eager_step_with_one_log_line(monkeypat
         _assert_same_as_eager(model, "graph", _prompt(1, 8), max_new_frames=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     expected = "operation not permitted" if failure == "capture error" else "no graph capture"
-    assert len(warnings) == 2 and all(expected in w and "\n" not in w for w in warnings)  # global and local
+    assert len(warnings) == 2 and all(expected in w and "\n" not in w for w in warnings)  # both phases
 
 
 def test_failing_compile_falls_back_to_the_eager_step_with_one_log_line(monkeypatch, caplog):
@@ -126,9 +128,11 @@ def test_failing_compile_falls_back_to_the_eager_step_with_one_log_line(monkeypa
     assert len(warnings) == 2 and all("backend exploded" in w and "\n" not in w for w in warnings)
 
 
-def test_compiled_steps_give_the_eager_greedy_codes(caplog):
-    """torch.compile of both decode steps (tiny model, 1 layer to keep compiling short); no fallback allowed."""
+def test_compiled_phases_give_the_eager_codes(caplog):
+    """torch.compile of both phases, each one call per frame (tiny model, 1 layer, nq 1 to keep compiling short);
+    greedy and sampled rows together; no fallback allowed."""
     model = _forced_tiny_model(seed=11, n_layer=1)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "compile", _prompt(1, 10), max_new_frames=6)
-    assert not [r for r in caplog.records if "compile of the decode step failed" in r.getMessage()]
+        _assert_same_as_eager(model, "compile", _prompt(2, 10), max_new_frames=4, nq=1, do_sample=True,
+                              audio_repetition_penalty=1.2)
+    assert not [r for r in caplog.records if "compile of the" in r.getMessage()]
