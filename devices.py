@@ -39,13 +39,14 @@ DEVICE_TYPES = (NPU, CUDA, CPU)
 # Keys of gpt2_decoder.ATTENTION_FUNCTIONS, all with the signature fn(module, query, key, value, mask, scaling).
 ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2", "npu_fusion_attention")
 
-_DTYPE_NAMES = {
+# The one table of dtype names: every spelling the library accepts (torch's name first, then the short names).
+DTYPES_BY_NAME = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 # The dtype names resolve_dtype accepts besides "auto" (e.g. for a command line's choices).
-DTYPE_NAMES = tuple(_DTYPE_NAMES)
+DTYPE_NAMES = tuple(DTYPES_BY_NAME)
 # flash_attn kernels exist for half precision only.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -306,14 +307,24 @@ def _as_spec(device: DeviceLike) -> DeviceSpec:
 
 
 # --- dtype ----------------------------------------------------------------------------------------------------------
-def _parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """A torch.dtype, or its name in DTYPES_BY_NAME (case, spaces and a "torch." prefix ignored).
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_NAMES:
-            return _DTYPE_NAMES[key]
-    raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', None, a torch.dtype or one of {sorted(_DTYPE_NAMES)}")
+        if key in DTYPES_BY_NAME:
+            return DTYPES_BY_NAME[key]
+    raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', None, a torch.dtype or one of {sorted(DTYPES_BY_NAME)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module prefix: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(device: DeviceLike, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
@@ -333,10 +344,10 @@ def resolve_dtype(device: DeviceLike, dtype: Union[str, torch.dtype, None] = Non
     spec = _as_spec(device)
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == AUTO):
         return spec.default_dtype
-    resolved = _parse_dtype(dtype)
+    resolved = parse_dtype(dtype)
     if resolved not in spec.supported_dtypes:
         hint = _BF16_HINTS.get(spec.type, "") if resolved == torch.bfloat16 else ""
-        supported = [str(d).removeprefix("torch.") for d in spec.supported_dtypes]
+        supported = [dtype_name(d) for d in spec.supported_dtypes]
         raise ValueError(f"dtype {dtype!r} is not supported on {spec.device}; expected one of {supported}"
                          + (f" ({hint})" if hint else ""))
     return resolved

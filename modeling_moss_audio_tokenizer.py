@@ -22,14 +22,14 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .codec_streaming import BatchDecodeStreams, CodecDecodeSession, StackStream, StepContext
-from .configuration_moss_audio_tokenizer import PATCH_MODULE, MossAudioTokenizerConfig
+from .configuration_moss_audio_tokenizer import COMPUTE_DTYPE_NAMES, PATCH_MODULE, MossAudioTokenizerConfig
+from .devices import DTYPES_BY_NAME
 
 logger = logging.getLogger(__name__)
 
 # Offline attention: query blocks of about a quarter window, each against its (context - 1 + block) keys; groups of
 # blocks are sized so one group's score tensor stays under this many bytes.
 OFFLINE_SCORE_BUDGET_BYTES = 64 * 2**20
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -514,9 +514,10 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
     def set_compute_dtype(self, compute_dtype: str | torch.dtype) -> None:
         """Cast the encoder and decoder to "fp32", "bf16" or "fp16" (a torch dtype works too); the quantizer
         stays fp32. fp32 reproduces upstream; 16-bit is an optional speed/memory trade."""
-        dtype = COMPUTE_DTYPES.get(compute_dtype, compute_dtype)
-        if dtype not in COMPUTE_DTYPES.values():
-            raise ValueError(f"compute_dtype={compute_dtype!r}; expected one of {sorted(COMPUTE_DTYPES)}")
+        dtypes = {name: DTYPES_BY_NAME[name] for name in COMPUTE_DTYPE_NAMES}
+        dtype = dtypes.get(compute_dtype, compute_dtype)
+        if dtype not in dtypes.values():
+            raise ValueError(f"compute_dtype={compute_dtype!r}; expected one of {list(COMPUTE_DTYPE_NAMES)}")
         self.encoder.to(dtype)
         self.decoder.to(dtype)
 

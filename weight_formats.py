@@ -63,9 +63,8 @@ from . import devices
 logger = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8")
-# Accepted spellings -> canonical name.
-_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "qint8": "int8"}
-# Parameter dtype of each format (int8 keeps float32 for everything that is not a converted Linear).
+# Parameter dtype of each format (int8 keeps float32 for everything that is not a converted Linear). A dtype name
+# (devices.DTYPES_BY_NAME: "float32", "bfloat16", "half", ...) names the first format of its dtype.
 FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 # Minimum teacher-forced audio-logit cosine vs fp32 (issue 7); used by tests and verify_npu.py.
 QUALITY_THRESHOLDS = {"fp32": 1.0 - 1e-6, "bf16": 0.999, "fp16": 0.999, "int8": 0.995}
@@ -85,10 +84,15 @@ def normalize_weight_format(weight_format: str | None) -> str:
     if weight_format is None:
         return "fp32"
     key = str(weight_format).strip().lower().removeprefix("torch.")
-    key = _ALIASES.get(key, key)
-    if key not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {weight_format!r}; expected one of {list(WEIGHT_FORMATS)}")
-    return key
+    if key in WEIGHT_FORMATS:
+        return key
+    if key == "qint8":
+        return "int8"
+    dtype = devices.DTYPES_BY_NAME.get(key)
+    for name, format_dtype in FORMAT_DTYPES.items():
+        if dtype == format_dtype:
+            return name
+    raise ValueError(f"unknown weight format {weight_format!r}; expected one of {list(WEIGHT_FORMATS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,7 +342,7 @@ def weight_format_of(model: nn.Module) -> str:
     for name, format_dtype in FORMAT_DTYPES.items():
         if dtype == format_dtype:
             return name
-    return str(dtype).removeprefix("torch.")
+    return devices.dtype_name(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
