@@ -28,9 +28,9 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .devices import resolve_attention
-from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .configuration_moss_tts_nano import MossTTSNanoConfig, tied_weight_keys
 from .generation import STEP_MODES, GenerationSettings, Group, SlotDecoder
-from .prompting import build_continuation_rows, build_voice_clone_rows, left_pad_batch
+from .prompting import build_prompt_rows, left_pad_batch
 from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
 from .synthesis import SynthesisMixin
 
@@ -50,7 +50,6 @@ from .weights import ensure_model_files  # noqa: F401,E402
 
 logger = logging.getLogger(__name__)
 
-GENERATION_MODES = ("continuation", "voice_clone")
 # enable_fast_decode's names for generation.STEP_MODES ("none" keeps the eager step).
 FAST_DECODE_MODES = {"none": "eager", "eager": "eager", "compile": "compile", "graph": "graph"}
 
@@ -195,8 +194,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         )
         self.local_transformer = MossTTSNanoGPT2Model(config.local_gpt2_config(), token_embedding=False)
         # {head: embedding}: a dict for 5.x; 4.57 iterates it for the head names and ties through `_tie_weights`.
-        tied = {"text_lm_head.weight": "transformer.wte.weight"}
-        tied.update({f"audio_lm_heads.{c}.weight": f"audio_embeddings.{c}.weight" for c in range(config.n_vq)})
+        tied = tied_weight_keys(config.n_vq)
         self._tied_weights_keys = tied
         self.all_tied_weights_keys = dict(tied)
         self._resolved_attention: dict[tuple, str] = {}
@@ -417,20 +415,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         Raises:
             ValueError: an unknown mode or a missing/forbidden prompt for that mode.
         """
-        if mode not in GENERATION_MODES:
-            raise ValueError(f"mode={mode!r}, expected one of {GENERATION_MODES}")
-        if mode == "voice_clone":
-            if prompt_audio_codes is None:
-                raise ValueError("mode='voice_clone' needs prompt_audio_codes (the reference audio)")
-            if prompt_text is not None:
-                raise ValueError("mode='voice_clone' does not take prompt_text; use mode='continuation'")
-            ids, mask = build_voice_clone_rows(text_tokenizer, self.config, text, prompt_audio_codes)
-        else:
-            ids, mask = build_continuation_rows(
-                text_tokenizer, self.config, text, prompt_text=prompt_text, prompt_audio_codes=prompt_audio_codes
-            )
         target = device if device is not None else self.device
-        return ids.to(target), mask.to(target)
+        return build_prompt_rows(text_tokenizer, self.config, mode, text, prompt_text, prompt_audio_codes, target)
 
     def _left_pad_inference_batch(self, input_ids_list, attention_mask_list, device=None):
         """Left-pad single prompts into a batch (pad rows [pad, 1024...], mask False; spec §5.5).
