@@ -41,7 +41,7 @@ from typing import Mapping
 
 import torch
 
-from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig
+from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
 from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -76,13 +76,6 @@ def tiny_config(**overrides) -> MossTTSNanoConfig:
     return MossTTSNanoConfig(gpt2_config=gpt2, **values)
 
 
-def tied_keys(n_vq: int) -> dict[str, str]:
-    """{head key: embedding key} of the 17 (1 + n_vq) tied pairs."""
-    tied = {"text_lm_head.weight": "transformer.wte.weight"}
-    tied.update({f"audio_lm_heads.{c}.weight": f"audio_embeddings.{c}.weight" for c in range(n_vq)})
-    return tied
-
-
 def upstream_state_dict(model_or_state_dict, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The upstream layout of a model or state_dict: all keys in upstream order, tied keys sharing storage.
 
@@ -93,7 +86,7 @@ def upstream_state_dict(model_or_state_dict, dtype: torch.dtype = torch.bfloat16
     source_state = model_or_state_dict.state_dict() if is_model else model_or_state_dict
     source = dict(source_state)
     n_vq = sum(1 for key in source if key.startswith("audio_embeddings."))
-    for head, embedding in tied_keys(n_vq).items():
+    for head, embedding in tied_weight_keys(n_vq).items():
         if head not in source and embedding in source:
             source[head] = source[embedding]
     converted: dict[tuple, torch.Tensor] = {}
@@ -327,7 +320,6 @@ __all__ = [
     "load_safetensors_model",
     "random_tiny_model",
     "save_upstream_checkpoint",
-    "tied_keys",
     "tiny_codec",
     "tiny_codec_config_dict",
     "tiny_config",
