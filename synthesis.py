@@ -40,10 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 
-from .audio_io import OUTPUT_FILE_MODE, WRITE_FORMATS, load_audio, save_audio
+from .audio_io import WRITE_FORMATS, ProgressiveWavWriter, load_audio, save_audio
 from .devices import chunk_batch_size, resolve_attention, resolve_device
 from .engine import (UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent,
                      SpeechEngine, SpeechRequest, StreamDecodePolicy, stream_lead_seconds)
@@ -956,50 +955,6 @@ def _stream_events(engine, handle, prepared: _Prepared, request, writer):
                        "emitted_audio_seconds": emitted / rate, "lead_seconds": lead}
             if not busy:
                 raise RuntimeError("the engine stopped without finishing the request")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Progressive file output for streaming
-
-
-class ProgressiveWavWriter:
-    """Writes a WAV (16-bit) piece by piece to a temporary file beside the destination; `close` renames it into
-    place, `abort` deletes it, so a failed stream never leaves a partial output file."""
-
-    def __init__(self, path, sample_rate: int, channels: int):
-        import soundfile
-
-        _check_output_path(path)
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.",
-                                                  suffix=".tmp")
-        os.close(handle)
-        file_format = WRITE_FORMATS[self.path.suffix.lower()]
-        self._file = soundfile.SoundFile(self.temporary, "w", samplerate=int(sample_rate), channels=channels,
-                                         subtype="PCM_16", format=file_format)
-        self.clipped = 0
-
-    def write(self, waveform: torch.Tensor) -> None:
-        """Append [C, n] float samples (clipped to [-1, 1] for 16-bit, with one warning at close)."""
-        samples = waveform.detach().to("cpu", torch.float32).numpy()
-        self.clipped += int(np.count_nonzero(np.abs(samples) > 1.0))
-        self._file.write(np.clip(samples, -1.0, 1.0).T)
-
-    def close(self) -> str:
-        """Finish the file and move it to its destination; returns the path."""
-        self._file.close()
-        if self.clipped:
-            logger.warning("Clipped %d samples of %s to [-1, 1] for 16-bit output", self.clipped, self.path)
-        os.chmod(self.temporary, OUTPUT_FILE_MODE)  # mkstemp creates 0600; give the output the usual rw-r--r--
-        os.replace(self.temporary, self.path)
-        return str(self.path)
-
-    def abort(self) -> None:
-        """Drop the partial file."""
-        if not self._file.closed:
-            self._file.close()
-        Path(self.temporary).unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
