@@ -3,7 +3,8 @@
 Shortcuts checked here: RoPE with a signed sin table and one pair swap (bit-identical to rotate-every-two), queries and
 keys rotated in one call, the fused tanh GELU for "gelu_new" (within 1 ulp), local decode steps with a cache (equal to
 recomputing the local decoder), the appended row's embedding summed while its codes are sampled (bit-identical
-to embedding the row), non-finite logits caught through float32 row sums, and bench.py's forced frames.
+to embedding the row), non-finite logits caught through float32 row sums, and checkpoints.force_continue's forced
+frames (what bench.py times).
 """
 
 import pytest
@@ -77,16 +78,13 @@ def test_non_finite_logits_of_the_last_channel_in_the_last_frame_raise():
         model.generate(_prompt(6, seed=2), max_new_frames=1)
 
 
-def test_bench_forced_stop_runs_every_requested_frame():
-    bench = import_module("bench")
-    if not hasattr(bench, "force_continue"):
-        pytest.skip("bench.py has no LM section yet (merged after the codec helper's bench.py is final)")
+def test_forced_continue_runs_every_requested_frame():
     model = checkpoints.random_tiny_model(seed=24)
-    bench.force_continue(model)
+    checkpoints.force_continue(model)
     codes = model.generate(_prompt(6, seed=3), max_new_frames=40).audio_token_ids
     assert codes.shape[1] == 40
     for weight_format in ("bf16", "int8"):
         converted = import_module("weight_formats").apply_weight_format(
             checkpoints.random_tiny_model(seed=24), weight_format)
-        bench.force_continue(converted)
+        checkpoints.force_continue(converted)
         assert converted.generate(_prompt(6, seed=3), max_new_frames=12).audio_token_ids.shape[1] == 12
