@@ -319,7 +319,8 @@ def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
         key = dtype.strip().lower().removeprefix("torch.")
         if key in DTYPES_BY_NAME:
             return DTYPES_BY_NAME[key]
-    raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', None, a torch.dtype or one of {sorted(DTYPES_BY_NAME)}")
+    raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', None, a torch.dtype or one of "
+                     f"{sorted(DTYPES_BY_NAME)}")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -537,10 +538,11 @@ def chunk_batch_size(device: DeviceLike, num_chunks: int, gb_per_sample: float) 
 
 
 def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
-    """Peak memory since the last reset_peak_memory, in bytes; None when unknown.
+    """Peak memory in bytes; None when unknown.
 
-    Accelerators report the allocator's peak of allocated bytes. CPU reports the process's peak resident set size
-    (VmHWM, or ru_maxrss where /proc is missing): the whole process, not only tensors.
+    Accelerators report the allocator's peak of allocated bytes since the last reset_peak_memory. CPU reports the
+    process's peak resident set size (VmHWM, or ru_maxrss where /proc is missing): the whole process, not only
+    tensors, since it started or since /proc/self/clear_refs last reset it.
     """
     spec = _as_spec(device)
     if spec.module is not None:
@@ -566,19 +568,15 @@ def _host_peak_rss_bytes() -> Optional[int]:
 
 
 def reset_peak_memory(device: DeviceLike) -> None:
-    """Start a new peak-memory window. On CPU this resets the peak RSS through /proc/self/clear_refs (Linux); where
-    that is not possible the CPU peak stays the process lifetime peak."""
+    """Start a new peak-memory window on an accelerator (its allocator's peak statistics).
+
+    On CPU nothing is reset: peak_memory_bytes reports the process's peak RSS, which only a benchmark resets (by
+    writing /proc/self/clear_refs, as verify_npu.py does per row; a library does not touch process-wide state).
+    """
     spec = _as_spec(device)
-    if spec.module is not None:
-        reset = getattr(spec.module, "reset_peak_memory_stats", None)
-        if reset is not None:
-            reset(spec.device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        logger.debug("cannot reset the CPU peak RSS; peak_memory_bytes reports the process peak")
+    reset = getattr(spec.module, "reset_peak_memory_stats", None)
+    if reset is not None:
+        reset(spec.device)
 
 
 # --- Sync, seeds, timing, autocast ----------------------------------------------------------------------------------
