@@ -56,6 +56,7 @@ import torch
 
 from . import devices, synthesis, weight_formats, weights
 from .generation import GenerationSettings
+from .prompting import GENERATION_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def _add_io_arguments(parser) -> None:
                                       '"prompt_text"}: one output file per line')
     group.add_argument("--prompt-audio-path", help="voice prompt (wav/flac/ogg/mp3, any rate and channel count)")
     group.add_argument("--prompt-text", default=None, help="transcript of the prompt audio (continuation mode only)")
-    group.add_argument("--mode", choices=synthesis.MODES, default="voice_clone", help="generation mode")
+    group.add_argument("--mode", choices=GENERATION_MODES, default="voice_clone", help="generation mode")
     group.add_argument("--output-path", default=DEFAULT_OUTPUT, help="output .wav/.flac (48 kHz stereo)")
     group.add_argument("--stream", action="store_true",
                        help="stream: write audio as it is produced and report the time to first audio")

@@ -43,6 +43,10 @@ from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa
 from .engine import SpeechEngine  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .sampling import RowSettings  # noqa: F401,E402
+from .synthesis_loading import load_text_tokenizer  # noqa: F401,E402
+from .synthesis_offline import run_inference  # noqa: F401,E402
+from .synthesis_request import build_request  # noqa: F401,E402
+from .synthesis_streaming import run_inference_stream  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
 from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
 from .weight_formats import apply_weight_format  # noqa: F401,E402
