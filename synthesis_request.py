@@ -4,11 +4,13 @@
 for every mistake it can see without the model: empty text, an unknown mode, a prompt the mode forbids or lacks, a
 generation setting out of range, a missing prompt file, an output path that cannot be written. While a request runs,
 `ChunkProgress` shows its chunks and `warn_if_truncated` says which chunks hit max_new_frames; at the end
-`result_dict` builds upstream's return dictionary (spec tts.md §7).
+`result_dict` builds upstream's return dictionary (spec tts.md §7). `read_jsonl` reads many requests' texts and output
+files from a JSON-lines file (`infer_npu.py --jsonl`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -38,6 +40,8 @@ GENERATION_ARGUMENTS = (
     "nq", "max_new_frames", "do_sample", "text_temperature", "text_top_p", "text_top_k", "audio_temperature",
     "audio_top_p", "audio_top_k", "audio_repetition_penalty", "use_kv_cache",
 )
+# The keys of a line of a JSON-lines request file (read_jsonl).
+JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
 
 
 @dataclass
@@ -195,6 +199,65 @@ def _nearest_existing(folder: Path) -> Path:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Many requests from a JSON-lines file (infer_npu.py --jsonl)
+
+
+@dataclass
+class Job:
+    """One output file to synthesise: a line of a JSON-lines file, or a command line's one text."""
+
+    text: str
+    output_path: str
+    prompt_audio_path: Optional[str]
+    prompt_text: Optional[str]
+
+
+def read_jsonl(path, default_prompt: Optional[str] = None, default_prompt_text: Optional[str] = None) -> list[Job]:
+    """The jobs of a JSON-lines file: one {"text", "output_path", "prompt_audio_path"?, "prompt_text"?} object per
+    line (blank lines skipped); the optional keys default to `default_prompt` / `default_prompt_text`.
+
+    Raises:
+        ValueError: naming the file and line of the first malformed line, a duplicated output_path or an empty file.
+    """
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from error
+    jobs, outputs = [], set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        job = _jsonl_job(line, f"{path}:{number}", default_prompt, default_prompt_text)
+        if job.output_path in outputs:
+            raise ValueError(f"{path}:{number}: output_path {job.output_path!r} is used by an earlier line")
+        outputs.add(job.output_path)
+        jobs.append(job)
+    if not jobs:
+        raise ValueError(f"{path} has no requests; expected one JSON object per line")
+    return jobs
+
+
+def _jsonl_job(line: str, where: str, default_prompt, default_prompt_text) -> Job:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    unknown = set(record) - JSONL_KEYS
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(JSONL_KEYS)}")
+    for key in ("text", "output_path"):
+        if not isinstance(record.get(key), str) or not record[key].strip():
+            raise ValueError(f"{where}: {key!r} must be a non-empty string, got {record.get(key)!r}")
+    for key in ("prompt_audio_path", "prompt_text"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            raise ValueError(f"{where}: {key!r} must be a string, got {record[key]!r}")
+    return Job(record["text"], record["output_path"], record.get("prompt_audio_path", default_prompt),
+               record.get("prompt_text", default_prompt_text))
 
 
 # ----------------------------------------------------------------------------------------------------------------
