@@ -34,6 +34,7 @@ import collections
 import copy
 import json
 import logging
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -323,6 +324,29 @@ def write_runnable_repository(folder, tokenizer_model=None, seed: int = 0,
     return folder
 
 
+def load_checkpoint(path) -> dict:
+    """Tensors of a ``.safetensors`` or PyTorch ``.bin`` file, without ever running pickled code.
+
+    Args:
+        path: checkpoint file.
+
+    Returns:
+        dict name -> torch.Tensor on the CPU.
+
+    Raises:
+        ValueError: the ``.bin`` needs code execution to unpickle (``weights_only=True`` refused it).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({error})") from error
+
+
 def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
     """A model from a folder holding config.json and model.safetensors (e.g. shared/golden/tts_tiny).
 
@@ -336,14 +360,12 @@ def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
     Returns:
         MossTTSNanoForCausalLM in eval mode, ties intact.
     """
-    from safetensors.torch import load_file
-
     from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
 
     folder = Path(folder)
     config = MossTTSNanoConfig.from_pretrained(folder)
     model = MossTTSNanoForCausalLM(config)
-    model.load_state_dict(upstream_state_dict(load_file(folder / "model.safetensors"), torch.float32), strict=True)
+    model.load_state_dict(upstream_state_dict(load_checkpoint(folder / "model.safetensors"), torch.float32), strict=True)
     model._tie_weights()
     return model.to(dtype).eval()
 
@@ -371,6 +393,7 @@ def main(argv=None) -> int:
 
 __all__ = [
     "always_continue_tiny_model",
+    "load_checkpoint",
     "load_safetensors_model",
     "random_tiny_model",
     "save_upstream_checkpoint",

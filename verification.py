@@ -36,14 +36,14 @@ import torch
 
 from . import devices, weight_formats
 from .audio_io import load_audio
-from .checkpoints import tiny_codec, upstream_state_dict, verification_tiny_model
+from .checkpoints import load_checkpoint, tiny_codec, upstream_state_dict, verification_tiny_model
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
 from .configuration_moss_tts_nano import MossTTSNanoConfig
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel
 from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
 from .prompting import build_voice_clone_rows
 from .teacher_forcing import TeacherForcedLogits, compare, reproduces_greedy, teacher_forced
-from .weights import CODEC_SUBFOLDER, load_checkpoint
+from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
 

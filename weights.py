@@ -39,7 +39,7 @@ folder it is given). Copies rather than symlinks, so that the folder can be uplo
 they are refreshed on every call when the root modules change.
 
 Safety. This module only hashes, copies and renames files; it never unpickles anything. Loaders read the ``.bin`` with
-``torch.load(..., weights_only=True)`` and the codec with safetensors (``load_checkpoint`` below does both).
+``torch.load(..., weights_only=True)`` and the codec with safetensors (``checkpoints.load_checkpoint`` does both).
 """
 
 from __future__ import annotations
@@ -449,33 +449,6 @@ def install_codec_code(target_dir: str | os.PathLike, code_dir: str | os.PathLik
             logger.info("Copied %s to %s", source.name, codec_dir)
         copied.append(destination)
     return copied
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Tensors of a ``.safetensors`` or PyTorch ``.bin`` file, without ever running pickled code.
-
-    Args:
-        path: checkpoint file.
-
-    Returns:
-        dict name -> torch.Tensor on the CPU.
-
-    Raises:
-        ValueError: the ``.bin`` needs code execution to unpickle (``weights_only=True`` refused it).
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({error})") from error
 
 
 def _ensure_file(target: Path, pin: PinnedFile, fetchers: list, offline: bool, progress: bool) -> Path:

@@ -117,6 +117,19 @@ def test_checkpoints_command_writes_a_loadable_repository(tmp_path, tokenizer_mo
     assert model.generate(ids, mask, **GENERATE).audio_token_ids.shape[0] == 1
 
 
+def test_load_checkpoint_reads_tensors_but_refuses_pickled_code(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.bin")
+    assert torch.equal(checkpoints.load_checkpoint(tmp_path / "ok.bin")["w"], torch.ones(2))
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"w": RunsCode()}, tmp_path / "evil.bin")
+    with pytest.raises(ValueError, match="refusing to load .*evil.bin"):
+        checkpoints.load_checkpoint(tmp_path / "evil.bin")
+
+
 def test_modeling_file_imports_every_module_it_reaches_directly():
     """transformers 4.57.1 copies only the modeling file's own relative imports out of a local folder.
 
