@@ -62,7 +62,10 @@ class _IgnorePatterns(list):
     """A list of regex patterns that also supports `|` with a set.
 
     transformers 4.57 concatenates `_keys_to_ignore_on_load_unexpected` with a list (`x + [...]`), 5.x unions it with
-    a set (`x | {...}`); upstream's plain list breaks 5.x and a set breaks 4.57 (spec §11, item 1).
+    a set (`x | {...}`); a set breaks 4.57 (spec §11, item 1). The 5.x releases read so far (5.0.0, 5.15.0, 5.23, 5.24)
+    turn the attribute into a set in `post_init`, so a plain list would do there, but a list raises a TypeError in any
+    5.x without that step (reported for remote code on 5.15.0) and the releases in between were not read. Remove
+    this class when every supported 5.x is known to convert it.
     """
 
     def __or__(self, other):

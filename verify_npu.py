@@ -78,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def split_list(value: str) -> list[str]:
     """'a, b,,c' -> ['a', 'b', 'c'] (order kept, duplicates dropped)."""
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    return list(dict.fromkeys(items))
+    entries = [entry.strip() for entry in value.split(",") if entry.strip()]
+    return list(dict.fromkeys(entries))
 
 
 def check_request(args, table: Mapping[str, Callable]) -> None:
@@ -166,17 +166,17 @@ def render_environment(environment: dict) -> str:
     """The environment section: versions, then each device with its defaults, then the NPU env vars."""
     lines = [f"torch {environment['torch']}  transformers {environment['transformers']}  "
              f"python {environment['python']}  CANN {environment['cann'] or 'not found'}"]
-    for info in environment["devices"]:
-        if not info["available"]:
-            lines.append(f"device {info['requested']}: not available ({info['reason']})")
+    for facts in environment["devices"]:
+        if not facts["available"]:
+            lines.append(f"device {facts['requested']}: not available ({facts['reason']})")
             continue
-        package = info["backend_package"]
+        package = facts["backend_package"]
         package_text = f"  backend {package['name']} {package['version']}" if package else ""
-        toolkit = f"  toolkit {info['toolkit']}" if info["toolkit"] else ""
-        lines.append(f"device {info['device']}: {info['name']}{package_text}{toolkit}  "
-                     f"memory free {_gib(info['free_memory_bytes'])} / total {_gib(info['total_memory_bytes'])}  "
-                     f"default dtype {info['default_dtype']}  attention {info['default_attention']}  "
-                     f"supports {','.join(info['supported_dtypes'])}")
+        toolkit = f"  toolkit {facts['toolkit']}" if facts["toolkit"] else ""
+        lines.append(f"device {facts['device']}: {facts['name']}{package_text}{toolkit}  "
+                     f"memory free {_gib(facts['free_memory_bytes'])} / total {_gib(facts['total_memory_bytes'])}  "
+                     f"default dtype {facts['default_dtype']}  attention {facts['default_attention']}  "
+                     f"supports {','.join(facts['supported_dtypes'])}")
     env = ", ".join(f"{name}={value if value is not None else '(unset)'}"
                     for name, value in environment["env"].items())
     lines.append(f"env: {env}")
