@@ -498,16 +498,19 @@ def free_memory_bytes(device: DeviceLike) -> Optional[int]:
     return int(free)
 
 
-def _host_available_bytes() -> Optional[int]:
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """The "key:  N kB" line of a /proc file in bytes (Linux); None where there is no such file or line."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file reports kB
+        with open(path, encoding="ascii") as lines:
+            return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":")), None)
     except (OSError, ValueError, IndexError):
-        pass
+        return None
+
+
+def _host_available_bytes() -> Optional[int]:
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -552,13 +555,9 @@ def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
 
 
 def _host_peak_rss_bytes() -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource  # POSIX only
     except ImportError:
@@ -579,7 +578,7 @@ def reset_peak_memory(device: DeviceLike) -> None:
         reset(spec.device)
 
 
-# --- Sync, seeds, timing, autocast ----------------------------------------------------------------------------------
+# --- Sync and seeds -------------------------------------------------------------------------------------------------
 def synchronize(device: DeviceLike) -> None:
     """Wait for all queued work on the device (a no-op on CPU)."""
     spec = _as_spec(device)

@@ -22,6 +22,7 @@ import torch
 from .audio_io import load_audio
 from .configuration_moss_tts_nano import AUDIO_TOKENIZER_TYPES
 from .devices import resolve_device
+from .generation import GenerationSettings
 from .synthesis_request import SynthesisRequest
 from .text_chunking import count_tokens, voice_clone_text_chunks
 from .weights import CODEC_REPO_ID, CODEC_SUBFOLDER, PINNED, describe_manual_download
@@ -358,10 +359,5 @@ def prepare_request(model, request: SynthesisRequest, prompt_cache: Optional[dic
 
 
 def _check_nq(model, nq) -> int:
-    """nq, or n_vq for None; ValueError naming a value outside 1..n_vq."""
-    n_vq = int(model.config.n_vq)
-    if nq is None:
-        return n_vq
-    if isinstance(nq, bool) or not isinstance(nq, int) or not 1 <= nq <= n_vq:
-        raise ValueError(f"nq={nq!r}; expected None or an integer in 1..{n_vq}")
-    return nq
+    """nq, or n_vq for None; a ValueError naming a value outside 1..n_vq (GenerationSettings' check)."""
+    return GenerationSettings(nq=nq).checked(int(model.config.n_vq)).nq

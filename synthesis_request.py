@@ -10,6 +10,7 @@ files from a JSON-lines file (`infer_npu.py --jsonl`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .audio_io import WRITE_FORMATS
+from .generation import GenerationSettings
 from .prompting import check_mode
 from .sampling import validate_sampling_args
 
@@ -35,11 +37,9 @@ progress_logger = logging.getLogger(f"{__name__.rpartition('.')[0]}.synthesis.pr
 TRUNCATION_PREVIEWS = 3
 # Without a terminal, chunk progress is a log line (progress_logger, INFO) at most this often, and at the end.
 PROGRESS_LOG_SECONDS = 10.0
-# The keyword arguments of `inference` that go to `model.generate` (SynthesisRequest.generation).
-GENERATION_ARGUMENTS = (
-    "nq", "max_new_frames", "do_sample", "text_temperature", "text_top_p", "text_top_k", "audio_temperature",
-    "audio_top_p", "audio_top_k", "audio_repetition_penalty", "use_kv_cache",
-)
+# The keyword arguments of `inference` that go to `model.generate` (SynthesisRequest.generation): the generation
+# settings, plus upstream's use_kv_cache (accepted, always on).
+GENERATION_ARGUMENTS = tuple(setting.name for setting in dataclasses.fields(GenerationSettings)) + ("use_kv_cache",)
 # The keys of a line of a JSON-lines request file (read_jsonl).
 JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
 

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from conftest import import_module
+from conftest import import_module, text_prompt
 
 checkpoints = import_module("checkpoints")
 devices = import_module("devices")
@@ -21,14 +21,6 @@ generation = import_module("generation")
 def _forced_tiny_model(seed=0, **overrides):
     """A random tiny model whose stop decision always continues, so frames are not cut short."""
     return checkpoints.always_continue_tiny_model(seed=seed, **overrides)
-
-
-def _prompt(batch, length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((batch, length, 17), 1024)
-    ids[:, :, 0] = torch.randint(10, 16000, (batch, length), generator=generator)
-    ids[:, -1, 0] = 6  # audio_start
-    return ids
 
 
 def _codes(model, mode, ids, **kwargs):
@@ -61,7 +53,7 @@ def test_unknown_fast_decode_mode_raises_value_error():
 def test_graph_mode_on_cpu_logs_one_line_and_runs_the_eager_step(caplog):
     model = _forced_tiny_model(seed=9)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "graph", _prompt(1, 10), max_new_frames=6)
+        _assert_same_as_eager(model, "graph", text_prompt(10), max_new_frames=6)
     assert len([r for r in caplog.records if "graph capture is not available" in r.getMessage()]) == 1
 
 
@@ -88,7 +80,7 @@ def test_captured_steps_replayed_on_their_buffers_give_the_eager_codes(monkeypat
     monkeypatch.setattr(generation, "graph_supported", lambda device: True)
     monkeypatch.setattr(generation, "capture_graph", _replaying_capture(recorded))
     model = _forced_tiny_model(seed=4)
-    ids = torch.cat([_prompt(1, 12, seed=1), _prompt(1, 12, seed=2)])
+    ids = torch.cat([text_prompt(12, seed=1), text_prompt(12, seed=2)])
     _assert_same_as_eager(model, "graph", ids, max_new_frames=6, do_sample=True, audio_repetition_penalty=1.2)
     assert len(recorded) == 2  # one global step (one read-length bucket) and one local step, replayed every frame
 
@@ -104,7 +96,7 @@ def test_failed_capture_falls_back_to_the_eager_step_with_one_log_line(monkeypat
     monkeypatch.setattr(generation, "capture_graph", capture)
     model = _forced_tiny_model(seed=12)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "graph", _prompt(1, 8), max_new_frames=4)
+        _assert_same_as_eager(model, "graph", text_prompt(8), max_new_frames=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     expected = "operation not permitted" if failure == "capture error" else "no graph capture"
     assert len(warnings) == 2 and all(expected in w and "\n" not in w for w in warnings)  # global and local
@@ -119,7 +111,7 @@ def test_failing_compile_falls_back_to_the_eager_step_with_one_log_line(monkeypa
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = _forced_tiny_model(seed=10)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "compile", _prompt(1, 8), max_new_frames=4)
+        _assert_same_as_eager(model, "compile", text_prompt(8), max_new_frames=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("backend exploded" in w and "\n" not in w for w in warnings)
 
@@ -128,5 +120,5 @@ def test_compiled_steps_give_the_eager_greedy_codes(caplog):
     """torch.compile of both decode steps (tiny model, 1 layer to keep compiling short); no fallback allowed."""
     model = _forced_tiny_model(seed=11, n_layer=1)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "compile", _prompt(1, 10), max_new_frames=6)
+        _assert_same_as_eager(model, "compile", text_prompt(10), max_new_frames=6)
     assert not [r for r in caplog.records if "compile of the decode step failed" in r.getMessage()]

@@ -11,18 +11,10 @@ import pytest
 import torch
 from transformers.activations import NewGELUActivation
 
-from conftest import import_module
+from conftest import import_module, text_prompt
 
 checkpoints = import_module("checkpoints")
 decoder = import_module("gpt2_decoder")
-
-
-def _prompt(length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((1, length, 17), 1024)
-    ids[0, :, 0] = torch.randint(10, 16000, (length,), generator=generator)
-    ids[0, -1, 0] = 6
-    return ids
 
 
 def test_signed_sin_rotation_is_bit_identical_to_rotate_every_two():
@@ -61,7 +53,7 @@ def test_appended_row_embedding_is_bit_identical_to_embedding_the_row(nq):
     model = checkpoints.random_tiny_model(seed=26)
     slots = generation.SlotDecoder(model, 2, 32, ("sdpa", "sdpa"))
     settings = generation.GenerationSettings(nq=nq, max_new_frames=5).checked(16)
-    slots.start(generation.Group([0], settings), [_prompt(8, seed=1)[0]], "sdpa")
+    slots.start(generation.Group([0], settings), [text_prompt(8, seed=1)[0]], "sdpa")
     for _ in range(3):
         (output, *_) = slots.frame()
         if output.codes is None:
@@ -75,16 +67,16 @@ def test_non_finite_logits_of_the_last_channel_in_the_last_frame_raise():
     with torch.no_grad():
         model.audio_embeddings[15].weight.fill_(float("inf"))  # the tied head of the last channel
     with pytest.raises(RuntimeError, match="Non-finite"):
-        model.generate(_prompt(6, seed=2), max_new_frames=1)
+        model.generate(text_prompt(6, seed=2), max_new_frames=1)
 
 
 def test_forced_continue_runs_every_requested_frame():
     model = checkpoints.random_tiny_model(seed=24)
     checkpoints.force_continue(model)
-    codes = model.generate(_prompt(6, seed=3), max_new_frames=40).audio_token_ids
+    codes = model.generate(text_prompt(6, seed=3), max_new_frames=40).audio_token_ids
     assert codes.shape[1] == 40
     for weight_format in ("bf16", "int8"):
         converted = import_module("weight_formats").apply_weight_format(
             checkpoints.random_tiny_model(seed=24), weight_format)
         checkpoints.force_continue(converted)
-        assert converted.generate(_prompt(6, seed=3), max_new_frames=12).audio_token_ids.shape[1] == 12
+        assert converted.generate(text_prompt(6, seed=3), max_new_frames=12).audio_token_ids.shape[1] == 12

@@ -12,7 +12,6 @@ import torch
 from conftest import import_module, shared_path
 
 prompting = import_module("prompting")
-tokenization = import_module("tokenization_moss_tts_nano")
 
 VOICE_CLONE_TEXT = "Hello world, this is a parity test."
 CONTINUATION_TEXT = "你好，世界。Hello again."
@@ -31,11 +30,6 @@ def tiny_config(n_vq: int = 4) -> types.SimpleNamespace:
         audio_user_slot_token_id=8, audio_assistant_slot_token_id=9, n_vq=n_vq, audio_pad_token_id=1024,
         audio_codebook_sizes=[1024] * n_vq,
     )
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tokenization.MossTTSNanoSentencePieceTokenizer(str(shared_path("assets", "tokenizer.model")))
 
 
 @pytest.fixture(scope="module")

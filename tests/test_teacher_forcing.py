@@ -3,32 +3,17 @@
 import pytest
 import torch
 
-from conftest import import_module
+from conftest import audio_head_outputs, import_module, text_prompt
 
 checkpoints = import_module("checkpoints")
 teacher_forcing = import_module("teacher_forcing")
 
 
-def _prompt(seed: int, rows: int = 10) -> torch.Tensor:
-    """Continuation-like prompt rows [1, rows, 17]: random text ids, no audio, ending in audio_start (6)."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((1, rows, 17), 1024)
-    ids[0, :, 0] = torch.randint(10, 16000, (rows,), generator=generator)
-    ids[0, -1, 0] = 6
-    return ids
-
-
 def test_teacher_forced_logits_equal_the_first_generated_frame():
     model = checkpoints.always_continue_tiny_model(seed=4)
-    ids = _prompt(2)
-    recorded = []
-    hooks = [head.register_forward_hook(lambda module, args, output: recorded.append(output.clone()))
-             for head in model.audio_lm_heads]
-    try:
-        frames = model.generate(ids, max_new_frames=1).audio_token_ids
-    finally:
-        for hook in hooks:
-            hook.remove()
+    ids, generated = text_prompt(10, seed=2), []
+    recorded = audio_head_outputs(model, lambda: generated.append(model.generate(ids, max_new_frames=1)))
+    frames = generated[0].audio_token_ids
     logits = teacher_forcing.teacher_forced(model, ids, frames).audio  # [1, 1, 16, 1024]
     torch.testing.assert_close(logits[0, 0], torch.cat(recorded).float(), atol=1e-4, rtol=1e-4)
 
@@ -36,7 +21,7 @@ def test_teacher_forced_logits_equal_the_first_generated_frame():
 @pytest.mark.parametrize("attention", ["eager", "sdpa"])
 def test_teacher_forcing_reproduces_greedy_codes_and_stop_decisions(attention):
     model = checkpoints.always_continue_tiny_model(seed=5)
-    ids = _prompt(3)
+    ids = text_prompt(10, seed=3)
     codes = model.generate(ids, max_new_frames=6, attn_implementation=attention).audio_token_ids  # [1, 6, 16]
     forced = teacher_forcing.teacher_forced(model, ids, codes, attention)
     assert forced.hidden.shape == (1, 10 + 6, 64) and forced.text.shape == (1, 7, 2)
@@ -47,7 +32,7 @@ def test_teacher_forcing_reproduces_greedy_codes_and_stop_decisions(attention):
 
 def test_identical_runs_compare_as_exact_and_a_changed_head_is_named():
     model = checkpoints.random_tiny_model(seed=6)
-    ids, frames = _prompt(4), torch.randint(0, 1024, (1, 3, 16), generator=torch.Generator().manual_seed(4))
+    ids, frames = text_prompt(10, seed=4), torch.randint(0, 1024, (1, 3, 16), generator=torch.Generator().manual_seed(4))
     reference = teacher_forcing.teacher_forced(model, ids, frames)
     same = teacher_forcing.compare(reference, teacher_forcing.teacher_forced(model, ids, frames))
     assert same["hidden"]["rel_error"] == 0.0 and same["stop"]["agree"] == 1.0

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from conftest import REPO_ROOT, import_module
+from conftest import REPO_ROOT, import_module, text_prompt
 
 checkpoints = import_module("checkpoints")
 weight_formats = import_module("weight_formats")
@@ -27,9 +27,7 @@ needs_int8 = pytest.mark.skipif(not weight_formats.int8_kernels_available(),
 
 def _prompt_and_frames(seed: int, prompt_rows: int, num_frames: int):
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((1, prompt_rows, 17), 1024)
-    ids[0, :, 0] = torch.randint(10, 16000, (prompt_rows,), generator=generator)
-    ids[0, -1, 0] = 6  # audio_start
+    ids = text_prompt(prompt_rows, generator=generator)
     frames = torch.randint(0, 1024, (1, num_frames, 16), generator=generator)
     return ids, frames
 
