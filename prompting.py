@@ -259,8 +259,6 @@ def build_prompt_rows(
     check_mode(mode)
     if mode == "continuation":
         return build_continuation_rows(tokenizer, config, text, prompt_text, prompt_audio_codes, device)
-    if prompt_audio_codes is None:
-        raise ValueError("mode='voice_clone' needs prompt_audio_codes (the reference audio)")
     if prompt_text is not None:
         raise ValueError("mode='voice_clone' does not take prompt_text; use mode='continuation'")
     return build_voice_clone_rows(tokenizer, config, text, prompt_audio_codes, device)
