@@ -43,6 +43,7 @@ from typing import Mapping
 import torch
 
 from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
+from .devices import parse_dtype
 from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="checkpoint dtype (default bfloat16)")
     args = parser.parse_args(argv)
-    folder = write_runnable_repository(args.out_dir, args.tokenizer, args.seed, getattr(torch, args.dtype))
+    folder = write_runnable_repository(args.out_dir, args.tokenizer, args.seed, parse_dtype(args.dtype))
     if args.tokenizer is None:
         logging.basicConfig(format="%(message)s")
         logger.warning("No --tokenizer given: the folder loads, but synthesising text needs tokenizer.model in it")
@@ -393,6 +394,7 @@ def main(argv=None) -> int:
 
 __all__ = [
     "always_continue_tiny_model",
+    "force_continue",
     "load_checkpoint",
     "load_safetensors_model",
     "random_tiny_model",
@@ -401,6 +403,7 @@ __all__ = [
     "tiny_codec_config_dict",
     "tiny_config",
     "upstream_state_dict",
+    "verification_tiny_model",
     "write_model_repository",
     "write_runnable_repository",
 ]
