@@ -38,6 +38,7 @@ from .synthesis import SynthesisMixin
 # Hub download follow imports transitively), so the modules that synthesis.py reaches are imported here as well.
 # tests/test_loading.py checks that these lines cover every module reachable from this file. Remove with 4.57.
 from .audio_io import save_audio  # noqa: F401,E402
+from .codec_quantizer import ResidualLFQuantizer  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
 from .engine import SpeechEngine  # noqa: F401,E402
