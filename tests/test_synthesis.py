@@ -530,6 +530,17 @@ def test_100k_character_text_is_chunked_in_voice_clone_mode(model, prompt_wav, t
     _assert_wav(out, len(chunks) * HOP + _pauses(chunks))
 
 
+def test_upstream_private_helpers_that_callers_use_still_answer(model, tokenizer):
+    """Spec tts.md §7 lists private methods upstream callers use; they delegate to the library's functions."""
+    text = "Hello world. This is a test. One more sentence here."
+    assert model._split_text_into_best_sentences(tokenizer, text, 5) == \
+        text_chunking.split_text_into_chunks(tokenizer, text, 5)
+    assert model._compute_stream_lead_seconds(2.0, 10.0, 11.5) == pytest.approx(0.5)
+    assert model._compute_stream_lead_seconds(2.0, None) == 0.0
+    assert [model._resolve_stream_decode_frame_budget(lead) for lead in (0.1, 0.3, 0.9, 1.5)] == [1, 2, 4, 8]
+    assert model._resolve_stream_decode_frame_budget(1.5, emitted_any=False) == 1
+
+
 def test_signatures_are_upstreams_plus_keyword_only_extras():
     import inspect
 
