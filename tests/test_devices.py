@@ -307,7 +307,7 @@ def test_cuda_peak_memory_uses_the_allocator(fake_cuda):
     assert fake_cuda.resets == 1 and devices.peak_memory_bytes("cuda:0") == 123
 
 
-# --- Sync, seeds, timing, autocast ----------------------------------------------------------------------------------
+# --- Sync and seeds -------------------------------------------------------------------------------------------------
 def test_synchronize_is_a_no_op_on_cpu_and_calls_the_device_module_on_cuda(fake_cuda):
     devices.synchronize("cpu")
     devices.synchronize("cuda:1")
