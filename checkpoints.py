@@ -13,14 +13,9 @@ the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_
 exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
 `infer_npu.py` and `inference` run on it end to end. The tests use the same recipe.
 
-Command line (prints the folder):
-
-    python checkpoints.py OUT_DIR [--tokenizer PATH/tokenizer.model] [--seed 0] [--dtype bfloat16]
-
-then, with a tokenizer (`python infer_npu.py --download-only` fetches the real one):
-
-    python infer_npu.py --model-path OUT_DIR --no-verify --prompt-audio-path voice.wav --text "Hello." \
-        --max-new-frames 25 --output-path tiny.wav
+The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
+tests, `verify_npu.py --tiny` and bench.py. Command line: `python checkpoints.py OUT_DIR [--tokenizer tokenizer.model]
+[--seed 0] [--dtype bfloat16]` writes a runnable repository and prints its folder (README, "From Python").
 """
 
 if __name__ == "__main__" and not __package__:
@@ -52,8 +47,7 @@ REPO_ROOT = Path(__file__).resolve().parent
 CHECKPOINT_NAME = "pytorch_model.bin"
 # The golden tiny shape (shared/golden/README.md): 2 layers, 64 wide, 4 heads, released ids and vocabulary.
 TINY_GPT2_CONFIG = {"n_embd": 64, "n_head": 4, "n_inner": 128, "n_layer": 2}
-# Root files that are scripts or test helpers, not library modules of the model repository (verification.py is
-# verify_npu.py's library and builds its tiny model here).
+# Root files that are scripts, test helpers or the verifier's library, not modules of the model repository.
 NON_LIBRARY_FILES = {"checkpoints.py", "local_package.py", "infer_npu.py", "verify_npu.py", "verification.py",
                      "bench.py", "serve.py", "loadtest.py", "setup.py"}
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -185,8 +179,7 @@ def random_tiny_model(seed: int = 0, **overrides):
 STOP_MARGIN = 100.0
 # Level the tiny codec is scaled to (RMS of decoded random codes), about -20 dBFS: clearly audible in 16 bits.
 TINY_CODEC_RMS = 0.1
-# How much verification_tiny_model scales the block weights (random N(0, 0.02) blocks are near-identities).
-BLOCK_WEIGHT_GAIN = 3.0
+BLOCK_WEIGHT_GAIN = 3.0  # verification_tiny_model's gain of the block weights
 # verification_tiny_model's stop margin: 1 logit keeps the audio_end row (in every voice-clone prompt) the size of an
 # ordinary embedding row, so that 16-bit rows see ordinary numerics; it is exact in float32 and far above the 16-bit
 # rounding of the margin (at most 0.008 in bfloat16 here). STOP_MARGIN makes that row ~100x larger than the others.
@@ -223,10 +216,8 @@ def always_continue_tiny_model(seed: int = 0, **overrides):
 
 def verification_tiny_model(seed: int = 0):
     """The --tiny model of verify_npu.py: a random tiny TTS whose blocks matter numerically, and which never stops.
-
-    Block weights are scaled by BLOCK_WEIGHT_GAIN (random N(0, 0.02) blocks would be near-identities, hiding attention
-    bugs) and the local ln_f gets a larger gain and a random bias, so that the audio heads see a spread of values.
-    """
+    Block weights x BLOCK_WEIGHT_GAIN (random N(0, 0.02) blocks are near-identities, which would hide attention bugs);
+    the local ln_f gets a larger gain and a random bias, so that the audio heads see a spread of values."""
     model = random_tiny_model(seed=seed)
     with torch.no_grad():
         for decoder in (model.transformer, model.local_transformer):
