@@ -32,7 +32,8 @@ def test_teacher_forcing_reproduces_greedy_codes_and_stop_decisions(attention):
 
 def test_identical_runs_compare_as_exact_and_a_changed_head_is_named():
     model = checkpoints.random_tiny_model(seed=6)
-    ids, frames = text_prompt(10, seed=4), torch.randint(0, 1024, (1, 3, 16), generator=torch.Generator().manual_seed(4))
+    ids = text_prompt(10, seed=4)
+    frames = torch.randint(0, 1024, (1, 3, 16), generator=torch.Generator().manual_seed(4))
     reference = teacher_forcing.teacher_forced(model, ids, frames)
     same = teacher_forcing.compare(reference, teacher_forcing.teacher_forced(model, ids, frames))
     assert same["hidden"]["rel_error"] == 0.0 and same["stop"]["agree"] == 1.0
