@@ -295,28 +295,92 @@ def _clip_for_pcm(samples: np.ndarray, path: Path) -> np.ndarray:
 OUTPUT_FILE_MODE = 0o644
 
 
-def write_atomically(path: PathLike, write: Callable[[str], None], mode: int = OUTPUT_FILE_MODE) -> Path:
+class PendingFile:
+    """A hidden temporary file beside ``path`` that becomes ``path`` only when it is complete.
+
+    Write to ``temporary``; ``commit()`` flushes it to disk (fsync), gives it ``mode`` (mkstemp creates 0600; outputs
+    are ordinary files) and renames it over ``path`` (``os.replace``, atomic within one file system); ``discard()``
+    deletes it. Readers see the old file or the complete new one, never a part, and a killed process leaves at most a
+    hidden ``.<name>.*<suffix>`` file. The one implementation of atomic writing: `write_atomically`,
+    `ProgressiveWavWriter`, voices.py and weights.py all go through it.
+
+    Args:
+        path: the destination; its folder must exist.
+        mode: permission bits of the committed file.
+        suffix: of the temporary name (weights.py uses ".part", which git ignores).
+    """
+
+    def __init__(self, path: PathLike, mode: int = OUTPUT_FILE_MODE, suffix: str = ".tmp") -> None:
+        self.path, self.mode = Path(path), mode
+        handle, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=suffix)
+        os.close(handle)
+
+    def commit(self) -> Path:
+        """Move the finished temporary file to ``path``; returns ``path``."""
+        with open(self.temporary, "rb+") as written:
+            os.fsync(written.fileno())
+        os.chmod(self.temporary, self.mode)
+        os.replace(self.temporary, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Delete the temporary file (``path`` is left as it was)."""
+        Path(self.temporary).unlink(missing_ok=True)
+
+
+def write_atomically(path: PathLike, write: Callable[[str], None], mode: int = OUTPUT_FILE_MODE,
+                     suffix: str = ".tmp") -> Path:
     """Create or replace ``path`` so that readers see the old file or the complete new one, never a part.
 
-    ``write(temporary)`` fills a temporary file beside ``path``; the data is flushed to disk (fsync) and the file
-    renamed over ``path`` (``os.replace``, atomic within one file system). A failure or a killed process leaves at
-    most a hidden ``.<name>.*.tmp`` file, never a partial ``path``.
+    ``write(temporary)`` fills a `PendingFile` beside ``path``, which is committed when ``write`` returns and
+    discarded when it raises (or the process is interrupted).
 
     Returns:
         ``path`` as a Path.
     """
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    done = False
+    pending = PendingFile(path, mode, suffix)
     try:
-        write(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.chmod(temporary, mode)  # mkstemp creates 0600; outputs are ordinary files
-        os.replace(temporary, path)
-        done = True
-    finally:
-        if not done:
-            Path(temporary).unlink(missing_ok=True)
-    return path
+        write(pending.temporary)
+        return pending.commit()
+    except BaseException:
+        pending.discard()
+        raise
+
+
+class ProgressiveWavWriter:
+    """Writes a 16-bit WAV (or FLAC) piece by piece into a `PendingFile`: `close` puts it in place, `abort` deletes
+    it, so a failed stream never leaves a partial output file.
+
+    Args:
+        path: destination ending in one of WRITE_FORMATS (its folder is created).
+        sample_rate: rate in Hz.
+        channels: channel count of every piece.
+    """
+
+    def __init__(self, path: PathLike, sample_rate: int, channels: int) -> None:
+        self.path = Path(path)
+        file_format = _check_output(self.path, "PCM_16")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._pending = PendingFile(self.path)
+        self._file = sf.SoundFile(self._pending.temporary, "w", samplerate=int(sample_rate), channels=channels,
+                                  subtype="PCM_16", format=file_format)
+        self.clipped = 0
+
+    def write(self, waveform: ArrayLike) -> None:
+        """Append [C, n] float samples (clipped to [-1, 1] for 16-bit, with one warning at close)."""
+        samples = as_channels_first(waveform, f"waveform for {self.path}")
+        self.clipped += int(np.count_nonzero(np.abs(samples) > 1.0))
+        self._file.write(np.clip(samples, -1.0, 1.0).T)
+
+    def close(self) -> str:
+        """Finish the file and move it to its destination; returns the path."""
+        self._file.close()
+        if self.clipped:
+            logger.warning("Clipped %d samples of %s to [-1, 1] for 16-bit output", self.clipped, self.path)
+        return str(self._pending.commit())
+
+    def abort(self) -> None:
+        """Drop the partial file."""
+        if not self._file.closed:
+            self._file.close()
+        self._pending.discard()

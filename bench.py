@@ -18,7 +18,7 @@ Sections:
   to upstream (measured in this process on the same weights with --compare-upstream PATH, a folder of upstream's
   remote-code files; else a quoted 6.5 frames/s), time to the first frame, LM real-time factor (prefill included;
   12.5 frames = 1 s) and peak memory. --compare-eager first runs fp32 with eager attention ("x ref" column).
-  Frames are forced by a bench-only weight edit (`force_continue`): the stop logit loses by 100 every frame, with
+  Frames are forced by a weight edit (`checkpoints.force_continue`): the stop logit loses by 100 every frame, with
   the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; references run once.
 - e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then
   --e2e-codec-frames per call): time to first audio and end-to-end RTF per weight format (random codec weights).
@@ -27,6 +27,7 @@ Sections:
   behind playback), the largest N with none, peak memory.
 
 A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
+The device string is passed through to devices.py.
 """
 
 import argparse
@@ -47,26 +48,16 @@ UPSTREAM_STREAM_MS_PER_FRAME = (21.0, 23.0)  # codec.md §7, upstream on 2 vCPU,
 TARGET_STREAM_MS_PER_FRAME = 10.0  # issue 7
 
 
-def _devices():
-    try:
-        return import_module("devices")
-    except ImportError:
-        return None
+devices = import_module("devices")
+force_continue = import_module("checkpoints").force_continue
 
 
 def resolve_device(name: str) -> torch.device:
-    devices = _devices()
-    if devices is not None:
-        return devices.resolve_device(name)
-    if name not in ("cpu", "auto"):
-        raise SystemExit(f"--device {name}: devices.py is not available here; only cpu")
-    return torch.device("cpu")
+    return devices.resolve_device(name)
 
 
 def synchronize(device: torch.device) -> None:
-    devices = _devices()
-    if devices is not None and hasattr(devices, "synchronize"):
-        devices.synchronize(device)
+    devices.synchronize(device)
 
 
 def timed(fn, device, runs: int, warmup: int) -> list[float]:
@@ -220,27 +211,6 @@ UPSTREAM_LM_FRAMES_PER_SECOND = 6.5  # quoted (issue 7: upstream generate(), 2-c
 SAMPLED_DEFAULTS = dict(do_sample=True, text_temperature=1.0, text_top_p=1.0, text_top_k=50, audio_temperature=0.8,
                         audio_top_p=0.95, audio_top_k=25, audio_repetition_penalty=1.2)
 UPSTREAM_PACKAGE = "moss_tts_nano_upstream"
-STOP_MARGIN = 100.0  # bench-only: how far the stop logit is pushed below the continue logit
-
-
-def force_continue(model, margin: float = STOP_MARGIN) -> None:
-    """Bench-only weight edit so that the 2-way stop decision always picks "continue" (frames are then forced).
-
-    The text decision compares h·w9 with h·w7, h = local ln_f(x) = γ⊙n + β with n normalised (Σ n_i = 0). Setting
-    w7 = w9 - k/γ makes h·w9 - h·w7 = k Σ n_i + k Σ β_i/γ_i = k Σ β_i/γ_i, the same for every input. β is first nudged
-    (by less than 0.02 γ) so that Σ β_i/γ_i = 10, then k = margin / 10. Only the values of the audio_end row of the
-    text embedding (id 7, absent from continuation prompts) and of the local ln_f bias change: shapes, ops and
-    timing are those of a normal frame. The generated codes are meaningless; use it for timing only.
-    """
-    norm, table = model.local_transformer.ln_f, model.transformer.wte.weight
-    with torch.no_grad():
-        gamma = norm.weight.float()
-        safe = torch.where(gamma.abs() < 1e-3, torch.full_like(gamma, 1e-3).copysign(gamma), gamma)
-        total = float((norm.bias.float() / safe).sum())
-        target = 10.0
-        norm.bias.add_(((target - total) / gamma.numel() * safe).to(norm.bias.dtype))
-        shift = (margin / target) / safe
-        table[7] = (table[9].float() - shift).to(table.dtype)
 
 
 def build_lm(args, device):
@@ -331,13 +301,11 @@ def bench_lm_variant(model, prompt, device, args, label: str, frames: int, runs:
     """Median over `runs` timed generations (after a short warm-up) of one model/path."""
     for _ in range(args.warmup):
         time_generation(model, prompt, device, min(frames, 4), **kwargs)
-    devices = _devices()
-    if devices is not None:
-        devices.reset_peak_memory(device)
+    devices.reset_peak_memory(device)
     results = [time_generation(model, prompt, device, frames, **kwargs) for _ in range(runs)]
     decode = statistics.median(r["decode_ms_per_frame"] for r in results)
     total = statistics.median(r["total_s"] for r in results)
-    peak = devices.peak_memory_bytes(device) if devices is not None else None
+    peak = devices.peak_memory_bytes(device)
     return {
         "label": label, "frames": frames, "runs": runs,
         "decode_ms_per_frame": decode, "decode_frames_per_s": 1000.0 / decode,
@@ -558,7 +526,6 @@ def run_engine(args) -> dict:
                                                     step_mode=args.step_mode)
             engine.start()
             run_engine_load(engine, prompt, min(streams, 2), 4, 0.0)  # warm-up
-            devices = _devices()
             devices.reset_peak_memory(device)
             row = run_engine_load(engine, prompt, streams, args.engine_frames, args.stagger)
             peak = devices.peak_memory_bytes(device)

@@ -13,14 +13,9 @@ the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_
 exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
 `infer_npu.py` and `inference` run on it end to end. The tests use the same recipe.
 
-Command line (prints the folder):
-
-    python checkpoints.py OUT_DIR [--tokenizer PATH/tokenizer.model] [--seed 0] [--dtype bfloat16]
-
-then, with a tokenizer (`python infer_npu.py --download-only` fetches the real one):
-
-    python infer_npu.py --model-path OUT_DIR --no-verify --prompt-audio-path voice.wav --text "Hello." \
-        --max-new-frames 25 --output-path tiny.wav
+The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
+tests, `verify_npu.py --tiny` and bench.py. Command line: `python checkpoints.py OUT_DIR [--tokenizer tokenizer.model]
+[--seed 0] [--dtype bfloat16]` writes a runnable repository and prints its folder (README, "From Python").
 """
 
 if __name__ == "__main__" and not __package__:
@@ -34,6 +29,7 @@ import collections
 import copy
 import json
 import logging
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -41,7 +37,8 @@ from typing import Mapping
 
 import torch
 
-from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig
+from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
+from .devices import parse_dtype
 from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -50,9 +47,9 @@ REPO_ROOT = Path(__file__).resolve().parent
 CHECKPOINT_NAME = "pytorch_model.bin"
 # The golden tiny shape (shared/golden/README.md): 2 layers, 64 wide, 4 heads, released ids and vocabulary.
 TINY_GPT2_CONFIG = {"n_embd": 64, "n_head": 4, "n_inner": 128, "n_layer": 2}
-# Root files that are scripts or test helpers, not library modules of the model repository.
-NON_LIBRARY_FILES = {"checkpoints.py", "local_package.py", "infer_npu.py", "verify_npu.py", "bench.py", "serve.py",
-                     "loadtest.py", "setup.py"}
+# Root files that are scripts, test helpers or the verifier's library, not modules of the model repository.
+NON_LIBRARY_FILES = {"checkpoints.py", "local_package.py", "infer_npu.py", "verify_npu.py", "verification.py",
+                     "bench.py", "serve.py", "loadtest.py", "setup.py"}
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 # Upstream state-dict order: global decoder, audio embeddings, text head, audio heads, local decoder.
 _KEY_GROUPS = ("transformer.", "audio_embeddings.", "text_lm_head.", "audio_lm_heads.", "local_transformer.")
@@ -76,13 +73,6 @@ def tiny_config(**overrides) -> MossTTSNanoConfig:
     return MossTTSNanoConfig(gpt2_config=gpt2, **values)
 
 
-def tied_keys(n_vq: int) -> dict[str, str]:
-    """{head key: embedding key} of the 17 (1 + n_vq) tied pairs."""
-    tied = {"text_lm_head.weight": "transformer.wte.weight"}
-    tied.update({f"audio_lm_heads.{c}.weight": f"audio_embeddings.{c}.weight" for c in range(n_vq)})
-    return tied
-
-
 def upstream_state_dict(model_or_state_dict, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
     """The upstream layout of a model or state_dict: all keys in upstream order, tied keys sharing storage.
 
@@ -93,7 +83,7 @@ def upstream_state_dict(model_or_state_dict, dtype: torch.dtype = torch.bfloat16
     source_state = model_or_state_dict.state_dict() if is_model else model_or_state_dict
     source = dict(source_state)
     n_vq = sum(1 for key in source if key.startswith("audio_embeddings."))
-    for head, embedding in tied_keys(n_vq).items():
+    for head, embedding in tied_weight_keys(n_vq).items():
         if head not in source and embedding in source:
             source[head] = source[embedding]
     converted: dict[tuple, torch.Tensor] = {}
@@ -185,48 +175,98 @@ def random_tiny_model(seed: int = 0, **overrides):
     return MossTTSNanoForCausalLM(tiny_config(**overrides)).eval()
 
 
-# The local ln_f bias along the continue direction of the always-continue TTS: large enough that "continue" wins for
-# any hidden state.
-CONTINUE_BIAS = 60.0
+# How far force_continue puts the stop logit (id 7) below the continue logit (id 9), for every input.
+STOP_MARGIN = 100.0
 # Level the tiny codec is scaled to (RMS of decoded random codes), about -20 dBFS: clearly audible in 16 bits.
 TINY_CODEC_RMS = 0.1
+BLOCK_WEIGHT_GAIN = 3.0  # verification_tiny_model's gain of the block weights
+# verification_tiny_model's stop margin: 1 logit keeps the audio_end row (in every voice-clone prompt) the size of an
+# ordinary embedding row, so that 16-bit rows see ordinary numerics; it is exact in float32 and far above the 16-bit
+# rounding of the margin (at most 0.008 in bfloat16 here). STOP_MARGIN makes that row ~100x larger than the others.
+VERIFICATION_STOP_MARGIN = 1.0
 
 
-def always_continue_tiny_model(seed: int = 0):
-    """A random tiny TTS whose continue/stop decision always continues (greedy runs exactly max_new_frames frames)."""
-    model = random_tiny_model(seed=seed)
+def force_continue(model, margin: float = STOP_MARGIN) -> None:
+    """Edit the weights so that the 2-way stop decision always picks "continue" (greedy runs every frame it is given).
+
+    The text decision compares h·w9 with h·w7, h = local ln_f(x) = γ⊙n + β with n normalised (Σ n_i = 0). Setting
+    w7 = w9 - k/γ makes h·w9 - h·w7 = k Σ n_i + k Σ β_i/γ_i = k Σ β_i/γ_i, the same for every input. β is first nudged
+    (by less than 0.02 γ) so that Σ β_i/γ_i = 10, then k = margin / 10. Only the values of the audio_end row of the
+    text embedding (id 7, absent from continuation prompts) and of the local ln_f bias change: shapes, ops and
+    timing are those of a normal frame, so bench.py times real frames with it. Works on any size and weight format
+    (the text head and the norms stay float).
+    """
+    norm, table = model.local_transformer.ln_f, model.transformer.wte.weight
     with torch.no_grad():
-        wte = model.transformer.wte.weight
-        direction = wte[9] - wte[7]
-        model.local_transformer.ln_f.bias.copy_(CONTINUE_BIAS * direction / direction.norm())
+        gamma = norm.weight.float()
+        safe = torch.where(gamma.abs() < 1e-3, torch.full_like(gamma, 1e-3).copysign(gamma), gamma)
+        total = float((norm.bias.float() / safe).sum())
+        target = 10.0
+        norm.bias.add_(((target - total) / gamma.numel() * safe).to(norm.bias.dtype))
+        shift = (margin / target) / safe
+        table[7] = (table[9].float() - shift).to(table.dtype)
+
+
+def always_continue_tiny_model(seed: int = 0, **overrides):
+    """A random tiny TTS (random_tiny_model) that never stops: greedy runs exactly max_new_frames frames."""
+    model = random_tiny_model(seed=seed, **overrides)
+    force_continue(model)
     return model
 
 
-def tiny_codec_config_dict() -> dict:
-    """The tiny codec config (golden codec_tiny shape): patch sizes 240, 2, 2, 2, 4; d_model 32; code_dim 96."""
-    encoder = [_codec_patch(240), _codec_stage(240, 48, 0.02), _codec_patch(2), _codec_stage(96, 48, 0.04),
-               _codec_patch(2), _codec_stage(96, 48, 0.06), _codec_patch(2), _codec_stage(96, 24, 0.08),
-               _codec_patch(4)]
-    decoder = [_codec_patch(4), _codec_stage(24, 96, 0.08), _codec_patch(2), _codec_stage(48, 96, 0.06),
-               _codec_patch(2), _codec_stage(48, 96, 0.04), _codec_patch(2), _codec_stage(48, 240, 0.02),
-               _codec_patch(240)]
-    quantizer = {"codebook_dim": 8, "codebook_loss_weight": 1.0, "codebook_size": 1024,
-                 "commitment_loss_weight": 0.25, "input_dim": 96, "num_quantizers": 16, "output_dim": 96,
-                 "quantizer_dropout": 1.0, "quantizer_type": "rlfq", "rvq_dim": 32}
+def verification_tiny_model(seed: int = 0):
+    """The --tiny model of verify_npu.py: a random tiny TTS whose blocks matter numerically, and which never stops.
+    Block weights x BLOCK_WEIGHT_GAIN (random N(0, 0.02) blocks are near-identities, which would hide attention bugs);
+    the local ln_f gets a larger gain and a random bias, so that the audio heads see a spread of values."""
+    model = random_tiny_model(seed=seed)
+    with torch.no_grad():
+        for decoder in (model.transformer, model.local_transformer):
+            for name, parameter in decoder.h.named_parameters():
+                if name.endswith("weight") and parameter.dim() == 2:
+                    parameter.mul_(BLOCK_WEIGHT_GAIN)
+        model.local_transformer.ln_f.weight.mul_(4.0)
+        model.local_transformer.ln_f.bias.normal_(std=2.0)
+    force_continue(model, VERIFICATION_STOP_MARGIN)
+    return model
+
+
+def tiny_codec_config_dict(code_dim: int = 96, d_model: int = 32, contexts=(0.02, 0.04, 0.06, 0.08),
+                           num_quantizers: int = 16, codebook_size: int = 1024, rvq_dim: int = 32) -> dict:
+    """A tiny codec config with the released signal layout: 48 kHz stereo, hop 3840, patch sizes 240, 2, 2, 2, 4
+    around four one-layer transformers each way. The defaults are the golden codec_tiny shape.
+
+    Args:
+        code_dim: encoder output width; the stages output code_dim / 2 (the last code_dim / 4, patched x4).
+        d_model: transformer width (2 heads, feed-forward 2 x d_model).
+        contexts: the encoder stages' windows in seconds (the decoder mirrors them).
+        num_quantizers, codebook_size, rvq_dim: the quantizer.
+    """
+    half, quarter = code_dim // 2, code_dim // 4
+    encoder = [_codec_patch(240), _codec_stage(240, half, contexts[0], d_model), _codec_patch(2),
+               _codec_stage(code_dim, half, contexts[1], d_model), _codec_patch(2),
+               _codec_stage(code_dim, half, contexts[2], d_model), _codec_patch(2),
+               _codec_stage(code_dim, quarter, contexts[3], d_model), _codec_patch(4)]
+    decoder = [_codec_patch(4), _codec_stage(quarter, code_dim, contexts[3], d_model), _codec_patch(2),
+               _codec_stage(half, code_dim, contexts[2], d_model), _codec_patch(2),
+               _codec_stage(half, code_dim, contexts[1], d_model), _codec_patch(2),
+               _codec_stage(half, 240, contexts[0], d_model), _codec_patch(240)]
+    quantizer = {"codebook_dim": 8, "codebook_loss_weight": 1.0, "codebook_size": codebook_size,
+                 "commitment_loss_weight": 0.25, "input_dim": code_dim, "num_quantizers": num_quantizers,
+                 "output_dim": code_dim, "quantizer_dropout": 1.0, "quantizer_type": "rlfq", "rvq_dim": rvq_dim}
     return {
         "sample_rate": 48000, "sampling_rate": 48000, "downsample_rate": 3840,
-        "causal_transformer_context_duration": 0.08, "number_channels": 2, "enable_channel_interleave": True,
-        "attention_implementation": "sdpa", "compute_dtype": "fp32", "code_dim": 96, "encoder_kwargs": encoder,
+        "causal_transformer_context_duration": contexts[-1], "number_channels": 2, "enable_channel_interleave": True,
+        "attention_implementation": "sdpa", "compute_dtype": "fp32", "code_dim": code_dim, "encoder_kwargs": encoder,
         "decoder_kwargs": decoder, "quantizer_type": "rlfq", "quantizer_kwargs": quantizer,
     }
 
 
-def _codec_stage(input_dim: int, output_dim: int, context: float) -> dict:
+def _codec_stage(input_dim: int, output_dim: int, context: float, d_model: int) -> dict:
     return {
         "module_type": "Transformer", "causal": True, "context_duration": context, "conv_layout": True,
-        "d_model": 32, "dim_feedforward": 64, "gating": "none", "input_dimension": input_dim, "layer_scale": 0.01,
-        "max_period": 10000, "norm": "layer_norm", "num_heads": 2, "num_layers": 1, "output_dimension": output_dim,
-        "positional_embedding": "rope",
+        "d_model": d_model, "dim_feedforward": 2 * d_model, "gating": "none", "input_dimension": input_dim,
+        "layer_scale": 0.01, "max_period": 10000, "norm": "layer_norm", "num_heads": 2, "num_layers": 1,
+        "output_dimension": output_dim, "positional_embedding": "rope",
     }
 
 
@@ -276,6 +316,29 @@ def write_runnable_repository(folder, tokenizer_model=None, seed: int = 0,
     return folder
 
 
+def load_checkpoint(path) -> dict:
+    """Tensors of a ``.safetensors`` or PyTorch ``.bin`` file, without ever running pickled code.
+
+    Args:
+        path: checkpoint file.
+
+    Returns:
+        dict name -> torch.Tensor on the CPU.
+
+    Raises:
+        ValueError: the ``.bin`` needs code execution to unpickle (``weights_only=True`` refused it).
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({error})") from error
+
+
 def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
     """A model from a folder holding config.json and model.safetensors (e.g. shared/golden/tts_tiny).
 
@@ -289,14 +352,12 @@ def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
     Returns:
         MossTTSNanoForCausalLM in eval mode, ties intact.
     """
-    from safetensors.torch import load_file
-
     from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
 
     folder = Path(folder)
     config = MossTTSNanoConfig.from_pretrained(folder)
     model = MossTTSNanoForCausalLM(config)
-    model.load_state_dict(upstream_state_dict(load_file(folder / "model.safetensors"), torch.float32), strict=True)
+    model.load_state_dict(upstream_state_dict(load_checkpoint(folder / "model.safetensors"), torch.float32))  # strict
     model._tie_weights()
     return model.to(dtype).eval()
 
@@ -314,7 +375,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="checkpoint dtype (default bfloat16)")
     args = parser.parse_args(argv)
-    folder = write_runnable_repository(args.out_dir, args.tokenizer, args.seed, getattr(torch, args.dtype))
+    folder = write_runnable_repository(args.out_dir, args.tokenizer, args.seed, parse_dtype(args.dtype))
     if args.tokenizer is None:
         logging.basicConfig(format="%(message)s")
         logger.warning("No --tokenizer given: the folder loads, but synthesising text needs tokenizer.model in it")
@@ -324,14 +385,16 @@ def main(argv=None) -> int:
 
 __all__ = [
     "always_continue_tiny_model",
+    "force_continue",
+    "load_checkpoint",
     "load_safetensors_model",
     "random_tiny_model",
     "save_upstream_checkpoint",
-    "tied_keys",
     "tiny_codec",
     "tiny_codec_config_dict",
     "tiny_config",
     "upstream_state_dict",
+    "verification_tiny_model",
     "write_model_repository",
     "write_runnable_repository",
 ]

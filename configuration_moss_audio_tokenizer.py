@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover - depends on the installed transformers
 
 PATCH_MODULE = "PatchedPretransform"
 TRANSFORMER_MODULE = "Transformer"
-COMPUTE_DTYPES = ("fp32", "bf16", "fp16")
+# The compute_dtype values upstream's config accepts (names in devices.DTYPES_BY_NAME).
+COMPUTE_DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 def _patch_entry(patch_size: int) -> dict:
@@ -165,8 +166,8 @@ class MossAudioTokenizerConfig(_BaseConfig):
             kwargs, "attention_implementation", "attention_backend", attention_implementation, "sdpa"
         )
         self.compute_dtype = _pick_alias(kwargs, "compute_dtype", "codec_compute_dtype", compute_dtype, "fp32")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
+        if self.compute_dtype not in COMPUTE_DTYPE_NAMES:
+            raise ValueError(f"compute_dtype={self.compute_dtype!r}; expected one of {COMPUTE_DTYPE_NAMES}")
         if quantizer_type != "rlfq":
             raise ValueError(f"quantizer_type={quantizer_type!r}; only 'rlfq' (residual LFQ) is supported")
         self.downsample_rate = downsample_rate

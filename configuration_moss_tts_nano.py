@@ -59,6 +59,14 @@ def _as_gpt2_config(gpt2_config: GPT2Config | dict | None) -> GPT2Config:
     raise ValueError(f"gpt2_config must be a GPT2Config, a dict or None, got {type(gpt2_config).__name__}")
 
 
+def tied_weight_keys(n_vq: int) -> dict[str, str]:
+    """{head key: embedding key} of the 1 + n_vq tied pairs (spec §2.3): the text head shares the text embedding,
+    audio head c the embedding of channel c."""
+    tied = {"text_lm_head.weight": "transformer.wte.weight"}
+    tied.update({f"audio_lm_heads.{c}.weight": f"audio_embeddings.{c}.weight" for c in range(n_vq)})
+    return tied
+
+
 class MossTTSNanoConfig(PretrainedConfig):
     """Configuration of `MossTTSNanoForCausalLM`: a global GPT-2 over audio frames plus a local GPT-2 over RVQ slots.
 
@@ -210,4 +218,4 @@ class MossTTSNanoConfig(PretrainedConfig):
         return output
 
 
-__all__ = ["MossTTSNanoConfig", "RELEASED_GPT2_CONFIG"]
+__all__ = ["MossTTSNanoConfig", "RELEASED_GPT2_CONFIG", "tied_weight_keys"]

@@ -40,13 +40,14 @@ DEVICE_TYPES = (NPU, CUDA, CPU)
 # Keys of gpt2_decoder.ATTENTION_FUNCTIONS, all with the signature fn(module, query, key, value, mask, scaling).
 ATTENTION_BACKENDS = ("eager", "sdpa", "flash_attention_2", "npu_fusion_attention")
 
-_DTYPE_NAMES = {
+# The one table of dtype names: every spelling the library accepts (torch's name first, then the short names).
+DTYPES_BY_NAME = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 # The dtype names resolve_dtype accepts besides "auto" (e.g. for a command line's choices).
-DTYPE_NAMES = tuple(_DTYPE_NAMES)
+DTYPE_NAMES = tuple(DTYPES_BY_NAME)
 # flash_attn kernels exist for half precision only.
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -307,14 +308,25 @@ def _as_spec(device: DeviceLike) -> DeviceSpec:
 
 
 # --- dtype ----------------------------------------------------------------------------------------------------------
-def _parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+def parse_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
+    """A torch.dtype, or its name in DTYPES_BY_NAME (case, spaces and a "torch." prefix ignored).
+
+    Raises:
+        ValueError: an unknown name, listing the known ones.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     if isinstance(dtype, str):
         key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_NAMES:
-            return _DTYPE_NAMES[key]
-    raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', None, a torch.dtype or one of {sorted(_DTYPE_NAMES)}")
+        if key in DTYPES_BY_NAME:
+            return DTYPES_BY_NAME[key]
+    raise ValueError(f"unknown dtype {dtype!r}; expected 'auto', None, a torch.dtype or one of "
+                     f"{sorted(DTYPES_BY_NAME)}")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's name of a dtype without the module prefix: torch.bfloat16 -> "bfloat16"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def resolve_dtype(device: DeviceLike, dtype: Union[str, torch.dtype, None] = None) -> torch.dtype:
@@ -334,10 +346,10 @@ def resolve_dtype(device: DeviceLike, dtype: Union[str, torch.dtype, None] = Non
     spec = _as_spec(device)
     if dtype is None or (isinstance(dtype, str) and dtype.strip().lower() == AUTO):
         return spec.default_dtype
-    resolved = _parse_dtype(dtype)
+    resolved = parse_dtype(dtype)
     if resolved not in spec.supported_dtypes:
         hint = _BF16_HINTS.get(spec.type, "") if resolved == torch.bfloat16 else ""
-        supported = [str(d).removeprefix("torch.") for d in spec.supported_dtypes]
+        supported = [dtype_name(d) for d in spec.supported_dtypes]
         raise ValueError(f"dtype {dtype!r} is not supported on {spec.device}; expected one of {supported}"
                          + (f" ({hint})" if hint else ""))
     return resolved
@@ -487,16 +499,19 @@ def free_memory_bytes(device: DeviceLike) -> Optional[int]:
     return int(free)
 
 
-def _host_available_bytes() -> Optional[int]:
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """The "key:  N kB" line of a /proc file in bytes (Linux); None where there is no such file or line."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024  # the file reports kB
+        with open(path, encoding="ascii") as lines:
+            return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":")), None)
     except (OSError, ValueError, IndexError):
-        pass
+        return None
+
+
+def _host_available_bytes() -> Optional[int]:
+    available = _proc_bytes("/proc/meminfo", "MemAvailable")
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -527,10 +542,11 @@ def chunk_batch_size(device: DeviceLike, num_chunks: int, gb_per_sample: float) 
 
 
 def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
-    """Peak memory since the last reset_peak_memory, in bytes; None when unknown.
+    """Peak memory in bytes; None when unknown.
 
-    Accelerators report the allocator's peak of allocated bytes. CPU reports the process's peak resident set size
-    (VmHWM, or ru_maxrss where /proc is missing): the whole process, not only tensors.
+    Accelerators report the allocator's peak of allocated bytes since the last reset_peak_memory. CPU reports the
+    process's peak resident set size (VmHWM, or ru_maxrss where /proc is missing): the whole process, not only
+    tensors, since it started or since /proc/self/clear_refs last reset it.
     """
     spec = _as_spec(device)
     if spec.module is not None:
@@ -540,13 +556,9 @@ def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
 
 
 def _host_peak_rss_bytes() -> Optional[int]:
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024  # kB
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     try:
         import resource  # POSIX only
     except ImportError:
@@ -556,22 +568,18 @@ def _host_peak_rss_bytes() -> Optional[int]:
 
 
 def reset_peak_memory(device: DeviceLike) -> None:
-    """Start a new peak-memory window. On CPU this resets the peak RSS through /proc/self/clear_refs (Linux); where
-    that is not possible the CPU peak stays the process lifetime peak."""
+    """Start a new peak-memory window on an accelerator (its allocator's peak statistics).
+
+    On CPU nothing is reset: peak_memory_bytes reports the process's peak RSS, which only a benchmark resets (by
+    writing /proc/self/clear_refs, as verify_npu.py does per row; a library does not touch process-wide state).
+    """
     spec = _as_spec(device)
-    if spec.module is not None:
-        reset = getattr(spec.module, "reset_peak_memory_stats", None)
-        if reset is not None:
-            reset(spec.device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
-            clear_refs.write("5")  # "5" resets the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        logger.debug("cannot reset the CPU peak RSS; peak_memory_bytes reports the process peak")
+    reset = getattr(spec.module, "reset_peak_memory_stats", None)
+    if reset is not None:
+        reset(spec.device)
 
 
-# --- Sync, seeds, timing, autocast ----------------------------------------------------------------------------------
+# --- Sync and seeds -------------------------------------------------------------------------------------------------
 def synchronize(device: DeviceLike) -> None:
     """Wait for all queued work on the device (a no-op on CPU)."""
     spec = _as_spec(device)

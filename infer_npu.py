@@ -10,15 +10,14 @@ Generation defaults are the values upstream's infer.py actually applies (spec tt
 text temperature 1.0, audio temperature 0.8, audio top-p 0.95, audio repetition penalty 1.2, at most 375 frames
 (30 s) per chunk, voice-clone chunks of 75 text tokens.
 
---weight-format (weight_formats.py) is a load-time choice printed in the summary line: auto keeps today's behaviour
-(the --dtype as given), fp32 gives upstream-exact outputs, bf16 / fp16 halve the weights, int8 (CPU only) quarters
-them; each has a teacher-forced audio-logit quality check in the tests and in verify_npu.py --weight-formats.
+--weight-format (weight_formats.py) is a load-time choice printed in the summary line with the kernels it runs: auto
+keeps the --dtype, in float32 as fp32 (the faster of two float32 kernels on this CPU, greedy codes still upstream's),
+plain keeps torch's own Linear (upstream's exact arithmetic), bf16 / fp16 halve the weights, int8 (CPU only) quarters
+them.
 
---jsonl FILE: one JSON object per line (blank lines are skipped):
-    {"text": "...", "output_path": "out/1.wav", "prompt_audio_path": "voice.wav", "prompt_text": "..."}
-"text" and "output_path" are required; "prompt_audio_path" defaults to --prompt-audio-path, "prompt_text" to
---prompt-text. Every line is checked before anything is synthesised; the model, tokenizer, codec and each distinct
-prompt's codes are loaded once for the whole file.
+--jsonl FILE: one {"text", "output_path", "prompt_audio_path"?, "prompt_text"?} object per line (the last two default
+to the flags; synthesis_request.read_jsonl). Every line is checked before anything is synthesised; the model,
+tokenizer, codec and each distinct prompt's codes are loaded once for the whole file.
 
 Exit codes: 0 success; 2 a user error (bad argument, input file or text; an output location that cannot be written;
 unknown device, dtype or weight format, or one the device cannot run; missing or corrupt model files, with
@@ -41,21 +40,20 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
-import json
 import logging
 import re
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
-from . import devices, synthesis, weight_formats, weights
+from . import devices, model_loading, synthesis, weight_formats, weights
 from .generation import GenerationSettings
+from .model_loading import add_model_arguments
+from .prompting import GENERATION_MODES
+from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +62,6 @@ DEFAULT_OUTPUT = "outputs/output.wav"
 # Files verified before loading (size + sha256); tests substitute pins of a tiny model.
 PINS = weights.PINNED
 EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
-AUTO_FORMAT = "auto"  # --weight-format auto: the --dtype; in float32, fp32's fastest kernel for this CPU
-PLAIN_FORMAT = "plain"  # --weight-format plain: the --dtype with torch's own nn.Linear (upstream's exact kernels)
 # Parameters of `inference` that this script spells differently; the others are the flags' own names (dest).
 API_NAMES_OF_FLAGS = {"output_audio_path": "--output-path"}
 QUOTES = "'\""
@@ -114,7 +109,7 @@ def _add_io_arguments(parser) -> None:
                                       '"prompt_text"}: one output file per line')
     group.add_argument("--prompt-audio-path", help="voice prompt (wav/flac/ogg/mp3, any rate and channel count)")
     group.add_argument("--prompt-text", default=None, help="transcript of the prompt audio (continuation mode only)")
-    group.add_argument("--mode", choices=synthesis.MODES, default="voice_clone", help="generation mode")
+    group.add_argument("--mode", choices=GENERATION_MODES, default="voice_clone", help="generation mode")
     group.add_argument("--output-path", default=DEFAULT_OUTPUT, help="output .wav/.flac (48 kHz stereo)")
     group.add_argument("--stream", action="store_true",
                        help="stream: write audio as it is produced and report the time to first audio")
@@ -129,37 +124,6 @@ def _add_runtime_arguments(parser) -> None:
                        help="where --download-only fetches from (auto: Hugging Face, then ModelScope)")
     group.add_argument("--seed", type=int, default=None, help="random seed (None: not seeded)")
     group.add_argument("--verbose", action="store_true", help="log INFO messages")
-
-
-def add_model_arguments(group) -> None:
-    """The flags that load_model reads: model folder, verification, device, dtype, weight format, attention
-    (serve.py offers the same ones)."""
-    group.add_argument("--model-path", default=None,
-                       help="model folder (default: this repository folder, filled by --download-only)")
-    group.add_argument("--no-verify", action="store_true",
-                       help="skip the size/sha256 check of the pinned files (for fine-tuned or custom checkpoints)")
-    group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
-    group.add_argument("--dtype", default="auto", type=str.lower, choices=("auto",) + devices.DTYPE_NAMES,
-                       metavar="DTYPE",
-                       help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
-    group.add_argument("--weight-format", default="auto", type=str.lower,
-                       choices=(AUTO_FORMAT, PLAIN_FORMAT) + weight_formats.WEIGHT_FORMATS,
-                       help="how the weights are held after loading (weight_formats.py). auto: as --dtype gives "
-                            "them, and in float32 as fp32; plain: as --dtype gives them with torch's own Linear "
-                            "kernels (upstream's exact arithmetic); fp32: float32 weights with the faster of F.linear "
-                            "and oneDNN's packed linear for this CPU (a timing probe at load; greedy codes stay "
-                            "upstream's); bf16 / fp16: 16-bit "
-                            "weights and activations (teacher-forced audio-logit cosine vs fp32 >= 0.999; on CPU, bf16 "
-                            "uses oneDNN's packed layout, fast on CPUs with AVX-512 BF16); int8: int8 weights, float32 "
-                            "activations, CPU only, fastest there (cosine >= 0.995). A format other than auto and plain "
-                            "sets the dtype (int8: float32); a different explicit --dtype is an error")
-    group.add_argument("--attn-implementation", default="auto", choices=("auto",) + devices.ATTENTION_BACKENDS,
-                       metavar="NAME",
-                       help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
-                            "run falls back to the device default with a log line)")
-    group.add_argument("--no-progress", action="store_true",
-                       help="no progress output: no bars (ours, transformers' weight loading, downloads) and, when "
-                            "stderr is not a terminal, no periodic progress lines")
 
 
 def _add_generation_arguments(parser) -> None:
@@ -184,16 +148,6 @@ def _add_generation_arguments(parser) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """One output file to synthesise."""
-
-    text: str
-    output_path: str
-    prompt_audio_path: Optional[str]
-    prompt_text: Optional[str]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -251,13 +205,16 @@ def _sigterm_raises_terminated():
 
 
 def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library message with the parameter names of `inference` replaced by this script's flags.
+    """A library message with the parameter names of `inference` and `model_loading.load_model` replaced by this
+    script's flags.
 
     `name=value` becomes `--flag value`; a bare name is replaced only when it contains "_" (so that plain words such
     as "text" or "mode" in a sentence stay).
     """
     by_dest = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
-    for name in inspect.signature(synthesis.SynthesisMixin.inference).parameters:
+    names = [*inspect.signature(synthesis.SynthesisMixin.inference).parameters,
+             *inspect.signature(model_loading.load_model).parameters]
+    for name in dict.fromkeys(names):
         flag = API_NAMES_OF_FLAGS.get(name) or by_dest.get(name)
         if flag is None:
             continue
@@ -303,7 +260,10 @@ def _download(args) -> int:
 def _jobs(args) -> list:
     """The output files to make, every input checked before any synthesis."""
     if args.jsonl:
-        return read_jsonl(args.jsonl, args.prompt_audio_path, args.prompt_text)
+        try:
+            return read_jsonl(args.jsonl, args.prompt_audio_path, args.prompt_text)
+        except ValueError as error:  # in the file's terms: its keys are not this script's flags
+            raise UsageError(f"--jsonl: {error}") from None
     if args.text_file:
         text = _read_text_file(args.text_file)
     elif args.text is not None:
@@ -320,96 +280,26 @@ def _read_text_file(path) -> str:
         raise UsageError(f"cannot read --text-file {path}: {error}; expected a UTF-8 text file") from error
 
 
-def read_jsonl(path, default_prompt: Optional[str] = None, default_prompt_text: Optional[str] = None) -> list:
-    """Jobs of a JSON-lines file (schema in the module docstring).
-
-    Raises:
-        UsageError (a ValueError): naming the file and line of the first malformed line, or a duplicated output_path.
-    """
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"cannot read --jsonl {path}: {error}") from error
-    jobs, outputs = [], set()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        job = _jsonl_job(line, f"{path}:{number}", default_prompt, default_prompt_text)
-        if job.output_path in outputs:
-            raise UsageError(f"{path}:{number}: output_path {job.output_path!r} is used by an earlier line")
-        outputs.add(job.output_path)
-        jobs.append(job)
-    if not jobs:
-        raise UsageError(f"--jsonl {path} has no requests; expected one JSON object per line")
-    return jobs
-
-
-def _jsonl_job(line: str, where: str, default_prompt, default_prompt_text) -> Job:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{where}: not valid JSON ({error.msg})") from error
-    if not isinstance(record, dict):
-        raise UsageError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    unknown = set(record) - JSONL_KEYS
-    if unknown:
-        raise UsageError(f"{where}: unknown keys {sorted(unknown)}; expected {sorted(JSONL_KEYS)}")
-    for key in ("text", "output_path"):
-        if not isinstance(record.get(key), str) or not record[key].strip():
-            raise UsageError(f"{where}: {key!r} must be a non-empty string, got {record.get(key)!r}")
-    for key in ("prompt_audio_path", "prompt_text"):
-        if record.get(key) is not None and not isinstance(record[key], str):
-            raise UsageError(f"{where}: {key!r} must be a string, got {record[key]!r}")
-    return Job(record["text"], record["output_path"], record.get("prompt_audio_path", default_prompt),
-               record.get("prompt_text", default_prompt_text))
-
-
-def _verify(args) -> None:
-    """Check the pinned files (size + sha256) unless --no-verify; missing files say how to get them."""
+def load_model(args):
+    """The model of the model flags (serve.py's too), via model_loading.load_model; returns (model, device, dtype,
+    attention). Every choice is checked before the weights are read; problems with the folder's files are reported
+    with this script's remedies."""
     folder = _model_folder(args)
-    if args.no_verify:
-        if not (folder / "config.json").is_file():
-            raise weights.WeightsUnavailableError(
-                f"{folder} has no config.json; expected a model folder.\n" + weights.describe_manual_download(folder))
-        return
     download = "python infer_npu.py --download-only" + (f" --model-path {folder}" if args.model_path else "")
     try:
-        weights.ensure_model_files(model_path=folder, pins=PINS, progress=not args.no_progress)
+        loaded = model_loading.load_model(folder, args.device, args.dtype, args.weight_format,
+                                          args.attn_implementation, verify=not args.no_verify, pins=PINS,
+                                          progress=not args.no_progress)
     except weights.WeightsUnavailableError as error:
+        if args.no_verify:
+            raise
         raise weights.WeightsUnavailableError(f"{error}\nOr run: {download}") from None
     except weights.ChecksumError as error:
         raise UsageError(
             f"{error}\nIf this is your own checkpoint (fine-tuned or converted), pass --no-verify to skip the check of "
             f"the pinned upstream files; if it should be the upstream release, fetch it again with: {download}"
         ) from None
-
-
-def load_model(args):
-    """The model on the resolved device/dtype/attention, in --weight-format; returns (model, device, dtype, attention).
-
-    Every choice is checked before the weights are read; the weight format is applied last, after the move to the
-    device (weight_formats.apply_weight_format needs the tied, placed model).
-    """
-    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
-
-    device = devices.resolve_device(args.device)
-    dtype = _resolve_model_dtype(args, device)
-    attention = devices.resolve_attention(args.attn_implementation, device, dtype)
-    _verify(args)
-    model = MossTTSNanoForCausalLM.from_pretrained(str(_model_folder(args)))
-    model._set_attention_implementation(attention)
-    model.to(device=device, dtype=dtype).eval()
-    weight_format = _effective_weight_format(args.weight_format, dtype)
-    if weight_format is not None:
-        weight_formats.apply_weight_format(model, weight_format)
-    return model, device, dtype, attention
-
-
-def _effective_weight_format(requested: str, dtype: torch.dtype) -> Optional[str]:
-    """The weight format to apply: the one asked for; auto in float32 -> fp32 (its fastest kernel); else none."""
-    if requested == PLAIN_FORMAT or (requested == AUTO_FORMAT and dtype != torch.float32):
-        return None
-    return "fp32" if requested == AUTO_FORMAT else requested
+    return loaded.model, loaded.device, loaded.dtype, loaded.attention
 
 
 def generation_defaults() -> dict:
@@ -420,34 +310,17 @@ def generation_defaults() -> dict:
     return {name: parser.get_default(name) for name in names}
 
 
-def _resolve_model_dtype(args, device) -> torch.dtype:
-    """--dtype, or the dtype of an explicit --weight-format (ValueError: the device cannot run it, or a conflict)."""
-    dtype = devices.resolve_dtype(device, args.dtype)
-    if args.weight_format in (AUTO_FORMAT, PLAIN_FORMAT):
-        return dtype
-    reason = weight_formats.format_unavailable_reason(device, args.weight_format)
-    if reason is not None:
-        raise ValueError(reason)
-    format_dtype = weight_formats.FORMAT_DTYPES[args.weight_format]
-    if args.dtype.strip().lower() != "auto" and dtype != format_dtype:
-        raise UsageError(f"--dtype {args.dtype} conflicts with --weight-format {args.weight_format}, which runs in "
-                         f"{str(format_dtype).removeprefix('torch.')}; pass only one of them (or --dtype auto)")
-    return format_dtype
-
-
 def _request(args, job: Job) -> synthesis.SynthesisRequest:
+    """The checked request of one output file (the flags carry `inference`'s parameter names)."""
+    settings = {name: getattr(args, name) for name in (*GENERATION_ARGUMENTS, "voice_clone_max_text_tokens",
+                                                        "voice_clone_max_memory_per_sample_gb", "tts_max_batch_size",
+                                                        "codec_max_batch_size")}
     return synthesis.build_request(
         text=job.text, output_audio_path=job.output_path, mode=args.mode, prompt_text=job.prompt_text,
         prompt_audio_path=job.prompt_audio_path, reference_audio_path=None, text_tokenizer=None,
         text_tokenizer_path=None, audio_tokenizer=None, audio_tokenizer_type=None,
-        audio_tokenizer_pretrained_name_or_path=None, device=None, nq=args.nq, max_new_frames=args.max_new_frames,
-        do_sample=args.do_sample, text_temperature=args.text_temperature, text_top_p=args.text_top_p,
-        text_top_k=args.text_top_k, audio_temperature=args.audio_temperature, audio_top_p=args.audio_top_p,
-        audio_top_k=args.audio_top_k, audio_repetition_penalty=args.audio_repetition_penalty,
-        use_kv_cache=args.use_kv_cache, voice_clone_max_text_tokens=args.voice_clone_max_text_tokens,
-        voice_clone_max_memory_per_sample_gb=args.voice_clone_max_memory_per_sample_gb,
-        tts_max_batch_size=args.tts_max_batch_size, codec_max_batch_size=args.codec_max_batch_size,
-        progress=False if args.no_progress else None,
+        audio_tokenizer_pretrained_name_or_path=None, device=None, progress=False if args.no_progress else None,
+        **settings,
     )
 
 
@@ -455,7 +328,7 @@ def _synthesise(args) -> int:
     jobs = _jobs(args)
     requests = [_request(args, job) for job in jobs]  # every request checked before the model loads
     model, device, dtype, attention = load_model(args)
-    print(f"device={device} dtype={str(dtype).removeprefix('torch.')} attention={attention} "
+    print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} "
           f"weights={weight_formats.weight_format_of(model)} kernels={weight_formats.linear_kernel_of(model)} "
           f"model={_model_folder(args)}", flush=True)
     hint = weight_formats.faster_format_hint(device, weight_formats.weight_format_of(model))

@@ -28,9 +28,9 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .devices import resolve_attention
-from .configuration_moss_tts_nano import MossTTSNanoConfig
+from .configuration_moss_tts_nano import MossTTSNanoConfig, tied_weight_keys
 from .generation import STEP_MODES, GenerationSettings, Group, SlotDecoder
-from .prompting import build_continuation_rows, build_voice_clone_rows, left_pad_batch
+from .prompting import build_prompt_rows, left_pad_batch
 from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
 from .synthesis import SynthesisMixin
 
@@ -38,11 +38,16 @@ from .synthesis import SynthesisMixin
 # Hub download follow imports transitively), so the modules that synthesis.py reaches are imported here as well.
 # tests/test_loading.py checks that these lines cover every module reachable from this file. Remove with 4.57.
 from .audio_io import save_audio  # noqa: F401,E402
+from .codec_quantizer import ResidualLFQuantizer  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
 from .engine import SpeechEngine  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .sampling import RowSettings  # noqa: F401,E402
+from .synthesis_loading import load_text_tokenizer  # noqa: F401,E402
+from .synthesis_offline import run_inference  # noqa: F401,E402
+from .synthesis_request import build_request  # noqa: F401,E402
+from .synthesis_streaming import run_inference_stream  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
 from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
 from .weight_formats import apply_weight_format  # noqa: F401,E402
@@ -50,7 +55,6 @@ from .weights import ensure_model_files  # noqa: F401,E402
 
 logger = logging.getLogger(__name__)
 
-GENERATION_MODES = ("continuation", "voice_clone")
 # enable_fast_decode's names for generation.STEP_MODES ("none" keeps the eager step).
 FAST_DECODE_MODES = {"none": "eager", "eager": "eager", "compile": "compile", "graph": "graph"}
 
@@ -59,7 +63,10 @@ class _IgnorePatterns(list):
     """A list of regex patterns that also supports `|` with a set.
 
     transformers 4.57 concatenates `_keys_to_ignore_on_load_unexpected` with a list (`x + [...]`), 5.x unions it with
-    a set (`x | {...}`); upstream's plain list breaks 5.x and a set breaks 4.57 (spec §11, item 1).
+    a set (`x | {...}`); a set breaks 4.57 (spec §11, item 1). The 5.x releases read so far (5.0.0, 5.15.0, 5.23, 5.24)
+    turn the attribute into a set in `post_init`, so a plain list would do there, but a list raises a TypeError in any
+    5.x without that step (reported for remote code on 5.15.0) and the releases in between were not read. Remove
+    this class when every supported 5.x is known to convert it.
     """
 
     def __or__(self, other):
@@ -195,8 +202,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         )
         self.local_transformer = MossTTSNanoGPT2Model(config.local_gpt2_config(), token_embedding=False)
         # {head: embedding}: a dict for 5.x; 4.57 iterates it for the head names and ties through `_tie_weights`.
-        tied = {"text_lm_head.weight": "transformer.wte.weight"}
-        tied.update({f"audio_lm_heads.{c}.weight": f"audio_embeddings.{c}.weight" for c in range(config.n_vq)})
+        tied = tied_weight_keys(config.n_vq)
         self._tied_weights_keys = tied
         self.all_tied_weights_keys = dict(tied)
         self._resolved_attention: dict[tuple, str] = {}
@@ -417,20 +423,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         Raises:
             ValueError: an unknown mode or a missing/forbidden prompt for that mode.
         """
-        if mode not in GENERATION_MODES:
-            raise ValueError(f"mode={mode!r}, expected one of {GENERATION_MODES}")
-        if mode == "voice_clone":
-            if prompt_audio_codes is None:
-                raise ValueError("mode='voice_clone' needs prompt_audio_codes (the reference audio)")
-            if prompt_text is not None:
-                raise ValueError("mode='voice_clone' does not take prompt_text; use mode='continuation'")
-            ids, mask = build_voice_clone_rows(text_tokenizer, self.config, text, prompt_audio_codes)
-        else:
-            ids, mask = build_continuation_rows(
-                text_tokenizer, self.config, text, prompt_text=prompt_text, prompt_audio_codes=prompt_audio_codes
-            )
         target = device if device is not None else self.device
-        return ids.to(target), mask.to(target)
+        return build_prompt_rows(text_tokenizer, self.config, mode, text, prompt_text, prompt_audio_codes, target)
 
     def _left_pad_inference_batch(self, input_ids_list, attention_mask_list, device=None):
         """Left-pad single prompts into a batch (pad rows [pad, 1024...], mask False; spec §5.5).

@@ -29,6 +29,9 @@ ASSISTANT_TURN_PREFIX = "\n"
 ASSISTANT_ROLE_PREFIX = "assistant\n"
 # Stands in for the reference when there is none (continuation mode).
 NO_REFERENCE = "None"
+# The two ways to prompt the model: continue a text (optionally after a transcribed prompt recording, spec §5.3), or
+# speak a text in the voice of a reference recording (§5.4).
+GENERATION_MODES = ("continuation", "voice_clone")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -235,6 +238,32 @@ def build_voice_clone_rows(
     return _as_batch(torch.cat([_text_rows(config, head), reference, _text_rows(config, tail)], dim=0), device)
 
 
+def check_mode(mode) -> None:
+    """Raises ValueError for a mode outside GENERATION_MODES, naming it."""
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"mode={mode!r} is unknown; expected one of {GENERATION_MODES}")
+
+
+def build_prompt_rows(
+    tokenizer, config, mode: str, text: str, prompt_text: Optional[str] = None, prompt_audio_codes=None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input rows of one text in `mode`: build_continuation_rows or build_voice_clone_rows.
+
+    Returns:
+        (input_ids [1, T, 1 + n_vq] long, attention_mask [1, T] bool, all True).
+
+    Raises:
+        ValueError: an unknown mode, a voice clone without reference codes or with prompt_text, or what the row
+            builder of the mode raises.
+    """
+    check_mode(mode)
+    if mode == "continuation":
+        return build_continuation_rows(tokenizer, config, text, prompt_text, prompt_audio_codes, device)
+    if prompt_text is not None:
+        raise ValueError("mode='voice_clone' does not take prompt_text; use mode='continuation'")
+    return build_voice_clone_rows(tokenizer, config, text, prompt_audio_codes, device)
+
+
 def _squeeze_single(ids: torch.Tensor, mask: torch.Tensor, width: int, index: int):
     """Accept ids [1, T, W] or [T, W] and mask [1, T] or [T]; return ([T, W], [T])."""
     ids = ids[0] if ids.dim() == 3 and ids.shape[0] == 1 else ids
@@ -280,6 +309,7 @@ def left_pad_batch(ids_list, mask_list, config, device=None) -> tuple[torch.Tens
 
 __all__ = [
     "AFTER_REFERENCE",
+    "GENERATION_MODES",
     "ASSISTANT_ROLE_PREFIX",
     "ASSISTANT_TURN_PREFIX",
     "NO_REFERENCE",
@@ -289,11 +319,13 @@ __all__ = [
     "build_assistant_prompt_prefix",
     "build_continuation_rows",
     "build_prompt_prefix",
+    "build_prompt_rows",
     "build_prompt_suffix",
     "build_prompt_token_ids",
     "build_user_prompt_after_reference",
     "build_user_prompt_prefix",
     "build_voice_clone_rows",
+    "check_mode",
     "decode_text",
     "left_pad_batch",
     "validate_prompt_audio_codes",

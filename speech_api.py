@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 
 from .audio_formats import audio_format
 from .generation import GenerationSettings
-from .synthesis import MODES
+from .prompting import GENERATION_MODES as MODES
 from .time_stretch import check_speed
 
 # OpenAI's text-to-speech model names, accepted as aliases of the served model (clients often hard-code them).

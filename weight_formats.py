@@ -48,9 +48,9 @@ only its two rows of the stop decision, read from the (float) embedding table. A
 no longer share storage with the embeddings, so apply the format last (after loading, tying and moving the model)
 and do not call `tie_weights` again; to go back, load the model again.
 
-`teacher_forced_audio_logits` and `audio_logit_cosine` implement the quality check used by the tests and by
-`verify_npu.py`: the audio logits of every channel of every frame, computed with the same (reference) tokens fed in,
-compared with the fp32 model's.
+The quality check is teacher forcing (teacher_forcing.py): the audio logits of every channel of every frame, computed
+with the same (reference) tokens fed in, compared with the fp32 model's (tests/test_weight_formats.py, and
+`verify_npu.py --weight-formats` against the bounds of verification.TOLERANCES).
 """
 
 from __future__ import annotations
@@ -69,12 +69,9 @@ from . import devices
 logger = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("fp32", "bf16", "fp16", "int8")
-# Accepted spellings -> canonical name.
-_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "qint8": "int8"}
-# Parameter dtype of each format (int8 keeps float32 for everything that is not a converted Linear).
+# Parameter dtype of each format (int8 keeps float32 for everything that is not a converted Linear). A dtype name
+# (devices.DTYPES_BY_NAME: "float32", "bfloat16", "half", ...) names the first format of its dtype.
 FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
-# Minimum teacher-forced audio-logit cosine vs fp32 (issue 7); used by tests and verify_npu.py.
-QUALITY_THRESHOLDS = {"fp32": 1.0 - 1e-6, "bf16": 0.999, "fp16": 0.999, "int8": 0.995}
 # Modules that are never converted: the text head (tied to wte; decoding reads two rows of the float table).
 _KEEP_FLOAT = ("text_lm_head",)
 # int8 weight range: [-127, 127] where VNNI accumulates in int32; [-63, 63] where fbgemm adds pairs of uint8 x int8
@@ -91,10 +88,15 @@ def normalize_weight_format(weight_format: str | None) -> str:
     if weight_format is None:
         return "fp32"
     key = str(weight_format).strip().lower().removeprefix("torch.")
-    key = _ALIASES.get(key, key)
-    if key not in WEIGHT_FORMATS:
-        raise ValueError(f"unknown weight format {weight_format!r}; expected one of {list(WEIGHT_FORMATS)}")
-    return key
+    if key in WEIGHT_FORMATS:
+        return key
+    if key == "qint8":
+        return "int8"
+    dtype = devices.DTYPES_BY_NAME.get(key)
+    for name, format_dtype in FORMAT_DTYPES.items():
+        if dtype == format_dtype:
+            return name
+    raise ValueError(f"unknown weight format {weight_format!r}; expected one of {list(WEIGHT_FORMATS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -430,69 +432,15 @@ def weight_format_of(model: nn.Module) -> str:
     for name, format_dtype in FORMAT_DTYPES.items():
         if dtype == format_dtype:
             return name
-    return str(dtype).removeprefix("torch.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Quality check
-
-
-@torch.no_grad()
-def teacher_forced_audio_logits(
-    model: nn.Module, input_ids: torch.Tensor, frames: torch.Tensor, attention: str = "eager",
-) -> torch.Tensor:
-    """Audio logits of every channel of every frame, with the given frames fed in (teacher forcing).
-
-    The global decoder runs once over prompt + frame rows; for frame f it sees the rows before it. The local
-    decoder runs once over the 1 + n_vq slots of each frame: [global hidden, wte(slot 9), emb_0(code_0), ...,
-    emb_{n-2}(code_{n-2})], and audio head c reads slot c + 1 (spec tts.md §6.2). No cache, no sampling.
-
-    Args:
-        model: a MossTTSNanoForCausalLM in any weight format.
-        input_ids: long [B, T, n_vq + 1] prompt rows (all valid, no padding).
-        frames: long [B, F, n_vq] audio codes to feed (e.g. the fp32 model's greedy output).
-        attention: backend of both decoders (the eager reference by default).
-
-    Returns:
-        float32 [B, F, n_vq, codebook].
-    """
-    config = model.config
-    batch, num_frames, n_vq = frames.shape
-    slot = torch.full_like(frames[..., :1], config.audio_assistant_slot_token_id)
-    rows = torch.cat((input_ids, torch.cat((slot, frames), dim=-1)), dim=1)  # [B, T + F, n_vq + 1]
-    hidden = model(input_ids=rows, attn_implementation=attention).global_hidden_states
-    length = input_ids.shape[1]
-    frame_hidden = hidden[:, length - 1: length - 1 + num_frames]  # [B, F, C]: the row before each frame
-    local_dtype = model.local_transformer.ln_f.weight.dtype
-    text_slot = model.transformer.wte(slot[..., 0])  # [B, F, C]
-    audio_slots = [model.audio_embeddings[c](frames[..., c]) for c in range(n_vq - 1)]
-    slots = torch.stack([frame_hidden, text_slot, *audio_slots], dim=2).to(local_dtype)  # [B, F, 1 + n_vq, C]
-    local, _ = model.local_transformer(slots.flatten(0, 1), None, None, attention)  # [B*F, 1 + n_vq, C]
-    logits = [model.audio_lm_heads[c](local[:, c + 1]).float() for c in range(n_vq)]
-    return torch.stack(logits, dim=1).unflatten(0, (batch, num_frames))
-
-
-def audio_logit_cosine(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
-    """Cosine similarity of each logit vector (last dimension) of two runs.
-
-    Args:
-        reference, candidate: [..., V] logits (e.g. from `teacher_forced_audio_logits`).
-
-    Returns:
-        {"mean": ..., "min": ...} over all vectors.
-    """
-    cosine = nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1)
-    return {"mean": float(cosine.mean()), "min": float(cosine.min())}
+    return devices.dtype_name(dtype)
 
 
 __all__ = [
     "FORMAT_DTYPES",
     "Int8DynamicLinear",
     "PackedLinear",
-    "QUALITY_THRESHOLDS",
     "WEIGHT_FORMATS",
     "apply_weight_format",
-    "audio_logit_cosine",
     "cpu_has_native_bf16",
     "cpu_has_vnni",
     "dtype_change_unavailable_reason",
@@ -501,6 +449,5 @@ __all__ = [
     "int8_weight_max",
     "normalize_weight_format",
     "onednn_packing_available",
-    "teacher_forced_audio_logits",
     "weight_format_of",
 ]

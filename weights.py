@@ -39,7 +39,7 @@ folder it is given). Copies rather than symlinks, so that the folder can be uplo
 they are refreshed on every call when the root modules change.
 
 Safety. This module only hashes, copies and renames files; it never unpickles anything. Loaders read the ``.bin`` with
-``torch.load(..., weights_only=True)`` and the codec with safetensors (``load_checkpoint`` below does both).
+``torch.load(..., weights_only=True)`` and the codec with safetensors (``checkpoints.load_checkpoint`` does both).
 """
 
 from __future__ import annotations
@@ -50,12 +50,13 @@ import json
 import logging
 import os
 import socket
-import tempfile
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
+
+from .audio_io import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent
 CODEC_SUBFOLDER = "audio_tokenizer"
 LOCK_FILENAME = "weights.lock.json"
+# Suffix of files being downloaded or copied (.gitignore ignores it, so an interrupted run leaves git clean).
+PARTIAL_SUFFIX = ".part"
 
 TTS_REPO_ID = "OpenMOSS-Team/MOSS-TTS-Nano-100M"
 TTS_REVISION = "44502f80dbf9743528fa921cc544d662c685ebec"
@@ -448,33 +451,6 @@ def install_codec_code(target_dir: str | os.PathLike, code_dir: str | os.PathLik
     return copied
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Tensors of a ``.safetensors`` or PyTorch ``.bin`` file, without ever running pickled code.
-
-    Args:
-        path: checkpoint file.
-
-    Returns:
-        dict name -> torch.Tensor on the CPU.
-
-    Raises:
-        ValueError: the ``.bin`` needs code execution to unpickle (``weights_only=True`` refused it).
-    """
-    import pickle
-
-    import torch
-
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"refusing to load {path}: it is not a plain tensor checkpoint ({error})") from error
-
-
 def _ensure_file(target: Path, pin: PinnedFile, fetchers: list, offline: bool, progress: bool) -> Path:
     """The verified destination of ``pin`` under ``target``, fetched and installed when missing or corrupt."""
     destination = target / pin.target
@@ -555,10 +531,10 @@ def _install_verified(fetched: Path, destination: Path, pin: PinnedFile, progres
 def _copy_verified(source: Path, destination: Path, pin: PinnedFile, locked: str | None, progress: bool) -> str:
     """Copy while hashing into a ``.part`` file beside destination; rename it into place only when it verifies."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    hasher, done = hashlib.sha256(), False
-    try:
-        with os.fdopen(handle, "wb") as out, open(source, "rb") as src:
+    hasher = hashlib.sha256()
+
+    def copy(temporary: str) -> None:
+        with open(temporary, "wb") as out, open(source, "rb") as src:
             with _progress_bar(source.stat().st_size, f"copy {pin.filename}", progress) as bar:
                 for chunk in _chunks(src):
                     hasher.update(chunk)
@@ -571,11 +547,8 @@ def _copy_verified(source: Path, destination: Path, pin: PinnedFile, locked: str
                 f"{error} It was not installed at {destination}; delete the corrupt copy {source} and run again.",
                 error.path, error.expected, error.actual,
             ) from None
-        os.replace(temporary, destination)
-        done = True
-    finally:
-        if not done:
-            Path(temporary).unlink(missing_ok=True)
+
+    write_atomically(destination, copy, suffix=PARTIAL_SUFFIX)
     return hasher.hexdigest()
 
 
@@ -692,16 +665,7 @@ def _group_by_repo(pins: Sequence[PinnedFile]) -> dict:
 
 
 def _write_bytes_atomically(path: Path, content: bytes) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    done = False
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(content)
-        os.replace(temporary, path)
-        done = True
-    finally:
-        if not done:
-            Path(temporary).unlink(missing_ok=True)
+    write_atomically(path, lambda temporary: Path(temporary).write_bytes(content), suffix=PARTIAL_SUFFIX)
 
 
 def _chunks(handle: BinaryIO) -> Iterable[bytes]:

@@ -14,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -79,4 +80,34 @@ def fake_npu_path() -> Path:
     return shared_path("tools", "fake_npu.py")
 
 
-__all__ = ["REPO_ROOT", "SHARED_DIR", "shared_path", "import_module"]
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The released SentencePiece tokenizer (shared/assets/tokenizer.model)."""
+    tokenization = import_module("tokenization_moss_tts_nano")
+    return tokenization.MossTTSNanoSentencePieceTokenizer(str(shared_path("assets", "tokenizer.model")))
+
+
+def text_prompt(rows: int, seed: int = 0, batch: int = 1, generator=None) -> torch.Tensor:
+    """Prompt rows [batch, rows, 17] of random text ids and no audio, ending in audio_start (6) as a continuation
+    prompt does; drawn from `generator` (default: a new one seeded with `seed`)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+    ids = torch.full((batch, rows, 17), 1024)
+    ids[:, :, 0] = torch.randint(10, 16000, (batch, rows), generator=generator)
+    ids[:, -1, 0] = 6
+    return ids
+
+
+def audio_head_outputs(model, run) -> list:
+    """Call `run()` and return what the model's audio heads computed meanwhile, in call order."""
+    recorded = []
+    hooks = [head.register_forward_hook(lambda module, args, output: recorded.append(output.clone()))
+             for head in model.audio_lm_heads]
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return recorded
+
+
+__all__ = ["REPO_ROOT", "SHARED_DIR", "audio_head_outputs", "import_module", "shared_path", "text_prompt"]

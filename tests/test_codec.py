@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import REPO_ROOT, import_module, shared_path
 from safetensors.torch import save_file
+from transformers import AutoModel
 
+checkpoints = import_module("checkpoints")
 configuration = import_module("configuration_moss_audio_tokenizer")
 modeling = import_module("modeling_moss_audio_tokenizer")
 weights = import_module("weights")
@@ -47,27 +49,8 @@ def released_config_dict() -> dict:
 
 def tiny_config_dict(durations=(0.02, 0.04, 0.06, 0.08), num_quantizers=4, codebook_size=64) -> dict:
     """Real patch layout and rates, toy widths; windows 8/8/6/4 (encoder) and 4/6/8/8 (decoder) tokens."""
-    config = released_config_dict()
-    small = dict(d_model=16, heads=2, ffn=32)
-    encoder = [_stage(i, o, 1, d, **small) for (i, o), d in zip([(240, 24), (48, 24), (48, 24), (48, 12)], durations)]
-    decoder = [_stage(i, o, 1, d, **small)
-               for (i, o), d in zip([(12, 48), (24, 48), (24, 48), (24, 240)], durations[::-1])]
-    config["encoder_kwargs"] = _interleave_patches([240, 2, 2, 2, 4], encoder)
-    config["decoder_kwargs"] = _interleave_patches([4, 2, 2, 2, 240], decoder)
-    config["reversed_decoder_kwargs"] = config["encoder_kwargs"]
-    config["quantizer_kwargs"].update(input_dim=48, rvq_dim=16, output_dim=48, num_quantizers=num_quantizers,
-                                      codebook_size=codebook_size)
-    config["code_dim"] = 48
-    return config
-
-
-def _interleave_patches(patches, stages):
-    stack = []
-    for patch, stage in zip(patches, stages + [None]):
-        stack.append(_patch(patch))
-        if stage is not None:
-            stack.append(stage)
-    return stack
+    return checkpoints.tiny_codec_config_dict(code_dim=48, d_model=16, contexts=durations,
+                                              num_quantizers=num_quantizers, codebook_size=codebook_size, rvq_dim=16)
 
 
 def tiny_model(seed=0, **kwargs):
@@ -157,16 +140,15 @@ def test_checkpoint_with_either_weight_norm_spelling_loads_without_missing_keys(
 
 
 def test_auto_model_loads_folder_with_auto_map_and_remote_code(tmp_path):
-    transformers = pytest.importorskip("transformers")
     source = tiny_model(seed=4)
-    config = tiny_config_dict()
+    config = dict(tiny_config_dict(), auto_map=released_config_dict()["auto_map"])
     codec_dir = tmp_path / weights.CODEC_SUBFOLDER
     codec_dir.mkdir()
     (codec_dir / "config.json").write_text(json.dumps(config))
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(codec_dir / "model.safetensors"))
     # The same code installation --download-only does: the auto_map modules and what they import relatively.
     assert weights.install_codec_code(tmp_path, REPO_ROOT)
-    model = transformers.AutoModel.from_pretrained(str(codec_dir), trust_remote_code=True).eval()
+    model = AutoModel.from_pretrained(str(codec_dir), trust_remote_code=True).eval()
     assert type(model).__name__ == "MossAudioTokenizerModel"
     audio = torch.randn(1, 2, 2 * HOP)
     assert torch.equal(model.encode(audio).audio_codes, source.encode(audio).audio_codes)

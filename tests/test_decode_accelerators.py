@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from conftest import import_module
+from conftest import import_module, text_prompt
 
 checkpoints = import_module("checkpoints")
 devices = import_module("devices")
@@ -21,18 +21,8 @@ generation = import_module("generation")
 
 
 def _forced_tiny_model(seed=0, **overrides):
-    """A random tiny model whose stop decision always continues (bench.py's edit), so frames are not cut short."""
-    model = checkpoints.random_tiny_model(seed=seed, **overrides)
-    import_module("bench").force_continue(model)
-    return model
-
-
-def _prompt(batch, length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((batch, length, 17), 1024)
-    ids[:, :, 0] = torch.randint(10, 16000, (batch, length), generator=generator)
-    ids[:, -1, 0] = 6  # audio_start
-    return ids
+    """A random tiny model whose stop decision always continues, so frames are not cut short."""
+    return checkpoints.always_continue_tiny_model(seed=seed, **overrides)
 
 
 def _codes(model, mode, ids, **kwargs):
@@ -65,7 +55,7 @@ def test_unknown_fast_decode_mode_raises_value_error():
 def test_graph_mode_on_cpu_logs_one_line_and_runs_the_eager_step(caplog):
     model = _forced_tiny_model(seed=9)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "graph", _prompt(1, 10), max_new_frames=6)
+        _assert_same_as_eager(model, "graph", text_prompt(10), max_new_frames=6)
     assert len([r for r in caplog.records if "graph capture is not available" in r.getMessage()]) == 1
 
 
@@ -92,7 +82,7 @@ def test_captured_steps_replayed_on_their_buffers_give_the_eager_codes(monkeypat
     monkeypatch.setattr(generation, "graph_supported", lambda device: True)
     monkeypatch.setattr(generation, "capture_graph", _replaying_capture(recorded))
     model = _forced_tiny_model(seed=4)
-    ids = torch.cat([_prompt(1, 12, seed=1), _prompt(1, 12, seed=2)])
+    ids = torch.cat([text_prompt(12, seed=1), text_prompt(12, seed=2)])
     _assert_same_as_eager(model, "graph", ids, max_new_frames=6, do_sample=True, audio_repetition_penalty=1.2)
     assert len(recorded) == 2  # the decision phase (one read-length bucket) and the audio phase, replayed per frame
 
@@ -108,7 +98,7 @@ def test_failed_capture_falls_back_to_the_eager_step_with_one_log_line(monkeypat
     monkeypatch.setattr(generation, "capture_graph", capture)
     model = _forced_tiny_model(seed=12)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "graph", _prompt(1, 8), max_new_frames=4)
+        _assert_same_as_eager(model, "graph", text_prompt(8), max_new_frames=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     expected = "operation not permitted" if failure == "capture error" else "no graph capture"
     assert len(warnings) == 2 and all(expected in w and "\n" not in w for w in warnings)  # both phases
@@ -123,7 +113,7 @@ def test_failing_compile_falls_back_to_the_eager_step_with_one_log_line(monkeypa
     monkeypatch.setattr(torch, "compile", broken_compile)
     model = _forced_tiny_model(seed=10)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "compile", _prompt(1, 8), max_new_frames=4)
+        _assert_same_as_eager(model, "compile", text_prompt(8), max_new_frames=4)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("backend exploded" in w and "\n" not in w for w in warnings)
 
@@ -133,6 +123,6 @@ def test_compiled_phases_give_the_eager_codes(caplog):
     greedy and sampled rows together; no fallback allowed."""
     model = _forced_tiny_model(seed=11, n_layer=1)
     with caplog.at_level(logging.WARNING):
-        _assert_same_as_eager(model, "compile", _prompt(2, 10), max_new_frames=4, nq=1, do_sample=True,
-                              audio_repetition_penalty=1.2)
+        _assert_same_as_eager(model, "compile", torch.cat([text_prompt(10), text_prompt(10, seed=1)]),
+                              max_new_frames=4, nq=1, do_sample=True, audio_repetition_penalty=1.2)
     assert not [r for r in caplog.records if "compile of the" in r.getMessage()]

@@ -5,9 +5,7 @@ inside each test only). NPU paths need the PrivateUse1 rename, which is process-
 test_npu_fake.py and run in subprocesses.
 """
 
-import dataclasses
 import logging
-import math
 
 import pytest
 import torch
@@ -110,12 +108,6 @@ def test_resolving_a_spec_returns_its_device(no_accelerators):
     spec = devices.device_spec("cpu")
     assert devices.resolve_device(spec) == torch.device("cpu")
     assert devices.device_spec(spec) is spec
-
-
-def test_device_spec_is_frozen():
-    spec = devices.device_spec("cpu")
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        spec.default_dtype = torch.float16
 
 
 def test_available_device_types_follow_the_auto_order(fake_cuda):
@@ -236,10 +228,7 @@ def test_attention_names_ignore_case_and_spaces():
 
 
 def test_attention_backends_match_the_decoder_table():
-    try:
-        decoder = import_module("gpt2_decoder")
-    except ImportError as error:
-        pytest.skip(f"gpt2_decoder.py is not importable yet: {error}")
+    decoder = import_module("gpt2_decoder")
     assert set(decoder.ATTENTION_FUNCTIONS) == set(devices.ATTENTION_BACKENDS)
 
 
@@ -318,7 +307,7 @@ def test_cuda_peak_memory_uses_the_allocator(fake_cuda):
     assert fake_cuda.resets == 1 and devices.peak_memory_bytes("cuda:0") == 123
 
 
-# --- Sync, seeds, timing, autocast ----------------------------------------------------------------------------------
+# --- Sync and seeds -------------------------------------------------------------------------------------------------
 def test_synchronize_is_a_no_op_on_cpu_and_calls_the_device_module_on_cuda(fake_cuda):
     devices.synchronize("cpu")
     devices.synchronize("cuda:1")
@@ -367,7 +356,3 @@ def test_recommended_env_never_sets_both_allocator_variables():
 def test_no_op_settings_are_not_recommended():
     for key, value in devices.NO_OP_NPU_ENV.items():
         assert devices.RECOMMENDED_NPU_ENV.get(key) != value
-
-
-def test_free_memory_fraction_is_upstreams():
-    assert math.isclose(devices.FREE_MEMORY_FRACTION, 0.9)

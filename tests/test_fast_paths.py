@@ -3,25 +3,18 @@
 Shortcuts checked here: RoPE with a signed sin table and one pair swap (bit-identical to rotate-every-two), queries and
 keys rotated in one call, the fused tanh GELU for "gelu_new" (within 1 ulp), local decode steps with a cache (equal to
 recomputing the local decoder), the appended row's embedding summed while its codes are sampled (bit-identical
-to embedding the row), non-finite logits caught through float32 row sums, and bench.py's forced frames.
+to embedding the row), non-finite logits caught through float32 row sums, and checkpoints.force_continue's forced
+frames (what bench.py times).
 """
 
 import pytest
 import torch
 from transformers.activations import NewGELUActivation
 
-from conftest import import_module
+from conftest import import_module, text_prompt
 
 checkpoints = import_module("checkpoints")
 decoder = import_module("gpt2_decoder")
-
-
-def _prompt(length, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.full((1, length, 17), 1024)
-    ids[0, :, 0] = torch.randint(10, 16000, (length,), generator=generator)
-    ids[0, -1, 0] = 6
-    return ids
 
 
 def test_signed_sin_rotation_is_bit_identical_to_rotate_every_two():
@@ -60,7 +53,7 @@ def test_appended_row_embedding_is_bit_identical_to_embedding_the_row(nq):
     model = checkpoints.random_tiny_model(seed=26)
     slots = generation.SlotDecoder(model, 2, 32, ("sdpa", "sdpa"))
     settings = generation.GenerationSettings(nq=nq, max_new_frames=5).checked(16)
-    slots.start(generation.Group([0], settings), [_prompt(8, seed=1)[0]], "sdpa")
+    slots.start(generation.Group([0], settings), [text_prompt(8, seed=1)[0]], "sdpa")
     for _ in range(3):
         (output, *_) = slots.frame()
         if output.codes is None:
@@ -74,19 +67,16 @@ def test_non_finite_logits_of_the_last_channel_in_the_last_frame_raise():
     with torch.no_grad():
         model.audio_embeddings[15].weight.fill_(float("inf"))  # the tied head of the last channel
     with pytest.raises(RuntimeError, match="Non-finite"):
-        model.generate(_prompt(6, seed=2), max_new_frames=1)
+        model.generate(text_prompt(6, seed=2), max_new_frames=1)
 
 
-def test_bench_forced_stop_runs_every_requested_frame():
-    bench = import_module("bench")
-    if not hasattr(bench, "force_continue"):
-        pytest.skip("bench.py has no LM section yet (merged after the codec helper's bench.py is final)")
+def test_forced_continue_runs_every_requested_frame():
     model = checkpoints.random_tiny_model(seed=24)
-    bench.force_continue(model)
-    codes = model.generate(_prompt(6, seed=3), max_new_frames=40).audio_token_ids
+    checkpoints.force_continue(model)
+    codes = model.generate(text_prompt(6, seed=3), max_new_frames=40).audio_token_ids
     assert codes.shape[1] == 40
     for weight_format in ("bf16", "int8"):
         converted = import_module("weight_formats").apply_weight_format(
             checkpoints.random_tiny_model(seed=24), weight_format)
-        bench.force_continue(converted)
-        assert converted.generate(_prompt(6, seed=3), max_new_frames=12).audio_token_ids.shape[1] == 12
+        checkpoints.force_continue(converted)
+        assert converted.generate(text_prompt(6, seed=3), max_new_frames=12).audio_token_ids.shape[1] == 12

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import import_module
+from conftest import audio_head_outputs, import_module
 
 checkpoints = import_module("checkpoints")
 
@@ -65,15 +65,8 @@ def test_text_candidate_logits_match_upstream(golden, case):
 
 def test_first_frame_audio_logits_match_upstream(golden):
     model, expected = golden
-    recorded = []
-    hooks = [head.register_forward_hook(lambda module, args, output: recorded.append(output.clone()))
-             for head in model.audio_lm_heads]
-    try:
-        model.generate(expected["greedy_voice_clone.input_ids"], expected["greedy_voice_clone.attention_mask"],
-                       max_new_frames=1)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    recorded = audio_head_outputs(model, lambda: model.generate(
+        expected["greedy_voice_clone.input_ids"], expected["greedy_voice_clone.attention_mask"], max_new_frames=1))
     torch.testing.assert_close(torch.stack(recorded), expected["greedy_voice_clone.first_frame_audio_logits"],
                                atol=2e-4, rtol=0)
 

@@ -18,6 +18,7 @@ from fake_cuda import FakeCuda
 from tiny_repository import HOP, SAMPLE_RATE, pins_for, write_tiny_repository
 
 infer_npu = import_module("infer_npu")
+model_loading = import_module("model_loading")
 devices = import_module("devices")
 weight_formats = import_module("weight_formats")
 
@@ -130,7 +131,7 @@ def test_default_on_cpu_is_fp32_with_the_probed_kernel_and_plain_keeps_torchs_li
 def test_int8_on_an_accelerator_exits_2_before_loading(repo, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(devices, "_load_torch_npu", lambda: None)
     monkeypatch.setattr(devices, "_load_cuda_module", lambda: FakeCuda())  # a GPU machine, simulated
-    monkeypatch.setattr(infer_npu, "_verify", lambda args: pytest.fail("loading started"))
+    monkeypatch.setattr(model_loading, "check_model_folder", lambda *args: pytest.fail("loading started"))
     code, _, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
                             "--device", "cuda", "--weight-format", "int8", "--output-path", tmp_path / "x.wav"], capsys)
     assert code == 2
@@ -196,7 +197,8 @@ def _bad_jsonl(tmp_path):
 ])
 def test_user_errors_exit_2_before_loading_and_write_nothing(repo, prompt_wav, tmp_path, capsys, monkeypatch, case,
                                                              extra, message):
-    monkeypatch.setattr(infer_npu, "_verify", lambda args: pytest.fail("loading started before the check"))
+    monkeypatch.setattr(model_loading, "check_model_folder",
+                        lambda *args: pytest.fail("loading started before the check"))
     blocker = tmp_path / "blocker.txt"
     blocker.write_text("a file")
     values = {"tmp": tmp_path, "prompt": prompt_wav, "jsonl": _bad_jsonl(tmp_path) if "jsonl" in case else "",

@@ -10,6 +10,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 from conftest import REPO_ROOT, import_module
 
 checkpoints = import_module("checkpoints")
+configuration = import_module("configuration_moss_tts_nano")
 
 GENERATE = dict(max_new_frames=3, do_sample=False)
 
@@ -44,7 +45,7 @@ def test_upstream_checkpoint_has_every_key_in_16_bits_with_tied_storage(tiny_mod
     state = torch.load(path, weights_only=True)
     assert list(state) == list(tiny_model.state_dict())
     assert {tensor.dtype for tensor in state.values()} == {torch.float16}
-    for head, embedding in checkpoints.tied_keys(16).items():
+    for head, embedding in configuration.tied_weight_keys(16).items():
         assert state[head].untyped_storage().data_ptr() == state[embedding].untyped_storage().data_ptr()
     assert len({tensor.untyped_storage().data_ptr() for tensor in state.values()}) == len(state) - 17
 
@@ -73,7 +74,7 @@ def test_stray_local_wte_key_is_ignored(tiny_model, tmp_path):
 def test_checkpoint_without_tied_duplicates_still_ties(tiny_model, tmp_path):
     checkpoints.write_model_repository(tmp_path, tiny_model.config, tiny_model.state_dict())
     state = torch.load(tmp_path / checkpoints.CHECKPOINT_NAME, weights_only=True)
-    for head in checkpoints.tied_keys(16):
+    for head in configuration.tied_weight_keys(16):
         del state[head]
     torch.save(state, tmp_path / checkpoints.CHECKPOINT_NAME)
     model = AutoModel.from_pretrained(str(tmp_path), trust_remote_code=True)
@@ -114,6 +115,19 @@ def test_checkpoints_command_writes_a_loadable_repository(tmp_path, tokenizer_mo
     ids, mask = model.build_inference_input_ids("Hello world.", tokenizer)
     assert ids.shape == (1, 81, 17) and mask.all()
     assert model.generate(ids, mask, **GENERATE).audio_token_ids.shape[0] == 1
+
+
+def test_load_checkpoint_reads_tensors_but_refuses_pickled_code(tmp_path):
+    torch.save({"w": torch.ones(2)}, tmp_path / "ok.bin")
+    assert torch.equal(checkpoints.load_checkpoint(tmp_path / "ok.bin")["w"], torch.ones(2))
+
+    class RunsCode:
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"w": RunsCode()}, tmp_path / "evil.bin")
+    with pytest.raises(ValueError, match="refusing to load .*evil.bin"):
+        checkpoints.load_checkpoint(tmp_path / "evil.bin")
 
 
 def test_modeling_file_imports_every_module_it_reaches_directly():

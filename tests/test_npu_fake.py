@@ -211,7 +211,7 @@ def test_npu_batch_size_comes_from_free_memory_not_allocated_bytes_and_is_one_on
     """)
 
 
-def test_npu_sync_seed_peak_memory_and_timer_use_torch_npu():
+def test_npu_sync_seed_and_peak_memory_use_torch_npu():
     run_child("""
         import torch, fake_torch_npu
         state = fake_torch_npu.install()

@@ -21,16 +21,13 @@ import signal
 import threading
 import time
 
+import httpx
 import numpy as np
+import openai
 import pytest
 import soundfile as sf
 import torch
-
-# The server's packages are in requirements.txt; an environment made before they were added skips with the reason.
-httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-pytest.importorskip("fastapi")
+import uvicorn
 
 from conftest import import_module, shared_path
 from tiny_repository import HOP

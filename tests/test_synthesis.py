@@ -16,6 +16,8 @@ from conftest import import_module, shared_path
 from tiny_repository import HOP, SAMPLE_RATE, tiny_codec_config_dict, write_tiny_repository
 
 synthesis = import_module("synthesis")
+synthesis_offline = import_module("synthesis_offline")
+synthesis_request = import_module("synthesis_request")
 modeling = import_module("modeling_moss_tts_nano")
 text_chunking = import_module("text_chunking")
 checkpoints = import_module("checkpoints")
@@ -29,14 +31,6 @@ TWO_CHUNKS = "Hello world. This is a test."
 GREEDY = dict(do_sample=False, max_new_frames=2, progress=False)
 
 
-def _model_class():
-    """The model class with the pipeline methods (until the model file inherits SynthesisMixin itself)."""
-    base = modeling.MossTTSNanoForCausalLM
-    if issubclass(base, synthesis.SynthesisMixin):
-        return base
-    return type("PipelineModel", (synthesis.SynthesisMixin, base), {})
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     tokenizer = shared_path("assets", "tokenizer.model")
@@ -45,7 +39,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(repo):
-    return _model_class().from_pretrained(str(repo)).eval()
+    return modeling.MossTTSNanoForCausalLM.from_pretrained(str(repo)).eval()
 
 
 def _prompt_frames(path):
@@ -148,7 +142,7 @@ def test_stream_concatenates_to_the_offline_waveform(model, prompt_wav, tmp_path
 
 
 def test_chunks_stream_in_order_one_after_another_and_match_offline(model, prompt_wav, monkeypatch):
-    monkeypatch.setattr(synthesis, "chunk_batch_size", lambda device, chunks, gb: 3)  # as if memory allowed 3
+    monkeypatch.setattr(synthesis_offline, "chunk_batch_size", lambda device, chunks, gb: 3)  # as if memory allowed 3
     text = "Hello world. This is a test. One more sentence here. And the last one."
     kwargs = dict(mode="voice_clone", prompt_audio_path=str(prompt_wav), voice_clone_max_text_tokens=5,
                   do_sample=False, max_new_frames=2, progress=False)
@@ -204,12 +198,25 @@ def test_batch_sizes_follow_the_upstream_rules(monkeypatch):
         return synthesis.build_request(**_arguments(**kwargs))
 
     assert synthesis.resolve_batch_sizes(torch.device("cpu"), 5, request(), streaming=False) == (1, 1)
-    monkeypatch.setattr(synthesis, "chunk_batch_size", lambda device, chunks, gb: 6)
+    monkeypatch.setattr(synthesis_offline, "chunk_batch_size", lambda device, chunks, gb: 6)
     assert synthesis.resolve_batch_sizes("cpu", 9, request(), streaming=False) == (6, 1)
     assert synthesis.resolve_batch_sizes("cpu", 9, request(tts_max_batch_size=4), streaming=False) == (4, 1)
     assert synthesis.resolve_batch_sizes("cpu", 9, request(codec_max_batch_size=2), streaming=False) == (6, 2)
     assert synthesis.resolve_batch_sizes("cpu", 9, request(codec_max_batch_size=3), streaming=True) == (3, 3)
     assert synthesis.resolve_batch_sizes("cpu", 9, request(), streaming=True) == (6, 6)
+
+
+def test_each_request_of_a_many_request_run_keeps_its_own_generation_settings(model, monkeypatch):
+    """iter_inference_many (infer_npu.py --jsonl) batches only chunks of requests with equal settings."""
+    monkeypatch.setattr(synthesis_offline, "chunk_batch_size", lambda device, chunks, gb: 8)  # as if memory allowed 8
+    frames = [2, 3, 3, 1]  # the tiny TTS never stops, so each request makes exactly its max_new_frames
+    requests = [synthesis.build_request(**_arguments(text="Hello world.", max_new_frames=count)) for count in frames]
+    refs = [(index, 0) for index in range(4)]
+    assert synthesis_offline.batches_of_equal_settings(requests, refs, 8) == [refs[:1], refs[1:3], refs[3:]]
+    assert synthesis_offline.batches_of_equal_settings(requests, refs, 1) == [[ref] for ref in refs]
+    results = list(synthesis.iter_inference_many(model, requests))
+    assert [result["audio_token_ids"].shape[0] for result in results] == frames
+    assert [result["waveform"].shape[-1] for result in results] == [count * HOP for count in frames]
 
 
 def _arguments(**overrides):
@@ -238,7 +245,7 @@ def test_stability_error_retries_once_in_float32_then_restores_the_dtype(model, 
 
     unstable = Unstable.from_pretrained(str(model.config._name_or_path)).to(torch.bfloat16).eval()
     requested = (unstable.config.attn_implementation, unstable.config.local_attn_implementation)
-    with caplog.at_level(logging.WARNING, logger=synthesis.__name__):
+    with caplog.at_level(logging.WARNING, logger=synthesis_offline.__name__):
         result = unstable.inference("Hello world.", None, **GREEDY)
     assert result["waveform"].shape[-1] == 2 * HOP
     assert Unstable.calls == [(torch.bfloat16, None), (torch.float32, "sdpa")]
@@ -465,7 +472,7 @@ def test_writable_output_in_a_missing_folder_is_accepted_and_nothing_is_left(tmp
 
 def test_chunks_cut_at_max_new_frames_give_one_summary_warning(model, prompt_wav, caplog):
     text = " ".join(f"Sentence number {index} is here." for index in range(6))
-    with caplog.at_level(logging.WARNING, logger=synthesis.__name__):
+    with caplog.at_level(logging.WARNING, logger=synthesis_request.__name__):
         result = model.inference(text, None, mode="voice_clone", prompt_audio_path=str(prompt_wav),
                                  voice_clone_max_text_tokens=8, **GREEDY)
     chunks = len(result["voice_clone_text_chunks"])
@@ -476,7 +483,7 @@ def test_chunks_cut_at_max_new_frames_give_one_summary_warning(model, prompt_wav
 
 
 def test_progress_without_a_terminal_is_a_periodic_log_line(model, prompt_wav, caplog, monkeypatch):
-    monkeypatch.setattr(synthesis, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(synthesis_request, "PROGRESS_LOG_SECONDS", 0.0)
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal, also under `pytest -s`
     with caplog.at_level(logging.INFO, logger=synthesis.progress_logger.name):
         model.inference(TWO_CHUNKS, None, mode="voice_clone", prompt_audio_path=str(prompt_wav),
@@ -492,7 +499,7 @@ def test_missing_codec_says_how_to_download(tmp_path, repo):
     for name in os.listdir(repo):
         if name != "audio_tokenizer" and (repo / name).is_file():
             (folder / name).write_bytes((repo / name).read_bytes())
-    bare = _model_class().from_pretrained(str(folder)).eval()
+    bare = modeling.MossTTSNanoForCausalLM.from_pretrained(str(folder)).eval()
     with pytest.raises(ValueError, match="--download-only"):
         bare.inference("Hello.", None, **GREEDY)
 
@@ -521,6 +528,17 @@ def test_100k_character_text_is_chunked_in_voice_clone_mode(model, prompt_wav, t
     chunks = result["voice_clone_text_chunks"]
     assert len(chunks) > 20 and "".join(chunks).replace(" ", "") == text.replace(" ", "")
     _assert_wav(out, len(chunks) * HOP + _pauses(chunks))
+
+
+def test_upstream_private_helpers_that_callers_use_still_answer(model, tokenizer):
+    """Spec tts.md §7 lists private methods upstream callers use; they delegate to the library's functions."""
+    text = "Hello world. This is a test. One more sentence here."
+    assert model._split_text_into_best_sentences(tokenizer, text, 5) == \
+        text_chunking.split_text_into_chunks(tokenizer, text, 5)
+    assert model._compute_stream_lead_seconds(2.0, 10.0, 11.5) == pytest.approx(0.5)
+    assert model._compute_stream_lead_seconds(2.0, None) == 0.0
+    assert [model._resolve_stream_decode_frame_budget(lead) for lead in (0.1, 0.3, 0.9, 1.5)] == [1, 2, 4, 8]
+    assert model._resolve_stream_decode_frame_budget(1.5, emitted_any=False) == 1
 
 
 def test_signatures_are_upstreams_plus_keyword_only_extras():

@@ -8,12 +8,6 @@ import pytest
 from conftest import import_module, shared_path
 
 chunking = import_module("text_chunking")
-tokenization = import_module("tokenization_moss_tts_nano")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tokenization.MossTTSNanoSentencePieceTokenizer(str(shared_path("assets", "tokenizer.model")))
 
 
 @pytest.fixture(scope="module")

@@ -85,10 +85,9 @@ def test_bf16_and_int8_weight_format_rows_pass_against_the_fp32_reference(tmp_pa
     assert set(lines) == {"float32", "bf16", "int8"}, out
     assert " bf16 weights  eager  PASS " in lines["bf16"] and " int8 weights  eager  PASS " in lines["int8"], out
     rows = {row["weight_format"]: row for row in _report(tmp_path)["rows"]}
-    for fmt in ("bf16", "int8"):
-        assert rows[fmt]["metrics"]["audio"]["cosine_min"] >= weight_formats.QUALITY_THRESHOLDS[fmt]
+    for fmt, min_cosine in (("bf16", 0.999), ("int8", 0.995)):  # issue 7's promise
+        assert rows[fmt]["metrics"]["audio"]["cosine_min"] >= min_cosine
     assert rows["int8"]["dtype"] == "float32" and rows[None]["dtype"] == "float32"
-    assert verify_npu.TOLERANCES["int8 weights"].audio_cosine_min == weight_formats.QUALITY_THRESHOLDS["int8"]
     assert (tmp_path / "wavs" / "cpu_int8-weights_eager.wav").is_file()
 
 
@@ -121,26 +120,6 @@ def test_unknown_attention_name_is_a_usage_error_naming_it(tmp_path, capsys):
     code = _run(tmp_path, "--attn", "eager,flashy")
     assert code == verify_npu.EXIT_USAGE
     assert "'flashy'" in capsys.readouterr().err
-
-
-def test_judge_never_passes_nan_and_names_the_failing_metric():
-    metrics = {
-        "hidden": {"cosine_min": float("nan"), "rel_error": 0.0}, "stop": {"agree": 1.0},
-        "audio": {"cosine_min": 1.0, "top1": 1.0, "top5": 1.0}, "greedy": {"match": 1.0},
-        "codec": {"codes_match": 1.0, "decode_snr_db": float("inf"), "stream_vs_offline_snr_db": 90.0},
-        "nonfinite": ["audio"],
-    }
-    failures = verify_npu.judge(metrics, verify_npu.TOLERANCES["float32"])
-    assert failures == ["nan/inf in audio", "hidden_cos=nan (>= 0.9999999)"]
-
-
-def test_greedy_metrics_report_the_first_differing_frame():
-    reference = torch.zeros(4, 16, dtype=torch.long)
-    other = reference.clone()
-    other[2, 5] = 1
-    result = verify_npu.greedy_metrics(reference, other)
-    assert result["first_divergence"] == 2 and result["match"] == pytest.approx(63 / 64)
-    assert verify_npu.greedy_metrics(reference, reference[:3])["first_divergence"] == 3
 
 
 def test_simulated_npu_runs_the_verification_to_a_pass_table(fake_npu_path, tmp_path):

@@ -419,19 +419,6 @@ def test_downloaded_layout_is_ignored_by_git():
     assert sorted(result.stdout.split()) == sorted(paths)
 
 
-def test_load_checkpoint_reads_tensors_but_refuses_pickled_code(tmp_path):
-    torch.save({"w": torch.ones(2)}, tmp_path / "ok.bin")
-    assert torch.equal(weights.load_checkpoint(tmp_path / "ok.bin")["w"], torch.ones(2))
-
-    class RunsCode:
-        def __reduce__(self):
-            return (print, ("pickled code ran",))
-
-    torch.save({"w": RunsCode()}, tmp_path / "evil.bin")
-    with pytest.raises(ValueError, match="refusing to load .*evil.bin"):
-        weights.load_checkpoint(tmp_path / "evil.bin")
-
-
 TINY_CODEC_CODE = {
     "configuration_moss_audio_tokenizer.py": (
         "from transformers import PretrainedConfig\n"
