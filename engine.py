@@ -469,6 +469,11 @@ class SpeechEngine:
     def active(self) -> int:
         return len(self._running)
 
+    @property
+    def running(self) -> bool:
+        """Whether the background thread is alive (`start` ran and `stop` has not ended it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     # ------------------------------------------------------------------------------------------------------------
     # Engine side: one tick
 
