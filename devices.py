@@ -660,6 +660,46 @@ def capture_graph(device: DeviceLike, fn: Callable[[], None], warmup: int = 3) -
     return graph.replay
 
 
+# --- Ray Serve placement --------------------------------------------------------------------------------------------
+# Ray's resource for one card of each accelerator type. serve_ray.py runs one replica per card: Ray places a replica
+# on a node with a free card and shows it that card alone (ASCEND_RT_VISIBLE_DEVICES / CUDA_VISIBLE_DEVICES), so
+# inside the replica it is index 0 and a replica's --device has no index. Ray counts NVIDIA GPUs with `num_gpus` and
+# Ascend cards as the resource "NPU"; a CPU replica asks for CPUs only.
+RAY_RESOURCES = {NPU: "NPU", CUDA: "GPU"}
+
+
+def ray_replica_type(device: str) -> str:
+    """The device type ("npu", "cuda" or "cpu") of a Ray Serve replica's --device.
+
+    Raises:
+        ValueError: "auto" (Ray places a replica by its resources before it starts, so the type must be given) or a
+            device with an index (Ray picks the card).
+    """
+    match = _DEVICE_PATTERN.match(str(device).strip().lower())
+    if match is None or match.group(2) is not None:
+        raise ValueError(f"device {device!r} for a Ray Serve replica; expected 'npu', 'cuda' or 'cpu' without an "
+                         "index (Ray places the replica on a free card of that type and shows it that card only)")
+    return match.group(1)
+
+
+def ray_actor_options(device: str, num_cpus: float) -> dict:
+    """Ray actor options for one replica on one device of `device`'s type, with `num_cpus` host CPUs.
+
+    Returns:
+        {"num_cpus": n, "resources": {"NPU": 1}} for npu, {"num_cpus": n, "num_gpus": 1} for cuda, {"num_cpus": n}
+        for cpu.
+    """
+    kind = ray_replica_type(device)
+    if num_cpus <= 0:
+        raise ValueError(f"num_cpus={num_cpus} for a Ray Serve replica; expected a positive number")
+    options = {"num_cpus": num_cpus}
+    if kind == CUDA:
+        options["num_gpus"] = 1
+    elif kind == NPU:
+        options["resources"] = {RAY_RESOURCES[NPU]: 1}
+    return options
+
+
 # --- Environment ----------------------------------------------------------------------------------------------------
 def apply_recommended_env(environ: Optional[MutableMapping[str, str]] = None) -> dict:
     """Set the recommended NPU environment (RECOMMENDED_NPU_ENV) where the user has not set it.

@@ -371,3 +371,24 @@ def test_no_op_settings_are_not_recommended():
 
 def test_free_memory_fraction_is_upstreams():
     assert math.isclose(devices.FREE_MEMORY_FRACTION, 0.9)
+
+
+# --- Ray Serve placement ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("npu", {"num_cpus": 2, "resources": {"NPU": 1}}), ("NPU ", {"num_cpus": 2, "resources": {"NPU": 1}}),
+    ("cuda", {"num_cpus": 2, "num_gpus": 1}), ("cpu", {"num_cpus": 2})])
+def test_a_ray_replica_asks_for_one_card_of_its_device_type(device, expected):
+    assert devices.ray_actor_options(device, num_cpus=2) == expected
+
+
+@pytest.mark.parametrize("device", ["auto", "npu:1", "cuda:0", "tpu", ""])
+def test_a_ray_replica_device_needs_a_type_and_no_index(device):
+    with pytest.raises(ValueError, match="for a Ray Serve replica; expected 'npu', 'cuda' or 'cpu' without an index"):
+        devices.ray_actor_options(device, num_cpus=1)
+
+
+def test_a_ray_replica_needs_some_cpu():
+    with pytest.raises(ValueError, match="num_cpus=0"):
+        devices.ray_actor_options("cpu", num_cpus=0)
