@@ -144,7 +144,7 @@ class SpeechReplica:
 
     def __init__(self, argv: list) -> None:
         self.args = parse_server_args(argv)
-        _check_accelerator(self.args.device)
+        check_accelerator(self.args.device)
         if self.args.threads > 0:
             torch.set_num_threads(self.args.threads)
         self.server_app = speech_server.create_app(self._load, api_key=self.args.api_key, load_before_serving=True)
@@ -174,7 +174,7 @@ def health_problem(state) -> Optional[str]:
     return None
 
 
-def _check_accelerator(device: str) -> None:
+def check_accelerator(device: str) -> None:
     """A replica on an accelerator must hold one of Ray's cards, or every replica of a node shares card 0."""
     import ray
 
@@ -200,5 +200,5 @@ def application(args: Mapping[str, Any]) -> Application:
     return SpeechReplica.options(ray_actor_options=options).bind(argv)
 
 
-__all__ = ["DEPLOYMENT_NAME", "PID_HEADER", "REPLICA_HEADER", "SpeechReplica", "application", "check_replica_limits",
-           "health_problem", "parse_server_args", "server_argv"]
+__all__ = ["DEPLOYMENT_NAME", "PID_HEADER", "REPLICA_HEADER", "SpeechReplica", "application", "check_accelerator",
+           "check_replica_limits", "health_problem", "parse_server_args", "server_argv"]
