@@ -31,6 +31,7 @@ import logging
 import os
 from typing import Any, Mapping, Optional
 
+import ray
 import torch
 from ray import serve
 from ray.serve import Application
@@ -145,6 +146,8 @@ class SpeechReplica:
     def __init__(self, argv: list) -> None:
         self.args = parse_server_args(argv)
         check_accelerator(self.args.device)
+        if self.args.num_slots:  # known before loading: a mismatch fails before the model loads
+            check_replica_limits(self.args.num_slots, self.args.max_queue, *_serve_limits())
         if self.args.threads > 0:
             torch.set_num_threads(self.args.threads)
         self.server_app = speech_server.create_app(self._load, api_key=self.args.api_key, load_before_serving=True)
@@ -155,7 +158,11 @@ class SpeechReplica:
 
     def _load(self):
         service = serve_script.load_service(self.args)
-        check_replica_limits(service.engine.num_slots, service.engine.max_queue, *_serve_limits())
+        limits = _serve_limits()
+        if not self.args.num_slots:  # sized from free memory while loading
+            check_replica_limits(service.engine.num_slots, service.engine.max_queue, *limits)
+        logger.info("replica %s (pid %d): %d slots, max_ongoing_requests=%d, target_ongoing_requests=%s",
+                    serve.get_replica_context().replica_tag, os.getpid(), service.engine.num_slots, *limits)
         return service
 
     def check_health(self) -> None:
@@ -176,8 +183,6 @@ def health_problem(state) -> Optional[str]:
 
 def check_accelerator(device: str) -> None:
     """A replica on an accelerator must hold one of Ray's cards, or every replica of a node shares card 0."""
-    import ray
-
     resource = devices.RAY_RESOURCES.get(devices.ray_replica_type(device))
     if resource is not None and not ray.get_runtime_context().get_accelerator_ids().get(resource):
         raise ValueError(f"device {device!r}, but Ray gave this replica no {resource}: its ray_actor_options in the "
