@@ -615,7 +615,7 @@ def main(argv=None) -> int:
               "device": args.device, "attention": args.attention, "weight_formats": args.weight_format,
               "codec_dtype": args.codec_dtype}
     weight_formats = import_module("weight_formats")
-    report["cpu"] = import_module("devices").cpu_description()
+    report["cpu"] = import_module("host").cpu_description()
     report["kernels"] = {"fp32": " ".join(weight_formats.fp32_linear_kernel()),
                          "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "plain",
                          "int8": f"weights in +-{weight_formats.int8_weight_max()}"}

@@ -49,7 +49,7 @@ CHECKPOINT_NAME = "pytorch_model.bin"
 TINY_GPT2_CONFIG = {"n_embd": 64, "n_head": 4, "n_inner": 128, "n_layer": 2}
 # Root files that are scripts, test helpers or the verifier's library, not modules of the model repository.
 NON_LIBRARY_FILES = {"checkpoints.py", "local_package.py", "infer_npu.py", "verify_npu.py", "verification.py",
-                     "bench.py", "serve.py", "loadtest.py", "setup.py"}
+                     "bench.py", "serve.py", "serve_ray.py", "loadtest.py", "setup.py"}
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 # Upstream state-dict order: global decoder, audio embeddings, text head, audio heads, local decoder.
 _KEY_GROUPS = ("transformer.", "audio_embeddings.", "text_lm_head.", "audio_lm_heads.", "local_transformer.")

@@ -3,7 +3,7 @@
 This is the only library module that names device types, imports `torch_npu` or imports `flash_attn`. Everything
 else asks it: resolve a device once (`resolve_device`), take its `DeviceSpec` (`device_spec`) and pass that down.
 The spec answers the device-specific questions: default and allowed dtypes, the attention backend that runs well
-there, free memory for batch sizing, synchronisation, seeding, peak memory, timing events and graph capture.
+there, free memory for batch sizing, synchronisation, seeding, peak memory, graph capture and Ray placement.
 
 Importing this module never imports `torch_npu` or `flash_attn`, so it works on any CPU machine. `torch_npu` is
 imported lazily, the first time an NPU is asked for (or probed by "auto"); if it is installed but its CANN runtime
@@ -19,7 +19,6 @@ import importlib
 import importlib.util
 import logging
 import os
-import platform
 import re
 import sys
 from dataclasses import dataclass
@@ -28,6 +27,8 @@ from typing import Any, Callable, MutableMapping, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+from .host import available_bytes as host_available_bytes, peak_rss_bytes as host_peak_rss_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ def free_memory_bytes(device: DeviceLike) -> Optional[int]:
     """
     spec = _as_spec(device)
     if spec.module is None:
-        return _host_available_bytes()
+        return host_available_bytes()
     query = getattr(spec.module, MEM_GET_INFO, None)
     if query is None:
         logger.info("%s has no %s (torch_npu 2.1.0?); free memory unknown", spec.device, MEM_GET_INFO)
@@ -497,23 +498,6 @@ def free_memory_bytes(device: DeviceLike) -> Optional[int]:
         logger.warning("free-memory query on %s failed (%s)", spec.device, exc)
         return None
     return int(free)
-
-
-def _proc_bytes(path: str, key: str) -> Optional[int]:
-    """The "key:  N kB" line of a /proc file in bytes (Linux); None where there is no such file or line."""
-    try:
-        with open(path, encoding="ascii") as lines:
-            return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(key + ":")), None)
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _host_available_bytes() -> Optional[int]:
-    available = _proc_bytes("/proc/meminfo", "MemAvailable")
-    try:
-        return available if available is not None else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def chunk_batch_size(device: DeviceLike, num_chunks: int, gb_per_sample: float) -> int:
@@ -552,19 +536,7 @@ def peak_memory_bytes(device: DeviceLike) -> Optional[int]:
     if spec.module is not None:
         query = getattr(spec.module, "max_memory_allocated", None)
         return None if query is None else int(query(spec.device))
-    return _host_peak_rss_bytes()
-
-
-def _host_peak_rss_bytes() -> Optional[int]:
-    peak = _proc_bytes("/proc/self/status", "VmHWM")
-    if peak is not None:
-        return peak
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        return None
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
+    return host_peak_rss_bytes()
 
 
 def reset_peak_memory(device: DeviceLike) -> None:
@@ -614,26 +586,6 @@ def new_generator(device: DeviceLike, seed: int) -> torch.Generator:
     except RuntimeError as error:
         logger.info("no generators on %s (%s); drawing random numbers on the CPU", spec.device, error)
         return torch.Generator().manual_seed(seed)
-
-
-# --- The host CPU, for benchmark reports ----------------------------------------------------------------------------
-_CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
-
-
-def cpu_description() -> str:
-    """The CPU model, logical CPU count and the vector extensions that decide kernel speed (for benchmark headers:
-    CPU figures are only comparable on the same CPU)."""
-    model, flags = platform.processor() or "unknown CPU", []
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == (platform.processor() or "unknown CPU"):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = [flag for flag in _CPU_FLAGS_OF_INTEREST if flag in value.split()]
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs, {' '.join(flags) or 'no AVX2'}"
 
 
 # --- Graph capture --------------------------------------------------------------------------------------------------
@@ -689,20 +641,47 @@ def capture_graph(device: DeviceLike, fn: Callable[[], None], warmup: int = 3) -
     return graph.replay
 
 
+# --- Ray Serve placement --------------------------------------------------------------------------------------------
+# Ray's resource for one card of each accelerator type (NVIDIA: `num_gpus`; Ascend: the resource "NPU"). Ray places a
+# replica on a node with a free card and shows it that card alone, so inside it the index is 0 and --device has none.
+RAY_RESOURCES = {NPU: "NPU", CUDA: "GPU"}
+
+
+def ray_replica_type(device: str) -> str:
+    """The device type ("npu", "cuda" or "cpu") of a Ray Serve replica's --device.
+
+    Raises:
+        ValueError: "auto" (Ray places a replica by its resources before it starts, so the type must be given) or a
+            device with an index (Ray picks the card).
+    """
+    match = _DEVICE_PATTERN.match(str(device).strip().lower())
+    if match is None or match.group(2) is not None:
+        raise ValueError(f"device {device!r} for a Ray Serve replica; expected 'npu', 'cuda' or 'cpu' without an "
+                         "index (Ray places the replica on a free card of that type and shows it that card only)")
+    return match.group(1)
+
+
+def ray_actor_options(device: str, num_cpus: float) -> dict:
+    """Ray actor options for one replica on one card of `device`'s type, with `num_cpus` host CPUs:
+    {"num_cpus": n, "resources": {"NPU": 1}} for npu, {"num_cpus": n, "num_gpus": 1} for cuda, {"num_cpus": n} for cpu.
+    """
+    kind = ray_replica_type(device)
+    if num_cpus <= 0:
+        raise ValueError(f"num_cpus={num_cpus} for a Ray Serve replica; expected a positive number")
+    options = {"num_cpus": num_cpus}
+    if kind == CUDA:
+        options["num_gpus"] = 1
+    elif kind == NPU:
+        options["resources"] = {RAY_RESOURCES[NPU]: 1}
+    return options
+
+
 # --- Environment ----------------------------------------------------------------------------------------------------
 def apply_recommended_env(environ: Optional[MutableMapping[str, str]] = None) -> dict:
-    """Set the recommended NPU environment (RECOMMENDED_NPU_ENV) where the user has not set it.
-
-    It only has an effect before torch_npu is imported. torch >= 2.5 with torch_npu >= 2.5.1 imports torch_npu
-    inside `import torch`, so for those versions export the variables in the shell (see README). This function also
-    runs automatically right before this module imports torch_npu itself. NO_OP_NPU_ENV lists popular settings that
-    change nothing.
-
-    Args:
-        environ: the mapping to update (default os.environ).
-
-    Returns:
-        The variables it set, {name: value}.
+    """Set the recommended NPU environment (RECOMMENDED_NPU_ENV) in `environ` (default os.environ) where the user has
+    not set it; returns the variables it set. It only has an effect before torch_npu is imported (torch >= 2.5 with
+    torch_npu >= 2.5.1 imports it inside `import torch`: export them in the shell, see README); it also runs right
+    before this module imports torch_npu itself. NO_OP_NPU_ENV lists popular settings that change nothing.
     """
     env = os.environ if environ is None else environ
     applied = {}

@@ -41,6 +41,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from .codec_streaming import CODEC_FRAMES_PER_PASS, codec_slots
 from .devices import free_memory_bytes, new_generator
 from .generation import GenerationSettings, Group, SlotDecoder
 
@@ -54,7 +55,6 @@ DEFAULT_MAX_POSITIONS = 1024
 # Slots from free memory: this share of the free memory goes to the KV caches, at most MAX_AUTO_SLOTS slots.
 SLOT_MEMORY_FRACTION = 0.5
 MAX_AUTO_SLOTS = 64
-CODEC_FRAMES_PER_PASS = 8
 FINAL_EVENTS = ()  # filled below: the event types that end a request's stream
 
 
@@ -289,91 +289,6 @@ class _Stream:
         return stream_lead_seconds(self.emitted_samples / rate, self.first_emit_time, now)
 
 
-class CodecSlots:
-    """The codec's streaming decode session with one row per engine slot (a row's state is that slot's stream).
-
-    Args:
-        codec: a MossAudioTokenizerModel (its decode_session API).
-        num_slots: rows.
-        n_vq: codebooks of the TTS frames.
-    """
-
-    def __init__(self, codec, num_slots: int, n_vq: int) -> None:
-        self.session = codec.decode_session(num_slots, max_frames_per_step=CODEC_FRAMES_PER_PASS)
-        self.device = self.session.frames_decoded.device
-        self.hop = int(codec.downsample_rate)
-        self.rate = int(getattr(codec, "sampling_rate", None) or getattr(codec, "sample_rate", 48000))
-        self.channels = int(getattr(codec, "number_channels", 2))
-        self.n_vq = n_vq
-
-    def reset(self, slot: int) -> None:
-        self.session.reset([slot])
-
-    def close(self) -> None:
-        """Nothing to release (the session's caches go with it)."""
-
-    def decode(self, work: dict[int, tuple[torch.Tensor, int]]) -> dict[int, torch.Tensor]:
-        """One batched call: {slot: (codes [T, n_vq], nq)} -> {slot: float32 CPU audio [C, T * hop]}."""
-        rows = max(work) + 1
-        longest = max(codes.shape[0] for codes, _ in work.values())
-        batch = torch.zeros(self.n_vq, rows, longest, dtype=torch.long, device=self.device)
-        frames = torch.zeros(rows, dtype=torch.long)
-        codebooks = torch.full((rows,), self.n_vq, dtype=torch.long)
-        for slot, (codes, nq) in work.items():
-            batch[:, slot, : codes.shape[0]] = codes.t().to(self.device)
-            frames[slot], codebooks[slot] = codes.shape[0], nq
-        nq_max = int(codebooks.max())
-        mixed = bool((codebooks[list(work)] != nq_max).any())
-        audio = self.session.step(batch[:nq_max], frames.to(self.device),
-                                  codebooks.to(self.device) if mixed else None)
-        audio = audio.to("cpu", torch.float32)
-        return {slot: audio[slot, :, : work[slot][0].shape[0] * self.hop] for slot in work}
-
-
-class UpstreamCodecSlot:
-    """One slot over any codec with upstream's API only (`batch_decode(..., streaming=True, reset_stream=...)`),
-    for a one-slot engine (inference_stream with a caller's codec object)."""
-
-    def __init__(self, codec) -> None:
-        self.codec = codec
-        self.hop = int(codec.downsample_rate)
-        self.rate = int(getattr(codec, "sampling_rate", None) or getattr(codec, "sample_rate", 48000))
-        self.channels = int(getattr(codec, "number_channels", 2))
-        self._reset_next = True
-
-    def reset(self, slot: int) -> None:
-        self._reset_next = True
-
-    def decode(self, work: dict[int, tuple[torch.Tensor, int]]) -> dict[int, torch.Tensor]:
-        (codes, nq), = work.values()
-        output = self.codec.batch_decode([codes[:, :nq].t().contiguous()], num_quantizers=nq, streaming=True,
-                                         max_batch_size=1, reset_stream=self._reset_next)
-        self._reset_next = False
-        audio = getattr(output, "audio", None)
-        audio = output[0] if audio is None else audio
-        return {0: audio[0, :, : codes.shape[0] * self.hop].detach().to("cpu", torch.float32)}
-
-    def close(self) -> None:
-        """Close the codec's streams (upstream `_reset_batch_decode_streaming_state`)."""
-        reset = getattr(self.codec, "_reset_batch_decode_streaming_state", None)
-        if reset is not None:
-            reset()
-
-
-def codec_slots(codec, num_slots: int, n_vq: int):
-    """Our codec's slot session, or, for an object with only upstream's API, a one-slot adapter.
-
-    Raises:
-        ValueError: an upstream-API codec with more than one slot.
-    """
-    if hasattr(codec, "decode_session"):
-        return CodecSlots(codec, num_slots, n_vq)
-    if num_slots != 1:
-        raise ValueError(f"num_slots={num_slots}: a codec without decode_session (upstream's API only) can serve one "
-                         "slot; pass our MossAudioTokenizerModel for more")
-    return UpstreamCodecSlot(codec)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The engine
 
@@ -468,6 +383,11 @@ class SpeechEngine:
     @property
     def active(self) -> int:
         return len(self._running)
+
+    @property
+    def running(self) -> bool:
+        """Whether the background thread is alive (`start` ran and `stop` has not ended it)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # ------------------------------------------------------------------------------------------------------------
     # Engine side: one tick
@@ -717,9 +637,6 @@ __all__ = [
     "AudioEvent",
     "ChunkPrompt",
     "CodesEvent",
-    "CodecSlots",
-    "UpstreamCodecSlot",
-    "codec_slots",
     "ErrorEvent",
     "FinishedEvent",
     "QueueFullError",

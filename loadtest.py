@@ -2,11 +2,18 @@
 
     python loadtest.py --weight-format int8 --threads 2 --clients 2 4 8 12 16
     python loadtest.py --url http://127.0.0.1:8000 --voice alice --clients 4     # an already running server
+    python loadtest.py --ray-replicas 2 --threads 1 --clients 4 8                # Ray Serve, 2 CPU replicas
 
 Without --url it writes the released-size model with random weights (bench.py's seeded TTS with the stop decision
 forced to "continue", so every request makes exactly --frames frames; bench.py's random codec) into a temporary
 folder, starts `serve.py` on a free 127.0.0.1 port with --weight-format / --threads / --device, adds the reference
-clip as a voice, runs every --clients level one after another, and stops the server with SIGTERM.
+clip as a voice, runs every --clients level one after another, and stops the server with SIGTERM. With
+--ray-replicas N it serves the same model with serve_ray.py instead: a local Ray instance on 127.0.0.1, N replicas of
+--threads CPUs each (--num-slots per replica: the largest level over N), behind Serve's HTTP proxy, shut down at the
+end (needs requirements-serve-ray.txt).
+
+--small-requests N first sends N tiny requests one after another (GET /v1/models, and a 1-frame pcm speech request)
+and prints their median and p90 latency: run it with and without --ray-replicas to see what the proxy adds.
 
 Each client asks for `pcm` with stream_format `audio`; client i starts i * --stagger seconds after the first. Per
 stream: time to first audio (request sent to first audio byte), real-time factor (request sent to last byte, over
@@ -42,6 +49,10 @@ SHARED_DIR = Path(os.environ.get("MOSS_SHARED_DIR", REPO_ROOT.parent / "shared")
 DEFAULT_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs back home to sleep."
 PCM_BYTES_PER_SECOND = 48000 * 2 * 2  # 48 kHz, stereo, 16-bit
 READY_TIMEOUT_SECONDS = 900.0
+# A local Ray instance that talks over 127.0.0.1 only: Ray takes the node's outward address unless multi-node
+# clusters are switched off, and writes a token file to $HOME unless token authentication is. Read when ray is
+# imported, so they are set before (tests/test_serve_ray.py sets them too).
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,21 +216,74 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="serve.py --device")
     parser.add_argument("--num-slots", type=int, default=0, help="serve.py --num-slots (0: the largest level)")
     parser.add_argument("--server-arg", action="append", default=[], help="one more serve.py argument (repeatable)")
+    parser.add_argument("--ray-replicas", type=int, default=0,
+                        help="serve with serve_ray.py on a local Ray instance, this many CPU replicas (0: serve.py)")
+    parser.add_argument("--small-requests", type=int, default=0,
+                        help="tiny requests to time one after another before the levels (0: none)")
     parser.add_argument("--json", action="store_true", help="also print the levels as JSON")
     return parser
 
 
+def server_arguments(args, folder: Path, slots: int) -> list:
+    """serve.py's flags for the model in `folder` (a Ray replica takes the same ones)."""
+    return ["--model-path", folder / "model", "--no-verify", "--device", args.device, "--weight-format",
+            args.weight_format, "--threads", args.threads, "--num-slots", slots, "--max-queue", max(args.clients),
+            "--voices-dir", folder / "voices", "--log-level", "warning", *args.server_arg]
+
+
 def start_local_server(args, folder: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    slots = args.num_slots or max(args.clients)
-    arguments = ["--model-path", folder / "model", "--no-verify", "--device", args.device, "--weight-format",
-                 args.weight_format, "--threads", args.threads, "--num-slots", slots, "--max-queue",
-                 max(args.clients), "--voices-dir", folder / "voices", "--port", port, "--log-level", "warning",
-                 *args.server_arg]
-    process = launch_server(arguments, folder / "server.log")
+    arguments = server_arguments(args, folder, args.num_slots or max(args.clients))
+    process = launch_server([*arguments, "--port", port], folder / "server.log")
     url = f"http://127.0.0.1:{port}"
     wait_until_ready(url, process, READY_TIMEOUT_SECONDS)
     return process, url
+
+
+def start_ray_application(args, folder: Path) -> str:
+    """serve_ray.py's replicas on a new local Ray instance (Serve's proxy on a free 127.0.0.1 port); returns the URL."""
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from ray import serve
+
+    import serve_ray
+
+    slots = args.num_slots or -(-max(args.clients) // args.ray_replicas)
+    argv = [str(argument) for argument in server_arguments(args, folder, slots)]
+    ray.init(address="local", num_cpus=args.ray_replicas * max(1, args.threads), include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO_ROOT)}})
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deployment = serve_ray.SpeechReplica.options(
+        num_replicas=args.ray_replicas, max_ongoing_requests=slots,
+        ray_actor_options=serve_ray.devices.ray_actor_options(args.device, max(1, args.threads)))
+    serve.run(deployment.bind(argv), name="loadtest", route_prefix="/")
+    return f"http://127.0.0.1:{port}"
+
+
+def stop_ray_application() -> None:
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
+
+
+def time_small_requests(url: str, count: int, voice: str, api_key: Optional[str]) -> dict:
+    """Median and p90 seconds of `count` sequential GET /v1/models and 1-frame speech requests."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    body = {"model": "tts-1", "input": "Hi.", "voice": voice, "response_format": "pcm", "max_new_frames": 1}
+    seconds = {"GET /v1/models": [], "1-frame speech": []}
+    with httpx.Client(timeout=60.0, headers=headers) as client:
+        for _ in range(count):
+            for name, send in (("GET /v1/models", lambda: client.get(f"{url}/v1/models")),
+                               ("1-frame speech", lambda: client.post(f"{url}/v1/audio/speech", json=body))):
+                started = time.perf_counter()
+                send().raise_for_status()
+                seconds[name].append(time.perf_counter() - started)
+    return {name: (statistics.median(values), percentile(values, 0.9)) for name, values in seconds.items()}
 
 
 def add_voice(url: str, clip: str, api_key: Optional[str]) -> str:
@@ -260,7 +324,7 @@ def main(argv=None) -> int:
     import bench
     from local_package import import_module
 
-    print(f"loadtest: CPU {import_module('devices').cpu_description()}, python "
+    print(f"loadtest: CPU {import_module('host').cpu_description()}, python "
           f"{platform.python_version()}, load average {bench.load_average()}", flush=True)
     print(f"  {args.frames} frames ({args.frames / 12.5:.1f} s) per stream, pcm, arrivals every {args.stagger} s",
           flush=True)
@@ -269,17 +333,28 @@ def main(argv=None) -> int:
         try:
             if args.url is None:
                 write_random_model(folder / "model", Path(args.tokenizer))
-                process, url = start_local_server(args, folder)
-                print(f"  server: serve.py --weight-format {args.weight_format} --threads {args.threads} --device "
+                if args.ray_replicas:
+                    url = start_ray_application(args, folder)
+                else:
+                    process, url = start_local_server(args, folder)
+                where = f"serve_ray.py, {args.ray_replicas} Ray replica(s) of" if args.ray_replicas else "serve.py"
+                print(f"  server: {where} --weight-format {args.weight_format} --threads {args.threads} --device "
                       f"{args.device} {' '.join(args.server_arg)} on {url}", flush=True)
             else:
                 url = args.url.rstrip("/")
             voice = args.voice or add_voice(url, args.ref_audio, args.api_key)
+            if args.small_requests:
+                for name, (median, p90) in time_small_requests(url, args.small_requests, voice,
+                                                               args.api_key).items():
+                    print(f"  {name}: median {1000 * median:.1f} ms, p90 {1000 * p90:.1f} ms "
+                          f"({args.small_requests} sequential)", flush=True)
             levels = run(args, url, voice)
         finally:
             if process is not None:
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=120)
+            if args.ray_replicas and args.url is None:
+                stop_ray_application()
     print_table(levels)
     if args.json:
         print(json.dumps(levels, indent=2))

@@ -14,9 +14,10 @@ With an API key, every /v1 route needs `Authorization: Bearer <key>` (401 otherw
 (for load balancers and scrapers). Every error is OpenAI's error JSON with `param` naming the request field.
 
 Lifecycle: the lifespan starts loading in the background (so /health answers 503 meanwhile), then starts the engine
-thread and runs one warm-up request; speech requests before that get 503 with Retry-After. When the server stops
-(uvicorn drains connections for its graceful-shutdown period first), the engine is stopped and anything left is
-cancelled.
+thread and runs one warm-up request; speech requests before that get 503 with Retry-After. With
+`load_before_serving` (Ray Serve replicas, serve_ray.py) the lifespan's startup itself loads and warms up, so the app
+serves nothing before it is ready. When the server stops (uvicorn, or Serve, drains running requests first), the
+engine is stopped and anything left is cancelled.
 """
 
 from __future__ import annotations
@@ -65,16 +66,21 @@ class ServerState:
 
 
 def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
-               on_load_failure: Optional[Callable[[BaseException], None]] = None) -> FastAPI:
+               on_load_failure: Optional[Callable[[BaseException], None]] = None,
+               load_before_serving: bool = False) -> FastAPI:
     """The app.
 
     Args:
         load: builds the SpeechService (model, codec, engine not yet started, voices); called on a worker thread.
         api_key: the key every /v1 route requires (None: no authentication).
         on_load_failure: called with the exception when loading or warm-up fails (serve.py stops the server).
+        load_before_serving: load and warm up inside the lifespan's startup, so that the app serves nothing before
+            it is ready and a failed load fails the startup (a Ray Serve replica gets traffic once its startup is
+            done: serve_ray.py). False (serve.py): load in the background while /health answers 503.
     """
     state = ServerState()
-    app = FastAPI(title="MOSS-TTS-Nano speech server", lifespan=_lifespan(state, load, on_load_failure))
+    lifespan = _lifespan(state, load, on_load_failure, load_before_serving)
+    app = FastAPI(title="MOSS-TTS-Nano speech server", lifespan=lifespan)
     app.state.speech = state
     _add_error_handlers(app)
     app.add_middleware(_CountResponses, metrics=state.metrics)
@@ -83,14 +89,19 @@ def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
     return app
 
 
-def _lifespan(state: ServerState, load, on_load_failure):
+def _lifespan(state: ServerState, load, on_load_failure, load_before_serving: bool):
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        task = asyncio.create_task(_load(state, load, on_load_failure))
+        if load_before_serving:
+            await _load(state, load, on_load_failure)
+            if state.service is None:
+                raise RuntimeError(f"loading the speech service failed: {state.error}")
+        task = None if load_before_serving else asyncio.create_task(_load(state, load, on_load_failure))
         try:
             yield
         finally:
-            task.cancel()
+            if task is not None:
+                task.cancel()
             if state.service is not None:
                 stopped = await to_thread.run_sync(lambda: state.service.engine.stop(False, ENGINE_STOP_SECONDS))
                 logger.info("engine stopped%s", "" if stopped else " (timed out)")

@@ -3,9 +3,11 @@
 Tests that need `../shared` (golden fixtures, the real tokenizer, reference clips, the fake NPU) skip with a reason
 when it is absent, so that the suite passes on a user's fresh clone. Under CI (`CI=true`, as .ci/run sets it) a missing
 `../shared` fails those tests instead: the golden parity checks must run there. `MOSS_SHARED_DIR` overrides its
-location.
+location. Tests of an optional extra (Ray Serve: requirements-serve-ray.txt) import it with `optional_module`, which
+skips them with the reason where it is missing, and fails them under CI.
 """
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -36,6 +38,18 @@ def shared_path(*parts: str) -> Path:
             pytest.fail(f"{reason}; CI=true requires it, so that the golden parity checks run", pytrace=False)
         pytest.skip(f"{reason}; absent on a fresh clone")
     return path
+
+
+def optional_module(name: str, install: str):
+    """Import module `name` of an optional extra; when it is missing, skip the calling test module with the reason
+    (fail it under CI, which installs every extra)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        reason = f"needs {name} ({install}): {error}"
+        if IN_CI:
+            pytest.fail(f"{reason}; CI=true requires it, so that the tests of the extra run", pytrace=False)
+        pytest.skip(f"{reason}; an optional extra, absent from a plain install", allow_module_level=True)
 
 
 @pytest.fixture
@@ -110,4 +124,5 @@ def audio_head_outputs(model, run) -> list:
     return recorded
 
 
-__all__ = ["REPO_ROOT", "SHARED_DIR", "audio_head_outputs", "import_module", "shared_path", "text_prompt"]
+__all__ = ["REPO_ROOT", "SHARED_DIR", "audio_head_outputs", "import_module", "optional_module", "shared_path",
+           "text_prompt"]

@@ -39,7 +39,8 @@ def test_every_model_file_imports_on_a_cpu_machine_without_torch_npu_or_flash_at
         import sys
         from local_package import REPO_ROOT, import_module
         for path in sorted(REPO_ROOT.glob("*.py")):
-            if path.stem not in ("local_package", "__init__"):
+            # serve_ray needs the optional Ray extra (test_serve_ray.py imports it where that is installed)
+            if path.stem not in ("local_package", "__init__", "serve_ray"):
                 import_module(path.stem)
         assert "torch_npu" not in sys.modules and "flash_attn" not in sys.modules
     """)
@@ -356,3 +357,24 @@ def test_recommended_env_never_sets_both_allocator_variables():
 def test_no_op_settings_are_not_recommended():
     for key, value in devices.NO_OP_NPU_ENV.items():
         assert devices.RECOMMENDED_NPU_ENV.get(key) != value
+
+
+# --- Ray Serve placement ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("npu", {"num_cpus": 2, "resources": {"NPU": 1}}), ("NPU ", {"num_cpus": 2, "resources": {"NPU": 1}}),
+    ("cuda", {"num_cpus": 2, "num_gpus": 1}), ("cpu", {"num_cpus": 2})])
+def test_a_ray_replica_asks_for_one_card_of_its_device_type(device, expected):
+    assert devices.ray_actor_options(device, num_cpus=2) == expected
+
+
+@pytest.mark.parametrize("device", ["auto", "npu:1", "cuda:0", "tpu", ""])
+def test_a_ray_replica_device_needs_a_type_and_no_index(device):
+    with pytest.raises(ValueError, match="for a Ray Serve replica; expected 'npu', 'cuda' or 'cpu' without an index"):
+        devices.ray_actor_options(device, num_cpus=1)
+
+
+def test_a_ray_replica_needs_some_cpu():
+    with pytest.raises(ValueError, match="num_cpus=0"):
+        devices.ray_actor_options("cpu", num_cpus=0)
