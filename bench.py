@@ -50,6 +50,13 @@ TARGET_STREAM_MS_PER_FRAME = 10.0  # issue 7
 
 devices = import_module("devices")
 force_continue = import_module("checkpoints").force_continue
+reset_peak_rss = import_module("verify_npu").reset_peak_rss  # the CPU peak window (process-wide: scripts only)
+
+
+def reset_peak_memory(device) -> None:
+    """A new peak-memory window: the accelerator's allocator statistics, or on CPU the process's peak RSS."""
+    devices.reset_peak_memory(device)
+    reset_peak_rss()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -301,7 +308,7 @@ def bench_lm_variant(model, prompt, device, args, label: str, frames: int, runs:
     """Median over `runs` timed generations (after a short warm-up) of one model/path."""
     for _ in range(args.warmup):
         time_generation(model, prompt, device, min(frames, 4), **kwargs)
-    devices.reset_peak_memory(device)
+    reset_peak_memory(device)
     results = [time_generation(model, prompt, device, frames, **kwargs) for _ in range(runs)]
     decode = statistics.median(r["decode_ms_per_frame"] for r in results)
     total = statistics.median(r["total_s"] for r in results)
@@ -330,9 +337,13 @@ def lm_variants(args):
 
 
 def build_lm_in_format(args, device, weight_format: str):
-    """A fresh (seeded, so identical) model per format, so that peak memory counts one model at a time."""
+    """A fresh (seeded, so identical) model per format, so that peak memory counts one model at a time; "plain" is
+    float32 with torch's own nn.Linear (no conversion: upstream's kernels)."""
     gc.collect()
-    return import_module("weight_formats").apply_weight_format(build_lm(args, device), weight_format)
+    model = build_lm(args, device)
+    if weight_format == "plain":
+        return model
+    return import_module("weight_formats").apply_weight_format(model, weight_format)
 
 
 def run_lm(args) -> dict:
@@ -526,7 +537,7 @@ def run_engine(args) -> dict:
                                                     step_mode=args.step_mode)
             engine.start()
             run_engine_load(engine, prompt, min(streams, 2), 4, 0.0)  # warm-up
-            devices.reset_peak_memory(device)
+            reset_peak_memory(device)
             row = run_engine_load(engine, prompt, streams, args.engine_frames, args.stagger)
             peak = devices.peak_memory_bytes(device)
             row["peak_memory_mb"] = None if peak is None else peak / 2**20
@@ -570,7 +581,8 @@ def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("lm and e2e")
     group.add_argument("--model-path", default=None, help="folder of real weights (default: random weights)")
     group.add_argument("--weight-format", nargs="+", default=["fp32", "bf16", "int8"],
-                       help="weight formats to time (weight_formats.py): fp32 bf16 fp16 int8")
+                       help="weight formats to time (weight_formats.py): fp32 bf16 fp16 int8, or plain (float32 with "
+                            "torch's own Linear kernels, as loaded without a format)")
     group.add_argument("--attention", default="sdpa", help="attention backend of both decoders (default sdpa)")
     group.add_argument("--fast-decode", nargs="+", default=[], choices=["compile", "graph"],
                        help="also time model.enable_fast_decode(MODE) rows (compile time lands in the warm-up)")

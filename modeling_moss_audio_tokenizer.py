@@ -25,6 +25,10 @@ from .codec_streaming import BatchDecodeStreams, CodecDecodeSession, StackStream
 from .configuration_moss_audio_tokenizer import COMPUTE_DTYPE_NAMES, PATCH_MODULE, MossAudioTokenizerConfig
 from .devices import DTYPES_BY_NAME
 
+# transformers 4.57.1 copies out of a local codec folder only the modules this file imports relatively (5.x follows
+# imports transitively), so the module devices.py reaches is imported here as well. Remove with 4.57.
+from .host import cpu_description  # noqa: F401,E402
+
 logger = logging.getLogger(__name__)
 
 # Offline attention: query blocks of about a quarter window, each against its (context - 1 + block) keys; groups of

@@ -29,7 +29,7 @@ from transformers.utils import ModelOutput
 
 from .devices import resolve_attention
 from .configuration_moss_tts_nano import MossTTSNanoConfig, tied_weight_keys
-from .generation import STEP_MODES, GenerationSettings, Group, SlotDecoder
+from .generation import GenerationSettings, Group, SlotDecoder
 from .prompting import build_prompt_rows, left_pad_batch
 from .gpt2_decoder import KVCache, MossTTSNanoGPT2Model, attention_function
 from .synthesis import SynthesisMixin
@@ -558,10 +558,10 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         ).checked(self.config.n_vq)
         with torch.no_grad():
             input_ids, prompts = self._prepare_prompt(input_ids, attention_mask)
-        attention = self._attention_pair(attn_implementation)
+        backends = self._attention_pair(attn_implementation)  # (global, local) backend names
         frames, text_logits = [], []
         if settings.max_new_frames > 0:
-            for event in self._frame_events(prompts, settings, attention, generator):
+            for event in self._frame_events(prompts, settings, backends, generator):
                 text_logits.append(event["text_candidate_logits"])
                 if event["type"] == "frame":
                     event["step_index"] = len(frames)
@@ -569,7 +569,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
                     yield event
         yield self._final_event(input_ids, frames, text_logits, return_dict_in_generate)
 
-    def _frame_events(self, prompts, settings, attention, generator) -> Iterator[dict]:
+    def _frame_events(self, prompts, settings, backends, generator) -> Iterator[dict]:
         """Run the rows as one group; one event per text decision ("frame", or "stop" for the decision that ends).
 
         Raises:
@@ -577,9 +577,9 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         """
         with torch.no_grad():
             decoder = SlotDecoder(self, len(prompts), max(p.shape[0] for p in prompts) + settings.max_new_frames,
-                                  attention, self._step_mode)
+                                  backends, self._step_mode)
             group = Group(list(range(len(prompts))), settings, generator)
-            decoder.start(group, prompts, attention[0])
+            decoder.start(group, prompts, backends[0])
         while True:
             with torch.no_grad():
                 outputs = decoder.frame()
