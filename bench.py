@@ -167,12 +167,39 @@ def bench_codec_offline(model, device, args) -> dict:
     }
 
 
+UPSTREAM_CODEC_PACKAGE = "moss_audio_tokenizer_upstream"
+
+
+def build_upstream_codec(args, ours, device):
+    """Upstream's MossAudioTokenizerModel from the remote-code files in --compare-upstream-codec, holding `ours`'s
+    (seeded) weights, in float32."""
+    import importlib
+
+    from local_package import import_folder_as_package
+
+    import_folder_as_package(args.compare_upstream_codec, UPSTREAM_CODEC_PACKAGE)
+    configuration = importlib.import_module(f"{UPSTREAM_CODEC_PACKAGE}.configuration_moss_audio_tokenizer")
+    modeling = importlib.import_module(f"{UPSTREAM_CODEC_PACKAGE}.modeling_moss_audio_tokenizer")
+    config = configuration.MossAudioTokenizerConfig.from_dict(ours.config.to_dict())
+    model = modeling.MossAudioTokenizerModel(config)
+    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
+    if missing or unexpected:
+        raise SystemExit(f"--compare-upstream-codec: the state dicts differ (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    return model.float().eval().to(device)
+
+
 def run_codec(args) -> dict:
     device = resolve_device(args.device)
     model = build_codec(device, args.codec_dtype)
     streaming = [bench_codec_streaming(model, device, n, args) for n in args.frames_per_call]
     streaming.append(bench_codec_streaming(model, device, 1, args, upstream_api=True))
     model._reset_batch_decode_streaming_state()
+    if args.compare_upstream_codec:
+        upstream = build_upstream_codec(args, model, device)
+        row = bench_codec_streaming(upstream, device, 1, args, upstream_api=True)
+        streaming.append(dict(row, api="upstream's batch_decode(streaming)"))
+        del upstream
     return {
         "device": str(device),
         "compute_dtype": args.codec_dtype,
@@ -192,17 +219,24 @@ def add_codec_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--codec-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     group.add_argument("--max-frames-per-step", type=int, default=None,
                        help="session ring capacity in frames (default: the frames per call)")
+    group.add_argument("--compare-upstream-codec", metavar="PATH", default=None,
+                       help="a folder holding upstream's codec remote-code files (modeling_moss_audio_tokenizer.py, "
+                            "configuration_moss_audio_tokenizer.py): also time upstream's streaming decode, 1 frame per "
+                            "call, in this process on the same weights")
 
 
 def print_codec(result: dict) -> None:
     low, high = result["upstream_stream_ms_per_frame"]
     print(f"codec ({result['device']}, {result['compute_dtype']}): streaming decode, steady state (windows full)")
+    upstream = [row for row in result["streaming"] if row["api"].startswith("upstream")]
     for row in result["streaming"]:
-        print(f"  {row['api']:<28} {row['frames_per_call']:>2} frame(s)/call: "
+        ratio = f", {upstream[0]['ms_per_frame_median'] / row['ms_per_frame_median']:.2f}x upstream" if upstream else ""
+        print(f"  {row['api']:<34} {row['frames_per_call']:>2} frame(s)/call: "
               f"{row['ms_per_frame_median']:6.2f} ms/frame median (p10 {row['ms_per_frame_p10']:.2f}, "
-              f"p90 {row['ms_per_frame_p90']:.2f}, mean {row['ms_per_frame_mean']:.2f}; {row['calls_timed']} calls), "
-              f"RTF {row['rtf']:.3f}")
-    print(f"  upstream {low:.0f}-{high:.0f} ms/frame; target <= {result['target_stream_ms_per_frame']:.0f} ms/frame")
+              f"p90 {row['ms_per_frame_p90']:.2f}; {row['calls_timed']} calls), RTF {row['rtf']:.3f}{ratio}")
+    if not upstream:
+        print(f"  upstream {low:.0f}-{high:.0f} ms/frame (quoted; --compare-upstream-codec PATH measures it); "
+              f"target <= {result['target_stream_ms_per_frame']:.0f} ms/frame")
     offline = result["offline"]
     print(f"  offline {offline['clip_seconds']:.0f} s clip: encode RTF {offline['encode_rtf']:.3f}, "
           f"decode RTF {offline['decode_rtf']:.3f}   [upstream encode 0.06-0.16, decode 0.07-0.15]")

@@ -378,7 +378,7 @@ class SlotDecoder:
         settings = self.text_settings.rows(rows)
         read_length = self._read_length(rows)
         key = (rows, read_length, settings.any_sample, settings.all_sample, settings.any_top_p,
-               settings.all_top_p, settings.max_top_k, settings.all_top_k)
+               settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k)
         state = (self.global_cache.positions, self.global_cache.key_mask, self.local_cache.positions,
                  self.local_cache.key_mask, self.finished)
         self.decision_phase(key, lambda: self._decision(rows, read_length, settings), state)
@@ -459,7 +459,7 @@ class SlotDecoder:
         nq_max = max(group.settings.nq for group in self.groups)
         every_row_full = min(group.settings.nq for group in self.groups) == nq_max
         key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,
-               settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.any_penalty)
+               settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k, settings.any_penalty)
         state = (self.local_cache.positions, self.local_cache.key_mask, self.seen)
         self.audio_phase(key, lambda: self._audio_channels(rows, nq_max, every_row_full, settings), state)
 

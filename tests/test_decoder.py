@@ -234,6 +234,33 @@ def test_sampling_with_drawn_noise_is_torch_multinomial_bit_for_bit():
         assert torch.equal(ours, reference), seed
 
 
+def test_top_k_candidates_sample_exactly_what_the_whole_row_filters_sample(monkeypatch):
+    """float32 rows that all use top-k are filtered on their k best logits: the same tokens, draw for draw, as
+    filtering the whole 1024-wide row (upstream's way), for mixed per-row settings."""
+    generator, candidates_max = torch.Generator().manual_seed(5), sampling.CANDIDATES_MAX
+    rows = [(True, 0.8, 25, 0.95, 1.2), (True, 1.7, 25, 0.8, 1.0), (False, 1.0, 25, 1.0, 1.2), (True, 1.0, 7, 1.0, 1.5)]
+    for settings in (sampling.RowSettings.build(rows, 1024, "cpu"), _settings(4, 1024, do_sample=True, top_k=25,
+                                                                               temperature=0.8, top_p=0.95)):
+        tokens = {}
+        for width in (candidates_max, 0):  # 0: every row through the whole-row filters
+            monkeypatch.setattr(sampling, "CANDIDATES_MAX", width)
+            draws = torch.Generator().manual_seed(6)
+            tokens[width] = [
+                sampling.sample_rows(torch.randn(4, 1024, generator=generator) * scale, settings,
+                                     sampling.draw_noise(4, 1024, draws, "cpu"),
+                                     torch.rand(4, 1024, generator=generator) < 0.05)
+                for scale in [1.0, 3.0, 8.0] * 100
+            ]
+            generator.manual_seed(5)
+        assert all(torch.equal(a, b) for a, b in zip(*tokens.values()))
+
+
+def test_16_bit_logits_keep_the_top_k_ties():
+    logits = torch.tensor([[3.0, 1.0, 1.0, 0.0]], dtype=torch.bfloat16)  # a tie at the 2nd best value
+    noise = torch.tensor([[100.0, 100.0, 1e-3, 100.0]])  # favours index 2, which only a tie-keeping filter keeps
+    assert sampling.sample_rows(logits, _settings(1, 4, do_sample=True, top_k=2), noise).tolist() == [2]
+
+
 def test_rows_with_different_settings_sample_as_if_alone():
     logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 2
     rows = [(True, 0.7, 10, 0.9, 1.0), (False, 1.0, 0, 1.0, 1.3), (True, 1.3, 0, 0.5, 1.2)]
