@@ -173,7 +173,7 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         seen: bool [N, V], True for ids generated earlier (each id counts once, like a unique set).
         penalty: > 0, a float or [N, 1]; 1.0 leaves a row unchanged.
     """
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    penalised = torch.where(torch.signbit(logits), logits * penalty, logits / penalty)  # -0.0 gives -0.0 either way
     return torch.where(seen, penalised, logits)
 
 
