@@ -36,6 +36,7 @@ import json
 import os
 import statistics
 import sys
+import threading
 import time
 
 import torch
@@ -519,6 +520,25 @@ class StreamClock:
             self.finished, self.error = now, event.message
 
 
+def serve_during(engine, work):
+    """`work()` on a helper thread while this thread, the one that built the model, runs the engine
+    (SpeechEngine.serve explains why on CPU); returns work's result."""
+    outcome = {}
+
+    def drive():
+        try:
+            outcome["result"] = work()
+        finally:
+            engine.stop()
+
+    helper = threading.Thread(target=drive, name="bench-arrivals")
+    helper.start()
+    with torch.inference_mode(False):  # as on a thread of its own (inference mode is per thread)
+        engine.serve()
+    helper.join()
+    return outcome["result"]
+
+
 def run_engine_load(engine, prompt_rows, streams: int, frames: int, stagger: float) -> dict:
     """`streams` requests arriving `stagger` s apart on a started engine; waits for all of them."""
     engine_module, generation = import_module("engine"), import_module("generation")
@@ -564,18 +584,20 @@ def run_engine(args) -> dict:
         model = build_lm_in_format(args, device, fmt)
         rows = []
         for streams in args.streams:
-            with torch.inference_mode(False):  # the engine thread updates its buffers outside inference mode
+            with torch.inference_mode(False):  # the engine updates its buffers outside inference mode
                 engine = engine_module.SpeechEngine(model, codec, num_slots=streams,
                                                     attn_implementation=args.attention,
                                                     max_positions=prompt.shape[0] + args.engine_frames,
                                                     step_mode=args.step_mode)
-            engine.start()
-            run_engine_load(engine, prompt, min(streams, 2), 4, 0.0)  # warm-up
-            reset_peak_memory(device)
-            row = run_engine_load(engine, prompt, streams, args.engine_frames, args.stagger)
+
+            def load(engine=engine, streams=streams):
+                run_engine_load(engine, prompt, min(streams, 2), 4, 0.0)  # warm-up
+                reset_peak_memory(device)
+                return run_engine_load(engine, prompt, streams, args.engine_frames, args.stagger)
+
+            row = serve_during(engine, load)
             peak = devices.peak_memory_bytes(device)
             row["peak_memory_mb"] = None if peak is None else peak / 2**20
-            engine.stop()
             rows.append(row)
         ok = [row["streams"] for row in rows if row["underrun_streams"] == 0 and row["errors"] == 0]
         formats.append({"weight_format": fmt, "rows": rows, "max_realtime_streams": max(ok, default=0)})

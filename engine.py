@@ -303,7 +303,7 @@ class SpeechEngine:
         max_positions: global cache positions per slot (prompt rows + frames of one chunk).
         max_queue: requests that may wait for a slot; more are refused with QueueFullError.
         attn_implementation: attention request (default: the model config's, resolved for the device).
-        step_mode: "eager", "compile" or "graph" (generation.StepRunner).
+        step_mode: "eager", "compile" or "graph" (generation.PhaseRunner).
         policy: the codec streaming policy.
     """
 
@@ -323,7 +323,9 @@ class SpeechEngine:
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count(1)
-        self._thread: Optional[threading.Thread] = None
+        self._thread: Optional[threading.Thread] = None  # start()'s thread
+        self._served = threading.Event()  # set while no thread is inside serve()
+        self._served.set()
         self._stopping = False
         self._cancel_all = False
         self.ticks = 0
@@ -386,8 +388,8 @@ class SpeechEngine:
 
     @property
     def running(self) -> bool:
-        """Whether the background thread is alive (`start` ran and `stop` has not ended it)."""
-        return self._thread is not None and self._thread.is_alive()
+        """Whether a thread runs the engine (`start` or `serve` ran and `stop` has not ended it)."""
+        return not self._served.is_set()
 
     # ------------------------------------------------------------------------------------------------------------
     # Engine side: one tick
@@ -588,36 +590,47 @@ class SpeechEngine:
 
     def start(self) -> None:
         """Run ticks on a daemon thread until `stop` (idle waits cost nothing)."""
-        if self._thread is not None:
+        if self.running:
             return
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="speech-engine", daemon=True)
+        self._served.clear()
+        self._thread = threading.Thread(target=self.serve, name="speech-engine", daemon=True)
         self._thread.start()
 
-    def _loop(self) -> None:
-        while True:
-            with self._wake:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait()
-                if self._stopping and not self._running and not self._waiting:
-                    return
-            try:
-                self.step()
-            except Exception:  # never let the engine thread die: log and keep serving
-                logger.exception("engine tick failed")
+    def serve(self) -> None:
+        """Run ticks in the calling thread until another thread calls `stop` (what `start` runs on its thread).
+
+        On CPU the thread matters: torch's OpenMP runs slower from a thread while another thread that ran parallel
+        work (typically the one that loaded the model) is still alive. Measured on a 2-core AMD EPYC, int8, one
+        stream: 33 ms per frame when the loading thread runs the engine itself, 57 ms from a second thread. So
+        bench.py runs the engine with `serve` in the thread that built the model, and the server loads the model on
+        the thread that then serves it (speech_server.py).
+        """
+        self._served.clear()
+        try:
+            while True:
+                with self._wake:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._wake.wait()
+                    if self._stopping and not self._running and not self._waiting:
+                        return
+                try:
+                    self.step()
+                except Exception:  # never let the engine's thread die: log and keep serving
+                    logger.exception("engine tick failed")
+        finally:
+            self._served.set()
 
     def stop(self, drain: bool = True, timeout: Optional[float] = None) -> bool:
-        """Stop the thread: with `drain`, after the running and waiting requests finish (or `timeout`); without,
-        cancel them all first. Returns whether the thread ended."""
+        """End `serve` (and `start`'s thread): with `drain`, after the running and waiting requests finish (or
+        `timeout`); without, cancel them all first. Returns whether it ended."""
         with self._wake:
             self._stopping = True
             self._cancel_all = self._cancel_all or not drain
             self._wake.notify()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        ended = not self._thread.is_alive()
-        if ended:
+        ended = self._served.wait(timeout)
+        if ended and self._thread is not None:
+            self._thread.join()
             self._thread = None
         return ended
 

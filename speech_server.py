@@ -13,8 +13,9 @@
 With an API key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics are open
 (for load balancers and scrapers). Every error is OpenAI's error JSON with `param` naming the request field.
 
-Lifecycle: the lifespan starts loading in the background (so /health answers 503 meanwhile), then starts the engine
-thread and runs one warm-up request; speech requests before that get 503 with Retry-After. With
+Lifecycle: the lifespan starts the engine thread, which loads the service in the background (so /health answers 503
+meanwhile) and then runs the engine (on the thread that loaded it: SpeechEngine.serve says why); then one warm-up
+request runs; speech requests before that get 503 with Retry-After. With
 `load_before_serving` (Ray Serve replicas, serve_ray.py) the lifespan's startup itself loads and warms up, so the app
 serves nothing before it is ready. When the server stops (uvicorn, or Serve, drains running requests first), the
 engine is stopped and anything left is cancelled.
@@ -23,9 +24,11 @@ engine is stopped and anything left is cancelled.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import logging
+import threading
 from typing import Callable, Optional
 
 from anyio import to_thread
@@ -55,6 +58,7 @@ class ServerState:
         self.service: Optional[SpeechService] = None
         self.error: Optional[str] = None
         self.metrics = ServerMetrics()
+        self.engine_thread: Optional[threading.Thread] = None  # loads the service, then runs its engine
 
     def ready(self) -> SpeechService:
         """The service, or APIError 503 while loading (or after a failed load)."""
@@ -103,15 +107,25 @@ def _lifespan(state: ServerState, load, on_load_failure, load_before_serving: bo
             if task is not None:
                 task.cancel()
             if state.service is not None:
-                stopped = await to_thread.run_sync(lambda: state.service.engine.stop(False, ENGINE_STOP_SECONDS))
+                stopped = await to_thread.run_sync(lambda: _stop_engine(state))
                 logger.info("engine stopped%s", "" if stopped else " (timed out)")
     return lifespan
 
 
+def _stop_engine(state: ServerState) -> bool:
+    """Cancel what is left and wait (bounded) for the engine thread to end; returns whether it did."""
+    state.service.engine.stop(False)
+    state.engine_thread.join(ENGINE_STOP_SECONDS)
+    return not state.engine_thread.is_alive()
+
+
 async def _load(state: ServerState, load, on_load_failure) -> None:
     try:
-        service = await to_thread.run_sync(load)
-        service.engine.start()
+        loaded = concurrent.futures.Future()
+        state.engine_thread = threading.Thread(target=_load_then_serve, args=(load, loaded), name="speech-engine",
+                                               daemon=True)
+        state.engine_thread.start()
+        service = await asyncio.wrap_future(loaded)
         seconds = await to_thread.run_sync(service.warm_up)
     except Exception as error:  # any failure: report it on /health and let the caller stop the server
         logger.exception("loading the speech service failed")
@@ -122,6 +136,22 @@ async def _load(state: ServerState, load, on_load_failure) -> None:
     state.metrics.bind_engine(service.engine)
     state.service = service
     logger.info("ready: %d slots, warm-up %.2f s", service.engine.num_slots, seconds)
+
+
+def _load_then_serve(load, loaded: concurrent.futures.Future) -> None:
+    """The engine thread: load the service, hand it over through `loaded`, then run its engine on this same thread
+    (SpeechEngine.serve: on CPU, torch runs the engine much faster on the thread that loaded the model)."""
+    try:
+        service = load()
+    except BaseException as error:  # reported by _load
+        if not loaded.cancelled():
+            loaded.set_exception(error)
+        return
+    try:
+        loaded.set_result(service)
+    except concurrent.futures.InvalidStateError:  # the server stopped while loading: nothing to serve
+        return
+    service.engine.serve()
 
 
 # ----------------------------------------------------------------------------------------------------------------
