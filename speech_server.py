@@ -138,6 +138,24 @@ async def _load(state: ServerState, load, on_load_failure) -> None:
     logger.info("ready: %d slots, warm-up %.2f s", service.engine.num_slots, seconds)
 
 
+async def in_fresh_thread(function, *args):
+    """`function(*args)` on a thread of its own that ends with it, for work that may run torch in parallel (encoding
+    a clip): a pooled worker thread that ran parallel torch work slows the engine's thread for as long as it lives
+    (SpeechEngine.serve), a thread that has ended does not."""
+    done = concurrent.futures.Future()
+
+    def run() -> None:
+        if not done.set_running_or_notify_cancel():
+            return
+        try:
+            done.set_result(function(*args))
+        except BaseException as error:  # handed to the awaiting route
+            done.set_exception(error)
+
+    threading.Thread(target=run, name="speech-work", daemon=True).start()
+    return await asyncio.wrap_future(done)
+
+
 def _load_then_serve(load, loaded: concurrent.futures.Future) -> None:
     """The engine thread: load the service, hand it over through `loaded`, then run its engine on this same thread
     (SpeechEngine.serve: on CPU, torch runs the engine much faster on the thread that loaded the model)."""
@@ -177,7 +195,7 @@ def _api_router(state: ServerState, api_key: Optional[str]) -> APIRouter:
         if type != "audio_sample":
             raise bad_field("type", f"type={type!r}; expected 'audio_sample' (voices are made from recordings)")
         data = await audio_sample.read(service.voices.max_upload_bytes + 1)
-        return await to_thread.run_sync(service.add_voice, name, data)
+        return await in_fresh_thread(service.add_voice, name, data)
 
     @router.delete("/audio/voices/{voice_id}", response_model=VoiceDeleted)
     async def delete_voice(voice_id: str) -> VoiceDeleted:
@@ -217,7 +235,7 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
     service = state.ready()
     if not body.stream and body.stream_format == "sse":
         raise bad_field("stream", "stream=false returns one whole file; stream_format 'sse' is always streamed")
-    prepared = await to_thread.run_sync(service.prepare, body)
+    prepared = await in_fresh_thread(service.prepare, body)
     stream = EngineStream(lambda listener: service.submit(prepared, listener), asyncio.get_running_loop(),
                           state.metrics.tracker())
     audio, handed_over = None, False
