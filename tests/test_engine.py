@@ -203,6 +203,25 @@ def test_the_engine_thread_serves_concurrent_submitters_and_drains_on_stop(model
         assert isinstance(final, engine_module.FinishedEvent) and final.codes[0].shape[0] == 5
 
 
+def test_serve_runs_the_engine_in_the_calling_thread_until_another_thread_stops_it(model, codec):
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    seen = {}
+
+    def drive():
+        handle = engine.submit(_request(seed=70, frames=4))
+        seen["final"] = list(handle.events(timeout=60))[-1]
+        seen["stopped"] = engine.stop(drain=True, timeout=60)
+
+    helper = threading.Thread(target=drive)
+    helper.start()
+    engine.serve()  # returns once the helper has stopped it
+    helper.join(60)
+    assert seen["stopped"] and not engine.running
+    assert isinstance(seen["final"], engine_module.FinishedEvent) and seen["final"].codes[0].shape[0] == 4
+    (alone, _), = _run(model, codec, [_request(seed=70, frames=4)])
+    assert torch.equal(seen["final"].codes[0], alone.codes[0])
+
+
 def test_in_16_bits_streams_beside_others_complete_and_mostly_match_their_alone_runs(codec):
     """What holds in bfloat16 (measured: 13 of 14 streams bit-identical; a near-tie in 16-bit logits can flip one
     token, after which that stream continues differently): every stream completes with all its frames and finite
