@@ -2,6 +2,7 @@
 
     python bench.py                                                   # codec, e2e and lm sections, 2 threads
     python bench.py --section lm --weight-format fp32 bf16 int8 --compare-upstream ../upstream_code
+    python bench.py --section codec --compare-upstream-codec ../upstream_codec
     python bench.py --section codec --json                             # one section, figures as JSON
     python bench.py --section engine --weight-format int8              # N concurrent streams (long)
 
@@ -11,7 +12,9 @@ Intel Xeon and an AMD EPYC give very different fp32 figures), so ratios to upstr
 Sections:
 - codec: MOSS-Audio-Tokenizer-Nano at the released size. Streaming decode time per 80 ms frame at steady state (every
   sliding window full) with 1 and several frames per call, and offline encode/decode real-time factors. Upstream's
-  reference on a 2-vCPU host is 21-23 ms per frame streaming (spec codec.md §7).
+  streaming decode is timed in this process on the same weights with --compare-upstream-codec PATH (a folder of
+  upstream's codec remote-code files); else its reference on another 2-vCPU host is quoted (21-23 ms per frame,
+  spec codec.md §7).
 - lm: MOSS-TTS-Nano's generate_stream at the released size, random weights (or --model-path), a fixed 81-row
   continuation prompt, sampled with the CLI's defaults (--greedy for greedy), --frames forced frames (default 120 =
   9.6 s of audio). Per weight format (weight_formats.py): decode ms/frame and frames/s after the first frame, the ratio
