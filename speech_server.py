@@ -114,7 +114,8 @@ def _lifespan(state: ServerState, load, on_load_failure, load_before_serving: bo
 
 def _stop_engine(state: ServerState) -> bool:
     """Cancel what is left and wait (bounded) for the engine thread to end; returns whether it did."""
-    state.service.engine.stop(False)
+    if not state.service.engine.stop(False, ENGINE_STOP_SECONDS):
+        return False
     state.engine_thread.join(ENGINE_STOP_SECONDS)
     return not state.engine_thread.is_alive()
 
