@@ -174,23 +174,32 @@ def bench_codec_offline(model, device, args) -> dict:
 UPSTREAM_CODEC_PACKAGE = "moss_audio_tokenizer_upstream"
 
 
-def build_upstream_codec(args, ours, device):
-    """Upstream's MossAudioTokenizerModel from the remote-code files in --compare-upstream-codec, holding `ours`'s
-    (seeded) weights, in float32."""
+def upstream_module(folder: str, package: str, module: str):
+    """`module` of the folder of upstream's remote-code files registered as `package` (local_package)."""
     import importlib
 
     from local_package import import_folder_as_package
 
-    import_folder_as_package(args.compare_upstream_codec, UPSTREAM_CODEC_PACKAGE)
-    configuration = importlib.import_module(f"{UPSTREAM_CODEC_PACKAGE}.configuration_moss_audio_tokenizer")
-    modeling = importlib.import_module(f"{UPSTREAM_CODEC_PACKAGE}.modeling_moss_audio_tokenizer")
-    config = configuration.MossAudioTokenizerConfig.from_dict(ours.config.to_dict())
-    model = modeling.MossAudioTokenizerModel(config)
+    import_folder_as_package(folder, package)
+    return importlib.import_module(f"{package}.{module}")
+
+
+def with_weights_of(model, ours, flag: str):
+    """Upstream's `model` holding `ours`'s weights; exits naming `flag` when the two state dicts differ."""
     missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
     if missing or unexpected:
-        raise SystemExit(f"--compare-upstream-codec: the state dicts differ (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
-    return model.float().eval().to(device)
+        raise SystemExit(f"{flag}: the state dicts differ (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def build_upstream_codec(args, ours, device):
+    """Upstream's MossAudioTokenizerModel from the remote-code files in --compare-upstream-codec, holding `ours`'s
+    (seeded) weights, in float32."""
+    folder = args.compare_upstream_codec
+    configuration = upstream_module(folder, UPSTREAM_CODEC_PACKAGE, "configuration_moss_audio_tokenizer")
+    modeling = upstream_module(folder, UPSTREAM_CODEC_PACKAGE, "modeling_moss_audio_tokenizer")
+    model = modeling.MossAudioTokenizerModel(configuration.MossAudioTokenizerConfig.from_dict(ours.config.to_dict()))
+    return with_weights_of(model, ours, "--compare-upstream-codec").float().eval().to(device)
 
 
 def run_codec(args) -> dict:
@@ -293,11 +302,8 @@ def build_upstream_lm(args, device):
     Upstream's modeling file imports torchaudio for audio I/O that generate never uses; where torchaudio is not
     installed (this project never installs it) an empty stand-in module is registered first (spec tts.md §10).
     """
-    import importlib
     import importlib.util
     import types
-
-    from local_package import import_folder_as_package
 
     import transformers  # noqa: F401  (first: it probes torchaudio's spec at import, which a stand-in lacks)
 
@@ -305,17 +311,13 @@ def build_upstream_lm(args, device):
     if stand_in:  # only while upstream's modules import it: transformers probes torchaudio's spec later
         sys.modules["torchaudio"] = types.ModuleType("torchaudio")
     try:
-        import_folder_as_package(args.compare_upstream, UPSTREAM_PACKAGE)
-        modeling = importlib.import_module(f"{UPSTREAM_PACKAGE}.modeling_moss_tts_nano")
+        modeling = upstream_module(args.compare_upstream, UPSTREAM_PACKAGE, "modeling_moss_tts_nano")
     finally:
         if stand_in:
             del sys.modules["torchaudio"]
     ours = build_lm(args, torch.device("cpu"))
     model = modeling.MossTTSNanoForCausalLM(type(ours.config).from_dict(ours.config.to_dict()))
-    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
-    if missing or unexpected:
-        raise SystemExit(f"--compare-upstream: the state dicts differ (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
+    with_weights_of(model, ours, "--compare-upstream")
     model._set_attention_implementation("sdpa")
     return model.float().eval().to(device)
 

@@ -368,11 +368,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
             raise NotImplementedError("MossTTSNanoForCausalLM is inference-only: labels are not supported")
         if kwargs:
             logger.info("forward ignores the arguments %s", sorted(kwargs))
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if inputs_embeds is None:
-            self._validate_input_ids(input_ids)
-            inputs_embeds = self._embed_rows(input_ids)
+        inputs_embeds = self._forward_embeddings(input_ids, inputs_embeds)
         past = _one_cache_argument(cache, past_key_values, "forward")
         cache = self._forward_cache(past, use_cache, inputs_embeds, max_cache_length)
         hidden, all_hidden = self.transformer(
@@ -383,6 +379,15 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         if not return_dict:
             return hidden, cache, all_hidden, None
         return MossTTSNanoOutput(global_hidden_states=hidden, cache=cache, hidden_states=all_hidden)
+
+    def _forward_embeddings(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """The rows' embeddings [B, T, C]: `inputs_embeds`, or `input_ids` checked and embedded (exactly one)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            return inputs_embeds
+        self._validate_input_ids(input_ids)
+        return self._embed_rows(input_ids)
 
     def _forward_cache(self, past, use_cache, inputs_embeds, capacity) -> KVCache | None:
         """The cache forward writes into: the given one (grown when the new rows do not fit), one converted from a
