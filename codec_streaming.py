@@ -4,6 +4,10 @@ Every attention layer of the codec looks back at most `context` tokens (its slid
 fixed ring of `context + max_tokens_per_step - 1` keys per layer: memory stays flat for any stream length. Each stage
 keeps one ring of key positions shared by its layers; the attention mask of a step is derived from those positions
 (key <= query and query - key < context), so a ring slot that is empty or stale is masked without any host sync.
+Until the ring first wraps, a step attends only its written prefix (rounded up to FILLED_GRANULE slots, so that an
+accelerator sees few distinct shapes): the first seconds of a stream, where most utterances end, cost what upstream's
+growing cache costs instead of a whole window. The prefix length is a host-side bound (tokens registered per row
+since its reset), so finding it needs no device sync.
 
 Rows of a batch are independent streams with their own offsets. A step may give rows different frame counts
 (`num_frames`): all rows run the longest count, a row with fewer frames advances only by its own count, and the extra
@@ -25,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Position of a ring slot that holds nothing yet: far enough in the past to fall outside every window.
 EMPTY_POSITION = -(2**40)
+# Attended ring prefixes are whole multiples of this many slots (capped at the capacity).
+FILLED_GRANULE = 64
 
 
 class RingKVCache:
@@ -35,10 +41,12 @@ class RingKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [N, H, T, Dh] of the first N rows at ring slots [N, T]; return those rows' rings (k, v)."""
+    def write(self, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+              filled: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [N, H, T, Dh] of the first N rows at ring slots [N, T] (all below `filled`); return the first
+        `filled` slots of those rows' rings (k, v)."""
         rows = k.shape[0]
-        keys, values = self.k[:rows], self.v[:rows]
+        keys, values = self.k[:rows, :, :filled], self.v[:rows, :, :filled]
         if rows == 1:  # one row: a plain index copy, cheaper than scatter
             keys.index_copy_(2, slots[0], k.to(keys.dtype))
             values.index_copy_(2, slots[0], v.to(values.dtype))
@@ -54,15 +62,20 @@ class StepContext:
     """What one streaming step gives a transformer stage.
 
     positions: [B, T] absolute token positions of the new tokens (RoPE); slots: [B, T] ring slots they go to;
-    mask: [B, 1, T, capacity] bool (True = attend), built once for all its layers. Boolean because only a bool mask
-    reaches the Ascend adapter's fused SDPA kernel (a float mask takes the math path, npu.md §2.1); on CPU it costs
-    the same as an additive mask; caches: one RingKVCache per layer.
+    filled: ring slots attended (a prefix; every written slot is in it); mask: [B, 1, T, filled] bool (True =
+    attend), built once for all its layers. Boolean because only a bool mask reaches the Ascend adapter's fused SDPA
+    kernel (a float mask takes the math path, npu.md §2.1); caches: one RingKVCache per layer.
     """
 
     positions: torch.Tensor
     slots: torch.Tensor
+    filled: int
     mask: torch.Tensor
     caches: list
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's k, v [N, H, T, Dh] in `layer`'s ring; return the attended keys and values."""
+        return self.caches[layer].write(k, v, self.slots, self.filled)
 
 
 class StageState:
@@ -74,6 +87,7 @@ class StageState:
         self.capacity = stage.context + tokens_per_frame * max_frames_per_step - 1
         self.positions = torch.full((batch_size, self.capacity), EMPTY_POSITION, dtype=torch.long, device=device)
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.registered = [0] * batch_size  # host: tokens registered per row since its reset (>= its offset)
         self.caches = [
             RingKVCache(batch_size, stage.num_heads, self.capacity, stage.head_dim, stage.dtype, device)
             for _ in range(stage.num_layers)
@@ -87,19 +101,36 @@ class StageState:
         query_pos = offsets[:, None] + steps  # [N, T]
         slots = query_pos % self.capacity
         positions.scatter_(1, slots, query_pos)
-        distance = query_pos[:, :, None] - positions[:, None, :]  # [N, T, capacity]
+        filled = self._filled_after(num_tokens, rows)
+        distance = query_pos[:, :, None] - positions[:, None, :filled]  # [N, T, filled]
         visible = (distance >= 0) & (distance < self.context)
         offsets += num_tokens if advance is None else advance
-        return StepContext(positions=query_pos, slots=slots, mask=visible[:, None], caches=self.caches)
+        return StepContext(positions=query_pos, slots=slots, filled=filled, mask=visible[:, None], caches=self.caches)
 
-    def reset(self, rows: torch.Tensor | None = None) -> None:
-        """Forget the history of `rows` (a long index tensor), or of every row."""
+    def _filled_after(self, num_tokens: int, rows: int) -> int:
+        """Register `num_tokens` for the first `rows` rows; the ring prefix that holds everything they wrote.
+
+        A row writes slots below its registered count until that count reaches the capacity (a row advancing by
+        fewer tokens than it registers stays below its count), so the largest count bounds the used prefix.
+        """
+        registered = self.registered
+        for row in range(rows):
+            registered[row] += num_tokens
+        used = max(registered[:rows])
+        return min(self.capacity, -(-used // FILLED_GRANULE) * FILLED_GRANULE)
+
+    def reset(self, rows: list[int] | None = None) -> None:
+        """Forget the history of `rows` (row indices), or of every row."""
         if rows is None:
             self.positions.fill_(EMPTY_POSITION)
             self.offsets.zero_()
-        else:
-            self.positions[rows] = EMPTY_POSITION
-            self.offsets[rows] = 0
+            self.registered = [0] * len(self.registered)
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.offsets.device)
+        self.positions[index] = EMPTY_POSITION
+        self.offsets[index] = 0
+        for row in rows:
+            self.registered[row] = 0
 
 
 class StackStream:
@@ -133,7 +164,7 @@ class StackStream:
             x = module(x, step=state.begin_step(frames * state.tokens_per_frame, advance, x.shape[0]))
         return x
 
-    def reset(self, rows: torch.Tensor | None = None) -> None:
+    def reset(self, rows: list[int] | None = None) -> None:
         for _, state in self.stages:
             if state is not None:
                 state.reset(rows)
@@ -205,11 +236,13 @@ class CodecDecodeSession:
 
     def reset(self, rows=None) -> None:
         """Start fresh streams: every row, or only `rows` (an int list or long tensor)."""
-        if rows is not None:
-            rows = torch.as_tensor(rows, dtype=torch.long, device=self.frames_decoded.device)
-            self.frames_decoded[rows] = 0
-        else:
+        if rows is None:
             self.frames_decoded.zero_()
+        else:
+            rows = torch.as_tensor(rows, dtype=torch.long).tolist()
+            if not all(0 <= row < self.batch_size for row in rows):
+                raise ValueError(f"rows={rows}; expected indices in [0, {self.batch_size})")
+            self.frames_decoded[torch.tensor(rows, dtype=torch.long, device=self.frames_decoded.device)] = 0
         self._stream.reset(rows)
 
 

@@ -180,8 +180,9 @@ class CodecSelfAttention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, rope, step: StepContext | None = None, cache=None) -> torch.Tensor:
-        """x [B, T, D]; rope: `rope_tables` output; step/cache: streaming (ring KV cache), else offline windowed."""
+    def forward(self, x, rope, step: StepContext | None = None, layer: int = 0) -> torch.Tensor:
+        """x [B, T, D]; rope: `rope_tables` output; step: streaming (the ring KV cache of layer `layer` of the
+        stage), else offline windowed."""
         batch, length, d_model = x.shape
         qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k = apply_rope(qkv[:, :, :2], rope).unbind(2)  # q and k rotated in one pass
@@ -190,7 +191,7 @@ class CodecSelfAttention(nn.Module):
         if step is None:
             out = windowed_attention(self, q, k, v, self.context, kernel)
         else:
-            keys, values = cache.write(k, v, step.slots)
+            keys, values = step.write(layer, k, v)
             out = kernel(self, q, keys, values, step.mask, self.head_dim**-0.5)
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, d_model))
 
@@ -209,8 +210,8 @@ class CodecTransformerLayer(nn.Module):
         self.layer_scale_1 = LayerScale(d_model, layer_scale)
         self.layer_scale_2 = LayerScale(d_model, layer_scale)
 
-    def forward(self, x, rope, step: StepContext | None = None, cache=None) -> torch.Tensor:
-        x = self.layer_scale_1.add_scaled(x, self.self_attn(self.norm1(x), rope, step, cache))
+    def forward(self, x, rope, step: StepContext | None = None, layer: int = 0) -> torch.Tensor:
+        x = self.layer_scale_1.add_scaled(x, self.self_attn(self.norm1(x), rope, step, layer))
         return self.layer_scale_2.add_scaled(x, self.ffn(self.norm2(x)))
 
 
@@ -254,7 +255,7 @@ class ProjectedTransformer(nn.Module):
         positions = torch.arange(x.shape[1], device=x.device) if step is None else step.positions
         rope = rope_tables(positions, self.head_dim, self.max_period)
         for index, layer in enumerate(self.transformer.layers):
-            x = layer(x, rope, step, None if step is None else step.caches[index])
+            x = layer(x, rope, step, index)
         return self.output_proj(x)
 
 

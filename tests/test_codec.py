@@ -213,6 +213,41 @@ def test_decode_session_ragged_rows_and_reset():
     assert session.frames_decoded.tolist() == [8, 1]
 
 
+def test_streaming_attends_only_the_written_ring_prefix_until_it_wraps():
+    """A 120-token window (ring of 183 slots at 2 frames per step): the attended prefix grows by whole granules of
+    64 slots with the registered tokens, then stays at the capacity; a row reset mid-stream keeps the others' prefix,
+    and audio equals offline decoding throughout."""
+    model = tiny_model(seed=11, durations=(0.3, 0.04, 0.06, 0.08))
+    codes = torch.randint(0, 64, (4, 2, 9), generator=torch.Generator().manual_seed(3))
+    offline = model.decode(codes).audio
+    session = model.decode_session(batch_size=2, max_frames_per_step=2)
+    last = [state for _, state in session._stream.stages if state is not None][-1]
+    assert (last.context, last.capacity) == (120, 183)
+    filled = []
+    begin_step = last.begin_step
+    last.begin_step = _recording(begin_step, filled)
+    for frame in range(7):
+        audio = session.step(codes[:, :, frame : frame + 1])
+        assert (audio - offline[:, :, frame * HOP : (frame + 1) * HOP]).abs().max() <= 1e-5
+    assert filled == [64, 64, 128, 128, 183, 183, 183]
+    session.reset(rows=[1])
+    audio = session.step(torch.stack([codes[:, 0, 7:8], codes[:, 1, 0:1]], dim=1))
+    assert (audio[0] - offline[0, :, 7 * HOP : 8 * HOP]).abs().max() <= 1e-5
+    assert (audio[1] - offline[1, :, :HOP]).abs().max() <= 1e-5
+    assert filled[-1] == 183
+    session.reset()
+    session.step(codes[:, :, :2])
+    assert filled[-1] == 64
+
+
+def _recording(begin_step, filled):
+    def record(*args):
+        step = begin_step(*args)
+        filled.append(step.filled)
+        return step
+    return record
+
+
 def test_streaming_batch_decode_appends_and_finalizes_rows():
     model = tiny_model(seed=8)
     codes = torch.randint(0, 64, (4, 2, 6))
