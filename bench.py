@@ -95,13 +95,16 @@ def load_average() -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # codec
 # ----------------------------------------------------------------------------------------------------------------------
-def build_codec(device: torch.device, compute_dtype: str):
-    """The released-size codec with random weights (seeded), eval mode."""
+def build_codec(device: torch.device, compute_dtype: str, layout: str = "auto"):
+    """The released-size codec with random weights (seeded), eval mode; `layout` "auto" lays its Linear weights out
+    as the pipeline's loader does on the CPU, "row-major" keeps them as loaded (upstream's kernels)."""
     config_module = import_module("configuration_moss_audio_tokenizer")
     modeling = import_module("modeling_moss_audio_tokenizer")
     torch.manual_seed(0)
     model = modeling.MossAudioTokenizerModel(config_module.MossAudioTokenizerConfig()).eval().to(device)
     model.set_compute_dtype(compute_dtype)
+    if layout == "auto":
+        import_module("weight_formats").use_codec_cpu_layout(model)
     return model
 
 
@@ -204,7 +207,7 @@ def build_upstream_codec(args, ours, device):
 
 def run_codec(args) -> dict:
     device = resolve_device(args.device)
-    model = build_codec(device, args.codec_dtype)
+    model = build_codec(device, args.codec_dtype, args.codec_layout)
     streaming = [bench_codec_streaming(model, device, n, args) for n in args.frames_per_call]
     streaming.append(bench_codec_streaming(model, device, 1, args, upstream_api=True))
     model._reset_batch_decode_streaming_state()
@@ -230,6 +233,9 @@ def add_codec_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prefill-seconds", type=float, default=4.5, help="streamed before timing (fills windows)")
     group.add_argument("--offline-seconds", type=float, default=10.0)
     group.add_argument("--codec-dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    group.add_argument("--codec-layout", choices=["auto", "row-major"], default="auto",
+                       help="codec Linear weights: auto = the layout the loader picks on this CPU (probe), row-major = "
+                            "as loaded (upstream's kernels)")
     group.add_argument("--max-frames-per-step", type=int, default=None,
                        help="session ring capacity in frames (default: the frames per call)")
     group.add_argument("--compare-upstream-codec", metavar="PATH", default=None,
@@ -439,7 +445,7 @@ def print_lm(result: dict) -> None:
 def run_e2e(args) -> dict:
     """LM frames streamed into the codec: time to first audio and end-to-end RTF, per weight format."""
     device = resolve_device(args.device)
-    codec = build_codec(device, args.codec_dtype)
+    codec = build_codec(device, args.codec_dtype, args.codec_layout)
     prompt = bench_prompt(device)
     rows = []
     for fmt in args.weight_format:
@@ -582,7 +588,7 @@ def run_engine(args) -> dict:
     """Per weight format, N concurrent streams (staggered), LM + codec on one engine; the largest N with no underrun."""
     engine_module = import_module("engine")
     device = resolve_device(args.device)
-    codec = build_codec(device, args.codec_dtype)
+    codec = build_codec(device, args.codec_dtype, args.codec_layout)
     prompt = bench_prompt(device)[0].cpu()
     formats = []
     for fmt in args.weight_format:
@@ -691,11 +697,13 @@ def main(argv=None) -> int:
     report["cpu"] = import_module("host").cpu_description()
     report["kernels"] = {"fp32": " ".join(weight_formats.fp32_linear_kernel()),
                          "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "plain",
-                         "int8": f"weights in +-{weight_formats.int8_weight_max()}"}
+                         "int8": f"weights in +-{weight_formats.int8_weight_max()}",
+                         "codec": " ".join(weight_formats.codec_weight_layout()) if args.codec_layout == "auto"
+                         else "row-major (--codec-layout)"}
     if not args.json:
         print(f"bench: CPU {report['cpu']}; device {args.device}, threads {args.threads}, torch {torch.__version__}")
         print(f"  kernels: fp32 {report['kernels']['fp32']}; bf16 {report['kernels']['bf16']}; int8 "
-              f"{report['kernels']['int8']}")
+              f"{report['kernels']['int8']}; codec {report['kernels']['codec']}")
         print(f"  attention {args.attention}, weight formats {' '.join(args.weight_format)} (LM dtype per format), "
               f"codec {args.codec_dtype}; load average {report['load_average_before']}")
     with torch.inference_mode():

@@ -103,7 +103,7 @@ def write_random_model(folder: Path, tokenizer: Path) -> Path:
     lm = bench.build_lm(argparse.Namespace(model_path=None), torch.device("cpu"))
     checkpoints.write_model_repository(folder, lm.config, lm.state_dict(), tokenizer_model=tokenizer,
                                        dtype=torch.float32)
-    bench.build_codec(torch.device("cpu"), "fp32").save_pretrained(str(folder / "audio_tokenizer"))
+    bench.build_codec(torch.device("cpu"), "fp32", "row-major").save_pretrained(str(folder / "audio_tokenizer"))
     return folder
 
 

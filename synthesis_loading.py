@@ -7,7 +7,8 @@ nothing goes through transformers' dynamic-module machinery and `HF_MODULES_CACH
 codec is our `MossAudioTokenizerModel`, loaded from the model folder's `audio_tokenizer/` subfolder (what
 `python infer_npu.py --download-only` creates), else from `audio_tokenizer_pretrained_name_or_path` when that is a
 local folder; a missing codec raises a ValueError that says how to get it. Any object with the upstream codec API may
-be passed instead. Loaded tokenizers and codecs are cached on the model instance.
+be passed instead. Loaded tokenizers and codecs are cached on the model instance; on the CPU a loaded codec's Linear
+weights take the memory layout `weight_formats.codec_weight_layout` chooses (same values, faster small products).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .devices import resolve_device
 from .generation import GenerationSettings
 from .synthesis_request import SynthesisRequest
 from .text_chunking import count_tokens, voice_clone_text_chunks
+from .weight_formats import use_codec_cpu_layout
 from .weights import CODEC_REPO_ID, CODEC_SUBFOLDER, PINNED, describe_manual_download
 
 logger = logging.getLogger(__name__)
@@ -172,7 +174,10 @@ def load_audio_tokenizer(model, audio_tokenizer=None, audio_tokenizer_type=None,
         cache = _synthesis_cache(model)
         key = ("audio_tokenizer", str(folder))
         if key not in cache:
-            cache[key] = _load_codec_folder(folder)
+            codec = _load_codec_folder(folder).eval()
+            codec = codec.to(device) if device is not None else codec
+            logger.info("codec from %s: %s", folder, use_codec_cpu_layout(codec))
+            cache[key] = codec
         audio_tokenizer = cache[key]
     audio_tokenizer.eval()
     return audio_tokenizer.to(device) if device is not None and hasattr(audio_tokenizer, "to") else audio_tokenizer

@@ -12,13 +12,18 @@ from conftest import import_module, shared_path
 from safetensors.torch import load_file
 
 modeling = import_module("modeling_moss_audio_tokenizer")
+weight_formats = import_module("weight_formats")
 AUDIO_TOL = dict(atol=1e-4, rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def golden():
+@pytest.fixture(scope="module", params=["as loaded", "k-major"])
+def golden(request):
+    """The golden codec with its Linear weights as loaded, and in the K-major layout the loader may pick on a CPU
+    (weight_formats.codec_weight_layout): every recorded output must hold in both."""
     folder = shared_path("golden", "codec_tiny")
     model = modeling.MossAudioTokenizerModel.from_pretrained(str(folder)).eval()
+    if request.param == "k-major":
+        assert weight_formats.lay_out_k_major(model) > 0
     expected = load_file(str(folder / "expected.safetensors"))
     cases = json.loads((folder / "cases.json").read_text())
     return model, expected, cases

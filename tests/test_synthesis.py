@@ -350,6 +350,18 @@ def test_any_object_with_the_upstream_codec_api_works(model, prompt_wav, repo):
     assert duck.calls[:3] == ["encode", "decode", "encode"] and "stream" in duck.calls and duck.calls[-1] == "reset"
 
 
+def test_the_codec_loaded_from_the_model_folder_takes_this_cpus_layout_once(repo, caplog):
+    fresh = modeling.MossTTSNanoForCausalLM.from_pretrained(str(repo)).eval()
+    with caplog.at_level(logging.INFO, logger=synthesis.load_audio_tokenizer.__module__):
+        codec = synthesis.load_audio_tokenizer(fresh, device="cpu")
+        assert synthesis.load_audio_tokenizer(fresh, device="cpu") is codec
+    (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("codec from")]
+    layout, why = weight_formats.codec_weight_layout()
+    assert line.endswith(f"{layout} Linear weights ({why})"), line
+    linears = [module for module in codec.modules() if isinstance(module, torch.nn.Linear)]
+    assert {linear.weight.stride()[0] == 1 for linear in linears} == {layout == "k-major"}
+
+
 def test_tokenizer_loads_from_folder_or_file_without_touching_hf_modules_cache(model, repo, tokenizer_model_path):
     before = os.environ.get("HF_MODULES_CACHE")
     from_folder = model._load_text_tokenizer()

@@ -215,3 +215,36 @@ def test_a_faster_format_is_hinted_only_for_fp32_on_a_cpu_that_runs_it_well(monk
     assert "--weight-format bf16" in weight_formats.faster_format_hint("cpu", "fp32")
     monkeypatch.setattr(weight_formats, "cpu_has_native_bf16", lambda: False)
     assert weight_formats.faster_format_hint("cpu", "fp32") is None
+
+
+# -- the codec's Linear layout on the CPU --------------------------------------------------------------------------
+def _codec_linears(codec):
+    return [module for module in codec.modules() if isinstance(module, torch.nn.Linear)]
+
+
+@pytest.mark.parametrize("layout", ["k-major", "row-major"])
+def test_codec_layout_follows_the_probe_and_keeps_values_checkpoints_and_audio(monkeypatch, tmp_path, layout):
+    codec = checkpoints.tiny_codec(seed=3).eval()
+    before = {name: tensor.clone() for name, tensor in codec.state_dict().items()}
+    codes = torch.randint(0, codec.config.codebook_size, (codec.config.num_quantizers, 1, 5))
+    audio = codec.decode(codes).audio
+    monkeypatch.setattr(weight_formats, "codec_weight_layout", lambda: (layout, "forced by the test"))
+    assert weight_formats.use_codec_cpu_layout(codec) == f"{layout} Linear weights (forced by the test)"
+    strides = {linear.weight.stride() for linear in _codec_linears(codec)}
+    if layout == "k-major":
+        assert all(stride[0] == 1 for stride in strides), strides
+    else:
+        assert all(stride[1] == 1 for stride in strides), strides
+    after = codec.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    torch.testing.assert_close(codec.decode(codes).audio, audio, atol=1e-5, rtol=1e-5)
+    codec.save_pretrained(str(tmp_path))
+    reloaded = type(codec).from_pretrained(str(tmp_path)).state_dict()
+    assert all(torch.equal(reloaded[name], before[name]) for name in before)
+
+
+def test_codec_layout_probe_times_both_layouts():
+    layout, why = weight_formats.codec_weight_layout()
+    assert layout in ("k-major", "row-major")
+    row_us, k_major_us = (float(part.split()[-2]) for part in why.split(": ", 1)[1].split(", "))
+    assert (layout == "k-major") == (row_us >= weight_formats.K_MAJOR_MIN_GAIN * k_major_us), why
