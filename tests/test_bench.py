@@ -1,0 +1,22 @@
+"""bench.py runs end to end on a tiny budget: its codec section reports every row the README quotes."""
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO_ROOT
+
+
+def test_codec_section_reports_steady_state_stream_start_and_the_chosen_layout():
+    command = [sys.executable, "bench.py", "--section", "codec", "--frames-per-call", "1", "--stream-frames", "1",
+               "--runs", "1", "--warmup", "0", "--prefill-seconds", "0.08", "--start-seconds", "0.16",
+               "--offline-seconds", "0.16", "--json"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["kernels"]["codec"].split()[0] in ("k-major", "row-major"), report["kernels"]
+    codec = report["codec"]
+    assert [row["frames_per_call"] for row in codec["streaming"]] == [1, 1]
+    (start,) = codec["stream_start"]
+    assert start["frames"] == 2 and start["ms_per_frame_median"] > 0
+    assert codec["offline"]["decode_rtf"] > 0
