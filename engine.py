@@ -583,6 +583,8 @@ class SpeechEngine:
         stream.group = None
         if self._running.get(stream.slot) is stream:
             del self._running[stream.slot]
+            if self.codec is not None:  # a forgotten history shortens the codec ring prefix the others attend
+                self.codec.reset(stream.slot)
         stream.handle.deliver(event)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -155,6 +155,21 @@ def test_cancel_frees_the_slot_and_a_reused_slot_starts_clean(model, codec):
     assert torch.equal(_collect(second)[0].codes[0], fresh.codes[0])
 
 
+def test_a_finished_request_leaves_its_codec_row_empty(model, codec):
+    """A stream's codec history is forgotten when it ends, so it no longer widens the ring prefix the rows still
+    running attend (codec_streaming: the prefix bounds every row's registered tokens)."""
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    short, long = engine.submit(_request(seed=43, frames=3)), engine.submit(_request(seed=44, frames=9))
+    session = engine.codec.session
+    while not short.done.is_set():
+        engine.step()
+    assert session.frames_decoded.tolist()[0] == 0 and session.frames_decoded.tolist()[1] > 0
+    stages = [state for _, state in session._stream.stages if state is not None]
+    assert all(state.registered[0] == 0 for state in stages)
+    engine.run_until_idle()
+    assert long.done.is_set() and session.frames_decoded.tolist() == [0, 0]
+
+
 def test_an_error_in_one_request_ends_that_request_only(codec):
     model = always_continue_tiny_tts(seed=31).eval()
     with torch.no_grad():
