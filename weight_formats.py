@@ -171,10 +171,10 @@ def codec_weight_layout() -> tuple[str, str]:
     a short timing probe.
 
     F.linear reads a weight stored as the transpose of a contiguous [in, out] tensor (K-major) with MKL's
-    non-transposed GEMM, which on some CPUs runs the codec's 4-32-row products much faster once the weights are out
-    of cache (an AMD EPYC with AVX2: 1.2-1.3x, about 9 % of a streamed frame; the same with warm weights). Values and
-    state-dict keys do not change, only the memory order, so outputs match to float rounding. The probe takes about
-    0.2 s, once per process.
+    non-transposed GEMM, which on some CPUs runs the codec's 4-32-row products faster once the weights are out of
+    cache (an AMD EPYC with AVX2: 1.2-1.3x, about 9 % of a streamed frame; with warm weights the two layouts tie, so
+    the probe streams weights through the caches). Values and state-dict keys do not change, only the memory order,
+    so outputs match to float rounding. The probe takes about 0.2 s, once per process.
     """
     generator = torch.Generator().manual_seed(0)
     weights = [torch.randn(CODEC_PROBE_SHAPE, generator=generator) for _ in range(CODEC_PROBE_WEIGHTS)]

@@ -208,6 +208,8 @@ def test_decode_session_ragged_rows_and_reset():
     assert (second[0] - offline[0, :, 4 * HOP : 8 * HOP]).abs().max() <= 1e-5
     assert (second[1] - offline[1, :, HOP : 5 * HOP]).abs().max() <= 1e-5
     session.reset(rows=[1])
+    with pytest.raises(ValueError, match=r"rows=\[2\]; expected indices in \[0, 2\)"):
+        session.reset(rows=[2])
     again = session.step(codes[:, :, :1], num_frames=torch.tensor([0, 1]))
     assert (again[1] - offline[1, :, :HOP]).abs().max() <= 1e-5
     assert session.frames_decoded.tolist() == [8, 1]
