@@ -4,10 +4,11 @@ Every attention layer of the codec looks back at most `context` tokens (its slid
 fixed ring of `context + max_tokens_per_step - 1` keys per layer: memory stays flat for any stream length. Each stage
 keeps one ring of key positions shared by its layers; the attention mask of a step is derived from those positions
 (key <= query and query - key < context), so a ring slot that is empty or stale is masked without any host sync.
-Until the ring first wraps, a step attends only its written prefix (rounded up to FILLED_GRANULE slots, so that an
-accelerator sees few distinct shapes): the first seconds of a stream, where most utterances end, cost what upstream's
-growing cache costs instead of a whole window. The prefix length is a host-side bound (tokens registered per row
-since its reset), so finding it needs no device sync.
+Until the ring first wraps, a step attends only the prefix its rows have written (rounded up to FILLED_GRANULE slots,
+so that an accelerator sees few distinct shapes): the first seconds of a stream, where most utterances end, cost what
+upstream's growing cache costs instead of a whole window. The prefix is a host-side bound (each row's highest slot
+written since its reset), so finding it needs no device sync; a row with fewer frames than the step (or none) widens
+it only by what it writes, when its frame counts are on the host (a CPU `num_frames`), else by the whole step.
 
 Rows of a batch are independent streams with their own offsets. A step may give rows different frame counts
 (`num_frames`): all rows run the longest count, a row with fewer frames advances only by its own count, and the extra
@@ -87,36 +88,39 @@ class StageState:
         self.capacity = stage.context + tokens_per_frame * max_frames_per_step - 1
         self.positions = torch.full((batch_size, self.capacity), EMPTY_POSITION, dtype=torch.long, device=device)
         self.offsets = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.registered = [0] * batch_size  # host: tokens registered per row since its reset (>= its offset)
+        # Host bounds per row since its reset: its offset, and the end of the slots it has written.
+        self.host_offsets, self.written = [0] * batch_size, [0] * batch_size
         self.caches = [
             RingKVCache(batch_size, stage.num_heads, self.capacity, stage.head_dim, stage.dtype, device)
             for _ in range(stage.num_layers)
         ]
 
-    def begin_step(self, num_tokens: int, advance: torch.Tensor | None, rows: int) -> StepContext:
+    def begin_step(self, num_tokens: int, advance: torch.Tensor | None, rows: int,
+                   host_advance: list[int] | None = None) -> StepContext:
         """Register `num_tokens` new tokens for each of the first `rows` rows; they then advance by `advance` [rows]
-        tokens (default all)."""
+        tokens (default all); `host_advance` is the same on the host, when known."""
         offsets, positions = self.offsets[:rows], self.positions[:rows]
         steps = torch.arange(num_tokens, device=offsets.device)
         query_pos = offsets[:, None] + steps  # [N, T]
         slots = query_pos % self.capacity
         positions.scatter_(1, slots, query_pos)
-        filled = self._filled_after(num_tokens, rows)
+        filled = self._filled_after(num_tokens, rows, host_advance)
         distance = query_pos[:, :, None] - positions[:, None, :filled]  # [N, T, filled]
         visible = (distance >= 0) & (distance < self.context)
         offsets += num_tokens if advance is None else advance
         return StepContext(positions=query_pos, slots=slots, filled=filled, mask=visible[:, None], caches=self.caches)
 
-    def _filled_after(self, num_tokens: int, rows: int) -> int:
-        """Register `num_tokens` for the first `rows` rows; the ring prefix that holds everything they wrote.
+    def _filled_after(self, num_tokens: int, rows: int, host_advance: list[int] | None) -> int:
+        """Account this step's writes of the first `rows` rows; the ring prefix that holds every slot they wrote.
 
-        A row writes slots below its registered count until that count reaches the capacity (a row advancing by
-        fewer tokens than it registers stays below its count), so the largest count bounds the used prefix.
+        A row writes positions [offset, offset + num_tokens), which sit at the same slots until they pass the
+        capacity, so the highest end bounds its used prefix (an upper bound of its offset keeps that true).
         """
-        registered = self.registered
+        offsets, written = self.host_offsets, self.written
         for row in range(rows):
-            registered[row] += num_tokens
-        used = max(registered[:rows])
+            written[row] = max(written[row], offsets[row] + num_tokens)
+            offsets[row] += num_tokens if host_advance is None else host_advance[row]
+        used = max(written[:rows])
         return min(self.capacity, -(-used // FILLED_GRANULE) * FILLED_GRANULE)
 
     def reset(self, rows: list[int] | None = None) -> None:
@@ -124,13 +128,13 @@ class StageState:
         if rows is None:
             self.positions.fill_(EMPTY_POSITION)
             self.offsets.zero_()
-            self.registered = [0] * len(self.registered)
+            self.host_offsets, self.written = [0] * len(self.written), [0] * len(self.written)
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.offsets.device)
         self.positions[index] = EMPTY_POSITION
         self.offsets[index] = 0
         for row in rows:
-            self.registered[row] = 0
+            self.host_offsets[row] = self.written[row] = 0
 
 
 class StackStream:
@@ -151,9 +155,11 @@ class StackStream:
             else:
                 self.stages.append((module, StageState(module, batch_size, units, max_frames_per_step, device)))
 
-    def step(self, x: torch.Tensor, num_frames: torch.Tensor | None = None) -> torch.Tensor:
+    def step(self, x: torch.Tensor, num_frames: torch.Tensor | None = None,
+             host_frames: list[int] | None = None) -> torch.Tensor:
         """Run x [N, F * units_per_frame, C] (the first N rows, F <= max_frames_per_step) through the stack,
-        updating those rows' caches."""
+        updating those rows' caches; row n advances by num_frames[n] frames (default F), which `host_frames` gives
+        on the host when known."""
         frames = x.shape[1] // self.units_per_frame
         assert frames <= self.max_frames_per_step and x.shape[0] <= self.batch_size
         for module, state in self.stages:
@@ -161,7 +167,8 @@ class StackStream:
                 x = module(x)
                 continue
             advance = None if num_frames is None else num_frames * state.tokens_per_frame
-            x = module(x, step=state.begin_step(frames * state.tokens_per_frame, advance, x.shape[0]))
+            host_advance = None if host_frames is None else [n * state.tokens_per_frame for n in host_frames]
+            x = module(x, step=state.begin_step(frames * state.tokens_per_frame, advance, x.shape[0], host_advance))
         return x
 
     def reset(self, rows: list[int] | None = None) -> None:
@@ -203,7 +210,8 @@ class CodecDecodeSession:
         Args:
             codes: [nq, N, T] integer codes, 1 <= nq <= num_quantizers (the first nq codebooks).
             num_frames: optional [N] long; row n uses only its first num_frames[n] frames (0 = no new frames). Its
-                audio past num_frames[n] * hop is zero.
+                audio past num_frames[n] * hop is zero. Pass it on the CPU (any device works): the host then knows
+                each row's writes and the attended ring prefix widens only by them.
             codebooks: optional [N] long; row n decodes only its first codebooks[n] codebooks (its other codes
                 are ignored, so any value may stand there).
         Returns:
@@ -212,21 +220,26 @@ class CodecDecodeSession:
         if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.batch_size:
             raise ValueError(f"codes shape {tuple(codes.shape)}; expected [nq, rows <= {self.batch_size}, frames]")
         rows = codes.shape[1]
+        on_host = num_frames is not None and num_frames.device.type == "cpu"
+        host_frames = num_frames.tolist() if on_host else None
         pieces = []
         for start in range(0, codes.shape[2], self.max_frames_per_step):
             chunk = codes[:, :, start : start + self.max_frames_per_step]
-            chunk_frames = None
+            chunk_frames = chunk_host = None
             if num_frames is not None:
                 chunk_frames = (num_frames.to(codes.device) - start).clamp(0, chunk.shape[2])
-            pieces.append(self._step_chunk(chunk, chunk_frames, codebooks))
+            if host_frames is not None:
+                chunk_host = [min(max(frames - start, 0), chunk.shape[2]) for frames in host_frames]
+            pieces.append(self._step_chunk(chunk, chunk_frames, chunk_host, codebooks))
         if not pieces:
             return self._model.empty_audio(rows)
         return torch.cat(pieces, dim=-1)
 
-    def _step_chunk(self, codes: torch.Tensor, num_frames: torch.Tensor | None, codebooks) -> torch.Tensor:
+    def _step_chunk(self, codes: torch.Tensor, num_frames: torch.Tensor | None, host_frames: list[int] | None,
+                    codebooks) -> torch.Tensor:
         model, rows = self._model, codes.shape[1]
         latent = model.quantizer.decode(codes, self._tables, codebooks)  # [N, T, D] fp32
-        audio = model.deinterleave(self._stream.step(latent, num_frames))
+        audio = model.deinterleave(self._stream.step(latent, num_frames, host_frames))
         if num_frames is None:
             self.frames_decoded[:rows] += codes.shape[2]
             return audio
@@ -239,7 +252,7 @@ class CodecDecodeSession:
         if rows is None:
             self.frames_decoded.zero_()
         else:
-            rows = torch.as_tensor(rows, dtype=torch.long).tolist()
+            rows = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
             if not all(0 <= row < self.batch_size for row in rows):
                 raise ValueError(f"rows={rows}; expected indices in [0, {self.batch_size})")
             self.frames_decoded[torch.tensor(rows, dtype=torch.long, device=self.frames_decoded.device)] = 0
@@ -283,8 +296,9 @@ class BatchDecodeStreams:
         session, device = self.session, self.session.frames_decoded.device
         nq = codes_list[0].shape[0]
         frames = [int(codes.shape[-1]) for codes in codes_list]
-        batch = torch.zeros(nq, session.batch_size, max(frames), dtype=torch.long, device=device)
-        num_frames = torch.zeros(session.batch_size, dtype=torch.long, device=device)
+        rows = max(self.row_slots) + 1  # slots past every stream's stay out of the step
+        batch = torch.zeros(nq, rows, max(frames), dtype=torch.long, device=device)
+        num_frames = torch.zeros(rows, dtype=torch.long)  # on the host: the session then knows each row's writes
         for row, codes in enumerate(codes_list):
             slot = self.row_slots[row]
             batch[:, slot, : frames[row]] = codes.to(device)
@@ -295,7 +309,7 @@ class BatchDecodeStreams:
         for row in sorted(set(finalize_indices or []), reverse=True):
             if not 0 <= row < len(self.row_slots):
                 raise ValueError(f"finalize_indices has {row}; expected indices of the {len(self.row_slots)} rows")
-            del self.row_slots[row]
+            session.reset([self.row_slots.pop(row)])
         return audio, lengths
 
 
@@ -334,15 +348,14 @@ class CodecSlots:
         rows = max(work) + 1
         longest = max(codes.shape[0] for codes, _ in work.values())
         batch = torch.zeros(self.n_vq, rows, longest, dtype=torch.long, device=self.device)
-        frames = torch.zeros(rows, dtype=torch.long)
+        frames = torch.zeros(rows, dtype=torch.long)  # stays on the host (see CodecDecodeSession.step)
         codebooks = torch.full((rows,), self.n_vq, dtype=torch.long)
         for slot, (codes, nq) in work.items():
             batch[:, slot, : codes.shape[0]] = codes.t().to(self.device)
             frames[slot], codebooks[slot] = codes.shape[0], nq
         nq_max = int(codebooks.max())
         mixed = bool((codebooks[list(work)] != nq_max).any())
-        audio = self.session.step(batch[:nq_max], frames.to(self.device),
-                                  codebooks.to(self.device) if mixed else None)
+        audio = self.session.step(batch[:nq_max], frames, codebooks.to(self.device) if mixed else None)
         audio = audio.to("cpu", torch.float32)
         return {slot: audio[slot, :, : work[slot][0].shape[0] * self.hop] for slot in work}
 

@@ -11,6 +11,7 @@ from transformers import AutoModel
 checkpoints = import_module("checkpoints")
 configuration = import_module("configuration_moss_audio_tokenizer")
 modeling = import_module("modeling_moss_audio_tokenizer")
+codec_streaming = import_module("codec_streaming")
 weights = import_module("weights")
 HOP = 3840
 
@@ -217,7 +218,7 @@ def test_decode_session_ragged_rows_and_reset():
 
 def test_streaming_attends_only_the_written_ring_prefix_until_it_wraps():
     """A 120-token window (ring of 183 slots at 2 frames per step): the attended prefix grows by whole granules of
-    64 slots with the registered tokens, then stays at the capacity; a row reset mid-stream keeps the others' prefix,
+    64 slots with the tokens written, then stays at the capacity; a row reset mid-stream keeps the others' prefix,
     and audio equals offline decoding throughout."""
     model = tiny_model(seed=11, durations=(0.3, 0.04, 0.06, 0.08))
     codes = torch.randint(0, 64, (4, 2, 9), generator=torch.Generator().manual_seed(3))
@@ -240,6 +241,61 @@ def test_streaming_attends_only_the_written_ring_prefix_until_it_wraps():
     session.reset()
     session.step(codes[:, :, :2])
     assert filled[-1] == 64
+
+
+def _last_stage_recording(session):
+    last = [state for _, state in session._stream.stages if state is not None][-1]
+    filled = []
+    last.begin_step = _recording(last.begin_step, filled)
+    return filled
+
+
+def test_rows_with_fewer_frames_widen_the_prefix_only_by_what_they_write():
+    """With the frame counts on the host (a CPU num_frames), a row with no frames rewrites only its first 32 slots
+    each step, so the other row's prefix follows its own stream; audio equals offline decoding."""
+    model = tiny_model(seed=12, durations=(0.3, 0.04, 0.06, 0.08))
+    codes = torch.randint(0, 64, (4, 2, 6), generator=torch.Generator().manual_seed(4))
+    offline = model.decode(codes).audio
+    session = model.decode_session(batch_size=2, max_frames_per_step=2)
+    filled = _last_stage_recording(session)
+    for frame in range(6):
+        batch = torch.stack([codes[:, 0, frame : frame + 1], codes[:, 1, :1]], dim=1)
+        audio = session.step(batch, torch.tensor([1, 1 if frame == 0 else 0]))
+        assert (audio[0] - offline[0, :, frame * HOP : (frame + 1) * HOP]).abs().max() <= 1e-5
+    assert filled == [64, 64, 128, 128, 183, 183]
+    session.reset(rows=[0])
+    session.step(codes[:, :, :1], torch.tensor([1, 0]))
+    assert filled[-1] == 64  # row 1 wrote only its first frame's slots, plus idle rewrites of them
+
+
+def test_without_host_frame_counts_each_row_is_bounded_by_the_whole_step():
+    """A device num_frames cannot be read without a sync: every stepped row then counts the whole step."""
+    stage = modeling.ProjectedTransformer(tiny_config_dict(durations=(0.3, 0.04, 0.06, 0.08))["decoder_kwargs"][7],
+                                          context=120)
+    state = codec_streaming.StageState(stage, 2, 32, 2, "cpu")
+    still = torch.tensor([0, 0])  # neither row advances: each rewrites its first 32 slots
+    unknown = [state.begin_step(32, still, 2, None).filled for _ in range(3)]
+    state.reset(rows=[0])
+    unknown.append(state.begin_step(32, still, 2, None).filled)  # row 1 keeps its bound of 3 whole steps
+    state.reset()
+    known = [state.begin_step(32, still, 2, [0, 0]).filled for _ in range(4)]
+    assert (unknown, known) == ([64, 64, 128, 128], [64, 64, 64, 64])
+
+
+def test_a_stream_outliving_a_finalized_one_attends_its_own_prefix():
+    """batch_decode(streaming=True): a finalized stream's slot is forgotten, so the stream beside it (in a higher
+    slot) attends the ring prefix of its own history, not the finished one's."""
+    model = tiny_model(seed=13, durations=(0.3, 0.04, 0.06, 0.08))
+    codes = torch.randint(0, 64, (4, 2, 8), generator=torch.Generator().manual_seed(5))
+    offline = model.decode(codes).audio
+    model.batch_decode([codes[:, 0, :6]], streaming=True, max_batch_size=2, reset_stream=True)
+    filled = _last_stage_recording(model._batch_streams.session)
+    first = model.batch_decode([codes[:, 0, 6:7], codes[:, 1, :1]], streaming=True, finalize_indices=[0])
+    second = model.batch_decode([codes[:, 1, 1:2]], streaming=True)  # former row 1 is now row 0, in slot 1
+    assert filled == [256, 64]  # 7 frames of 32 tokens in a ring of 375 slots; then 2 frames
+    assert (first.audio[1] - offline[1, :, :HOP]).abs().max() <= 1e-5
+    assert (second.audio[0] - offline[1, :, HOP : 2 * HOP]).abs().max() <= 1e-5
+    model._reset_batch_decode_streaming_state()
 
 
 def _recording(begin_step, filled):

@@ -15,6 +15,7 @@ from conftest import import_module
 engine_module = import_module("engine")
 generation = import_module("generation")
 checkpoints = import_module("checkpoints")
+FILLED_GRANULE = import_module("codec_streaming").FILLED_GRANULE
 always_continue_tiny_tts = checkpoints.always_continue_tiny_model
 
 SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
@@ -155,19 +156,33 @@ def test_cancel_frees_the_slot_and_a_reused_slot_starts_clean(model, codec):
     assert torch.equal(_collect(second)[0].codes[0], fresh.codes[0])
 
 
-def test_a_finished_request_leaves_its_codec_row_empty(model, codec):
-    """A stream's codec history is forgotten when it ends, so it no longer widens the ring prefix the rows still
-    running attend (codec_streaming: the prefix bounds every row's registered tokens)."""
+def test_a_finished_request_no_longer_widens_the_codec_prefix_of_the_others(model, codec):
+    """A stream's codec history is forgotten when it ends, so the ring prefix that a later, shorter stream in a higher
+    slot attends follows that stream's own writes (codec_streaming: the prefix bounds every stepped row's writes)."""
     engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
-    short, long = engine.submit(_request(seed=43, frames=3)), engine.submit(_request(seed=44, frames=9))
-    session = engine.codec.session
-    while not short.done.is_set():
+    last = [state for _, state in engine.codec.session._stream.stages if state is not None][-1]
+    steps = []  # (filled, written per row) of the last codec stage, per codec call
+    begin_step = last.begin_step
+
+    def recording(*args):
+        step = begin_step(*args)
+        steps.append((step.filled, list(last.written)))
+        return step
+
+    last.begin_step = recording
+    first = engine.submit(_request(seed=43, frames=9))  # fills slot 0's ring: 9 frames of 32 tokens > capacity
+    for _ in range(5):
         engine.step()
-    assert session.frames_decoded.tolist()[0] == 0 and session.frames_decoded.tolist()[1] > 0
-    stages = [state for _, state in session._stream.stages if state is not None]
-    assert all(state.registered[0] == 0 for state in stages)
+    second = engine.submit(_request(seed=44, frames=9))  # slot 1, five frames behind
+    while not first.done.is_set():
+        engine.step()
+    before = len(steps)
     engine.run_until_idle()
-    assert long.done.is_set() and session.frames_decoded.tolist() == [0, 0]
+    assert second.done.is_set() and len(steps) > before
+    for filled, written in steps[before:]:  # row 0 is stepped idle: it rewrites only slots below row 1's end
+        assert written[0] <= written[1]
+        assert filled == min(last.capacity, -(-written[1] // FILLED_GRANULE) * FILLED_GRANULE)
+    assert steps[before][0] < steps[before - 1][0] == last.capacity
 
 
 def test_an_error_in_one_request_ends_that_request_only(codec):
