@@ -718,6 +718,15 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def codec_layout_note(args, weight_formats) -> str:
+    """How the codec decoder's Linear weights are laid out in this run (bench.build_codec)."""
+    if args.codec_layout != "auto":
+        return "row-major (--codec-layout)"
+    if resolve_device(args.device).type != "cpu" or args.codec_dtype != "fp32":
+        return "as loaded (the layout probe is for fp32 on the CPU)"
+    return " ".join(weight_formats.codec_weight_layout())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -729,8 +738,7 @@ def main(argv=None) -> int:
     report["kernels"] = {"fp32": " ".join(weight_formats.fp32_linear_kernel()),
                          "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "plain",
                          "int8": f"weights in +-{weight_formats.int8_weight_max()}",
-                         "codec": " ".join(weight_formats.codec_weight_layout()) if args.codec_layout == "auto"
-                         else "row-major (--codec-layout)"}
+                         "codec": codec_layout_note(args, weight_formats)}
     if not args.json:
         print(f"bench: CPU {report['cpu']}; device {args.device}, threads {args.threads}, torch {torch.__version__}")
         print(f"  kernels: fp32 {report['kernels']['fp32']}; bf16 {report['kernels']['bf16']}; int8 "

@@ -180,9 +180,9 @@ class CodecSelfAttention(nn.Module):
         self.in_proj = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x, rope, step: StepContext | None = None, layer: int = 0) -> torch.Tensor:
-        """x [B, T, D]; rope: `rope_tables` output; step: streaming (the ring KV cache of layer `layer` of the
-        stage), else offline windowed."""
+    def forward(self, x, rope, step: StepContext | None = None, layer: int | None = None) -> torch.Tensor:
+        """x [B, T, D]; rope: `rope_tables` output; step: streaming (the ring KV cache of the stage's layer
+        `layer`, required with it), else offline windowed."""
         batch, length, d_model = x.shape
         qkv = self.in_proj(x).view(batch, length, 3, self.num_heads, self.head_dim)
         q, k = apply_rope(qkv[:, :, :2], rope).unbind(2)  # q and k rotated in one pass
@@ -210,7 +210,7 @@ class CodecTransformerLayer(nn.Module):
         self.layer_scale_1 = LayerScale(d_model, layer_scale)
         self.layer_scale_2 = LayerScale(d_model, layer_scale)
 
-    def forward(self, x, rope, step: StepContext | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x, rope, step: StepContext | None = None, layer: int | None = None) -> torch.Tensor:
         x = self.layer_scale_1.add_scaled(x, self.self_attn(self.norm1(x), rope, step, layer))
         return self.layer_scale_2.add_scaled(x, self.ffn(self.norm2(x)))
 

@@ -169,18 +169,21 @@ def load_audio_tokenizer(model, audio_tokenizer=None, audio_tokenizer_type=None,
     if audio_tokenizer_type not in (None, *AUDIO_TOKENIZER_TYPES):
         raise ValueError(f"audio_tokenizer_type={audio_tokenizer_type!r}; expected None or one of "
                          f"{AUDIO_TOKENIZER_TYPES}")
-    if audio_tokenizer is None:
-        folder = _codec_folder(model, audio_tokenizer_pretrained_name_or_path)
-        cache = _synthesis_cache(model)
-        key = ("audio_tokenizer", str(folder))
-        if key not in cache:
-            codec = _load_codec_folder(folder).eval()
-            codec = codec.to(device) if device is not None else codec
-            logger.info("codec from %s: %s", folder, use_codec_cpu_layout(codec))
-            cache[key] = codec
-        audio_tokenizer = cache[key]
-    audio_tokenizer.eval()
-    return audio_tokenizer.to(device) if device is not None and hasattr(audio_tokenizer, "to") else audio_tokenizer
+    if audio_tokenizer is not None:
+        audio_tokenizer.eval()
+        return audio_tokenizer.to(device) if device is not None and hasattr(audio_tokenizer, "to") else audio_tokenizer
+    folder = _codec_folder(model, audio_tokenizer_pretrained_name_or_path)
+    cache = _synthesis_cache(model)
+    key = ("audio_tokenizer", str(folder))
+    loaded = key not in cache
+    if loaded:
+        cache[key] = _load_codec_folder(folder)
+    codec = cache[key].eval()
+    codec = codec.to(device) if device is not None else codec
+    layout = use_codec_cpu_layout(codec)  # again after a move: the layout follows the device
+    if loaded:
+        logger.info("codec from %s: %s", folder, layout)
+    return codec
 
 
 def _codec_folder(model, requested) -> Path:

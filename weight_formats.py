@@ -40,6 +40,9 @@ CPU kernels (why the formats are not just `model.to(dtype)`):
   emulation to 1e-7 relative; [-127, 127] weights with 8-bit activations are off by up to 35%). With VNNI the
   products go straight to int32 and the weights use [-127, 127].
 * fp16 has no fast batch-1 CPU kernel; it is offered for accelerators and runs correctly (not faster) on CPU.
+* The codec (not a weight format: it always keeps its float32 values) stores its decoder's Linear weights K-major on
+  CPUs where a probe finds MKL faster that way (`codec_weight_layout`, applied by `use_codec_cpu_layout` when the
+  pipeline loads the codec); elsewhere, and off the CPU, they stay row-major.
 
 Tied weights: `text_lm_head` shares `transformer.wte.weight` and `audio_lm_heads[c]` shares
 `audio_embeddings[c].weight` (spec tts.md §2.3). Embedding lookups need the float table, so a converted audio head is a
@@ -124,10 +127,11 @@ def onednn_packing_available() -> bool:
     return bool(torch.equal(output.float(), torch.full((1, 16), 16.0)))
 
 
+# Kernel probes time the usual choice against a candidate, interleaved, and take the candidate only when it is this
+# much faster (summed over the probe's shapes), so that timing noise keeps the usual choice.
+PROBE_MIN_GAIN = 1.1
 # The fp32 kernel probe: a block-sized Linear (768 -> 3072) timed at batch 1 and 8, best of PROBE_RUNS calls each.
 PROBE_SHAPE, PROBE_BATCHES, PROBE_RUNS = (3072, 768), (1, 8), 15
-# oneDNN's packed fp32 linear is chosen when it beats F.linear by this factor (summed over the probe batches).
-PACKED_FP32_MIN_GAIN = 1.1
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,13 +151,13 @@ def fp32_linear_kernel() -> tuple[str, str]:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
     except RuntimeError as error:
         return "plain", f"oneDNN fp32 packing does not run here ({str(error).splitlines()[0]})"
-    plain_us, packed_us = 0.0, 0.0
+    pairs = []
     for batch in PROBE_BATCHES:
         hidden = torch.randn(batch, PROBE_SHAPE[1], generator=generator)
-        plain, onednn = _best_calls_us(lambda: F.linear(hidden, weight),
-                                       lambda: torch.ops.mkldnn._linear_pointwise(hidden, packed, None, "none", [], ""))
-        plain_us, packed_us = plain_us + plain, packed_us + onednn
-    kernel = "packed" if plain_us >= PACKED_FP32_MIN_GAIN * packed_us else "plain"
+        pairs.append((functools.partial(F.linear, hidden, weight),
+                      functools.partial(torch.ops.mkldnn._linear_pointwise, hidden, packed, None, "none", [], "")))
+    plain_us, packed_us = _summed_best_us(pairs, PROBE_RUNS)
+    kernel = "packed" if plain_us >= PROBE_MIN_GAIN * packed_us else "plain"
     return kernel, f"probe at batch 1 + 8: F.linear {plain_us:.0f} us, oneDNN packed {packed_us:.0f} us"
 
 
@@ -161,43 +165,54 @@ def fp32_linear_kernel() -> tuple[str, str]:
 # they stream through the caches as a frame's 38 MB of decoder weights do) at the rows of the first and last decoder
 # stages for one streamed frame (4 and 32 tokens), best of CODEC_PROBE_RUNS passes each.
 CODEC_PROBE_SHAPE, CODEC_PROBE_ROWS, CODEC_PROBE_WEIGHTS, CODEC_PROBE_RUNS = (1024, 256), (4, 32), 16, 8
-# The K-major layout is chosen when it beats the row-major one by this factor (summed over the probe rows).
-K_MAJOR_MIN_GAIN = 1.1
 
 
 @functools.lru_cache(maxsize=None)
 def codec_weight_layout() -> tuple[str, str]:
-    """("k-major" or "row-major", why): how the codec's float Linear weights are laid out on this CPU, decided once by
-    a short timing probe.
+    """("k-major" or "row-major", why): how the codec decoder's float32 Linear weights are laid out on this CPU,
+    decided once by a short timing probe (`_codec_probe_us`).
 
     F.linear reads a weight stored as the transpose of a contiguous [in, out] tensor (K-major) with MKL's
     non-transposed GEMM, which on some CPUs runs the codec's 4-32-row products faster once the weights are out of
     cache (an AMD EPYC with AVX2: 1.2-1.3x, about 9 % of a streamed frame; with warm weights the two layouts tie, so
     the probe streams weights through the caches). Values and state-dict keys do not change, only the memory order,
-    so outputs match to float rounding. The probe takes about 0.2 s, once per process.
+    so outputs match to float rounding, and either answer is correct: a busy host may get either.
     """
-    generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(CODEC_PROBE_SHAPE, generator=generator) for _ in range(CODEC_PROBE_WEIGHTS)]
-    k_major = [weight.t().contiguous().t() for weight in weights]
-    row_us, k_major_us = 0.0, 0.0
-    for rows in CODEC_PROBE_ROWS:
-        hidden = torch.randn(rows, CODEC_PROBE_SHAPE[1], generator=generator)
-        row, column = _best_calls_us(lambda: [F.linear(hidden, weight) for weight in weights],
-                                     lambda: [F.linear(hidden, weight) for weight in k_major],
-                                     runs=CODEC_PROBE_RUNS)
-        row_us, k_major_us = row_us + row / len(weights), k_major_us + column / len(weights)
-    layout = "k-major" if row_us >= K_MAJOR_MIN_GAIN * k_major_us else "row-major"
+    row_us, k_major_us = _codec_probe_us()
+    layout = "k-major" if row_us >= PROBE_MIN_GAIN * k_major_us else "row-major"
     return layout, f"probe at 4 + 32 rows: row-major {row_us:.0f} us, K-major {k_major_us:.0f} us"
 
 
+def _codec_probe_us() -> tuple[float, float]:
+    """Per-weight time (us, summed over CODEC_PROBE_ROWS) of row-major and K-major codec Linears; about 0.2 s."""
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(CODEC_PROBE_SHAPE, generator=generator) for _ in range(CODEC_PROBE_WEIGHTS)]
+    k_major = [weight.t().contiguous().t() for weight in weights]
+    pairs = []
+    for rows in CODEC_PROBE_ROWS:
+        hidden = torch.randn(rows, CODEC_PROBE_SHAPE[1], generator=generator)
+        pairs.append((functools.partial(_linear_all, hidden, weights), functools.partial(_linear_all, hidden, k_major)))
+    row_us, k_major_us = _summed_best_us(pairs, CODEC_PROBE_RUNS)
+    return row_us / len(weights), k_major_us / len(weights)
+
+
+def _linear_all(hidden: torch.Tensor, weights: list) -> None:
+    for weight in weights:
+        F.linear(hidden, weight)
+
+
 def use_codec_cpu_layout(codec: nn.Module) -> str:
-    """Lay out the float Linear weights of a codec on the CPU as `codec_weight_layout` chooses, in place; returns
-    the choice with its reason (for a log line). Other devices, and weights already K-major, are left as they are."""
-    if _model_device(codec).type != "cpu":
-        return "not on the CPU: weights left as loaded"
+    """Lay out the float32 Linear weights of a codec's decoder as `codec_weight_layout` chooses on the CPU, and
+    row-major (contiguous, what accelerator kernels expect) elsewhere, in place; returns the layout with its reason,
+    for a log line. The encoder keeps its weights as loaded (it runs thousands of rows, where the layouts tie)."""
+    decoder = getattr(codec, "decoder", None)
+    if decoder is None or next(decoder.parameters()).dtype != torch.float32:
+        return "weights as loaded (not a float32 codec decoder)"
+    if _model_device(decoder).type != "cpu":
+        lay_out_row_major(decoder)
+        return "row-major Linear weights (not on the CPU)"
     layout, why = codec_weight_layout()
-    if layout == "k-major":
-        lay_out_k_major(codec)
+    (lay_out_k_major if layout == "k-major" else lay_out_row_major)(decoder)
     return f"{layout} Linear weights ({why})"
 
 
@@ -210,6 +225,25 @@ def lay_out_k_major(module: nn.Module) -> int:
             linear.weight.data = linear.weight.data.t().contiguous().t()
             count += 1
     return count
+
+
+def lay_out_row_major(module: nn.Module) -> int:
+    """Make each nn.Linear weight of `module` contiguous again (undoes `lay_out_k_major`); returns how many moved."""
+    count = 0
+    for linear in module.modules():
+        if isinstance(linear, nn.Linear) and not linear.weight.is_contiguous():
+            linear.weight.data = linear.weight.data.contiguous()
+            count += 1
+    return count
+
+
+def _summed_best_us(pairs, runs: int) -> tuple[float, float]:
+    """Summed over (usual, candidate) call pairs: the best time (us) of each call over `runs` interleaved rounds."""
+    usual_us = candidate_us = 0.0
+    for usual, candidate in pairs:
+        usual_best, candidate_best = _best_calls_us(usual, candidate, runs=runs)
+        usual_us, candidate_us = usual_us + usual_best, candidate_us + candidate_best
+    return usual_us, candidate_us
 
 
 def _best_calls_us(*calls, runs: int = PROBE_RUNS) -> list[float]:
@@ -504,6 +538,7 @@ __all__ = [
     "int8_kernels_available",
     "int8_weight_max",
     "lay_out_k_major",
+    "lay_out_row_major",
     "normalize_weight_format",
     "onednn_packing_available",
     "use_codec_cpu_layout",

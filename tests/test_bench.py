@@ -1,5 +1,6 @@
 """bench.py runs end to end on a tiny budget: its codec section reports every row the README quotes."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -7,7 +8,14 @@ import sys
 from conftest import REPO_ROOT
 
 
-def test_codec_section_reports_steady_state_stream_start_and_the_chosen_layout():
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_script", REPO_ROOT / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_codec_section_reports_steady_state_stream_start_and_the_chosen_layout(capsys):
     command = [sys.executable, "bench.py", "--section", "codec", "--frames-per-call", "1", "--stream-frames", "1",
                "--runs", "1", "--warmup", "0", "--prefill-seconds", "0.08", "--start-seconds", "0.16",
                "--offline-seconds", "0.16", "--json"]
@@ -20,3 +28,6 @@ def test_codec_section_reports_steady_state_stream_start_and_the_chosen_layout()
     (start,) = codec["stream_start"]
     assert start["frames"] == 2 and start["ms_per_frame_median"] > 0
     assert codec["offline"]["decode_rtf"] > 0
+    _bench_module().print_codec(codec)
+    printed = capsys.readouterr().out
+    assert "1 frame(s)/call" in printed and "first 2 frames of fresh streams" in printed, printed

@@ -358,7 +358,7 @@ def test_the_codec_loaded_from_the_model_folder_takes_this_cpus_layout_once(repo
     (line,) = [record.getMessage() for record in caplog.records if record.getMessage().startswith("codec from")]
     layout, why = weight_formats.codec_weight_layout()
     assert line.endswith(f"{layout} Linear weights ({why})"), line
-    linears = [module for module in codec.modules() if isinstance(module, torch.nn.Linear)]
+    linears = [module for module in codec.decoder.modules() if isinstance(module, torch.nn.Linear)]
     assert {linear.weight.stride()[0] == 1 for linear in linears} == {layout == "k-major"}
 
 

@@ -218,8 +218,9 @@ def test_a_faster_format_is_hinted_only_for_fp32_on_a_cpu_that_runs_it_well(monk
 
 
 # -- the codec's Linear layout on the CPU --------------------------------------------------------------------------
-def _codec_linears(codec):
-    return [module for module in codec.modules() if isinstance(module, torch.nn.Linear)]
+def _k_major(module):
+    """Whether each nn.Linear weight of `module` is K-major (stride 1 along the output rows)."""
+    return {linear.weight.stride()[0] == 1 for linear in module.modules() if isinstance(linear, torch.nn.Linear)}
 
 
 @pytest.mark.parametrize("layout", ["k-major", "row-major"])
@@ -230,11 +231,7 @@ def test_codec_layout_follows_the_probe_and_keeps_values_checkpoints_and_audio(m
     audio = codec.decode(codes).audio
     monkeypatch.setattr(weight_formats, "codec_weight_layout", lambda: (layout, "forced by the test"))
     assert weight_formats.use_codec_cpu_layout(codec) == f"{layout} Linear weights (forced by the test)"
-    strides = {linear.weight.stride() for linear in _codec_linears(codec)}
-    if layout == "k-major":
-        assert all(stride[0] == 1 for stride in strides), strides
-    else:
-        assert all(stride[1] == 1 for stride in strides), strides
+    assert _k_major(codec.decoder) == {layout == "k-major"} and _k_major(codec.encoder) == {False}
     after = codec.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
     torch.testing.assert_close(codec.decode(codes).audio, audio, atol=1e-5, rtol=1e-5)
@@ -243,8 +240,29 @@ def test_codec_layout_follows_the_probe_and_keeps_values_checkpoints_and_audio(m
     assert all(torch.equal(reloaded[name], before[name]) for name in before)
 
 
-def test_codec_layout_probe_times_both_layouts():
-    layout, why = weight_formats.codec_weight_layout()
-    assert layout in ("k-major", "row-major")
-    row_us, k_major_us = (float(part.split()[-2]) for part in why.split(": ", 1)[1].split(", "))
-    assert (layout == "k-major") == (row_us >= weight_formats.K_MAJOR_MIN_GAIN * k_major_us), why
+def test_codec_layout_goes_back_to_row_major_off_the_cpu_and_leaves_16_bit_decoders_alone(monkeypatch):
+    monkeypatch.setattr(weight_formats, "codec_weight_layout", lambda: ("k-major", "forced by the test"))
+    codec = checkpoints.tiny_codec(seed=4).eval()
+    weight_formats.use_codec_cpu_layout(codec)
+    assert _k_major(codec.decoder) == {True}
+    codec.to("meta")  # another device: .to keeps the strides, the layout call restores contiguous weights
+    assert _k_major(codec.decoder) == {True}
+    assert weight_formats.use_codec_cpu_layout(codec) == "row-major Linear weights (not on the CPU)"
+    assert _k_major(codec.decoder) == {False}
+    half = checkpoints.tiny_codec(seed=4).eval()
+    half.set_compute_dtype("bf16")
+    assert weight_formats.use_codec_cpu_layout(half).startswith("weights as loaded")
+    assert _k_major(half.decoder) == {False}
+
+
+@pytest.mark.parametrize("row_us, k_major_us, expected", [(300.0, 250.0, "k-major"), (300.0, 290.0, "row-major"),
+                                                          (250.0, 300.0, "row-major")])
+def test_codec_layout_probe_takes_k_major_only_when_it_is_clearly_faster(monkeypatch, row_us, k_major_us, expected):
+    monkeypatch.setattr(weight_formats, "_codec_probe_us", lambda: (row_us, k_major_us))
+    layout, why = weight_formats.codec_weight_layout.__wrapped__()
+    assert layout == expected and why == f"probe at 4 + 32 rows: row-major {row_us:.0f} us, K-major {k_major_us:.0f} us"
+
+
+def test_codec_layout_probe_times_real_linears():
+    row_us, k_major_us = weight_formats._codec_probe_us()
+    assert 0 < row_us < 1e5 and 0 < k_major_us < 1e5
