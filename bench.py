@@ -121,6 +121,18 @@ class UpstreamStyleStream:
         self.first = False
 
 
+# The name of the streaming call timed: ours (False) or upstream's API (True).
+STREAM_APIS = {False: "decode_session().step", True: "batch_decode(streaming=True)"}
+
+
+def stream_under_test(model, upstream_api: bool, frames_per_step: int):
+    """A fresh stream: our decode session (its ring sized for `frames_per_step` frames), or the model's
+    batch_decode(streaming=True) behind the same `step`."""
+    if upstream_api:
+        return UpstreamStyleStream(model)
+    return model.decode_session(1, max_frames_per_step=frames_per_step)
+
+
 def bench_codec_streaming(model, device, frames_per_call: int, args, upstream_api: bool = False) -> dict:
     """Steady-state streaming decode: prefill until every window is full, then time each call separately.
 
@@ -130,10 +142,7 @@ def bench_codec_streaming(model, device, frames_per_call: int, args, upstream_ap
     nq, size = model.config.num_quantizers, model.config.codebook_size
     prefill = int(args.prefill_seconds * model.config.frame_rate)
     calls = args.runs * max(1, args.stream_frames // frames_per_call)
-    if upstream_api:
-        session = UpstreamStyleStream(model)
-    else:
-        session = model.decode_session(1, max_frames_per_step=args.max_frames_per_step or frames_per_call)
+    session = stream_under_test(model, upstream_api, args.max_frames_per_step or frames_per_call)
     generator = torch.Generator().manual_seed(1)
     total = prefill + (calls + args.warmup) * frames_per_call
     codes = torch.randint(0, size, (nq, 1, total), generator=generator).to(device)
@@ -149,7 +158,7 @@ def bench_codec_streaming(model, device, frames_per_call: int, args, upstream_ap
     per_frame = sorted(1000.0 * t / frames_per_call for t in times)
     median = statistics.median(per_frame)
     return {
-        "api": "batch_decode(streaming=True)" if upstream_api else "decode_session().step",
+        "api": STREAM_APIS[upstream_api],
         "frames_per_call": frames_per_call,
         "calls_timed": calls,
         "ms_per_frame_median": median,
@@ -170,12 +179,12 @@ def bench_codec_stream_start(model, device, args, upstream_api: bool = False) ->
                           generator=generator).to(device)
 
     def one_stream():
-        session = UpstreamStyleStream(model) if upstream_api else model.decode_session(1, max_frames_per_step=1)
+        session = stream_under_test(model, upstream_api, 1)
         for frame in range(frames):
             session.step(codes[:, :, frame : frame + 1])
 
     times = timed(one_stream, device, args.runs, args.warmup)
-    return {"api": "batch_decode(streaming=True)" if upstream_api else "decode_session().step", "frames": frames,
+    return {"api": STREAM_APIS[upstream_api], "frames": frames,
             "ms_per_frame_median": 1000.0 * statistics.median(times) / frames}
 
 
@@ -722,9 +731,8 @@ def codec_layout_note(args, weight_formats) -> str:
     """How the codec decoder's Linear weights are laid out in this run (bench.build_codec)."""
     if args.codec_layout != "auto":
         return "row-major (--codec-layout)"
-    if resolve_device(args.device).type != "cpu" or args.codec_dtype != "fp32":
-        return "as loaded (the layout probe is for fp32 on the CPU)"
-    return " ".join(weight_formats.codec_weight_layout())
+    dtype = devices.DTYPES_BY_NAME[args.codec_dtype]
+    return " ".join(weight_formats.codec_layout_for(resolve_device(args.device), dtype))
 
 
 def main(argv=None) -> int:

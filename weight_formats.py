@@ -201,38 +201,49 @@ def _linear_all(hidden: torch.Tensor, weights: list) -> None:
         F.linear(hidden, weight)
 
 
+def codec_layout_for(device: torch.device, dtype: torch.dtype) -> tuple[str, str]:
+    """(layout, why): how a codec decoder's Linear weights are laid out on `device` in `dtype`: "k-major" or
+    "row-major" as `codec_weight_layout` chooses for float32 on the CPU, "row-major" (contiguous, what accelerator
+    kernels expect) on other devices, "as loaded" for 16-bit decoders."""
+    if dtype != torch.float32:
+        return "as loaded", "not a float32 codec decoder"
+    if torch.device(device).type != "cpu":
+        return "row-major", "not on the CPU"
+    return codec_weight_layout()
+
+
 def use_codec_cpu_layout(codec: nn.Module) -> str:
-    """Lay out the float32 Linear weights of a codec's decoder as `codec_weight_layout` chooses on the CPU, and
-    row-major (contiguous, what accelerator kernels expect) elsewhere, in place; returns the layout with its reason,
-    for a log line. The encoder keeps its weights as loaded (it runs thousands of rows, where the layouts tie)."""
+    """Lay out the Linear weights of a codec's decoder as `codec_layout_for` says, in place; returns the layout with
+    its reason, for a log line. The encoder keeps its weights as loaded (it runs thousands of rows, where the layouts
+    tie)."""
     decoder = getattr(codec, "decoder", None)
-    if decoder is None or next(decoder.parameters()).dtype != torch.float32:
+    if decoder is None:
         return "weights as loaded (not a float32 codec decoder)"
-    if _model_device(decoder).type != "cpu":
-        lay_out_row_major(decoder)
-        return "row-major Linear weights (not on the CPU)"
-    layout, why = codec_weight_layout()
-    (lay_out_k_major if layout == "k-major" else lay_out_row_major)(decoder)
+    parameter = next(decoder.parameters())
+    layout, why = codec_layout_for(parameter.device, parameter.dtype)
+    if layout == "as loaded":
+        return f"weights as loaded ({why})"
+    _lay_out(decoder, k_major=layout == "k-major")
     return f"{layout} Linear weights ({why})"
 
 
 def lay_out_k_major(module: nn.Module) -> int:
     """Store each nn.Linear weight of `module` as the transpose of a contiguous [in, out] tensor (same values, same
     parameter objects); returns how many were laid out anew."""
-    count = 0
-    for linear in module.modules():
-        if isinstance(linear, nn.Linear) and linear.weight.is_contiguous():
-            linear.weight.data = linear.weight.data.t().contiguous().t()
-            count += 1
-    return count
+    return _lay_out(module, k_major=True)
 
 
 def lay_out_row_major(module: nn.Module) -> int:
     """Make each nn.Linear weight of `module` contiguous again (undoes `lay_out_k_major`); returns how many moved."""
+    return _lay_out(module, k_major=False)
+
+
+def _lay_out(module: nn.Module, k_major: bool) -> int:
     count = 0
     for linear in module.modules():
-        if isinstance(linear, nn.Linear) and not linear.weight.is_contiguous():
-            linear.weight.data = linear.weight.data.contiguous()
+        if isinstance(linear, nn.Linear) and linear.weight.is_contiguous() == k_major:
+            weight = linear.weight.data
+            linear.weight.data = weight.t().contiguous().t() if k_major else weight.contiguous()
             count += 1
     return count
 
@@ -530,6 +541,7 @@ __all__ = [
     "PackedLinear",
     "WEIGHT_FORMATS",
     "apply_weight_format",
+    "codec_layout_for",
     "codec_weight_layout",
     "cpu_has_native_bf16",
     "cpu_has_vnni",
