@@ -10,6 +10,7 @@ README's docs/web-page.png comes from such a run).
 import base64
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -25,11 +26,13 @@ from selenium.webdriver.common.by import By  # noqa: E402  (after the optional i
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 KEY = "page-key"
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# Debian's paths; MOSS_CHROMIUM / MOSS_CHROMEDRIVER name others (Ubuntu's chromium-browser, say).
+CHROMIUM = os.environ.get("MOSS_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("MOSS_CHROMEDRIVER", "/usr/bin/chromedriver")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--autoplay-policy=no-user-gesture-required",
-                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--window-size=900,1400")
+                  "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream", "--window-size=900,1600")
 FRAME_SECONDS = HOP / SAMPLE_RATE  # 0.08 s of audio per frame
 PLAYED_FRAMES = 25                 # 2 s of audio: long enough to stream, short enough to play out in the test
 LONG = 1500                        # frames of a request that is still running when Stop is pressed
@@ -43,7 +46,7 @@ def browser_binaries():
         reason = f"needs {' and '.join(missing)} (Debian: apt-get install chromium chromium-driver)"
         if IN_CI:
             pytest.fail(f"{reason}; CI=true requires it, so that the page is tested in a real browser", pytrace=False)
-        pytest.skip(f"{reason}; a system browser, absent here", allow_module_level=True)
+        pytest.skip(f"{reason}; a system browser, absent here")
     return CHROMIUM, CHROMEDRIVER
 
 
@@ -72,7 +75,7 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server, browser):
+def page(browser, server):
     """The page, connected with the key (entered as a user would: the page asks for it)."""
     browser.get(server.url + "/")
     wait_for(browser, lambda: browser.find_element(By.ID, "key-form").is_displayed())
@@ -191,6 +194,8 @@ def test_speak_plays_as_it_streams_for_the_full_length_and_offers_the_wav(server
     assert console_errors(page) == []
     print(f"\n{stream_format}: first audio {float(measured['firstAudioMs']):.0f} ms, request "
           f"{float(measured['requestMs']):.0f} ms, {audio_seconds:.2f} s of audio played, rtf {measured['rtf']}")
+    page.find_element(By.CSS_SELECTOR, "#advanced summary").click()  # folded, for a screenshot of the whole page
+    page.execute_script("window.scrollTo(0, 0)")
     page.save_screenshot(str(tmp_path / "web-page.png"))
     if os.environ.get("MOSS_WEB_SCREENSHOT") and stream_format == "audio":
         shutil.copy(tmp_path / "web-page.png", Path(os.environ["MOSS_WEB_SCREENSHOT"]))
@@ -260,3 +265,15 @@ def test_a_microphone_recording_becomes_a_voice(server, page):
     upload(page, "recorded")
     assert text(page, "voice-error") == "" and "recorded" in listed_voices(server)
     assert console_errors(page) == []
+
+
+
+def test_a_missing_chromium_fails_under_ci_and_skips_with_the_reason_outside(monkeypatch, tmp_path):
+    this_module = sys.modules[__name__]
+    monkeypatch.setattr(this_module, "CHROMIUM", str(tmp_path / "no_chromium_here"))
+    monkeypatch.setattr(this_module, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="no_chromium_here.*CI=true requires it"):
+        browser_binaries()
+    monkeypatch.setattr(this_module, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install chromium chromium-driver"):
+        browser_binaries()
