@@ -23,6 +23,7 @@ from tiny_repository import HOP, SAMPLE_RATE
 
 webdriver = optional_module("selenium.webdriver", "pip install -r requirements.txt")
 from selenium.webdriver.common.by import By  # noqa: E402  (after the optional import)
+from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
 KEY = "page-key"
@@ -216,6 +217,17 @@ def test_stop_aborts_the_request_and_frees_its_slot(server, page):
     received = float(stats(page)["audioSeconds"])
     time.sleep(0.3)
     assert float(stats(page)["audioSeconds"]) == received < LONG * FRAME_SECONDS  # nothing arrives after Stop
+    assert console_errors(page) == []
+
+
+def test_the_keyboard_alone_speaks_and_stops(server, page):
+    set_advanced(page, **{"stream-format": "sse", "seed": "", "max-new-frames": LONG})
+    text_box = page.find_element(By.ID, "text")
+    text_box.click()
+    text_box.send_keys(Keys.CONTROL, Keys.ENTER)
+    wait_for(page, lambda: "firstAudioMs" in stats(page))
+    page.switch_to.active_element.send_keys(Keys.ESCAPE)
+    wait_for(page, lambda: stats(page)["state"] == "stopped" and health(server)["active"] == 0, seconds=5)
     assert console_errors(page) == []
 
 

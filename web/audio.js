@@ -1,7 +1,10 @@
 // Audio in the browser: 16-bit pcm chunks scheduled into Web Audio as they arrive, and wav files built from pcm.
 
-// Seconds between a chunk's arrival and its earliest start (room for the audio thread to pick it up).
+// Seconds between a chunk's arrival and its earliest start (room for the audio thread to pick it up). Each time the
+// stream falls behind playback the lead doubles, up to MAX_LEAD_SECONDS: a slow stream plays with fewer, longer
+// waits instead of a gap between every chunk.
 const START_LEAD_SECONDS = 0.05;
+const MAX_LEAD_SECONDS = 1.0;
 const BYTES_PER_SAMPLE = 2;
 
 let sharedContext = null;
@@ -31,6 +34,7 @@ export class PcmPlayer {
     this.firstStart = null;      // performance.now() time at which the first sound starts
     this.playedSeconds = 0;
     this.gaps = 0;               // times the stream fell behind playback (a silent gap)
+    this.lead = START_LEAD_SECONDS;
     this.ended = false;          // no more chunks will come
     this.onfinished = null;      // called once everything scheduled has played, after end()
   }
@@ -65,10 +69,11 @@ export class PcmPlayer {
 
   schedule(buffer) {
     const context = this.context;
-    const earliest = context.currentTime + START_LEAD_SECONDS;
-    if (this.nextStart > 0 && this.nextStart < earliest) {
+    if (this.nextStart > 0 && this.nextStart < context.currentTime) {
       this.gaps += 1;
+      this.lead = Math.min(MAX_LEAD_SECONDS, this.lead * 2);
     }
+    const earliest = context.currentTime + this.lead;
     const start = Math.max(this.nextStart, earliest);
     const source = context.createBufferSource();
     source.buffer = buffer;
