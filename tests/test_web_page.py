@@ -17,9 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import IN_CI, optional_module
+from conftest import IN_CI, import_module, optional_module
 from test_server import LiveServer, write_server_repository
 from tiny_repository import HOP, SAMPLE_RATE
+
+PAGE_FOLDER = import_module("speech_page").PAGE_FOLDER
 
 webdriver = optional_module("selenium.webdriver", "pip install -r requirements.txt")
 from selenium.webdriver.common.by import By  # noqa: E402  (after the optional import)
@@ -164,6 +166,48 @@ def test_the_page_asks_for_the_key_keeps_it_in_the_tab_and_loads_without_console
     unlabelled = page.execute_script("""return [...document.querySelectorAll('input, select, textarea')]
         .filter((control) => control.labels.length === 0).map((control) => control.id)""")
     assert unlabelled == []
+
+
+def test_a_wrong_key_is_asked_for_again_with_the_servers_reason(page):
+    page.execute_script("sessionStorage.setItem('moss-tts-api-key', 'wrong')")
+    page.refresh()
+    wait_for(page, lambda: page.find_element(By.ID, "key-form").is_displayed())
+    assert "401" in text(page, "key-error") and "the API key is not valid" in text(page, "key-error")
+    assert all("status of 401" in error for error in console_errors(page))  # the browser's note of the 401
+    page.find_element(By.ID, "api-key").send_keys(KEY, Keys.ENTER)
+    wait_for(page, lambda: text(page, "server-status").startswith("Connected"))
+    assert not page.find_element(By.ID, "key-form").is_displayed()
+
+
+def test_the_player_takes_rate_and_channels_from_the_response_and_splits_no_sample(page):
+    """Mono 24 kHz pcm in chunks cut mid-sample: the wav holds every whole sample, at the rate it was given."""
+    header = page.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        import('/page/audio.js').then(async ({ audioContext, PcmPlayer }) => {
+            const player = new PcmPlayer(await audioContext(), 24000, 1);
+            const samples = new Int16Array(2400).map((_, i) => i);
+            const bytes = new Uint8Array(samples.buffer);
+            for (const [start, end] of [[0, 1001], [1001, 1002], [1002, 4800]]) player.push(bytes.slice(start, end));
+            player.stop();
+            const wav = new Uint8Array(await player.wav().arrayBuffer());
+            const same = wav.slice(44).every((value, i) => value === bytes[i]);
+            done([player.frames, wav.length, new DataView(wav.buffer).getUint32(24, true),
+                  new DataView(wav.buffer).getUint16(22, true), same]);
+        });""")
+    assert header == [2400, 44 + 4800, 24000, 1, True]
+
+
+def test_the_page_serves_only_its_own_files_and_names_nothing_outside(server):
+    for name in ("", "page/page.js", "page/audio.js", "page/page.css"):
+        response = httpx.get(f"{server.url}/{name}")
+        assert response.status_code == 200 and response.headers["cache-control"] == "no-cache"
+    assert httpx.get(f"{server.url}/page/page.js").headers["content-type"].startswith("text/javascript")
+    refused = httpx.get(f"{server.url}/page/speech_server.py")
+    assert refused.status_code == 404 and "no page file 'speech_server.py'" in refused.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/page/%2E%2E%2Fspeech_server.py").status_code == 404
+    assert httpx.get(f"{server.url}/page/settings").json() == {"api_key_required": True}
+    for path in sorted(PAGE_FOLDER.iterdir()):
+        assert "://" not in path.read_text(encoding="utf-8"), f"{path.name} names an outside address"
 
 
 def test_the_voice_picker_shows_exactly_the_voices_the_server_lists(server, page, prompt_wav):

@@ -104,7 +104,7 @@ function wireControls() {
   });
   document.addEventListener("keydown", (event) => {
     if (event.key === "Escape" && isRunning()) {
-      stop();
+      stop("you pressed Escape");
     }
   });
   $("voice-form").addEventListener("submit", async (event) => {

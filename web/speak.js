@@ -145,7 +145,7 @@ function failed(run, error) {
 }
 
 /** Abort the running request (the server cancels it and frees its slot) and silence what is scheduled. */
-export function stop(reason = "stopped") {
+export function stop(reason = "you pressed Stop") {
   const run = current;
   if (run === null) {
     return;
