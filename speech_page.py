@@ -27,7 +27,9 @@ NO_STALE_FILES = {"Cache-Control": "no-cache"}
 
 
 def page_files() -> dict:
-    """{file name: path} of the files the page serves."""
+    """{file name: path} of the files the page serves (none where web/ was not installed: the API still serves)."""
+    if not PAGE_FOLDER.is_dir():
+        return {}
     return {path.name: path for path in sorted(PAGE_FOLDER.iterdir())
             if path.is_file() and path.suffix in MEDIA_TYPES}
 
@@ -55,7 +57,8 @@ def page_router(api_key: Optional[str]) -> APIRouter:
 def _file(files: dict, name: str) -> FileResponse:
     path = files.get(name)
     if path is None:
-        raise APIError(404, f"no page file {name!r}; expected one of {', '.join(files)}", code="not_found")
+        expected = f"one of {', '.join(files)}" if files else f"none here: {PAGE_FOLDER} is not installed"
+        raise APIError(404, f"no page file {name!r}; expected {expected}", code="not_found")
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=NO_STALE_FILES)
 
 
