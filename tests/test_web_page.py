@@ -345,6 +345,20 @@ def test_a_microphone_recording_becomes_a_voice(server, page):
 
 
 
+def test_without_voices_the_page_speaks_without_a_reference(server, page):
+    for voice in listed_voices(server):
+        assert api(server, "DELETE", f"/v1/audio/voices/{voice}").status_code == 200
+    page.refresh()
+    wait_for(page, lambda: text(page, "server-status").startswith("Connected"))
+    assert "No voices on the server yet" in text(page, "voice-hint")
+    set_advanced(page, **{"stream-format": "audio", "mode": "", "seed": 3, "max-new-frames": 6})
+    speak_and_wait(page)
+    expected = direct_pcm(server, input=page.find_element(By.ID, "text").get_attribute("value"), mode="continuation",
+                          seed=3, max_new_frames=6)
+    assert downloaded_wav(page)[44:] == expected
+    assert console_errors(page) == []
+
+
 def test_a_missing_chromium_fails_under_ci_and_skips_with_the_reason_outside(monkeypatch, tmp_path):
     this_module = sys.modules[__name__]
     monkeypatch.setattr(this_module, "CHROMIUM", str(tmp_path / "no_chromium_here"))

@@ -73,13 +73,13 @@ async function loadVoices(selected) {
   const previous = selected || picker.value;
   picker.replaceChildren(...voices.map((voice) => new Option(voice.name, voice.id)));
   if (voices.length === 0) {
-    picker.append(new Option("(no voices yet)", ""));
+    picker.append(new Option("no voice: speak without a reference (mode continuation)", ""));
   }
   if (voices.some((voice) => voice.id === previous)) {
     picker.value = previous;
   }
   $("voice-hint").textContent = voices.length === 0
-    ? "No voices yet: add one below, or choose mode continuation under Advanced settings to speak without one."
+    ? "No voices on the server yet: Speak uses none (mode continuation), or add one below."
     : `${voices.length} voice(s) on the server.`;
 }
 

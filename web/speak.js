@@ -21,6 +21,9 @@ export function speechBody(model) {
       body[field.dataset.field] = fieldValue(field.dataset.kind, value);
     }
   }
+  if (!voice && body.mode === undefined) {
+    body.mode = "continuation";  // no voice to clone: the model speaks the text without a reference
+  }
   return body;
 }
 
