@@ -9,6 +9,7 @@
     GET    /health                       200 {"status": "ok", ...} once the model is loaded and warmed up, else 503
                                          {"status": "loading"} or {"status": "failed", "error": ...}
     GET    /metrics                      Prometheus text (server_metrics.py)
+    GET    /                             the web page to try it in a browser (speech_page.py, files in web/)
 
 With an API key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics are open
 (for load balancers and scrapers). Every error is OpenAI's error JSON with `param` naming the request field.
@@ -40,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine import ErrorEvent
 from .server_metrics import ServerMetrics, route_label
 from .speech_api import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
+from .speech_page import page_router
 from .speech_service import SpeechService
 from .speech_streams import ClientGone, EngineStream, ResponseAudio, audio_body, sse_body, whole_file
 
@@ -90,6 +92,7 @@ def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
     app.add_middleware(_CountResponses, metrics=state.metrics)
     app.include_router(_api_router(state, api_key))
     app.include_router(_open_router(state))
+    app.include_router(page_router(api_key))  # the web page at / (speech_page.py)
     return app
 
 
