@@ -5,6 +5,7 @@ joining at any frame, greedy or seeded-sampled; its audio equals the alone run's
 and decoder matmuls are not bit-invariant to the batch size; about 1e-6 on audio of amplitude ~1).
 """
 
+import copy
 import threading
 
 import pytest
@@ -283,3 +284,60 @@ def test_one_kv_cache_class_serves_both_decoders():
     assert caches == {"gpt2_decoder.KVCache", "codec_streaming.RingKVCache"}
     slots = generation.SlotDecoder(always_continue_tiny_tts(seed=1), 2, 16, ("sdpa", "sdpa"))
     assert type(slots.global_cache) is type(slots.local_cache) is import_module("gpt2_decoder").KVCache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A slot forgets its previous occupant (issue 21)
+
+
+def _doomed():
+    """A greedy request that, on the poisoned model, makes one frame whose audio logits are NaN and fails at the next
+    frame's sync (it has then written NaN keys and values into its slot's caches)."""
+    return _request(seed=80, frames=6, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def poisoned(model):
+    """A copy of the tiny model where the channel-0 embedding of the code that `_doomed` samples first is NaN.
+
+    The embedding is untied first (channel 0's audio head shares it), so only a request that samples that code is
+    hit: its next local steps, then its next global row, go NaN."""
+    (healthy, _), = _run(model, None, [_doomed()], slots=1)
+    code = int(healthy.codes[0][0, 0])
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = poisoned.audio_embeddings[0].weight.detach().clone()
+        weight[code] = float("nan")
+        poisoned.audio_embeddings[0].weight = torch.nn.Parameter(weight)
+    return poisoned
+
+
+def test_a_request_after_one_whose_logits_went_non_finite_in_its_slot_equals_itself_alone(poisoned, codec):
+    after = lambda: _request(seed=82, frames=6)  # noqa: E731 (a fresh request per run)
+    (alone, alone_audio), = _run(poisoned, codec, [after()], slots=1)
+    assert isinstance(alone, engine_module.FinishedEvent)  # alone, it never meets the NaN row
+    (failed, _), (final, audio) = _run(poisoned, codec, [_doomed(), after()], slots=1)
+    assert isinstance(failed, engine_module.ErrorEvent) and not failed.cancelled
+    assert failed.code == "non_finite_logits" and "Non-finite" in failed.message
+    assert isinstance(final, engine_module.FinishedEvent)
+    assert torch.equal(final.codes[0], alone.codes[0])
+    torch.testing.assert_close(audio, alone_audio, **AUDIO_TOLERANCE)
+
+
+def test_a_stale_nan_under_the_key_mask_of_a_reused_slot_cannot_reach_the_newcomer(poisoned):
+    """The newcomer's prompt is shorter than its neighbour's, so the decode step reads its slot past its own rows,
+    where the failed request left NaN values (masked keys get weight 0, and 0 x NaN would be NaN)."""
+    short = lambda: _request(seed=82, frames=6, length=6)  # noqa: E731
+    long = lambda: _request(seed=90, frames=12, length=30)  # noqa: E731
+    (short_alone, _), (long_alone, _) = _run(poisoned, None, [short(), long()], slots=2)
+    engine = engine_module.SpeechEngine(poisoned, None, num_slots=2, max_positions=64)
+    doomed = engine.submit(_doomed())
+    engine.run_until_idle()
+    assert _collect(doomed)[0].code == "non_finite_logits"
+    stale = engine.decoder.global_cache.values[-1][0, :, :30]
+    assert torch.isnan(stale).any()  # slot 0 really holds NaN values where the newcomer's reads will reach
+    handles = [engine.submit(short()), engine.submit(long())]
+    engine.run_until_idle()
+    finals = [_collect(handle)[0] for handle in handles]
+    assert torch.equal(finals[0].codes[0], short_alone.codes[0])
+    assert torch.equal(finals[1].codes[0], long_alone.codes[0])
