@@ -341,3 +341,58 @@ def test_a_stale_nan_under_the_key_mask_of_a_reused_slot_cannot_reach_the_newcom
     finals = [_collect(handle)[0] for handle in handles]
     assert torch.equal(finals[0].codes[0], short_alone.codes[0])
     assert torch.equal(finals[1].codes[0], long_alone.codes[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A failure ends its own request only (issue 21)
+
+
+@pytest.mark.parametrize("raises_on", ["AudioEvent", "CodesEvent", "FinishedEvent"])
+def test_a_listener_that_raises_ends_its_own_request_and_the_others_keep_every_frame(model, codec, raises_on):
+    """Both streams' first frames go to the codec in one call; the first stream's listener raises on its event. The
+    tick goes on: the other stream gets all its audio and equals its alone run."""
+    (alone, alone_audio), = _run(model, codec, [_request(seed=92, frames=5)])
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    received = []
+
+    def listener(event):
+        received.append(event)
+        if type(event).__name__ == raises_on:
+            raise RuntimeError("a broken client callback")
+
+    faulty = _request(seed=91, frames=5)
+    faulty.emit_codes = True
+    broken = engine.submit(faulty, listener=listener)
+    healthy = engine.submit(_request(seed=92, frames=5))
+    for _ in range(50):  # step() itself must never raise
+        if not engine.step():
+            break
+    assert broken.done.is_set() and healthy.done.is_set() and engine.active == 0
+    final, audio = _collect(healthy)
+    assert isinstance(final, engine_module.FinishedEvent)
+    assert torch.equal(final.codes[0], alone.codes[0])
+    torch.testing.assert_close(audio, alone_audio, **AUDIO_TOLERANCE)
+    if raises_on == "FinishedEvent":
+        assert isinstance(received[-1], engine_module.FinishedEvent)
+    else:
+        assert isinstance(received[-1], engine_module.ErrorEvent) and received[-1].code == "listener_failed"
+        assert sum(type(event).__name__ == raises_on for event in received) == 1
+
+
+def test_a_stop_without_drain_cancels_the_requests_it_found_and_a_restarted_engine_serves_new_ones(model):
+    engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64)
+    engine.start()
+    running = engine.submit(_request(seed=93, frames=40, length=6))
+    waiting = engine.submit(_request(seed=94, frames=4))
+    assert engine.stop(drain=False, timeout=60)
+    for handle in (running, waiting):
+        final = list(handle.events(timeout=5))[-1]
+        assert isinstance(final, engine_module.ErrorEvent) and final.cancelled and final.code == "cancelled"
+    engine.start()
+    try:
+        later = engine.submit(_request(seed=95, frames=4))
+        final = list(later.events(timeout=60))[-1]
+    finally:
+        assert engine.stop(drain=True, timeout=60)
+    (alone, _), = _run(model, None, [_request(seed=95, frames=4)], slots=1)
+    assert isinstance(final, engine_module.FinishedEvent) and torch.equal(final.codes[0], alone.codes[0])
