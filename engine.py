@@ -308,9 +308,10 @@ def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float]
 # Per-request state inside the engine
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
-    """A running request: where it is, what is pending for the codec, what it emitted."""
+    """A running request: where it is, what is pending for the codec, what it emitted. Compared by identity (the
+    waiting queue removes a cancelled stream by `==`, which field by field would compare prompt tensors)."""
 
     request: SpeechRequest
     handle: RequestHandle

@@ -10,6 +10,8 @@ import threading
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import import_module
 
@@ -396,3 +398,121 @@ def test_a_stop_without_drain_cancels_the_requests_it_found_and_a_restarted_engi
         assert engine.stop(drain=True, timeout=60)
     (alone, _), = _run(model, None, [_request(seed=95, frames=4)], slots=1)
     assert isinstance(final, engine_module.FinishedEvent) and torch.equal(final.codes[0], alone.codes[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Property: any interleaving of submit / cancel / finish / fail across slots leaves each request equal to itself alone
+
+NAN_TEXT_ID = 777  # in the property test's model, wte[777] is NaN: a prompt holding it fails at its first decision
+
+
+def _prompt_poisoned():
+    request = _request(seed=86, frames=4)
+    request.chunks[0].rows[2, 0] = NAN_TEXT_ID
+    return request
+
+
+# What the interleavings draw from: requests that finish (sampled, greedy, nq < 16, two chunks, long and short
+# prompts) and requests that fail (NaN audio logits mid-stream, NaN logits at the first decision).
+POOL = (
+    lambda: _request(seed=82, frames=4),
+    lambda: _request(seed=83, frames=3, length=16, nq=5),
+    lambda: _request(seed=84, frames=5, length=8, do_sample=False, audio_repetition_penalty=1.3),
+    lambda: _request(seed=85, frames=2, length=24, audio_top_k=5),
+    lambda: _request(seed=87, frames=3, chunks=2),
+    _doomed,
+    _prompt_poisoned,
+)
+ALONE: dict = {}  # pool index -> (frames, final) of the request alone in a one-slot engine
+
+
+@pytest.fixture(scope="module")
+def interleaving_model(poisoned):
+    model = copy.deepcopy(poisoned)
+    with torch.no_grad():
+        model.transformer.wte.weight[NAN_TEXT_ID] = float("nan")
+    return model
+
+
+def _codes_request(index):
+    request = POOL[index]()
+    request.emit_codes = True
+    return request
+
+
+def _outcome(handle):
+    """(frames [(chunk, frame, codes)], final event) of a finished handle."""
+    events = handle.pending()
+    frames = [(e.chunk_index, e.frame_index, e.codes) for e in events if isinstance(e, engine_module.CodesEvent)]
+    return frames, events[-1]
+
+
+def _alone(model, index):
+    if index not in ALONE:
+        engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64)
+        handle = engine.submit(_codes_request(index))
+        engine.run_until_idle()
+        ALONE[index] = _outcome(handle)
+    return ALONE[index]
+
+
+def _same_frames(frames, expected) -> bool:
+    return len(frames) == len(expected) and all(
+        a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(frames, expected))
+
+
+OPERATIONS = st.lists(st.one_of(st.tuples(st.just("submit"), st.integers(0, len(POOL) - 1)),
+                                st.tuples(st.just("cancel"), st.integers(0, 15)),
+                                st.tuples(st.just("tick"), st.integers(1, 4))), min_size=1, max_size=14)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.integers(1, 3), operations=OPERATIONS)
+def test_any_interleaving_of_submit_cancel_finish_and_fail_leaves_each_request_equal_to_itself_alone(
+        interleaving_model, slots, operations):
+    engine = engine_module.SpeechEngine(interleaving_model, None, num_slots=slots, max_positions=64)
+    submitted = []  # (pool index, handle)
+    for operation, argument in operations:
+        if operation == "submit":
+            submitted.append((argument, engine.submit(_codes_request(argument))))
+        elif operation == "cancel" and submitted:
+            submitted[argument % len(submitted)][1].cancel()
+        else:
+            for _ in range(argument):
+                engine.step()
+    for _ in range(400):
+        if not engine.step():
+            break
+    assert engine.active == 0 and engine.waiting == 0
+    for index, handle in submitted:
+        frames, final = _outcome(handle)
+        expected_frames, expected = _alone(interleaving_model, index)
+        if isinstance(final, engine_module.ErrorEvent) and final.cancelled:  # cut short: a prefix of the alone run
+            assert _same_frames(frames, expected_frames[:len(frames)])
+            continue
+        assert type(final) is type(expected) and getattr(final, "code", None) == getattr(expected, "code", None)
+        assert _same_frames(frames, expected_frames)
+        if isinstance(final, engine_module.FinishedEvent):
+            assert all(torch.equal(a, b) for a, b in zip(final.codes, expected.codes))
+
+
+def test_the_interleavings_draw_requests_that_finish_and_requests_that_fail(interleaving_model):
+    """The property above covers both outcomes: the pool's alone runs finish, except the two poisoned ones."""
+    finals = [_alone(interleaving_model, index)[1] for index in range(len(POOL))]
+    codes = [getattr(final, "code", None) for final in finals]
+    assert codes == [None] * (len(POOL) - 2) + ["non_finite_logits"] * 2
+    assert all(isinstance(final, engine_module.FinishedEvent) for final in finals[:-2])
+
+
+def test_cancelling_a_request_queued_behind_an_equal_one_leaves_the_others_waiting(model):
+    """The waiting queue removes a cancelled request by identity (before: `==` compared two equal requests' prompt
+    tensors and the tick raised)."""
+    engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64)
+    handles = [engine.submit(_request(seed=96, frames=3)) for _ in range(3)]
+    handles[2].cancel()
+    engine.run_until_idle()
+    finals = [_collect(handle)[0] for handle in handles]
+    assert finals[2].cancelled and finals[2].code == "cancelled"
+    assert all(isinstance(final, engine_module.FinishedEvent) for final in finals[:2])
+    assert torch.equal(finals[0].codes[0], finals[1].codes[0])
