@@ -441,19 +441,21 @@ def _codes_request(index):
 
 
 def _outcome(handle):
-    """(frames [(chunk, frame, codes)], final event) of a finished handle."""
+    """(frames [(chunk, frame, codes)], audio [C, n] or None, final event) of a finished handle."""
     events = handle.pending()
     frames = [(e.chunk_index, e.frame_index, e.codes) for e in events if isinstance(e, engine_module.CodesEvent)]
-    return frames, events[-1]
+    audio = [e.waveform for e in events if isinstance(e, engine_module.AudioEvent)]
+    return frames, torch.cat(audio, dim=-1) if audio else None, events[-1]
 
 
-def _alone(model, index):
-    if index not in ALONE:
-        engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64)
+def _alone(model, codec, index):
+    key = (index, codec is not None)
+    if key not in ALONE:
+        engine = engine_module.SpeechEngine(model, codec, num_slots=1, max_positions=64)
         handle = engine.submit(_codes_request(index))
         engine.run_until_idle()
-        ALONE[index] = _outcome(handle)
-    return ALONE[index]
+        ALONE[key] = _outcome(handle)
+    return ALONE[key]
 
 
 def _same_frames(frames, expected) -> bool:
@@ -461,17 +463,10 @@ def _same_frames(frames, expected) -> bool:
         a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(frames, expected))
 
 
-OPERATIONS = st.lists(st.one_of(st.tuples(st.just("submit"), st.integers(0, len(POOL) - 1)),
-                                st.tuples(st.just("cancel"), st.integers(0, 15)),
-                                st.tuples(st.just("tick"), st.integers(1, 4))), min_size=1, max_size=14)
-
-
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(slots=st.integers(1, 3), operations=OPERATIONS)
-def test_any_interleaving_of_submit_cancel_finish_and_fail_leaves_each_request_equal_to_itself_alone(
-        interleaving_model, slots, operations):
-    engine = engine_module.SpeechEngine(interleaving_model, None, num_slots=slots, max_positions=64)
+def _check_interleaving(model, codec, slots, operations):
+    """Run `operations` on one engine, then check every request against its alone run: a request that finished or
+    failed made the same frames (and audio, to float rounding) with the same outcome; a cancelled one a prefix."""
+    engine = engine_module.SpeechEngine(model, codec, num_slots=slots, max_positions=64)
     submitted = []  # (pool index, handle)
     for operation, argument in operations:
         if operation == "submit":
@@ -486,20 +481,48 @@ def test_any_interleaving_of_submit_cancel_finish_and_fail_leaves_each_request_e
             break
     assert engine.active == 0 and engine.waiting == 0
     for index, handle in submitted:
-        frames, final = _outcome(handle)
-        expected_frames, expected = _alone(interleaving_model, index)
-        if isinstance(final, engine_module.ErrorEvent) and final.cancelled:  # cut short: a prefix of the alone run
+        frames, audio, final = _outcome(handle)
+        expected_frames, expected_audio, expected = _alone(model, codec, index)
+        cut = isinstance(final, engine_module.ErrorEvent) and final.cancelled
+        if cut:
             assert _same_frames(frames, expected_frames[:len(frames)])
-            continue
-        assert type(final) is type(expected) and getattr(final, "code", None) == getattr(expected, "code", None)
-        assert _same_frames(frames, expected_frames)
+        else:
+            assert type(final) is type(expected) and getattr(final, "code", None) == getattr(expected, "code", None)
+            assert _same_frames(frames, expected_frames)
         if isinstance(final, engine_module.FinishedEvent):
             assert all(torch.equal(a, b) for a, b in zip(final.codes, expected.codes))
+            assert codec is None or audio.shape == expected_audio.shape
+        if audio is not None:  # a request cut short (or failed) emitted a prefix; when depends on the clock
+            assert audio.shape[-1] <= expected_audio.shape[-1] or not cut
+            length = min(audio.shape[-1], expected_audio.shape[-1])
+            torch.testing.assert_close(audio[:, :length], expected_audio[:, :length], **AUDIO_TOLERANCE)
+
+
+OPERATIONS = st.lists(st.one_of(st.tuples(st.just("submit"), st.integers(0, len(POOL) - 1)),
+                                st.tuples(st.just("cancel"), st.integers(0, 15)),
+                                st.tuples(st.just("tick"), st.integers(1, 4))), min_size=1, max_size=14)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.integers(1, 3), operations=OPERATIONS)
+def test_any_interleaving_of_submit_cancel_finish_and_fail_leaves_each_request_equal_to_itself_alone(
+        interleaving_model, slots, operations):
+    _check_interleaving(interleaving_model, None, slots, operations)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.integers(1, 3), operations=OPERATIONS)
+def test_with_the_codec_any_interleaving_leaves_each_request_equal_to_itself_alone_audio_included(
+        interleaving_model, codec, slots, operations):
+    """The same property with the codec's slot streams (its rings are reset, values too, when a slot changes hands)."""
+    _check_interleaving(interleaving_model, codec, slots, operations)
 
 
 def test_the_interleavings_draw_requests_that_finish_and_requests_that_fail(interleaving_model):
     """The property above covers both outcomes: the pool's alone runs finish, except the two poisoned ones."""
-    finals = [_alone(interleaving_model, index)[1] for index in range(len(POOL))]
+    finals = [_alone(interleaving_model, None, index)[-1] for index in range(len(POOL))]
     codes = [getattr(final, "code", None) for final in finals]
     assert codes == [None] * (len(POOL) - 2) + ["non_finite_logits"] * 2
     assert all(isinstance(final, engine_module.FinishedEvent) for final in finals[:-2])
