@@ -371,6 +371,9 @@ class SlotDecoder:
         for table in (self.valid, self.occupied):
             group.rows_of(table).fill_(False)
         group.rows_of(self.global_cache.positions).fill_(0)
+        rows = slice(group.slots[0], group.slots[-1] + 1)
+        self.text_settings.clear(rows)
+        self.audio_settings.clear(rows)
         self.groups.remove(group)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -397,6 +400,9 @@ class SlotDecoder:
     def _rows_in_use(self) -> int:
         return max(group.slots[-1] for group in self.groups) + 1
 
+    def _live(self, rows: int) -> list[bool]:
+        return [owner is not None for owner in self.owner[:rows]]
+
     def _read_length(self, rows: int) -> int:
         longest = max(self.lengths[:rows]) + 1
         if self.decision_phase.mode == "eager":
@@ -407,7 +413,7 @@ class SlotDecoder:
 
     def _run_decision_phase(self, rows: int) -> None:
         self._draw_text_noise()
-        settings = self.text_settings.rows(rows)
+        settings = self.text_settings.rows(rows, self._live(rows))
         read_length = self._read_length(rows)
         key = (rows, read_length, settings.any_sample, settings.all_sample, settings.any_top_p,
                settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k)
@@ -489,7 +495,7 @@ class SlotDecoder:
     # The audio phase: local steps 1..nq with the audio heads and sampling, and the next rows (after the sync).
 
     def _run_audio_phase(self, rows: int) -> None:
-        settings = self.audio_settings.rows(rows)
+        settings = self.audio_settings.rows(rows, self._live(rows))
         nq_max = max(group.settings.nq for group in self.groups)
         every_row_full = min(group.settings.nq for group in self.groups) == nq_max
         key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,

@@ -539,3 +539,25 @@ def test_cancelling_a_request_queued_behind_an_equal_one_leaves_the_others_waiti
     assert finals[2].cancelled and finals[2].code == "cancelled"
     assert all(isinstance(final, engine_module.FinishedEvent) for final in finals[:2])
     assert torch.equal(finals[0].codes[0], finals[1].codes[0])
+
+
+def test_a_freed_slot_keeps_no_say_in_the_sampling_path_of_the_requests_beside_it(model):
+    """Sampling picks its code path from the rows' settings (e.g. the top-k candidates path when every row has a
+    top-k, which differs from the whole-row path on exact ties only). A freed slot's settings are cleared and left
+    out, so the request beside it samples with the flags it has alone."""
+    engine = engine_module.SpeechEngine(model, None, num_slots=2, max_positions=64)
+    left = engine.submit(_request(seed=97, frames=2, audio_top_k=0, audio_top_p=1.0))  # slot 0: no top-k filter
+    stays = engine.submit(_request(seed=98, frames=8))  # slot 1: top-k 25
+    while not left.done.is_set():
+        engine.step()
+    assert engine.active == 1 and not stays.done.is_set()
+    decoder = engine.decoder
+    beside = decoder.audio_settings.rows(2, decoder._live(2))
+    alone = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64).decoder
+    alone.start(generation.Group([0], _request(seed=98, frames=8).settings.checked(16)), [_rows(10, 980)], "sdpa")
+    expected = alone.audio_settings.rows(1, alone._live(1))
+    flags = ("max_top_k", "any_sample", "all_sample", "any_top_p", "all_top_p", "all_top_k", "same_top_k",
+             "any_penalty")
+    assert [getattr(beside, name) for name in flags] == [getattr(expected, name) for name in flags]
+    assert beside.all_top_k  # the candidates path, as alone (before: the freed slot's top-k 0 turned it off)
+    engine.run_until_idle()
