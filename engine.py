@@ -36,6 +36,7 @@ ERROR_CODES, stable names for the server's HTTP/SSE errors and metrics:
     decode_step_failed   the shared decode step raised: every running request ends with this code
     codec_failed         the codec call that held its frames raised (the requests in that call end)
     listener_failed      its own event listener raised (that request ends; the others' events are delivered)
+    internal_error       an ErrorEvent made without a code (the engine always names one)
 
 A non-finite request is refused, not retried: in float16 (the NPU default) non-finite logits are what upstream's
 float32 retry exists for, but the engine's model is shared by every running stream, and casting it (or keeping a
@@ -81,7 +82,9 @@ PREFILL_FAILED = "prefill_failed"
 DECODE_STEP_FAILED = "decode_step_failed"
 CODEC_FAILED = "codec_failed"
 LISTENER_FAILED = "listener_failed"
-ERROR_CODES = (CANCELLED, NON_FINITE_LOGITS, PREFILL_FAILED, DECODE_STEP_FAILED, CODEC_FAILED, LISTENER_FAILED)
+INTERNAL_ERROR = "internal_error"
+ERROR_CODES = (CANCELLED, NON_FINITE_LOGITS, PREFILL_FAILED, DECODE_STEP_FAILED, CODEC_FAILED, LISTENER_FAILED,
+               INTERNAL_ERROR)
 
 
 class QueueFullError(RuntimeError):
@@ -187,12 +190,17 @@ class ErrorEvent:
     Attributes:
         message: what happened, for people.
         cancelled: the caller (or `stop(drain=False)`) cancelled it.
-        code: a stable name of the cause, one of ERROR_CODES (module docstring).
+        code: a stable name of the cause, one of ERROR_CODES (module docstring); left empty, "cancelled" or
+            "internal_error" by `cancelled`.
     """
 
     message: str
     cancelled: bool = False
-    code: str = CANCELLED
+    code: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            self.code = CANCELLED if self.cancelled else INTERNAL_ERROR
 
 
 FINAL_EVENTS = (FinishedEvent, ErrorEvent)
@@ -726,6 +734,7 @@ __all__ = [
     "ERROR_CODES",
     "ErrorEvent",
     "FinishedEvent",
+    "INTERNAL_ERROR",
     "LISTENER_FAILED",
     "NON_FINITE_LOGITS",
     "PREFILL_FAILED",

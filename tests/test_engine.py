@@ -561,3 +561,27 @@ def test_a_freed_slot_keeps_no_say_in_the_sampling_path_of_the_requests_beside_i
     assert [getattr(beside, name) for name in flags] == [getattr(expected, name) for name in flags]
     assert beside.all_top_k  # the candidates path, as alone (before: the freed slot's top-k 0 turned it off)
     engine.run_until_idle()
+
+
+@pytest.mark.parametrize("part, method, code", [("decoder", "start", "prefill_failed"),
+                                                ("decoder", "frame", "decode_step_failed"),
+                                                ("codec", "decode", "codec_failed")])
+def test_each_failure_names_its_cause_in_a_stable_code_and_the_engine_serves_the_next_request(
+        model, codec, part, method, code):
+    engine = engine_module.SpeechEngine(model, codec, num_slots=1, max_positions=64)
+    owner = getattr(engine, part)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"simulated failure of {method}")
+
+    setattr(owner, method, broken)
+    failed = engine.submit(_request(seed=99, frames=3))
+    engine.run_until_idle()
+    delattr(owner, method)  # the class's method again
+    final, _ = _collect(failed)
+    assert isinstance(final, engine_module.ErrorEvent) and not final.cancelled
+    assert final.code == code and code in engine_module.ERROR_CODES and "simulated" in final.message
+    later = engine.submit(_request(seed=99, frames=3))
+    engine.run_until_idle()
+    (alone, _), = _run(model, codec, [_request(seed=99, frames=3)], slots=1)
+    assert torch.equal(_collect(later)[0].codes[0], alone.codes[0])
