@@ -125,7 +125,7 @@ class StageState:
 
     def reset(self, rows: list[int] | None = None) -> None:
         """Forget the history of `rows` (row indices), or of every row: positions, offsets, and the ring keys and
-        values themselves (zeros), so that a masked stale value (a NaN would give 0 x NaN) never reaches a new stream."""
+        values themselves (zeros), so that a masked stale value (0 x NaN = NaN) never reaches a new stream."""
         if rows is None:
             self.positions.fill_(EMPTY_POSITION)
             self.offsets.zero_()

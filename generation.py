@@ -363,7 +363,8 @@ class SlotDecoder:
             table[:, slot] = value
 
     def finish(self, group: Group) -> None:
-        """The group leaves: its slots become free (their cache entries are masked, never read again)."""
+        """The group leaves: its slots become free (their cache entries are masked, their sampling settings cleared;
+        the next owner clears the rest at admission, `_forget`)."""
         for slot in group.slots:
             self.owner[slot] = None
             self.valid_host[slot] = False

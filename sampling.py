@@ -135,7 +135,7 @@ class SlotSettings:
     def rows(self, count: int, live: Sequence[bool] | None = None) -> RowSettings:
         """The RowSettings of slots [0, count) (views). `live`: per slot, whether it belongs to a request; the host
         flags, which choose the code paths, then follow the live slots only, so that a free slot's settings (GREEDY
-        after `clear`) never change the path, nor so its exact-tie behaviour, of the requests beside it."""
+        after `clear`) never choose the path (and so the exact-tie behaviour) of the requests beside it."""
         host = [row for index, row in enumerate(self.host[:count]) if live is None or live[index]]
         nucleus = [0.0 < row[3] < 1.0 for row in host]
         return RowSettings(
