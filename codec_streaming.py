@@ -124,15 +124,22 @@ class StageState:
         return min(self.capacity, -(-used // FILLED_GRANULE) * FILLED_GRANULE)
 
     def reset(self, rows: list[int] | None = None) -> None:
-        """Forget the history of `rows` (row indices), or of every row."""
+        """Forget the history of `rows` (row indices), or of every row: positions, offsets, and the ring keys and
+        values themselves (zeros), so that a masked stale value (0 x NaN = NaN) never reaches a new stream."""
         if rows is None:
             self.positions.fill_(EMPTY_POSITION)
             self.offsets.zero_()
             self.host_offsets, self.written = [0] * len(self.written), [0] * len(self.written)
+            for cache in self.caches:
+                cache.k.zero_()
+                cache.v.zero_()
             return
         index = torch.tensor(rows, dtype=torch.long, device=self.offsets.device)
         self.positions[index] = EMPTY_POSITION
         self.offsets[index] = 0
+        for cache in self.caches:
+            cache.k[index] = 0
+            cache.v[index] = 0
         for row in rows:
             self.host_offsets[row] = self.written[row] = 0
 

@@ -24,6 +24,26 @@ The scheduler, one tick (`step`):
 The engine runs inline (`step` / `run_until_idle`, what `inference_stream` does) or on its own thread (`start` /
 `stop`, what the server does). Submitting and cancelling are thread-safe; events go to each request's own queue (or a
 listener callable of the caller's).
+
+Failures. A slot forgets its previous occupant at admission (`SlotDecoder._forget`: both KV caches cleared, values
+included, and every per-slot table reset), so a request's codes never depend on what ran in its slot before, even a
+request whose logits went non-finite. A request that fails ends with an `ErrorEvent` whose `code` is one of
+ERROR_CODES, stable names for the server's HTTP/SSE errors and metrics:
+
+    cancelled            the caller cancelled it (or `stop(drain=False)` did)
+    non_finite_logits    a text or audio logit of this request was inf or NaN
+    prefill_failed       its prompt could not be prefilled (e.g. a device error)
+    decode_step_failed   the shared decode step raised: every running request ends with this code
+    codec_failed         the codec call that held its frames raised (the requests in that call end)
+    listener_failed      its own event listener raised (that request ends; the others' events are delivered)
+    internal_error       an ErrorEvent made without a code (the engine always names one)
+
+A non-finite request is refused, not retried: in float16 (the NPU default) non-finite logits are what upstream's
+float32 retry exists for, but the engine's model is shared by every running stream, and casting it (or keeping a
+float32 copy on a side path) would stall the others or double the memory, while the request's first audio may already
+be out. The request therefore ends with `non_finite_logits` (and never with a FinishedEvent: a group that reaches its
+frame limit is checked once more first), so no waveform is ever returned as a success; the caller may resubmit it to
+a float32 engine or use offline `inference`, which retries once in float32 (synthesis_offline.py).
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ import torch
 
 from .codec_streaming import CODEC_FRAMES_PER_PASS, codec_slots
 from .devices import free_memory_bytes, new_generator
-from .generation import GenerationSettings, Group, SlotDecoder
+from .generation import NON_FINITE_LOGITS, GenerationSettings, Group, SlotDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -56,10 +76,28 @@ DEFAULT_MAX_POSITIONS = 1024
 SLOT_MEMORY_FRACTION = 0.5
 MAX_AUTO_SLOTS = 64
 FINAL_EVENTS = ()  # filled below: the event types that end a request's stream
+# ErrorEvent codes (module docstring, "Failures").
+CANCELLED = "cancelled"
+PREFILL_FAILED = "prefill_failed"
+DECODE_STEP_FAILED = "decode_step_failed"
+CODEC_FAILED = "codec_failed"
+LISTENER_FAILED = "listener_failed"
+INTERNAL_ERROR = "internal_error"
+ERROR_CODES = (CANCELLED, NON_FINITE_LOGITS, PREFILL_FAILED, DECODE_STEP_FAILED, CODEC_FAILED, LISTENER_FAILED,
+               INTERNAL_ERROR)
 
 
 class QueueFullError(RuntimeError):
     """The engine's waiting queue is full: retry later."""
+
+
+class RequestError(RuntimeError):
+    """A request ended with an ErrorEvent, for callers that raise (inference_stream): `code` is the event's code (one
+    of ERROR_CODES)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,10 +185,22 @@ class FinishedEvent:
 
 @dataclass
 class ErrorEvent:
-    """The request ended early: `cancelled` (by the caller) or an error of this request only."""
+    """The request ended early: `cancelled` (by the caller) or an error of this request only.
+
+    Attributes:
+        message: what happened, for people.
+        cancelled: the caller (or `stop(drain=False)`) cancelled it.
+        code: a stable name of the cause, one of ERROR_CODES (module docstring); left empty, "cancelled" or
+            "internal_error" by `cancelled`.
+    """
 
     message: str
     cancelled: bool = False
+    code: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.code:
+            self.code = CANCELLED if self.cancelled else INTERNAL_ERROR
 
 
 FINAL_EVENTS = (FinishedEvent, ErrorEvent)
@@ -168,10 +218,12 @@ class RequestHandle:
         self.done = threading.Event()
 
     def deliver(self, event) -> None:
-        """Called by the engine thread."""
-        self._listener(event)
-        if isinstance(event, FINAL_EVENTS):
-            self.done.set()
+        """Called by the engine thread (a final event sets `done` even when the listener raises)."""
+        try:
+            self._listener(event)
+        finally:
+            if isinstance(event, FINAL_EVENTS):
+                self.done.set()
 
     def cancel(self) -> None:
         """Ask the engine to end this request; it frees the slot at the next tick and emits a cancelled ErrorEvent."""
@@ -264,9 +316,10 @@ def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float]
 # Per-request state inside the engine
 
 
-@dataclass
+@dataclass(eq=False)
 class _Stream:
-    """A running request: where it is, what is pending for the codec, what it emitted."""
+    """A running request: where it is, what is pending for the codec, what it emitted. Compared by identity (the
+    waiting queue removes a cancelled stream by `==`, which field by field would compare prompt tensors)."""
 
     request: SpeechRequest
     handle: RequestHandle
@@ -327,7 +380,7 @@ class SpeechEngine:
         self._served = threading.Event()  # set while no thread is inside serve()
         self._served.set()
         self._stopping = False
-        self._cancel_all = False
+        self._cancel_below = 0  # requests with a smaller id are cancelled (stop(drain=False)); later ones are not
         self.ticks = 0
         logger.info("speech engine: %d slots x %d positions, attention %s/%s, steps %s", self.num_slots,
                     max_positions, self.attention[0], self.attention[1], step_mode)
@@ -418,14 +471,16 @@ class SpeechEngine:
 
     def _drop_cancelled(self) -> None:
         with self._lock:
-            if self._cancel_all:
-                for stream in list(self._waiting) + list(self._running.values()):
+            for stream in list(self._waiting) + list(self._running.values()):
+                if stream.handle.id < self._cancel_below:
                     stream.handle.cancel()
-            for stream in [s for s in self._waiting if s.handle.cancelled]:
+            dropped = [s for s in self._waiting if s.handle.cancelled]
+            for stream in dropped:
                 self._waiting.remove(stream)
-                stream.handle.deliver(ErrorEvent("cancelled", cancelled=True))
+        for stream in dropped:
+            self._deliver(stream, ErrorEvent("cancelled", cancelled=True, code=CANCELLED))
         for stream in [s for s in self._running.values() if s.handle.cancelled]:
-            self._end(stream, ErrorEvent("cancelled", cancelled=True))
+            self._end(stream, ErrorEvent("cancelled", cancelled=True, code=CANCELLED))
 
     def _admit(self) -> None:
         """Prefill waiting requests into free slots (all of them when every stream is comfortably ahead)."""
@@ -463,7 +518,7 @@ class SpeechEngine:
         except Exception as error:  # a bad prompt or a device error while prefilling: this request only
             logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
             stream.group = None
-            self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}"))
+            self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}", code=PREFILL_FAILED))
 
     def _start_codec(self, stream: _Stream) -> None:
         if self.codec is None or not stream.request.decode_audio:
@@ -481,7 +536,7 @@ class SpeechEngine:
             for stream in list(self._running.values()):
                 if stream.group is not None and stream.group in self.decoder.groups:
                     self.decoder.finish(stream.group)
-                self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}"))
+                self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}", code=DECODE_STEP_FAILED))
             return
         for output in outputs:
             stream = self._running.get(output.group.slots[0])
@@ -495,10 +550,11 @@ class SpeechEngine:
             stream.chunk_codes.append(codes)
             if stream.request.decode_audio and self.codec is not None:
                 stream.pending.append(codes)
-            if stream.request.emit_codes:
-                stream.handle.deliver(CodesEvent(codes.to("cpu"), stream.chunk, len(stream.chunk_codes) - 1))
+            if stream.request.emit_codes and not self._deliver(
+                    stream, CodesEvent(codes.to("cpu"), stream.chunk, len(stream.chunk_codes) - 1)):
+                return
         if output.error is not None:
-            self._end(stream, ErrorEvent(output.error))
+            self._end(stream, ErrorEvent(output.error, code=output.error_code or NON_FINITE_LOGITS))
         elif output.done:
             stream.chunk_done = True
             stream.group = None
@@ -527,9 +583,9 @@ class SpeechEngine:
         except Exception as error:  # a codec failure: the streams in this call are affected
             logger.exception("the codec failed for %d requests", len(work))
             for slot in work:
-                self._end(self._running[slot], ErrorEvent(f"{type(error).__name__}: {error}"))
+                self._end(self._running[slot], ErrorEvent(f"{type(error).__name__}: {error}", code=CODEC_FAILED))
             return
-        for slot, waveform in audio.items():
+        for slot, waveform in audio.items():  # a listener that raises ends its own request only (_deliver)
             self._emit(self._running[slot], waveform, is_pause=False)
 
     def _frames_to_decode(self, stream: _Stream, now: float) -> int:
@@ -544,11 +600,26 @@ class SpeechEngine:
             return min(budget, pending)
         return 0
 
-    def _emit(self, stream: _Stream, waveform: torch.Tensor, is_pause: bool) -> None:
+    def _emit(self, stream: _Stream, waveform: torch.Tensor, is_pause: bool) -> bool:
+        """Deliver audio; False when the request's listener raised (the request has then ended)."""
         if stream.first_emit_time is None:
             stream.first_emit_time = time.perf_counter()
         stream.emitted_samples += waveform.shape[-1]
-        stream.handle.deliver(AudioEvent(waveform, self.codec.rate, stream.chunk, is_pause))
+        return self._deliver(stream, AudioEvent(waveform, self.codec.rate, stream.chunk, is_pause))
+
+    def _deliver(self, stream: _Stream, event) -> bool:
+        """Give `event` to the request's queue or listener. A listener that raises ends its own request only (with
+        LISTENER_FAILED; a final event is only logged): the other requests of the tick keep their events and frames.
+        Returns whether the event was delivered."""
+        try:
+            stream.handle.deliver(event)
+            return True
+        except Exception:  # the caller's code: whatever it raises concerns its request only
+            logger.exception("the event listener of request %d raised on a %s; ending that request",
+                             stream.handle.id, type(event).__name__)
+        if not isinstance(event, FINAL_EVENTS):
+            self._end(stream, ErrorEvent("the request's event listener raised", code=LISTENER_FAILED))
+        return False
 
     def _close_finished(self) -> None:
         """Streams whose chunk is over and fully decoded: pause, then the next chunk (next tick), or finish."""
@@ -566,7 +637,8 @@ class SpeechEngine:
         last = index == len(request.chunks) - 1
         if not last and self.codec is not None and request.decode_audio:
             pause = request.chunks[index].pause_seconds
-            self._emit(stream, torch.zeros(self.codec.channels, round(pause * self.codec.rate)), is_pause=True)
+            if not self._emit(stream, torch.zeros(self.codec.channels, round(pause * self.codec.rate)), is_pause=True):
+                return
             self.codec.reset(stream.slot)
         if last:
             seconds = stream.emitted_samples / self.codec.rate if self.codec is not None else 0.0
@@ -585,7 +657,7 @@ class SpeechEngine:
             del self._running[stream.slot]
             if self.codec is not None:  # a forgotten history shortens the codec ring prefix the others attend
                 self.codec.reset(stream.slot)
-        stream.handle.deliver(event)
+        self._deliver(stream, event)
 
     # ------------------------------------------------------------------------------------------------------------
     # Background thread
@@ -627,10 +699,12 @@ class SpeechEngine:
 
     def stop(self, drain: bool = True, timeout: Optional[float] = None) -> bool:
         """End `serve` (and `start`'s thread): with `drain`, after the running and waiting requests finish (or
-        `timeout`); without, cancel them all first. Returns whether it ended."""
+        `timeout`); without, cancel first every request submitted before this call (requests submitted later, e.g.
+        after a new `start`, are served as usual). Returns whether it ended."""
         with self._wake:
             self._stopping = True
-            self._cancel_all = self._cancel_all or not drain
+            if not drain:
+                self._cancel_below = next(self._ids)
             self._wake.notify()
         ended = self._served.wait(timeout)
         if ended and self._thread is not None:
@@ -652,11 +726,20 @@ def auto_slot_count(model, max_positions: int) -> int:
 
 __all__ = [
     "AudioEvent",
+    "CANCELLED",
+    "CODEC_FAILED",
     "ChunkPrompt",
     "CodesEvent",
+    "DECODE_STEP_FAILED",
+    "ERROR_CODES",
     "ErrorEvent",
     "FinishedEvent",
+    "INTERNAL_ERROR",
+    "LISTENER_FAILED",
+    "NON_FINITE_LOGITS",
+    "PREFILL_FAILED",
     "QueueFullError",
+    "RequestError",
     "RequestHandle",
     "SpeechEngine",
     "SpeechRequest",

@@ -43,6 +43,10 @@ STEP_MODES = ("eager", "compile", "graph")
 # Compiled and captured steps read the global cache up to a multiple of this, and run slot counts rounded up to a
 # power of two, so that one compile or capture serves many frames.
 READ_LENGTH_BUCKET = 256
+# The stable code of a group that ended because a logit of it was not finite (FrameOutput.error_code; the engine's
+# ErrorEvent.code), and its message (which `inference`'s float32 retry recognises by "Non-finite").
+NON_FINITE_LOGITS = "non_finite_logits"
+NON_FINITE_MESSAGE = "Non-finite logits during generation (inf or nan); try float32 or another backend"
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class FrameOutput:
             ended at its frame limit without a decision.
         error: a message when a logit of this group was not finite.
         done: the group has left the decoder (stopped, failed, or reached max_new_frames).
+        error_code: NON_FINITE_LOGITS with an error (a stable name for callers that report or count errors).
     """
 
     group: Group
@@ -136,6 +141,7 @@ class FrameOutput:
     text_logits: torch.Tensor | None
     error: str | None = None
     done: bool = False
+    error_code: str | None = None
 
 
 class PhaseRunner:
@@ -267,6 +273,10 @@ class SlotDecoder:
         # float32 row sums of the latest text / audio logits, [1 + n_vq, S]: finite iff every logit is (checked at
         # the next sync); channel-major so that each channel writes a contiguous row.
         self.logit_sums = torch.zeros(1 + self.n_vq, slots, dtype=torch.float32, device=device)
+        # Which rows of logit_sums count for each slot: the text row and the channels below the slot's nq (a channel
+        # beyond it is computed only when a neighbour's nq reaches it, so checking it would make one request's
+        # failure depend on the others).
+        self.checked = torch.zeros(1 + self.n_vq, slots, dtype=torch.bool, device=device)
         self.text_noise = torch.ones(slots, 2, dtype=torch.float32, device=device)
         self.audio_noise = torch.ones(self.n_vq, slots, self.codebook, dtype=torch.float32, device=device)
         # Outputs of the decision phase (text logits, choice, should-continue) and of the audio phase (codes).
@@ -317,21 +327,44 @@ class SlotDecoder:
         self.text_settings.set(rows, group.settings.text_row())
         self.audio_settings.set(rows, group.settings.audio_row())
         self.nq[rows] = group.settings.nq
+        self.checked[0, rows] = True
+        self.checked[1:, rows] = (self.channels < group.settings.nq)[:, None]
         self.groups.append(group)
 
     def _prefill(self, slot: int, prompt: torch.Tensor, attention: str) -> None:
+        self._forget(slot)
         embedded = self.model._embed_rows(prompt[None].to(self.device))  # [1, T, C]
-        self.global_cache.reset(slice(slot, slot + 1))
         if prompt.shape[0] > 1:
             self.model.transformer.prefill(embedded[:, :-1], self.global_cache, slot, attention_function(attention))
         self.next_input[slot] = embedded[0, -1:]
         self.lengths[slot] = prompt.shape[0] - 1
         self.valid_host[slot] = True
-        for table, value in ((self.valid, True), (self.occupied, True), (self.finished, False), (self.seen, False)):
+        self.valid[slot] = self.occupied[slot] = True
+
+    def _forget(self, slot: int) -> None:
+        """Put everything slot `slot` holds back to its initial value, so that its new owner's codes cannot depend on
+        the previous owner (whose logits may have been non-finite).
+
+        Both caches are cleared, values included (`KVCache.clear`): a decode step reads the slot's global cache up to
+        the longest row's length, and the local decoder reads all n_vq + 1 positions every step, so stale entries sit
+        under the mask, where a stale NaN would still give 0 x NaN. The tables the frame loop writes before it reads
+        them are reset too, so that a slot's state at admission is one fixed value. Costs one memset of the slot's
+        caches (on a 2-core CPU about 8 ms for the released model in float32 at 1024 positions).
+        """
+        rows = slice(slot, slot + 1)
+        self.global_cache.clear(rows)
+        self.local_cache.clear(rows)
+        for table, value in ((self.valid, False), (self.occupied, False), (self.finished, False), (self.seen, False),
+                             (self.tokens, self.pad), (self.codes, self.pad), (self.text_noise, 1.0),
+                             (self.local_input, 0.0), (self.next_input, 0.0), (self.text_logits, 0.0),
+                             (self.choice, 0), (self.should_continue, False)):
             table[slot] = value
+        for table, value in ((self.logit_sums, 0.0), (self.audio_noise, 1.0), (self.checked, False)):
+            table[:, slot] = value
 
     def finish(self, group: Group) -> None:
-        """The group leaves: its slots become free (their cache entries are masked, never read again)."""
+        """The group leaves: its slots become free (their cache entries are masked, their sampling settings cleared;
+        the next owner clears the rest at admission, `_forget`)."""
         for slot in group.slots:
             self.owner[slot] = None
             self.valid_host[slot] = False
@@ -339,6 +372,9 @@ class SlotDecoder:
         for table in (self.valid, self.occupied):
             group.rows_of(table).fill_(False)
         group.rows_of(self.global_cache.positions).fill_(0)
+        rows = slice(group.slots[0], group.slots[-1] + 1)
+        self.text_settings.clear(rows)
+        self.audio_settings.clear(rows)
         self.groups.remove(group)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -365,6 +401,9 @@ class SlotDecoder:
     def _rows_in_use(self) -> int:
         return max(group.slots[-1] for group in self.groups) + 1
 
+    def _live(self, rows: int) -> list[bool]:
+        return [owner is not None for owner in self.owner[:rows]]
+
     def _read_length(self, rows: int) -> int:
         longest = max(self.lengths[:rows]) + 1
         if self.decision_phase.mode == "eager":
@@ -375,7 +414,7 @@ class SlotDecoder:
 
     def _run_decision_phase(self, rows: int) -> None:
         self._draw_text_noise()
-        settings = self.text_settings.rows(rows)
+        settings = self.text_settings.rows(rows, self._live(rows))
         read_length = self._read_length(rows)
         key = (rows, read_length, settings.any_sample, settings.all_sample, settings.any_top_p,
                settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k)
@@ -410,9 +449,12 @@ class SlotDecoder:
     def _sync(self, rows: int) -> tuple[list[bool], list[bool]]:
         """The frame's one host sync: per row, whether it continues, and whether a logit of it (this frame's text
         decision, the previous frame's audio channels) was not finite."""
-        nonfinite = ~torch.isfinite(self.logit_sums[:, :rows]).all(dim=0)
-        continues, bad = torch.stack((self.should_continue[:rows], nonfinite)).tolist()
+        continues, bad = torch.stack((self.should_continue[:rows], self._nonfinite(rows))).tolist()
         return continues, bad
+
+    def _nonfinite(self, rows: int) -> torch.Tensor:
+        """bool [rows]: whether a checked logit sum of the slot (its text row, its channels below nq) is not finite."""
+        return (~torch.isfinite(self.logit_sums[:, :rows]) & self.checked[:, :rows]).any(dim=0)
 
     def _decide(self, group: Group, continues: list[bool], nonfinite: list[bool], text_logits) -> FrameOutput:
         """The group's output of this frame's decision; a group that stops or fails leaves the decoder."""
@@ -420,7 +462,7 @@ class SlotDecoder:
         group.finished = [done or not now for done, now in zip(group.finished, active)]
         output = FrameOutput(group, None, active, group.rows_of(text_logits))
         if any(nonfinite[slot] for slot in group.slots):
-            output.error = "Non-finite logits during generation (inf or nan); try float32 or another backend"
+            output.error, output.error_code = NON_FINITE_MESSAGE, NON_FINITE_LOGITS
         if output.error is not None or not any(active):
             output.done = True
             self.finish(group)
@@ -434,14 +476,13 @@ class SlotDecoder:
         ended = [group for group in self.groups if group.at_limit]
         if not ended:
             return []
-        bad = (~torch.isfinite(self.logit_sums).all(dim=0)).tolist()
+        bad = self._nonfinite(self.num_slots).tolist()
         outputs = []
         for group in ended:
-            error = None
-            if any(bad[slot] for slot in group.slots):
-                error = "Non-finite logits during generation (inf or nan); try float32 or another backend"
+            failed = any(bad[slot] for slot in group.slots)
             self.finish(group)
-            outputs.append(FrameOutput(group, None, [False] * len(group.slots), None, error, done=True))
+            outputs.append(FrameOutput(group, None, [False] * len(group.slots), None, NON_FINITE_MESSAGE if failed
+                                       else None, done=True, error_code=NON_FINITE_LOGITS if failed else None))
         return outputs
 
     def _draw_audio_noise(self, groups: list[Group]) -> None:
@@ -455,7 +496,7 @@ class SlotDecoder:
     # The audio phase: local steps 1..nq with the audio heads and sampling, and the next rows (after the sync).
 
     def _run_audio_phase(self, rows: int) -> None:
-        settings = self.audio_settings.rows(rows)
+        settings = self.audio_settings.rows(rows, self._live(rows))
         nq_max = max(group.settings.nq for group in self.groups)
         every_row_full = min(group.settings.nq for group in self.groups) == nq_max
         key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,
@@ -498,4 +539,5 @@ class SlotDecoder:
             self.valid_host[slot] = continues[slot] and self.owner[slot] is not None
 
 
-__all__ = ["FrameOutput", "GenerationSettings", "Group", "PhaseRunner", "SlotDecoder", "STEP_MODES"]
+__all__ = ["FrameOutput", "GenerationSettings", "Group", "NON_FINITE_LOGITS", "NON_FINITE_MESSAGE", "PhaseRunner",
+           "SlotDecoder", "STEP_MODES"]

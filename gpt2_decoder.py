@@ -277,11 +277,22 @@ class KVCache:
         return self.key_mask.shape[0]
 
     def reset(self, rows: slice = slice(None)) -> None:
-        """Forget the keys of `rows` (the buffers are kept; masked entries are never read)."""
+        """Forget the keys of `rows`: positions and key mask only (cheap enough for every frame of the local decoder).
+
+        Masked entries get exactly zero attention weight, but their values still enter `weights @ values`, where a
+        stale non-finite value gives 0 x NaN = NaN: when another owner may have written the rows, use `clear`.
+        """
         self.positions[rows] = 0
         self.key_mask[rows] = False
         if rows == slice(None):
             self.length = 0
+
+    def clear(self, rows: slice = slice(None)) -> None:
+        """`reset`, and zero the keys and values of `rows` (a slot's new owner then reads only its own writes and
+        exact zeros, whatever the previous owner left there: a stale NaN or inf can no longer reach its output)."""
+        self.reset(rows)
+        for tensor in self.keys + self.values:
+            tensor[rows].zero_()
 
     def sequence_write(self, rows: slice, start: int, length: int, key_mask: torch.Tensor | None = None
                        ) -> "CacheWrite":

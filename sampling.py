@@ -127,8 +127,16 @@ class SlotSettings:
                              (self.top_k_on, top_k > 0), (self.top_p_on, 0.0 < top_p < 1.0)):
             table[slots] = value
 
-    def rows(self, count: int) -> RowSettings:
-        host = self.host[:count]
+    def clear(self, slots: slice) -> None:
+        """Slots `slots` no longer belong to anyone: give them GREEDY (top-k 0, so that no index they hold reaches past
+        the live rows' top-k)."""
+        self.set(slots, self.GREEDY)
+
+    def rows(self, count: int, live: Sequence[bool] | None = None) -> RowSettings:
+        """The RowSettings of slots [0, count) (views). `live`: per slot, whether it belongs to a request; the host
+        flags, which choose the code paths, then follow the live slots only, so that a free slot's settings (GREEDY
+        after `clear`) never choose the path (and so the exact-tie behaviour) of the requests beside it."""
+        host = [row for index, row in enumerate(self.host[:count]) if live is None or live[index]]
         nucleus = [0.0 < row[3] < 1.0 for row in host]
         return RowSettings(
             do_sample=self.do_sample[:count], temperature=self.temperature[:count], top_k=self.top_k[:count],

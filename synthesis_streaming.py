@@ -16,8 +16,8 @@ from typing import Iterator, Optional
 import torch
 
 from .audio_io import ProgressiveWavWriter
-from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent, SpeechEngine, SpeechRequest,
-                     StreamDecodePolicy, stream_lead_seconds)
+from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent, RequestError, SpeechEngine,
+                     SpeechRequest, StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
 from .prompting import build_prompt_rows
 from .synthesis_loading import PreparedRequest, prepare_request, text_chunks
@@ -112,7 +112,7 @@ def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
             busy = engine.step()
             for event in handle.pending():
                 if isinstance(event, ErrorEvent):
-                    raise RuntimeError(f"streaming synthesis failed: {event.message}")
+                    raise RequestError(event.code, f"streaming synthesis failed: {event.message}")
                 if isinstance(event, FinishedEvent):
                     warn_if_truncated(event.codes, prepared.chunks, int(request.generation["max_new_frames"]),
                                       layout.hop / rate)

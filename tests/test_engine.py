@@ -5,10 +5,13 @@ joining at any frame, greedy or seeded-sampled; its audio equals the alone run's
 and decoder matmuls are not bit-invariant to the batch size; about 1e-6 on audio of amplitude ~1).
 """
 
+import copy
 import threading
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import import_module
 
@@ -283,3 +286,302 @@ def test_one_kv_cache_class_serves_both_decoders():
     assert caches == {"gpt2_decoder.KVCache", "codec_streaming.RingKVCache"}
     slots = generation.SlotDecoder(always_continue_tiny_tts(seed=1), 2, 16, ("sdpa", "sdpa"))
     assert type(slots.global_cache) is type(slots.local_cache) is import_module("gpt2_decoder").KVCache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A slot forgets its previous occupant (issue 21)
+
+
+def _doomed():
+    """A greedy request that, on the poisoned model, makes one frame whose audio logits are NaN and fails at the next
+    frame's sync (it has then written NaN keys and values into its slot's caches)."""
+    return _request(seed=80, frames=6, do_sample=False)
+
+
+@pytest.fixture(scope="module")
+def poisoned(model):
+    """A copy of the tiny model where the channel-0 embedding of the code that `_doomed` samples first is NaN.
+
+    The embedding is untied first (channel 0's audio head shares it), so only a request that samples that code is
+    hit: its next local steps, then its next global row, go NaN."""
+    (healthy, _), = _run(model, None, [_doomed()], slots=1)
+    code = int(healthy.codes[0][0, 0])
+    poisoned = copy.deepcopy(model)
+    with torch.no_grad():
+        weight = poisoned.audio_embeddings[0].weight.detach().clone()
+        weight[code] = float("nan")
+        poisoned.audio_embeddings[0].weight = torch.nn.Parameter(weight)
+    return poisoned
+
+
+def test_a_request_after_one_whose_logits_went_non_finite_in_its_slot_equals_itself_alone(poisoned, codec):
+    after = lambda: _request(seed=82, frames=6)  # noqa: E731 (a fresh request per run)
+    (alone, alone_audio), = _run(poisoned, codec, [after()], slots=1)
+    assert isinstance(alone, engine_module.FinishedEvent)  # alone, it never meets the NaN row
+    (failed, _), (final, audio) = _run(poisoned, codec, [_doomed(), after()], slots=1)
+    assert isinstance(failed, engine_module.ErrorEvent) and not failed.cancelled
+    assert failed.code == "non_finite_logits" and "Non-finite" in failed.message
+    assert isinstance(final, engine_module.FinishedEvent)
+    assert torch.equal(final.codes[0], alone.codes[0])
+    torch.testing.assert_close(audio, alone_audio, **AUDIO_TOLERANCE)
+
+
+def test_a_stale_nan_under_the_key_mask_of_a_reused_slot_cannot_reach_the_newcomer(poisoned):
+    """The newcomer's prompt is shorter than its neighbour's, so the decode step reads its slot past its own rows,
+    where the failed request left NaN values (masked keys get weight 0, and 0 x NaN would be NaN)."""
+    short = lambda: _request(seed=82, frames=6, length=6)  # noqa: E731
+    long = lambda: _request(seed=90, frames=12, length=30)  # noqa: E731
+    (short_alone, _), (long_alone, _) = _run(poisoned, None, [short(), long()], slots=2)
+    engine = engine_module.SpeechEngine(poisoned, None, num_slots=2, max_positions=64)
+    doomed = engine.submit(_doomed())
+    engine.run_until_idle()
+    assert _collect(doomed)[0].code == "non_finite_logits"
+    stale = engine.decoder.global_cache.values[-1][0, :, :30]
+    assert torch.isnan(stale).any()  # slot 0 really holds NaN values where the newcomer's reads will reach
+    handles = [engine.submit(short()), engine.submit(long())]
+    engine.run_until_idle()
+    finals = [_collect(handle)[0] for handle in handles]
+    assert torch.equal(finals[0].codes[0], short_alone.codes[0])
+    assert torch.equal(finals[1].codes[0], long_alone.codes[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A failure ends its own request only (issue 21)
+
+
+@pytest.mark.parametrize("raises_on", ["AudioEvent", "CodesEvent", "FinishedEvent"])
+def test_a_listener_that_raises_ends_its_own_request_and_the_others_keep_every_frame(model, codec, raises_on):
+    """Both streams' first frames go to the codec in one call; the first stream's listener raises on its event. The
+    tick goes on: the other stream gets all its audio and equals its alone run."""
+    (alone, alone_audio), = _run(model, codec, [_request(seed=92, frames=5)])
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    received = []
+
+    def listener(event):
+        received.append(event)
+        if type(event).__name__ == raises_on:
+            raise RuntimeError("a broken client callback")
+
+    faulty = _request(seed=91, frames=5)
+    faulty.emit_codes = True
+    broken = engine.submit(faulty, listener=listener)
+    healthy = engine.submit(_request(seed=92, frames=5))
+    for _ in range(50):  # step() itself must never raise
+        if not engine.step():
+            break
+    assert broken.done.is_set() and healthy.done.is_set() and engine.active == 0
+    final, audio = _collect(healthy)
+    assert isinstance(final, engine_module.FinishedEvent)
+    assert torch.equal(final.codes[0], alone.codes[0])
+    torch.testing.assert_close(audio, alone_audio, **AUDIO_TOLERANCE)
+    if raises_on == "FinishedEvent":
+        assert isinstance(received[-1], engine_module.FinishedEvent)
+    else:
+        assert isinstance(received[-1], engine_module.ErrorEvent) and received[-1].code == "listener_failed"
+        assert sum(type(event).__name__ == raises_on for event in received) == 1
+
+
+def test_a_stop_without_drain_cancels_the_requests_it_found_and_a_restarted_engine_serves_new_ones(model):
+    engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64)
+    engine.start()
+    running = engine.submit(_request(seed=93, frames=40, length=6))
+    waiting = engine.submit(_request(seed=94, frames=4))
+    assert engine.stop(drain=False, timeout=60)
+    for handle in (running, waiting):
+        final = list(handle.events(timeout=5))[-1]
+        assert isinstance(final, engine_module.ErrorEvent) and final.cancelled and final.code == "cancelled"
+    engine.start()
+    try:
+        later = engine.submit(_request(seed=95, frames=4))
+        final = list(later.events(timeout=60))[-1]
+    finally:
+        assert engine.stop(drain=True, timeout=60)
+    (alone, _), = _run(model, None, [_request(seed=95, frames=4)], slots=1)
+    assert isinstance(final, engine_module.FinishedEvent) and torch.equal(final.codes[0], alone.codes[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Property: any interleaving of submit / cancel / finish / fail across slots leaves each request equal to itself alone
+
+NAN_TEXT_ID = 777  # in the property test's model, wte[777] is NaN: a prompt holding it fails at its first decision
+
+
+def _prompt_poisoned():
+    request = _request(seed=86, frames=4)
+    request.chunks[0].rows[2, 0] = NAN_TEXT_ID
+    return request
+
+
+# What the interleavings draw from: requests that finish (sampled, greedy, nq < 16, two chunks, long and short
+# prompts) and requests that fail (NaN audio logits mid-stream, NaN logits at the first decision).
+POOL = (
+    lambda: _request(seed=82, frames=4),
+    lambda: _request(seed=83, frames=3, length=16, nq=5),
+    lambda: _request(seed=84, frames=5, length=8, do_sample=False, audio_repetition_penalty=1.3),
+    lambda: _request(seed=85, frames=2, length=24, audio_top_k=5),
+    lambda: _request(seed=87, frames=3, chunks=2),
+    _doomed,
+    _prompt_poisoned,
+)
+ALONE: dict = {}  # pool index -> (frames, final) of the request alone in a one-slot engine
+
+
+@pytest.fixture(scope="module")
+def interleaving_model(poisoned):
+    model = copy.deepcopy(poisoned)
+    with torch.no_grad():
+        model.transformer.wte.weight[NAN_TEXT_ID] = float("nan")
+    return model
+
+
+def _codes_request(index):
+    request = POOL[index]()
+    request.emit_codes = True
+    return request
+
+
+def _outcome(handle):
+    """(frames [(chunk, frame, codes)], audio [C, n] or None, final event) of a finished handle."""
+    events = handle.pending()
+    frames = [(e.chunk_index, e.frame_index, e.codes) for e in events if isinstance(e, engine_module.CodesEvent)]
+    audio = [e.waveform for e in events if isinstance(e, engine_module.AudioEvent)]
+    return frames, torch.cat(audio, dim=-1) if audio else None, events[-1]
+
+
+def _alone(model, codec, index):
+    key = (index, codec is not None)
+    if key not in ALONE:
+        engine = engine_module.SpeechEngine(model, codec, num_slots=1, max_positions=64)
+        handle = engine.submit(_codes_request(index))
+        engine.run_until_idle()
+        ALONE[key] = _outcome(handle)
+    return ALONE[key]
+
+
+def _same_frames(frames, expected) -> bool:
+    return len(frames) == len(expected) and all(
+        a[:2] == b[:2] and torch.equal(a[2], b[2]) for a, b in zip(frames, expected))
+
+
+def _check_interleaving(model, codec, slots, operations):
+    """Run `operations` on one engine, then check every request against its alone run: a request that finished or
+    failed made the same frames (and audio, to float rounding) with the same outcome; a cancelled one a prefix."""
+    engine = engine_module.SpeechEngine(model, codec, num_slots=slots, max_positions=64)
+    submitted = []  # (pool index, handle)
+    for operation, argument in operations:
+        if operation == "submit":
+            submitted.append((argument, engine.submit(_codes_request(argument))))
+        elif operation == "cancel" and submitted:
+            submitted[argument % len(submitted)][1].cancel()
+        else:
+            for _ in range(argument):
+                engine.step()
+    for _ in range(400):
+        if not engine.step():
+            break
+    assert engine.active == 0 and engine.waiting == 0
+    for index, handle in submitted:
+        frames, audio, final = _outcome(handle)
+        expected_frames, expected_audio, expected = _alone(model, codec, index)
+        cut = isinstance(final, engine_module.ErrorEvent) and final.cancelled
+        if cut:
+            assert _same_frames(frames, expected_frames[:len(frames)])
+        else:
+            assert type(final) is type(expected) and getattr(final, "code", None) == getattr(expected, "code", None)
+            assert _same_frames(frames, expected_frames)
+        if isinstance(final, engine_module.FinishedEvent):
+            assert all(torch.equal(a, b) for a, b in zip(final.codes, expected.codes))
+            assert codec is None or audio.shape == expected_audio.shape
+        if audio is not None:  # a request cut short (or failed) emitted a prefix; when depends on the clock
+            assert audio.shape[-1] <= expected_audio.shape[-1] or not cut
+            length = min(audio.shape[-1], expected_audio.shape[-1])
+            torch.testing.assert_close(audio[:, :length], expected_audio[:, :length], **AUDIO_TOLERANCE)
+
+
+OPERATIONS = st.lists(st.one_of(st.tuples(st.just("submit"), st.integers(0, len(POOL) - 1)),
+                                st.tuples(st.just("cancel"), st.integers(0, 15)),
+                                st.tuples(st.just("tick"), st.integers(1, 4))), min_size=1, max_size=14)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.integers(1, 3), operations=OPERATIONS)
+def test_any_interleaving_of_submit_cancel_finish_and_fail_leaves_each_request_equal_to_itself_alone(
+        interleaving_model, slots, operations):
+    _check_interleaving(interleaving_model, None, slots, operations)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.integers(1, 3), operations=OPERATIONS)
+def test_with_the_codec_any_interleaving_leaves_each_request_equal_to_itself_alone_audio_included(
+        interleaving_model, codec, slots, operations):
+    """The same property with the codec's slot streams (its rings are reset, values too, when a slot changes hands)."""
+    _check_interleaving(interleaving_model, codec, slots, operations)
+
+
+def test_the_interleavings_draw_requests_that_finish_and_requests_that_fail(interleaving_model):
+    """The property above covers both outcomes: the pool's alone runs finish, except the two poisoned ones."""
+    finals = [_alone(interleaving_model, None, index)[-1] for index in range(len(POOL))]
+    codes = [getattr(final, "code", None) for final in finals]
+    assert codes == [None] * (len(POOL) - 2) + ["non_finite_logits"] * 2
+    assert all(isinstance(final, engine_module.FinishedEvent) for final in finals[:-2])
+
+
+def test_cancelling_a_request_queued_behind_an_equal_one_leaves_the_others_waiting(model):
+    """The waiting queue removes a cancelled request by identity (before: `==` compared two equal requests' prompt
+    tensors and the tick raised)."""
+    engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64)
+    handles = [engine.submit(_request(seed=96, frames=3)) for _ in range(3)]
+    handles[2].cancel()
+    engine.run_until_idle()
+    finals = [_collect(handle)[0] for handle in handles]
+    assert finals[2].cancelled and finals[2].code == "cancelled"
+    assert all(isinstance(final, engine_module.FinishedEvent) for final in finals[:2])
+    assert torch.equal(finals[0].codes[0], finals[1].codes[0])
+
+
+def test_a_freed_slot_keeps_no_say_in_the_sampling_path_of_the_requests_beside_it(model):
+    """Sampling picks its code path from the rows' settings (e.g. the top-k candidates path when every row has a
+    top-k, which differs from the whole-row path on exact ties only). A freed slot's settings are cleared and left
+    out, so the request beside it samples with the flags it has alone."""
+    engine = engine_module.SpeechEngine(model, None, num_slots=2, max_positions=64)
+    left = engine.submit(_request(seed=97, frames=2, audio_top_k=0, audio_top_p=1.0))  # slot 0: no top-k filter
+    stays = engine.submit(_request(seed=98, frames=8))  # slot 1: top-k 25
+    while not left.done.is_set():
+        engine.step()
+    assert engine.active == 1 and not stays.done.is_set()
+    decoder = engine.decoder
+    beside = decoder.audio_settings.rows(2, decoder._live(2))
+    alone = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64).decoder
+    alone.start(generation.Group([0], _request(seed=98, frames=8).settings.checked(16)), [_rows(10, 980)], "sdpa")
+    expected = alone.audio_settings.rows(1, alone._live(1))
+    flags = ("max_top_k", "any_sample", "all_sample", "any_top_p", "all_top_p", "all_top_k", "same_top_k",
+             "any_penalty")
+    assert [getattr(beside, name) for name in flags] == [getattr(expected, name) for name in flags]
+    assert beside.all_top_k  # the candidates path, as alone (before: the freed slot's top-k 0 turned it off)
+    engine.run_until_idle()
+
+
+@pytest.mark.parametrize("part, method, code", [("decoder", "start", "prefill_failed"),
+                                                ("decoder", "frame", "decode_step_failed"),
+                                                ("codec", "decode", "codec_failed")])
+def test_each_failure_names_its_cause_in_a_stable_code_and_the_engine_serves_the_next_request(
+        model, codec, part, method, code):
+    engine = engine_module.SpeechEngine(model, codec, num_slots=1, max_positions=64)
+    owner = getattr(engine, part)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"simulated failure of {method}")
+
+    setattr(owner, method, broken)
+    failed = engine.submit(_request(seed=99, frames=3))
+    engine.run_until_idle()
+    delattr(owner, method)  # the class's method again
+    final, _ = _collect(failed)
+    assert isinstance(final, engine_module.ErrorEvent) and not final.cancelled
+    assert final.code == code and code in engine_module.ERROR_CODES and "simulated" in final.message
+    later = engine.submit(_request(seed=99, frames=3))
+    engine.run_until_idle()
+    (alone, _), = _run(model, codec, [_request(seed=99, frames=3)], slots=1)
+    assert torch.equal(_collect(later)[0].codes[0], alone.codes[0])

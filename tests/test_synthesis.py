@@ -167,10 +167,11 @@ def test_stream_failure_leaves_no_partial_file(model, prompt_wav, tmp_path, monk
         return frame(self)
 
     monkeypatch.setattr(generation.SlotDecoder, "frame", failing_frame)
-    with pytest.raises(RuntimeError, match="simulated"):
+    with pytest.raises(RuntimeError, match="simulated") as caught:
         for _ in model.inference_stream("Hi.", str(tmp_path / "x.wav"), mode="voice_clone",
                                         prompt_audio_path=str(prompt_wav), **dict(GREEDY, max_new_frames=5)):
             pass
+    assert caught.value.code == "decode_step_failed"  # the engine's stable error code (engine.ERROR_CODES)
     assert _leftovers(tmp_path) == []
 
 
