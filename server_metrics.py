@@ -11,6 +11,8 @@
     moss_tts_audio_seconds_total                        seconds of audio produced (before any speed change)
     moss_tts_active_streams / moss_tts_queued_requests  requests in a slot / waiting for one (read at scrape time)
     moss_tts_slots, moss_tts_slot_occupancy_ratio       engine slots, and active streams / slots
+    process_*                                           prometheus_client's process metrics (resident memory, CPU
+                                                        seconds, open files; Linux), read by loadtest.py --soak
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 # Routes counted under their own label; any other path is "other" (bounded label values).
 ROUTES = ("/v1/audio/speech", "/v1/audio/voices", "/v1/models", "/health", "/metrics")
@@ -43,6 +46,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu seconds, open fds (Linux)
         self.requests = Counter("moss_tts_requests", "HTTP responses by route and status code", ["route", "status"],
                                 registry=registry)
         self.ended = Counter("moss_tts_speech_ended", "Speech requests by how they ended", ["outcome"],
