@@ -119,6 +119,10 @@ class EngineWatch:
                 f"requests are active and {engine.waiting} waiting (bound {self.seconds:g} s)")
 
 
+class NoWorker(Exception):
+    """No BoundedWork thread became free before the request's deadline."""
+
+
 class BoundedWork:
     """Blocking request work (prepare, voice encoding) on at most `workers` threads at a time.
 
@@ -133,11 +137,14 @@ class BoundedWork:
         self._slots: Optional[asyncio.Semaphore] = None  # made on the event loop that uses it
 
     async def run(self, deadline: Optional[float], function, *args):
-        """`function(*args)` once a worker is free; raises TimeoutError when none is by `deadline` (monotonic)."""
+        """`function(*args)` once a worker is free; raises NoWorker when none is by `deadline` (monotonic)."""
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.workers)
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-        await asyncio.wait_for(self._slots.acquire(), timeout)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise NoWorker() from None
         try:
             return await in_fresh_thread(function, *args)
         finally:
@@ -366,7 +373,7 @@ async def _bounded(state: ServerState, deadline: Optional[float], function, *arg
     """`function(*args)` on the bounded work threads; 503 when none is free by the deadline."""
     try:
         return await state.work.run(deadline, function, *args)
-    except (asyncio.TimeoutError, TimeoutError):
+    except NoWorker:
         raise _queue_timeout(state.ready(), "for a worker to prepare it") from None
 
 

@@ -147,6 +147,8 @@ class SpeechService:
             return self.engine.submit(prepared.request, listener)
         except QueueFullError as error:
             raise self._busy(error) from None
+        except ValueError as error:  # prepare checked settings and positions: nothing should be left to refuse
+            raise bad_field("input", error) from None
 
     def check_queue(self) -> None:
         """Raises APIError 429 when the engine's queue is full now (before any work on a request; submit checks

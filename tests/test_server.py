@@ -13,6 +13,7 @@ that ran beside others is compared to 16-bit rounding: the batched codec's float
 (tests/test_engine.py), which moves a sample by one 16-bit step now and then.
 """
 
+import asyncio
 import base64
 import io
 import json
@@ -287,6 +288,15 @@ def silent_wav():
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def long_wav(seconds=15, rate=16000):
+    """A tone with noise, long enough that its codes fill most of a 256-position slot."""
+    time_axis = np.arange(seconds * rate) / rate
+    noise = np.random.default_rng(0).normal(0, 0.05, time_axis.size)
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 220 * time_axis) + noise).astype(np.float32), rate, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 BAD_BODIES = [
     ({"response_format": "aac"}, "response_format", "AAC encoder"),
     ({"response_format": "ogg"}, "response_format", "expected one of wav, pcm, flac, mp3, opus"),
@@ -301,6 +311,7 @@ BAD_BODIES = [
     ({"ref_audio": "not base64!", "voice": None}, "ref_audio", "base64"),
     ({"ref_audio": "SILENT", "voice": None}, "ref_audio", "silent"),
     ({"ref_audio": "SILENT"}, "ref_audio", "ref_audio and voice are both given"),
+    ({"ref_audio": "LONG", "voice": None}, "ref_audio", "the ref_audio clip takes"),  # not max_new_frames's fault
     ({"ref_text": "Hi."}, "ref_text", "continuation"),
     ({"audio_temperature": 0}, "audio_temperature", "must be > 0"),
     # the library's rules (synthesis_request.check_generation_settings), as infer_npu.py applies them
@@ -327,6 +338,8 @@ def test_every_bad_field_gets_400_naming_it(server, voice, change, param, expect
     body = {"model": "tts-1", "input": "Hello.", "voice": voice, **change}
     if body.get("ref_audio") == "SILENT":
         body["ref_audio"] = silent_wav()
+    if body.get("ref_audio") == "LONG":
+        body["ref_audio"] = long_wav()
     response = post(server.url, body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -476,6 +489,29 @@ def test_health_fails_when_the_engine_stalls_or_its_thread_ends(repository, tmp_
         release.set()
         assert engine.stop(drain=False, timeout=30)
     assert speech_server.health_problem(state) == "the speech engine's thread has stopped"
+
+
+def test_prepare_work_runs_on_at_most_its_workers_and_a_deadline_ends_the_wait():
+    work = speech_server.BoundedWork(1)
+    running, overlapped = [], []
+
+    def job(seconds):
+        overlapped.append(len(running))
+        running.append(1)
+        time.sleep(seconds)
+        running.pop()
+        return threading.current_thread().name
+
+    async def scenario():
+        first = asyncio.ensure_future(work.run(None, job, 0.5))
+        await asyncio.sleep(0.1)
+        with pytest.raises(speech_server.NoWorker):  # the only worker is busy past this deadline
+            await work.run(time.monotonic() + 0.1, job, 0.0)
+        second = await work.run(time.monotonic() + 5.0, job, 0.0)  # waits for the first, then runs
+        return await first, second
+
+    names = asyncio.run(scenario())
+    assert overlapped == [0, 0] and all(name == "speech-work" for name in names)
 
 
 def test_health_live_and_ready_answer_while_serving(small_server):
