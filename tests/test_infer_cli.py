@@ -191,6 +191,9 @@ def _bad_jsonl(tmp_path):
     ("no frames", [*SAY_HI, "--max-new-frames", "0"], "--max-new-frames 0; expected an integer >= 1"),
     ("top-p above 1", [*SAY_HI, "--audio-top-p", "2"], "--audio-top-p 2.0; expected a number in (0, 1]"),
     ("top-k 0", [*SAY_HI, "--audio-top-k", "0"], "--audio-top-k 0; expected an integer >= 1"),
+    ("top-p 0", [*SAY_HI, "--audio-top-p", "0"], "--audio-top-p 0.0; expected a number in (0, 1]"),  # as the server
+    ("one-token chunks", [*SAY_HI, "--voice-clone-max-text-tokens", "1"],
+     "--voice-clone-max-text-tokens 1; expected an integer >= 4"),
     ("zero temperature", [*SAY_HI, "--audio-temperature", "0"], "--audio-temperature must be > 0 when sampling"),
     ("output in a file", [*SAY_HI, "--output-path", "{blocker}/x.wav"],
      "--output-path '{blocker}/x.wav' cannot be written: {blocker} is a file, not a folder"),
