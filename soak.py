@@ -180,8 +180,12 @@ def _report(client: SoakClient, duration: float, start: dict, end: dict) -> dict
         "server_errors_5xx": server_errors,
         "failures": {f"{kind}: {reason}": count for (kind, reason), count in sorted(client.failures.items())},
         "leaked_slots": end["active"], "leaked_queue_entries": end["waiting"],
-        "rss_start_mb": start["rss_mb"], "rss_end_mb": end["rss_mb"],
+        "rss_start_mb": _rounded(start["rss_mb"]), "rss_end_mb": _rounded(end["rss_mb"]),
     }
+
+
+def _rounded(megabytes: Optional[float]) -> Optional[float]:
+    return None if megabytes is None else round(megabytes, 1)
 
 
 def report_ok(report: dict) -> bool:
