@@ -215,6 +215,7 @@ class RequestHandle:
         self._queue: queue.Queue = queue.Queue()
         self._listener = listener or self._queue.put
         self._cancel = threading.Event()
+        self.admitted = threading.Event()  # set when the request gets a slot (the server's queue deadline reads it)
         self.done = threading.Event()
 
     def deliver(self, event) -> None:
@@ -495,6 +496,7 @@ class SpeechEngine:
                     return
                 stream = self._waiting.popleft()
             stream.slot = free[0]
+            stream.handle.admitted.set()
             self._running[stream.slot] = stream
             self._start_codec(stream)
             self._prefill(stream)

@@ -22,9 +22,10 @@ tokenizer, codec and each distinct prompt's codes are loaded once for the whole 
 Exit codes: 0 success; 2 a user error (bad argument, input file or text; an output location that cannot be written;
 unknown device, dtype or weight format, or one the device cannot run; missing or corrupt model files, with
 instructions), always reported before the model loads where the argument alone tells; 1 a runtime failure
-(generation, decoding or writing failed); 130 interrupted (Ctrl-C, SIGINT); 143 terminated (SIGTERM, as sent by
-`timeout`, docker and systemd). No output file is left behind on failure or interruption: files are written to a
-temporary name and renamed when complete, so with --jsonl the finished files stay and unfinished ones never appear.
+(generation, decoding or writing failed; --download-only could not fetch the files); 130 interrupted (Ctrl-C,
+SIGINT); 143 terminated (SIGTERM, as sent by `timeout`, docker and systemd). No output file is left behind on failure
+or interruption: files are written to a temporary name and renamed when complete, so with --jsonl the finished files
+stay and unfinished ones never appear.
 Error messages name this script's flags.
 
 The script passes device strings to devices.py and never names a device type itself.
@@ -178,7 +179,10 @@ def _run(args, parser) -> int:
     except UsageError as error:
         _say_error(error)
         return EXIT_USER
-    except (ValueError, weights.WeightsUnavailableError) as error:  # ChecksumError is a ValueError
+    except weights.WeightsUnavailableError as error:  # --download-only: the network failed, not the user
+        _say_error(in_flag_terms(str(error), parser))
+        return EXIT_RUNTIME if args.download_only else EXIT_USER
+    except ValueError as error:  # ChecksumError is a ValueError
         _say_error(in_flag_terms(str(error), parser))
         return EXIT_USER
     except (RuntimeError, OSError) as error:
@@ -284,12 +288,32 @@ def load_model(args):
     """The model of the model flags (serve.py's too), via model_loading.load_model; returns (model, device, dtype,
     attention). Every choice is checked before the weights are read; problems with the folder's files are reported
     with this script's remedies."""
-    folder = _model_folder(args)
-    download = "python infer_npu.py --download-only" + (f" --model-path {folder}" if args.model_path else "")
-    try:
+    with _model_file_errors(args) as folder:
         loaded = model_loading.load_model(folder, args.device, args.dtype, args.weight_format,
                                           args.attn_implementation, verify=not args.no_verify, pins=PINS,
                                           progress=not args.no_progress)
+    return loaded.model, loaded.device, loaded.dtype, loaded.attention
+
+
+def check_model(args) -> None:
+    """What load_model checks before reading a weight (device, dtype, weight format, attention, the pinned files),
+    with the same messages and remedies; serve.py runs it before it binds its port.
+
+    Raises:
+        UsageError, ValueError, weights.WeightsUnavailableError: as load_model.
+    """
+    with _model_file_errors(args) as folder:
+        model_loading.check_choices(folder, args.device, args.dtype, args.weight_format, args.attn_implementation,
+                                    verify=not args.no_verify, pins=PINS, progress=not args.no_progress)
+
+
+@contextlib.contextmanager
+def _model_file_errors(args):
+    """Yields the model folder; a missing or corrupt file becomes this script's message with its remedy."""
+    folder = _model_folder(args)
+    download = "python infer_npu.py --download-only" + (f" --model-path {folder}" if args.model_path else "")
+    try:
+        yield folder
     except weights.WeightsUnavailableError as error:
         if args.no_verify:
             raise
@@ -299,7 +323,6 @@ def load_model(args):
             f"{error}\nIf this is your own checkpoint (fine-tuned or converted), pass --no-verify to skip the check of "
             f"the pinned upstream files; if it should be the upstream release, fetch it again with: {download}"
         ) from None
-    return loaded.model, loaded.device, loaded.dtype, loaded.attention
 
 
 def generation_defaults() -> dict:
@@ -390,5 +413,5 @@ def _print_summary(result: dict, elapsed: float, first_audio: Optional[float] = 
     print(line, flush=True)
 
 
-__all__ = ["Job", "add_model_arguments", "build_parser", "generation_defaults", "load_model", "main",
+__all__ = ["Job", "add_model_arguments", "build_parser", "check_model", "generation_defaults", "load_model", "main",
            "read_jsonl"]

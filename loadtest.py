@@ -12,6 +12,11 @@ clip as a voice, runs every --clients level one after another, and stops the ser
 --threads CPUs each (--num-slots per replica: the largest level over N), behind Serve's HTTP proxy, shut down at the
 end (needs requirements-serve-ray.txt).
 
+--soak SECONDS runs soak.py's mix instead of the levels (valid, bad, disconnecting and never-reading clients, --clients'
+first value of them at once, --frames per request) and prints its report: requests by kind and status, 5xx (must be
+0), failures by kind, slots and queue entries left behind (0), and the server's resident memory at the start and the
+end; the exit code is 1 when any of those is wrong.
+
 --small-requests N first sends N tiny requests one after another (GET /v1/models, and a 1-frame pcm speech request)
 and prints their median and p90 latency: run it with and without --ray-replicas to see what the proxy adds.
 
@@ -43,6 +48,8 @@ from pathlib import Path
 from typing import Optional
 
 import httpx
+
+import soak
 
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DIR = Path(os.environ.get("MOSS_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -221,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-requests", type=int, default=0,
                         help="tiny requests to time one after another before the levels (0: none)")
     parser.add_argument("--json", action="store_true", help="also print the levels as JSON")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help="run the soak mix (soak.py) for SECONDS instead of the levels (0: no soak)")
     return parser
 
 
@@ -307,6 +316,27 @@ def print_table(levels: list) -> None:
     print(f"largest level with no underrun and no error: {max(fine) if fine else 'none'}")
 
 
+def pcm_bytes_per_frame(url: str, voice: str, args) -> Optional[int]:
+    """The pcm bytes of one frame on a server this script started (its model never stops early), else None."""
+    if args.url is not None:
+        return None
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    body = {"model": "tts-1", "input": "Hi.", "voice": voice, "response_format": "pcm", "max_new_frames": 1}
+    response = httpx.post(f"{url}/v1/audio/speech", json=body, headers=headers, timeout=120.0)
+    response.raise_for_status()
+    return len(response.content)
+
+
+def print_soak(report: dict) -> int:
+    """Print soak.soak's report; returns the exit code (1 when soak.report_ok says no)."""
+    print(json.dumps(report, indent=2))
+    good = soak.report_ok(report)
+    print(f"soak: {report['requests']} requests in {report['duration_s']} s, {report['server_errors_5xx']} 5xx, "
+          f"{report['leaked_slots']} slots and {report['leaked_queue_entries']} queue entries left, RSS "
+          f"{report['rss_start_mb']} -> {report['rss_end_mb']} MB: {'ok' if good else 'FAILED'}", flush=True)
+    return 0 if good else 1
+
+
 def run(args, url: str, voice: str) -> list:
     body = {"model": "tts-1", "input": args.text, "voice": voice, "response_format": "pcm", "stream_format": "audio",
             "max_new_frames": args.frames}
@@ -348,6 +378,9 @@ def main(argv=None) -> int:
                                                                args.api_key).items():
                     print(f"  {name}: median {1000 * median:.1f} ms, p90 {1000 * p90:.1f} ms "
                           f"({args.small_requests} sequential)", flush=True)
+            if args.soak:
+                return print_soak(asyncio.run(soak.soak(url, args.soak, voice, args.api_key, args.clients[0],
+                                                        args.frames, args.text, pcm_bytes_per_frame(url, voice, args))))
             levels = run(args, url, voice)
         finally:
             if process is not None:

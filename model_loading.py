@@ -92,10 +92,8 @@ def load_model(folder, device: str = "auto", dtype: str = "auto", weight_format:
     """
     from .modeling_moss_tts_nano import MossTTSNanoForCausalLM  # here: the checks below run before transformers loads
 
-    resolved_device = devices.resolve_device(device)
-    run_dtype = resolve_run_dtype(resolved_device, dtype, weight_format)
-    attention = devices.resolve_attention(attn_implementation, resolved_device, run_dtype)
-    check_model_folder(folder, verify, pins, progress)
+    resolved_device, run_dtype, attention = check_choices(folder, device, dtype, weight_format, attn_implementation,
+                                                          verify, pins, progress)
     model = MossTTSNanoForCausalLM.from_pretrained(str(folder))
     model._set_attention_implementation(attention)
     model.to(device=resolved_device, dtype=run_dtype).eval()
@@ -103,6 +101,22 @@ def load_model(folder, device: str = "auto", dtype: str = "auto", weight_format:
     if applied is not None:
         weight_formats.apply_weight_format(model, applied)
     return LoadedModel(model, resolved_device, run_dtype, attention)
+
+
+def check_choices(folder, device: str = "auto", dtype: str = "auto", weight_format: str = AUTO_FORMAT,
+                  attn_implementation: str = "auto", verify: bool = True,
+                  pins: Sequence[weights.PinnedFile] = weights.PINNED, progress: bool = True) -> tuple:
+    """Everything load_model checks before it reads a weight (serve.py runs it before it binds its port); returns the
+    resolved (device, dtype, attention).
+
+    Raises:
+        as load_model.
+    """
+    resolved_device = devices.resolve_device(device)
+    run_dtype = resolve_run_dtype(resolved_device, dtype, weight_format)
+    attention = devices.resolve_attention(attn_implementation, resolved_device, run_dtype)
+    check_model_folder(folder, verify, pins, progress)
+    return resolved_device, run_dtype, attention
 
 
 def effective_weight_format(requested: str, dtype: torch.dtype) -> str | None:

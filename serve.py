@@ -4,12 +4,20 @@
     python serve.py --model-path . --device cpu --weight-format int8 --threads 2 --api-key "$KEY"
 
 The model flags are infer_npu.py's (device, dtype, weight format, attention, verification), and a request's
-generation defaults are what infer_npu.py applies without flags. The engine decodes --num-slots streams together
-(default: sized from free memory); up to --max-queue more wait for a slot, and beyond that requests get 429 at once.
+generation defaults are what infer_npu.py applies without flags; settings are checked by the same rules
+(synthesis_request.check_generation_settings). The engine decodes --num-slots streams together (default: sized from
+free memory); up to --max-queue more wait for a slot, and beyond that requests get 429 at once, before any work. A
+request that waits longer than --queue-timeout for a slot gets 503 with Retry-After. A request that may make more
+than --max-audio-seconds of audio or more than --max-chunks voice-clone chunks is refused with 400 before any work.
 The API key comes from --api-key or the environment variable MOSS_TTS_API_KEY.
 
-SIGTERM or Ctrl-C: the server stops accepting connections, lets running streams finish for up to --grace-seconds,
-then cancels what is left and exits. Exit codes: 0 after a normal stop, 1 when loading the model failed, 2 bad flags.
+Before the port is bound, the model flags and the model folder's pinned files are checked as infer_npu.py checks
+them: a bad flag, a missing or corrupt file prints one `error:` message and exits with 2.
+
+SIGTERM or Ctrl-C (SIGINT): the server stops accepting connections and lets running streams finish for up to
+--grace-seconds; then it cancels what is left (a streamed audio body ends early, an SSE stream ends with an `error`
+event) and exits with 0. A second Ctrl-C exits at once. Exit codes: 0 after a stop, 1 when loading the model failed
+after the port was bound, 2 bad flags or model files.
 """
 
 if __name__ == "__main__" and not __package__:
@@ -22,22 +30,28 @@ import argparse
 import logging
 import os
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import uvicorn
 
-from . import infer_npu, synthesis
+from . import infer_npu, synthesis, weights
 from .engine import EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, SpeechEngine
-from .speech_server import create_app
-from .speech_service import DEFAULT_MAX_INPUT_CHARS, ServiceOptions, SpeechService
+from .speech_server import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS, create_app
+from .speech_service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
+                             SpeechService)
 from .voices import VoiceStore
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "MOSS_TTS_API_KEY"
-EXIT_OK, EXIT_LOAD_FAILED = 0, 1
+EXIT_OK, EXIT_LOAD_FAILED, EXIT_USER = 0, 1, infer_npu.EXIT_USER
+# uvicorn's own grace runs this much longer than --grace-seconds, so that the server's cancellation (which ends every
+# stream with its last event) comes first and uvicorn never has to cancel a response task.
+CANCEL_MARGIN_SECONDS = 5.0
 # --stream-policy choices (engine.py); "throughput" is the larger budget upstream applies on its accelerator.
 STREAM_POLICIES = {"upstream": UPSTREAM_STREAM_POLICY, "throughput": UPSTREAM_CUDA_STREAM_POLICY,
                    "every-frame": EVERY_FRAME_STREAM_POLICY}
@@ -59,7 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
                         help="longest accepted `input`")
     server.add_argument("--grace-seconds", type=float, default=30.0,
-                        help="on SIGTERM, how long running streams may take to finish")
+                        help="on SIGTERM or Ctrl-C, how long running streams may take to finish")
+    server.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
+                        help="the most audio a request may ask for (chunks x max_new_frames + pauses); more is a 400")
+    server.add_argument("--max-chunks", type=int, default=DEFAULT_MAX_CHUNKS,
+                        help="the most voice-clone chunks of a request (each prefills the reference); more is a 400")
+    server.add_argument("--queue-timeout", type=float, default=60.0,
+                        help="seconds a request may wait for a slot before it gets 503 with Retry-After (0: no limit)")
+    server.add_argument("--prepare-workers", type=int, default=DEFAULT_PREPARE_WORKERS,
+                        help="requests prepared at once (tokenize, chunk, encode ref_audio)")
+    server.add_argument("--engine-stall-seconds", type=float, default=DEFAULT_STALL_SECONDS,
+                        help="/health fails when the engine has work and no tick ended for this long")
     server.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     server.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     engine = parser.add_argument_group("engine")
@@ -87,26 +111,75 @@ def load_service(args) -> SpeechService:
                           policy=STREAM_POLICIES[args.stream_policy])
     voices = VoiceStore(Path(args.voices_dir), codec, model.config)
     options = ServiceOptions(defaults=infer_npu.generation_defaults(), model_name=args.served_model_name,
-                             max_input_chars=args.max_input_chars)
+                             max_input_chars=args.max_input_chars, max_audio_seconds=args.max_audio_seconds,
+                             max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None)
     logger.info("loaded: device=%s dtype=%s attention=%s weights=%s slots=%d voices=%s", device,
                 str(dtype).removeprefix("torch."), attention, args.weight_format, engine.num_slots, voices.folder)
     return SpeechService(model, tokenizer, engine, voices, options)
 
 
+def check_server_flags(args) -> None:
+    """The server's own numbers, before anything loads.
+
+    Raises:
+        infer_npu.UsageError: naming the flag.
+    """
+    limits = (("--max-audio-seconds", args.max_audio_seconds, 1), ("--max-chunks", args.max_chunks, 1),
+              ("--queue-timeout", args.queue_timeout, 0), ("--prepare-workers", args.prepare_workers, 1),
+              ("--engine-stall-seconds", args.engine_stall_seconds, 1), ("--grace-seconds", args.grace_seconds, 0))
+    for flag, value, minimum in limits:
+        if not value >= minimum:
+            raise infer_npu.UsageError(f"{flag} {value}; expected a number >= {minimum}")
+
+
 def build_app(args, on_load_failure=None):
     """The app for parsed flags (tests run it in-process with uvicorn)."""
-    return create_app(lambda: load_service(args), api_key=args.api_key, on_load_failure=on_load_failure)
+    return create_app(lambda: load_service(args), api_key=args.api_key, on_load_failure=on_load_failure,
+                      prepare_workers=args.prepare_workers, stall_seconds=args.engine_stall_seconds)
 
 
 def uvicorn_config(app, args) -> uvicorn.Config:
     return uvicorn.Config(app, host=args.host, port=args.port, log_config=None, log_level=args.log_level,
-                          timeout_graceful_shutdown=args.grace_seconds, lifespan="on")
+                          timeout_graceful_shutdown=args.grace_seconds + CANCEL_MARGIN_SECONDS, lifespan="on")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that, --grace-seconds after the first SIGTERM / SIGINT, cancels the speech requests still
+    running (each stream then ends with its last event: an SSE `error` event, or the end of a cut audio body), before
+    uvicorn's own grace ends and it would cancel the response tasks under them (a CancelledError traceback)."""
+
+    def __init__(self, config: uvicorn.Config, app, grace_seconds: float) -> None:
+        super().__init__(config)
+        self.speech_app, self.grace_seconds = app, grace_seconds
+        self._timer: Optional[threading.Timer] = None
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        if self._timer is None:
+            logger.info("stopping: running streams may finish for %g s (Ctrl-C again to exit now)",
+                        self.grace_seconds)
+            self._timer = threading.Timer(self.grace_seconds, self._cancel_streams)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _cancel_streams(self) -> None:
+        service = self.speech_app.state.speech.service
+        if service is not None and service.engine.running:
+            logger.info("grace period over: cancelling %d running and %d waiting requests", service.engine.active,
+                        service.engine.waiting)
+            service.engine.stop(drain=False, timeout=CANCEL_MARGIN_SECONDS)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve until SIGTERM / Ctrl-C; returns the exit code (module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = _check_before_serving(args, parser)
+    if problem is not None:
+        sys.stderr.write(f"error: {problem}\n")
+        return EXIT_USER
+    args.no_verify = True  # verified just now: loading does not hash the files again
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     failures = []
@@ -116,7 +189,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         failures.append(error)
         server.should_exit = True
 
-    server = uvicorn.Server(uvicorn_config(build_app(args, stop_on_failure), args))
+    app = build_app(args, stop_on_failure)
+    server = DrainingServer(uvicorn_config(app, args), app, args.grace_seconds)
     for stop_signal in (signal.SIGINT, signal.SIGTERM):
         # uvicorn handles these while it serves, then raises the signal again with the handler it found: this one,
         # so that a drained server exits with 0 instead of dying of the signal (or a KeyboardInterrupt traceback).
@@ -127,8 +201,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return EXIT_LOAD_FAILED if failures else EXIT_OK
 
 
+def _check_before_serving(args, parser) -> Optional[str]:
+    """The flags and the model folder's files, checked as infer_npu.py checks them; the message, or None."""
+    try:
+        check_server_flags(args)
+        infer_npu.check_model(args)
+    except (ValueError, weights.WeightsUnavailableError) as error:  # UsageError and ChecksumError are ValueErrors
+        return infer_npu.in_flag_terms(str(error), parser)
+    return None
+
+
 def _after_shutdown(signum, frame) -> None:
     logger.info("stopped by signal %d", signum)
 
 
-__all__ = ["build_app", "build_parser", "load_service", "main", "uvicorn_config"]
+__all__ = ["DrainingServer", "build_app", "build_parser", "check_server_flags", "load_service", "main",
+           "uvicorn_config"]

@@ -15,7 +15,8 @@ mounted with `serve.ingress`; nothing of the server is rewritten here. What this
   failed load fails the replica (Serve retries it). It then checks Serve's per-replica limits against its engine
   (`check_replica_limits`): max_ongoing_requests between --num-slots and --num-slots + --max-queue, the autoscaling
   target at most --num-slots.
-* `check_health` for Serve's health checks: the service is loaded and the engine thread runs.
+* `check_health` for Serve's health checks: the same test as the app's /health (speech_server.health_problem: the
+  service is loaded, the engine thread runs and has not stalled).
 * Scale-down and redeploys drain: Serve stops routing to the replica and waits up to graceful_shutdown_timeout_s for
   its running streams (each is an ongoing request until its last byte), then the app's shutdown stops the engine.
 * Every response names its replica: `x-moss-replica` (Serve's replica id) and `x-moss-replica-pid`.
@@ -80,9 +81,11 @@ def parse_server_args(argv: list):
         ValueError: flags serve.py rejects (argparse writes its reason to stderr first).
     """
     try:
-        return serve_script.build_parser().parse_args(argv)
+        parsed = serve_script.build_parser().parse_args(argv)
     except SystemExit as error:
         raise ValueError(f"serve.py flags {argv}: not accepted (argparse's message is above)") from error
+    serve_script.check_server_flags(parsed)
+    return parsed
 
 
 def check_replica_limits(num_slots: int, max_queue: int, max_ongoing_requests: int,
@@ -150,7 +153,9 @@ class SpeechReplica:
             check_replica_limits(self.args.num_slots, self.args.max_queue, *_serve_limits())
         if self.args.threads > 0:
             torch.set_num_threads(self.args.threads)
-        self.server_app = speech_server.create_app(self._load, api_key=self.args.api_key, load_before_serving=True)
+        self.server_app = speech_server.create_app(self._load, api_key=self.args.api_key, load_before_serving=True,
+                                                   prepare_workers=self.args.prepare_workers,
+                                                   stall_seconds=self.args.engine_stall_seconds)
         self.server_app.add_middleware(_ReplicaHeaders, replica=serve.get_replica_context().replica_tag)
 
     def __serve_build_asgi_app__(self):
@@ -172,13 +177,8 @@ class SpeechReplica:
             raise RuntimeError(problem)
 
 
-def health_problem(state) -> Optional[str]:
-    """Why a replica whose app has this speech_server.ServerState cannot serve; None when it can."""
-    if state.service is None:
-        return f"the speech service is not loaded: {state.error or 'still loading'}"
-    if not state.service.engine.running:
-        return "the speech engine's thread has stopped"
-    return None
+# Why a replica cannot serve, or None: the app's own /health test (one test for both).
+health_problem = speech_server.health_problem
 
 
 def check_accelerator(device: str) -> None:

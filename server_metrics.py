@@ -2,12 +2,17 @@
 
     moss_tts_requests_total{route, status}              HTTP responses by route and status code
     moss_tts_speech_ended_total{outcome}                speech requests by how they ended: finished, error,
-                                                        disconnected (the client left; its request was cancelled)
+                                                        disconnected (the client left; its request was cancelled),
+                                                        queue_timeout (no slot within --queue-timeout: 503)
+    moss_tts_speech_errors_total{code}                  requests the engine ended with an error, by the stable
+                                                        code also sent in the error JSON (engine_error_code)
     moss_tts_time_to_first_audio_seconds                request arrival to its first audio chunk
     moss_tts_real_time_factor_ratio                     wall seconds per second of audio, of finished requests
     moss_tts_audio_seconds_total                        seconds of audio produced (before any speed change)
     moss_tts_active_streams / moss_tts_queued_requests  requests in a slot / waiting for one (read at scrape time)
     moss_tts_slots, moss_tts_slot_occupancy_ratio       engine slots, and active streams / slots
+    process_*                                           prometheus_client's process metrics (resident memory, CPU
+                                                        seconds, open files; Linux), read by loadtest.py --soak
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
+                               generate_latest)
 
 # Routes counted under their own label; any other path is "other" (bounded label values).
 ROUTES = ("/v1/audio/speech", "/v1/audio/voices", "/v1/models", "/health", "/metrics")
@@ -40,6 +46,7 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
+        ProcessCollector(registry=registry)  # process_resident_memory_bytes, cpu seconds, open fds (Linux)
         self.requests = Counter("moss_tts_requests", "HTTP responses by route and status code", ["route", "status"],
                                 registry=registry)
         self.ended = Counter("moss_tts_speech_ended", "Speech requests by how they ended", ["outcome"],
@@ -51,6 +58,8 @@ class ServerMetrics:
                                           "Wall seconds per audio second of finished requests", buckets=RTF_BUCKETS,
                                           registry=registry)
         self.audio_seconds = Counter("moss_tts_audio_seconds", "Seconds of audio produced", registry=registry)
+        self.errors = Counter("moss_tts_speech_errors", "Speech requests the engine ended with an error, by code",
+                              ["code"], registry=registry)
 
     def bind_engine(self, engine) -> None:
         """Gauges read from `engine` at scrape time."""
@@ -68,6 +77,30 @@ class ServerMetrics:
 
     def tracker(self) -> "RequestTracker":
         return RequestTracker(self)
+
+
+# engine_error_code's codes: logits that went NaN / inf (the request's numbers, not the server), anything else.
+NON_FINITE_CODE, FAILED_CODE = "non_finite_logits", "synthesis_failed"
+
+
+def engine_error_code(event) -> str:
+    """The stable code of an engine ErrorEvent (OpenAI's error `code`, and the label of moss_tts_speech_errors_total).
+
+    The event's own `code` when the engine gives one, else read from its message."""
+    code = getattr(event, "code", None)
+    if code:
+        return str(code)
+    message = str(getattr(event, "message", event)).lower()
+    return NON_FINITE_CODE if "non-finite" in message or "nan" in message.split() else FAILED_CODE
+
+
+def counting_errors(listener, metrics: ServerMetrics):
+    """`listener` that first counts a failed request's ErrorEvent by its code (called on the engine thread)."""
+    def deliver(event) -> None:
+        if getattr(event, "message", None) is not None and not getattr(event, "cancelled", True):
+            metrics.errors.labels(engine_error_code(event)).inc()
+        listener(event)
+    return deliver
 
 
 class RequestTracker:
@@ -97,4 +130,4 @@ class RequestTracker:
             self.metrics.ended.labels(outcome).inc()
 
 
-__all__ = ["RequestTracker", "ServerMetrics", "route_label"]
+__all__ = ["RequestTracker", "ServerMetrics", "counting_errors", "engine_error_code", "route_label"]

@@ -18,7 +18,8 @@ which is what `infer_npu.py` applies without flags:
     mode                         voice_clone (default: speak `input` in the voice) | continuation (continue
                                  ref_text + ref_audio, or speak without any reference when both are absent)
     ref_audio                    base64 of an audio file (wav/flac/ogg/mp3, a data: URL prefix is allowed), used
-                                 instead of `voice`; validated as infer_npu.py validates --prompt-audio-path
+                                 instead of `voice` (both together is a 400); validated as infer_npu.py validates
+                                 --prompt-audio-path
     ref_text                     transcript of ref_audio (continuation only)
     seed                         seeds this request's private random generator (the response header
                                  x-moss-seed always reports the seed used)

@@ -6,13 +6,23 @@
                                          is accepted and ignored); 409 if the name exists
     DELETE /v1/audio/voices/{voice_id}   delete a voice; 404 if there is none
     GET    /v1/models                    the served model
-    GET    /health                       200 {"status": "ok", ...} once the model is loaded and warmed up, else 503
-                                         {"status": "loading"} or {"status": "failed", "error": ...}
+    GET    /health                       readiness: 200 {"status": "ok", ...} once the model is loaded and warmed
+                                         up and its engine runs, else 503 {"status": "loading" | "failed" |
+                                         "unhealthy", "error": ...}; "unhealthy" when the engine's thread has
+                                         ended or has not finished a tick for --engine-stall-seconds while it has
+                                         work (health_problem, also Ray's check_health)
+    GET    /health/live                  liveness: 200 while loading and serving, 503 once the load failed or the
+                                         engine is unhealthy (restart the process)
     GET    /metrics                      Prometheus text (server_metrics.py)
     GET    /                             the web page to try it in a browser (speech_page.py, files in web/)
 
 With an API key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics are open
 (for load balancers and scrapers). Every error is OpenAI's error JSON with `param` naming the request field.
+
+Bounded work: speech requests are refused with 429 when the engine's queue is full before any work is done for them;
+their `prepare` (tokenize, chunk, encode a clip) runs on at most `prepare_workers` threads at a time; a request that
+waits longer than the service's queue_timeout for a slot (or for a prepare thread) is cancelled and gets 503 with
+Retry-After.
 
 Lifecycle: the lifespan starts the engine thread, which loads the service in the background (so /health answers 503
 meanwhile) and then runs the engine (on the thread that loaded it: SpeechEngine.serve says why); then one warm-up
@@ -30,6 +40,7 @@ import contextlib
 import hmac
 import logging
 import threading
+import time
 from typing import Callable, Optional
 
 from anyio import to_thread
@@ -39,7 +50,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import ErrorEvent
-from .server_metrics import ServerMetrics, route_label
+from .server_metrics import ServerMetrics, counting_errors, engine_error_code, route_label
 from .speech_api import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
 from .speech_page import page_router
 from .speech_service import SpeechService
@@ -51,16 +62,25 @@ LOADING_RETRY_AFTER_SECONDS = 5
 # nginx's status for a client that left before its response (never read by anyone).
 CLIENT_CLOSED_REQUEST = 499
 ENGINE_STOP_SECONDS = 10.0
+# Requests whose `prepare` (tokenize, chunk, encode a clip) may run at once (serve.py --prepare-workers).
+DEFAULT_PREPARE_WORKERS = 2
+# The engine is unhealthy when it has work and has not finished a tick for this long (serve.py
+# --engine-stall-seconds). A tick is one frame for every stream (milliseconds to a second); the first tick of a
+# compiled step mode compiles, which can take a minute.
+DEFAULT_STALL_SECONDS = 120.0
 
 
 class ServerState:
     """What the routes share: the service once it is ready, the load error if it failed, the metrics."""
 
-    def __init__(self) -> None:
+    def __init__(self, prepare_workers: int = DEFAULT_PREPARE_WORKERS,
+                 stall_seconds: float = DEFAULT_STALL_SECONDS) -> None:
         self.service: Optional[SpeechService] = None
         self.error: Optional[str] = None
         self.metrics = ServerMetrics()
         self.engine_thread: Optional[threading.Thread] = None  # loads the service, then runs its engine
+        self.work = BoundedWork(prepare_workers)
+        self.watch = EngineWatch(stall_seconds)
 
     def ready(self) -> SpeechService:
         """The service, or APIError 503 while loading (or after a failed load)."""
@@ -71,9 +91,72 @@ class ServerState:
         return self.service
 
 
+def health_problem(state: ServerState) -> Optional[str]:
+    """Why the app cannot serve (None when it can): not loaded, the engine's thread gone, or the engine stalled. The
+    one test behind /health, /health/live and Ray's check_health (serve_ray.py)."""
+    if state.service is None:
+        return f"the speech service is not loaded: {state.error or 'still loading'}"
+    engine = state.service.engine
+    if not engine.running:
+        return "the speech engine's thread has stopped"
+    return state.watch.stall(engine)
+
+
+class EngineWatch:
+    """Whether the engine makes progress: stalled when, over two health checks at least `seconds` apart that both
+    saw work (active or waiting requests), its tick count did not move."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._ticks, self._busy, self._since = -1, False, time.monotonic()
+
+    def stall(self, engine) -> Optional[str]:
+        now, ticks, busy = time.monotonic(), engine.ticks, bool(engine.active or engine.waiting)
+        if ticks != self._ticks or not busy or not self._busy:
+            self._ticks, self._since = ticks, now
+        self._busy = busy
+        if now - self._since <= self.seconds:
+            return None
+        return (f"the speech engine has not finished a tick for {now - self._since:.0f} s while {engine.active} "
+                f"requests are active and {engine.waiting} waiting (bound {self.seconds:g} s)")
+
+
+class NoWorker(Exception):
+    """No BoundedWork thread became free before the request's deadline."""
+
+
+class BoundedWork:
+    """Blocking request work (prepare, voice encoding) on at most `workers` threads at a time.
+
+    Each job runs on a thread of its own that ends with it (in_fresh_thread: a reused thread that ran parallel torch
+    work slows the engine's thread on CPU), and at most `workers` such threads exist at once; callers beyond that
+    wait their turn (bounded by the caller's deadline)."""
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError(f"prepare_workers={workers}; expected at least 1")
+        self.workers = workers
+        self._slots: Optional[asyncio.Semaphore] = None  # made on the event loop that uses it
+
+    async def run(self, deadline: Optional[float], function, *args):
+        """`function(*args)` once a worker is free; raises NoWorker when none is by `deadline` (monotonic)."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.workers)
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout)
+        except asyncio.TimeoutError:
+            raise NoWorker() from None
+        try:
+            return await in_fresh_thread(function, *args)
+        finally:
+            self._slots.release()
+
+
 def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
                on_load_failure: Optional[Callable[[BaseException], None]] = None,
-               load_before_serving: bool = False) -> FastAPI:
+               load_before_serving: bool = False, prepare_workers: int = DEFAULT_PREPARE_WORKERS,
+               stall_seconds: float = DEFAULT_STALL_SECONDS) -> FastAPI:
     """The app.
 
     Args:
@@ -83,8 +166,10 @@ def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
         load_before_serving: load and warm up inside the lifespan's startup, so that the app serves nothing before
             it is ready and a failed load fails the startup (a Ray Serve replica gets traffic once its startup is
             done: serve_ray.py). False (serve.py): load in the background while /health answers 503.
+        prepare_workers: requests prepared at once (BoundedWork).
+        stall_seconds: the engine is unhealthy after this long without a tick while it has work (EngineWatch).
     """
-    state = ServerState()
+    state = ServerState(prepare_workers, stall_seconds)
     lifespan = _lifespan(state, load, on_load_failure, load_before_serving)
     app = FastAPI(title="MOSS-TTS-Nano speech server", lifespan=lifespan)
     app.state.speech = state
@@ -199,7 +284,7 @@ def _api_router(state: ServerState, api_key: Optional[str]) -> APIRouter:
         if type != "audio_sample":
             raise bad_field("type", f"type={type!r}; expected 'audio_sample' (voices are made from recordings)")
         data = await audio_sample.read(service.voices.max_upload_bytes + 1)
-        return await in_fresh_thread(service.add_voice, name, data)
+        return await _bounded(state, _deadline(service), service.add_voice, name, data)
 
     @router.delete("/audio/voices/{voice_id}", response_model=VoiceDeleted)
     async def delete_voice(voice_id: str) -> VoiceDeleted:
@@ -220,11 +305,22 @@ def _open_router(state: ServerState) -> APIRouter:
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        if state.service is not None:
+        problem = health_problem(state)
+        if problem is None:
             return JSONResponse({"status": "ok", **state.service.status()})
         if state.error is not None:
             return JSONResponse({"status": "failed", "error": state.error}, status_code=503)
-        return JSONResponse({"status": "loading"}, status_code=503)
+        if state.service is None:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "unhealthy", "error": problem, **state.service.status()}, status_code=503)
+
+    @router.get("/health/live")
+    async def live() -> JSONResponse:
+        problem = health_problem(state)
+        if problem is not None and (state.error is not None or state.service is not None):
+            return JSONResponse({"status": "failed" if state.service is None else "unhealthy", "error": problem},
+                                status_code=503)
+        return JSONResponse({"status": "ok" if problem is None else "loading"})
 
     @router.get("/metrics")
     async def metrics() -> Response:
@@ -234,23 +330,26 @@ def _open_router(state: ServerState) -> APIRouter:
 
 
 async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Response:
-    """Prepare, submit, wait for the first event (so that an early failure still gets a status), then answer in the
-    asked form. Until a streamed body takes them over, the request and its encoder are closed here on every exit."""
+    """Check the queue, prepare (bounded), submit, wait for the first event (so that an early failure still gets a
+    status; a request still waiting for a slot at its deadline gets 503), then answer in the asked form. Until a
+    streamed body takes them over, the request and its encoder are closed here on every exit."""
     service = state.ready()
     if not body.stream and body.stream_format == "sse":
         raise bad_field("stream", "stream=false returns one whole file; stream_format 'sse' is always streamed")
-    prepared = await in_fresh_thread(service.prepare, body)
-    stream = EngineStream(lambda listener: service.submit(prepared, listener), asyncio.get_running_loop(),
-                          state.metrics.tracker())
+    service.check_queue()
+    deadline = _deadline(service)
+    prepared = await _bounded(state, deadline, service.prepare, body)
+    stream = EngineStream(lambda listener: service.submit(prepared, counting_errors(listener, state.metrics)),
+                          asyncio.get_running_loop(), state.metrics.tracker())
     audio, handed_over = None, False
     headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(service.sample_rate),
                "x-channels": str(service.channels)}
     try:
         audio = ResponseAudio(body.response_format, body.speed, service.sample_rate, service.channels,
                               whole_file=not body.stream)
-        first = await stream.next(request.is_disconnected)
+        first = await _first_event(stream, request, deadline, service)
         if isinstance(first, ErrorEvent):
-            raise APIError(500, f"synthesis failed: {first.message}", error_type="server_error")
+            raise _failed(first, service)
         if not body.stream:
             content = await whole_file(stream, audio, first, request.is_disconnected)
             return Response(content, media_type=audio.content_type, headers=headers)
@@ -265,6 +364,50 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
     else:
         content, media_type = audio_body(stream, audio, first), audio.content_type
     return _StreamedSpeech(content, stream, audio, media_type=media_type, headers=headers)
+
+
+def _deadline(service: SpeechService) -> Optional[float]:
+    """The monotonic time by which a request arriving now must have a slot (None: no queue timeout)."""
+    timeout = service.options.queue_timeout
+    return None if timeout is None else time.monotonic() + timeout
+
+
+async def _bounded(state: ServerState, deadline: Optional[float], function, *args):
+    """`function(*args)` on the bounded work threads; 503 when none is free by the deadline."""
+    try:
+        return await state.work.run(deadline, function, *args)
+    except NoWorker:
+        raise _queue_timeout(state.ready(), "for a worker to prepare it") from None
+
+
+async def _first_event(stream: EngineStream, request: Request, deadline: Optional[float], service: SpeechService):
+    """The request's first event; past `deadline` a request not yet admitted to a slot is cancelled (503)."""
+    while True:
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+        try:
+            return await asyncio.wait_for(stream.next(request.is_disconnected), timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            if stream.handle.admitted.is_set():
+                deadline = None  # it has a slot: its first audio is on the way
+                continue
+            stream.close("queue_timeout")
+            raise _queue_timeout(service, "for a free slot") from None
+
+
+def _queue_timeout(service: SpeechService, waited_for: str) -> APIError:
+    timeout = service.options.queue_timeout
+    return APIError(503, f"the server is busy: the request waited {timeout:g} s (--queue-timeout) {waited_for}; "
+                         "retry later", error_type="server_error", code="queue_timeout",
+                    headers={"Retry-After": str(service.options.retry_after_seconds)})
+
+
+def _failed(event: ErrorEvent, service: SpeechService) -> APIError:
+    """The error answered for a request the engine ended before its first audio."""
+    if event.cancelled:  # nobody cancels a request that is still waiting for its first event but a stopping server
+        return APIError(503, "the server is shutting down; retry on another instance", error_type="server_error",
+                        code="shutting_down", headers={"Retry-After": str(service.options.retry_after_seconds)})
+    return APIError(500, f"synthesis failed: {event.message}", error_type="server_error",
+                    code=engine_error_code(event))
 
 
 def _close(stream: EngineStream, audio: Optional[ResponseAudio]) -> None:
@@ -372,4 +515,5 @@ class _CountResponses:
         await self.app(scope, receive, counting_send)
 
 
-__all__ = ["ServerState", "api_key_dependency", "create_app", "validation_message"]
+__all__ = ["BoundedWork", "EngineWatch", "ServerState", "api_key_dependency", "create_app", "health_problem",
+           "validation_message"]

@@ -29,7 +29,9 @@ from .generation import GenerationSettings
 from .sampling import SettingError
 from .speech_api import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject, bad_field
 from .synthesis import speech_request
-from .text_chunking import count_tokens
+from .synthesis_loading import text_chunks
+from .synthesis_request import check_chunk_budget, check_generation_settings
+from .text_chunking import count_tokens, pause_seconds_after
 from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,12 @@ REFERENCE_CACHE_SIZE = 32
 SEED_LIMIT = 2**63
 # Retry-After (s) of a 429 when the engine's queue is full.
 DEFAULT_RETRY_AFTER_SECONDS = 1
+# Work per request, checked before any (the server's --max-audio-seconds / --max-chunks defaults): the most audio a
+# request may ask for (every chunk at max_new_frames, plus the pauses between chunks) and its voice-clone chunks. A
+# 4096-character Chinese input at the default settings is 45 chunks of at most 30 s (1350 s); each chunk prefills the
+# reference clip again.
+DEFAULT_MAX_AUDIO_SECONDS = 1800.0
+DEFAULT_MAX_CHUNKS = 64
 WARM_UP_TIMEOUT_SECONDS = 600.0
 
 
@@ -54,13 +62,19 @@ class ServiceOptions:
             (infer_npu.generation_defaults(), what the CLI applies without flags).
         model_name: the served model id (GET /v1/models; `model` must be it or an OpenAI alias).
         max_input_chars: the longest `input` accepted.
-        retry_after_seconds: the Retry-After of a 429.
+        retry_after_seconds: the Retry-After of a 429 (and of a 503 after queue_timeout).
+        max_audio_seconds: the most audio one request may ask for (chunks x max_new_frames, plus pauses).
+        max_chunks: the most voice-clone chunks one request may make.
+        queue_timeout: seconds a request may wait for a slot before it gets 503 (None: no limit).
     """
 
     defaults: dict
     model_name: str = "moss-tts-nano-100m"
     max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
     retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
+    max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
+    max_chunks: int = DEFAULT_MAX_CHUNKS
+    queue_timeout: Optional[float] = None
 
 
 @dataclass
@@ -89,6 +103,7 @@ class SpeechService:
         self.pad_id = int(model.config.audio_pad_token_id)
         self.sample_rate = engine.codec.rate
         self.channels = engine.codec.channels
+        self.seconds_per_frame = engine.codec.hop / engine.codec.rate
         self.created = int(time.time())
         self._references: OrderedDict = OrderedDict()  # sha256 of ref_audio bytes -> codes [T, n_vq]
         self._references_lock = threading.Lock()
@@ -96,7 +111,8 @@ class SpeechService:
     # -- requests -----------------------------------------------------------------------------------------------
 
     def prepare(self, body: SpeechBody) -> PreparedSpeech:
-        """Check `body` and build its engine request (blocking: encodes ref_audio when given).
+        """Check `body` and build its engine request (blocking: encodes ref_audio when given). Everything that needs
+        no clip encoding (settings, chunk count, the work bound) is checked before the clip is encoded.
 
         Raises:
             APIError: 400 naming the field at fault.
@@ -105,30 +121,83 @@ class SpeechService:
         self._check_input(body.input)
         settings, max_text_tokens = self._settings(body)
         mode = body.mode or "voice_clone"
+        _check_prompt_fields(body, mode)
+        try:
+            chunks = text_chunks(self.tokenizer, body.input, mode, body.ref_text, max_text_tokens)
+        except ValueError as error:
+            raise bad_field("input", error) from None
+        self._check_work(body, chunks, settings.max_new_frames)
         codes = self._prompt_codes(body, mode, settings.nq)
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
             request = speech_request(self.model, self.tokenizer, body.input, mode, codes, body.ref_text, settings,
-                                     max_text_tokens, seed=seed)
+                                     max_text_tokens, chunks=chunks, seed=seed)
         except ValueError as error:
             raise bad_field("input", error) from None
+        self._check_positions(body, request, codes)
         return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input))
 
     def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
         """Queue the request on the engine; events go to `listener` (called on the engine thread).
 
         Raises:
-            APIError: 429 (with Retry-After) when the engine's queue is full; 400 when the request needs more
-                positions than a slot holds.
+            APIError: 429 (with Retry-After) when the engine's queue is full.
         """
         try:
             return self.engine.submit(prepared.request, listener)
         except QueueFullError as error:
-            raise APIError(429, f"the server is busy: {error}", error_type="rate_limit_error",
-                           code="rate_limit_exceeded",
-                           headers={"Retry-After": str(self.options.retry_after_seconds)}) from None
-        except ValueError as error:  # settings were checked in prepare: what is left is a slot too small
-            raise bad_field("max_new_frames", error) from None
+            raise self._busy(error) from None
+        except ValueError as error:  # prepare checked settings and positions: nothing should be left to refuse
+            raise bad_field("input", error) from None
+
+    def check_queue(self) -> None:
+        """Raises APIError 429 when the engine's queue is full now (before any work on a request; submit checks
+        again). Requests that free slots will take at the engine's next tick do not count as waiting."""
+        engine = self.engine
+        if engine.waiting - (engine.num_slots - engine.active) >= engine.max_queue:
+            raise self._busy(f"{self.engine.waiting} requests are already waiting (max_queue={self.engine.max_queue})"
+                             "; retry later")
+
+    def _busy(self, reason) -> APIError:
+        return APIError(429, f"the server is busy: {reason}", error_type="rate_limit_error",
+                        code="rate_limit_exceeded", headers={"Retry-After": str(self.options.retry_after_seconds)})
+
+    def _check_work(self, body: SpeechBody, chunks: list, max_new_frames: int) -> None:
+        """The per-request bounds (ServiceOptions.max_chunks, max_audio_seconds), before any work."""
+        options, set_fields = self.options, body.overrides()
+        if len(chunks) > options.max_chunks:
+            param = "voice_clone_max_text_tokens" if "voice_clone_max_text_tokens" in set_fields else "input"
+            raise bad_field(param, f"input splits into {len(chunks)} voice-clone chunks; the server makes at most "
+                                   f"{options.max_chunks} per request (--max-chunks): send a larger "
+                                   "voice_clone_max_text_tokens or a shorter input")
+        pauses = sum(pause_seconds_after(chunk) for chunk in chunks[:-1])
+        seconds = len(chunks) * max_new_frames * self.seconds_per_frame + pauses
+        if seconds > options.max_audio_seconds:
+            param = "max_new_frames" if "max_new_frames" in set_fields else "input"
+            raise bad_field(param, f"this request may make up to {seconds:.0f} s of audio ({len(chunks)} chunk(s) of "
+                                   f"up to max_new_frames={max_new_frames} frames of {self.seconds_per_frame:g} s, "
+                                   f"plus pauses); the server allows at most {options.max_audio_seconds:g} s per request "
+                                   "(--max-audio-seconds): send a smaller max_new_frames or a shorter input")
+
+    def _check_positions(self, body: SpeechBody, request, codes: Optional[torch.Tensor]) -> None:
+        """Every chunk's prompt rows + max_new_frames must fit a slot; the error names what makes it too long."""
+        capacity, frames = self.engine.decoder.capacity, request.settings.max_new_frames
+        rows = max(chunk.rows.shape[0] for chunk in request.chunks)
+        if rows + frames <= capacity:
+            return
+        reference = 0 if codes is None else int(codes.shape[0])
+        clip = "ref_audio" if body.ref_audio is not None else "voice"
+        if rows < capacity and ("max_new_frames" in body.overrides() or reference == 0):
+            raise bad_field("max_new_frames", f"max_new_frames={frames} does not fit: the prompt takes {rows} of the "
+                                              f"{capacity} positions of a slot; expected at most {capacity - rows}")
+        if reference * 2 >= rows:
+            raise bad_field(clip, f"the {clip} clip takes {reference} of the {capacity} positions of a slot, leaving "
+                                  f"{max(capacity - rows, 0)} frames for max_new_frames={frames}: use a shorter clip "
+                                  "or a smaller max_new_frames")
+        param = "voice_clone_max_text_tokens" if (body.mode or "voice_clone") == "voice_clone" else "input"
+        raise bad_field(param, f"a chunk's prompt takes {rows} of the {capacity} positions of a slot, leaving "
+                               f"{max(capacity - rows, 0)} frames for max_new_frames={frames}: send a smaller "
+                               "voice_clone_max_text_tokens or a shorter input")
 
     def _check_model(self, name: str) -> None:
         accepted = (self.options.model_name,) + OPENAI_MODEL_ALIASES
@@ -143,23 +212,20 @@ class SpeechService:
                                      f"{self.options.max_input_chars} (split longer texts into several requests)")
 
     def _settings(self, body: SpeechBody) -> tuple[GenerationSettings, int]:
-        """The request's GenerationSettings (checked) and voice-clone chunk size, over the server's defaults."""
+        """The request's GenerationSettings and voice-clone chunk size, over the server's defaults, checked by the
+        library's one set of rules (synthesis_request.check_generation_settings, as infer_npu.py and `inference`)."""
         values = {**self.options.defaults, **body.overrides()}
         max_text_tokens = values.pop("voice_clone_max_text_tokens")
         try:
+            check_generation_settings(values, self.n_vq)
+            check_chunk_budget(max_text_tokens)
             settings = GenerationSettings(**values).checked(self.n_vq)
         except SettingError as error:  # error.name is the argument, and the request field of the same name
             raise APIError(400, str(error), param=error.name) from None
-        if settings.max_new_frames < 1:
-            raise bad_field("max_new_frames", f"max_new_frames={settings.max_new_frames}; expected at least 1 "
-                                              "(12.5 frames per second of audio)")
         return settings, max_text_tokens
 
     def _prompt_codes(self, body: SpeechBody, mode: str, nq: int) -> Optional[torch.Tensor]:
         """The reference codes [T, n_vq] (channels >= nq padded, as synthesis.encode_prompt_audio pads them)."""
-        if mode == "voice_clone" and body.ref_text is not None:
-            raise bad_field("ref_text", "ref_text is only for mode 'continuation'; mode 'voice_clone' speaks input "
-                                        "in the voice of ref_audio or voice without a transcript")
         codes = self._reference_codes(body.ref_audio) if body.ref_audio is not None else None
         uses_voice = mode == "voice_clone" or body.ref_text is not None
         if codes is None and uses_voice:
@@ -253,6 +319,16 @@ class SpeechService:
                 "channels": self.channels}
 
 
+def _check_prompt_fields(body: SpeechBody, mode: str) -> None:
+    """The reference fields that cannot go together (before any clip is decoded)."""
+    if body.ref_audio is not None and body.voice_name() is not None:
+        raise bad_field("ref_audio", "ref_audio and voice are both given; send one of them (with the openai SDK, "
+                                     "voice=None and extra_body={'ref_audio': ...})")
+    if mode == "voice_clone" and body.ref_text is not None:
+        raise bad_field("ref_text", "ref_text is only for mode 'continuation'; mode 'voice_clone' speaks input "
+                                    "in the voice of ref_audio or voice without a transcript")
+
+
 def decode_base64_audio(text: str, max_bytes: int) -> bytes:
     """The bytes of a base64 audio file (a `data:<type>;base64,` prefix is allowed).
 
@@ -270,4 +346,5 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
                                      "file (wav, flac, ogg or mp3)") from None
 
 
-__all__ = ["DEFAULT_MAX_INPUT_CHARS", "PreparedSpeech", "ServiceOptions", "SpeechService", "decode_base64_audio"]
+__all__ = ["DEFAULT_MAX_AUDIO_SECONDS", "DEFAULT_MAX_CHUNKS", "DEFAULT_MAX_INPUT_CHARS", "PreparedSpeech",
+           "ServiceOptions", "SpeechService", "decode_base64_audio"]

@@ -26,7 +26,7 @@ import torch
 from .audio_io import WRITE_FORMATS
 from .generation import GenerationSettings
 from .prompting import check_mode
-from .sampling import validate_sampling_args
+from .sampling import SettingError, validate_sampling_args
 
 logger = logging.getLogger(__name__)
 # Chunk progress without a terminal; the command line shows its INFO lines unless --no-progress. Its name is
@@ -42,6 +42,10 @@ PROGRESS_LOG_SECONDS = 10.0
 GENERATION_ARGUMENTS = tuple(setting.name for setting in dataclasses.fields(GenerationSettings)) + ("use_kv_cache",)
 # The keys of a line of a JSON-lines request file (read_jsonl).
 JSONL_KEYS = {"text", "output_path", "prompt_audio_path", "prompt_text"}
+# The smallest voice-clone chunk budget (text tokens) accepted above 0: every chunk prefills the whole reference clip
+# again, so a budget of a token or two makes one chunk per word (4 KB of text became ~3,400 chunks, 37 s of engine
+# time). 0 or less still means one chunk.
+MIN_CHUNK_TEXT_TOKENS = 4
 
 
 @dataclass
@@ -101,32 +105,53 @@ def build_request(**arguments) -> SynthesisRequest:
     return request
 
 
-def check_generation_settings(generation: dict) -> None:
-    """Check the generation settings before anything is loaded (generate checks them only when it starts).
+def check_generation_settings(generation: dict, n_vq: Optional[int] = None) -> None:
+    """The one set of rules for generation settings, used by `inference`, infer_npu.py, the engine's request building
+    (synthesis_streaming.speech_request) and the server, before anything is loaded or queued.
 
     Stricter than upstream, which accepts top_p outside (0, 1] and top_k <= 0 as "no filter" and, for
     max_new_frames=0, generates nothing: each is a mistake here, named with the expected range.
 
+    Args:
+        generation: the settings by upstream name (GenerationSettings' fields; other keys are ignored).
+        n_vq: the model's codebooks, when known: nq must then be at most n_vq.
+
     Raises:
-        ValueError: naming the setting, its value and the expected range.
+        SettingError (a ValueError): its `name` is the setting at fault (the request field or flag of the same name);
+            the message names its value and the expected range.
     """
     _require_int(generation, "max_new_frames", 1, "frames of 80 ms per chunk")
     if generation["nq"] is not None:
-        _require_int(generation, "nq", 1, "audio codebooks to generate")
+        _require_int(generation, "nq", 1, "audio codebooks to generate", n_vq)
     for prefix in ("text_", "audio_"):
         top_p = generation[f"{prefix}top_p"]
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise ValueError(f"{prefix}top_p={top_p!r}; expected a number in (0, 1] (1 keeps every token)")
+            raise SettingError(f"{prefix}top_p", f"{prefix}top_p={top_p!r}; expected a number in (0, 1] (1 keeps "
+                                                 "every token)")
         _require_int(generation, f"{prefix}top_k", 1, "most likely tokens kept; 1024 keeps every audio token")
     validate_sampling_args(generation["do_sample"], generation["text_temperature"], name="text_")
     validate_sampling_args(generation["do_sample"], generation["audio_temperature"],
                            generation["audio_repetition_penalty"], name="audio_")
 
 
-def _require_int(generation: dict, name: str, minimum: int, meaning: str) -> None:
+def check_chunk_budget(value) -> None:
+    """voice_clone_max_text_tokens: an integer, 0 or less (one chunk) or at least MIN_CHUNK_TEXT_TOKENS.
+
+    Raises:
+        SettingError: named "voice_clone_max_text_tokens".
+    """
+    name = "voice_clone_max_text_tokens"
+    if isinstance(value, bool) or not isinstance(value, int) or 0 < value < MIN_CHUNK_TEXT_TOKENS:
+        raise SettingError(name, f"{name}={value!r}; expected an integer >= {MIN_CHUNK_TEXT_TOKENS} (text tokens per "
+                                 "voice-clone chunk; each chunk prefills the reference again), or 0 for one chunk")
+
+
+def _require_int(generation: dict, name: str, minimum: int, meaning: str, maximum: Optional[int] = None) -> None:
     value = generation[name]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r}; expected an integer >= {minimum} ({meaning})")
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
+        expected = f"in {minimum}..{maximum}" if maximum is not None else f">= {minimum}"
+        raise SettingError(name, f"{name}={value!r}; expected an integer {expected} ({meaning})")
 
 
 def _merge_prompt_path(prompt_audio_path, reference_audio_path):
@@ -161,7 +186,8 @@ def _check_text_and_mode(request: SynthesisRequest) -> None:
 
 
 def _check_batching(request: SynthesisRequest) -> None:
-    for name in ("voice_clone_max_text_tokens", "tts_max_batch_size", "codec_max_batch_size"):
+    check_chunk_budget(request.voice_clone_max_text_tokens)
+    for name in ("tts_max_batch_size", "codec_max_batch_size"):
         value = getattr(request, name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{name}={value!r}; expected an integer (0 or less disables it)")

@@ -22,6 +22,7 @@ from .generation import GenerationSettings
 from .prompting import build_prompt_rows
 from .synthesis_loading import PreparedRequest, prepare_request, text_chunks
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, check_text, result_dict
+from .synthesis_request import check_chunk_budget, check_generation_settings
 from .synthesis_request import warn_if_truncated
 from .text_chunking import pause_seconds_after
 
@@ -47,9 +48,13 @@ def speech_request(model, tokenizer, text: str, mode: str = "voice_clone", promp
         engine_options: further SpeechRequest fields (seed, generator, global_random, emit_codes, ...).
 
     Raises:
-        ValueError: an unknown mode, a missing or forbidden prompt, empty or over-long text.
+        ValueError: an unknown mode, a missing or forbidden prompt, empty or over-long text; SettingError (a
+            ValueError naming the setting) for a setting outside synthesis_request's rules.
     """
     check_text(text)
+    settings = settings or GenerationSettings()
+    check_generation_settings(vars(settings), int(model.config.n_vq))
+    check_chunk_budget(voice_clone_max_text_tokens)
     if chunks is None:
         chunks = text_chunks(tokenizer, text, mode, prompt_text, voice_clone_max_text_tokens)
     prompts = []
@@ -58,7 +63,7 @@ def speech_request(model, tokenizer, text: str, mode: str = "voice_clone", promp
         pause = pause_seconds_after(chunk) if index < len(chunks) - 1 else 0.0
         prompts.append(ChunkPrompt(ids[0], pause, chunk))
     prime = prompt_codes if mode == "continuation" else None
-    return SpeechRequest(prompts, settings or GenerationSettings(), codec_prime=prime, **engine_options)
+    return SpeechRequest(prompts, settings, codec_prime=prime, **engine_options)
 
 
 def run_inference_stream(model, request: SynthesisRequest, policy: Optional[StreamDecodePolicy] = None

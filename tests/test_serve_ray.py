@@ -293,8 +293,20 @@ def test_a_killed_replica_loses_no_request_that_had_not_started_streaming(deploy
     deployed.wait_for({"RUNNING": 2})  # Serve replaced the replica
 
 
+def wait_until_the_proxy_routes_to(deployed, replicas: int, seconds: float = 60) -> None:
+    """Serve's controller reports a new replica RUNNING before every proxy router has learned of it; until then the
+    router sends everything to the replicas it knows (once, all six streams of the scale-down test landed on one
+    replica). Poll /health through the proxy until `replicas` different replica processes have answered."""
+    seen, deadline = set(), time.monotonic() + seconds
+    while len(seen) < replicas:
+        assert time.monotonic() < deadline, f"the proxy routed only to {seen} in {seconds} s"
+        seen.add(httpx.get(f"{deployed.url}/health").headers[serve_ray.PID_HEADER])
+        time.sleep(0.02)
+
+
 def test_scaling_down_drains_the_streams_of_the_replica_that_goes(deployed):
     client = deployed.client(max_retries=0)
+    wait_until_the_proxy_routes_to(deployed, 2)  # then each replica takes at most max_ongoing_requests: 3 and 3
     # 6 requests fill both replicas (2 slots + 1 queued each, Serve's max_ongoing_requests).
     listeners = [Listener(client, frames=DRAIN_FRAMES, seed=seed) for seed in range(2 * (SLOTS + 1))]
     wait_until(lambda: sum(listener.first_at is not None for listener in listeners) >= 2 * SLOTS, 60)

@@ -13,11 +13,13 @@ that ran beside others is compared to 16-bit rounding: the batched codec's float
 (tests/test_engine.py), which moves a sample by one 16-bit step now and then.
 """
 
+import asyncio
 import base64
 import io
 import json
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -30,12 +32,15 @@ import torch
 import uvicorn
 
 from conftest import import_module, shared_path
-from tiny_repository import HOP
+from tiny_repository import HOP, pins_for
 
 serve = import_module("serve")
 loadtest = import_module("loadtest")
 checkpoints = import_module("checkpoints")
 audio_formats = import_module("audio_formats")
+infer_npu = import_module("infer_npu")
+speech_server = import_module("speech_server")
+engine_module = import_module("engine")
 
 KEY = "test-key"
 FRAMES = 6
@@ -43,6 +48,7 @@ SAMPLES = FRAMES * HOP
 BYTES_PER_SAMPLE = 4  # 16-bit stereo
 LONG = 1500  # frames of a request that is still running when a test acts (2 minutes of audio, seconds of work)
 READY_SECONDS = 120
+QUEUE_TIMEOUT = 3.0  # small_server's --queue-timeout
 
 
 def write_server_repository(folder):
@@ -93,7 +99,7 @@ def voices_dir(tmp_path_factory):
 def server(repository, voices_dir):
     live = LiveServer(["--model-path", repository, "--no-verify", "--device", "cpu", "--num-slots", 8, "--max-queue", 8,
                        "--max-positions", 256, "--api-key", KEY, "--voices-dir", voices_dir,
-                       "--stream-policy", "every-frame"])
+                       "--stream-policy", "every-frame", "--max-audio-seconds", 600])
     yield live
     live.stop()
 
@@ -101,7 +107,8 @@ def server(repository, voices_dir):
 @pytest.fixture(scope="module")
 def small_server(repository, tmp_path_factory):
     live = LiveServer(["--model-path", repository, "--no-verify", "--device", "cpu", "--num-slots", 2, "--max-queue", 1,
-                       "--max-positions", 2048, "--voices-dir", tmp_path_factory.mktemp("small_voices")])
+                       "--max-positions", 2048, "--voices-dir", tmp_path_factory.mktemp("small_voices"),
+                       "--queue-timeout", QUEUE_TIMEOUT])
     yield live
     live.stop()
 
@@ -246,9 +253,8 @@ def test_voices_can_be_added_listed_used_and_deleted(server, client, voice, prom
     with pytest.raises(openai.BadRequestError) as refused:
         client.audio.voices.create(name="Not A Name!", audio_sample=("a.wav", clip, "audio/wav"), consent="x")
     assert refused.value.param == "name"
-    # the stored voice and the same clip as ref_audio give the same audio
-    by_reference = speech(client, "ignored", response_format="pcm", seed=5,
-                          ref_audio=base64.b64encode(clip).decode())
+    # the stored voice and the same clip as ref_audio give the same audio (voice=None: the SDK requires the argument)
+    by_reference = speech(client, None, response_format="pcm", seed=5, ref_audio=base64.b64encode(clip).decode())
     assert speech(client, created.id, response_format="pcm", seed=5) == by_reference
     assert client.audio.voices.delete(created.id).deleted
     with pytest.raises(openai.NotFoundError):
@@ -282,6 +288,15 @@ def silent_wav():
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def long_wav(seconds=15, rate=16000):
+    """A tone with noise, long enough that its codes fill most of a 256-position slot."""
+    time_axis = np.arange(seconds * rate) / rate
+    noise = np.random.default_rng(0).normal(0, 0.05, time_axis.size)
+    buffer = io.BytesIO()
+    sf.write(buffer, (0.3 * np.sin(2 * np.pi * 220 * time_axis) + noise).astype(np.float32), rate, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 BAD_BODIES = [
     ({"response_format": "aac"}, "response_format", "AAC encoder"),
     ({"response_format": "ogg"}, "response_format", "expected one of wav, pcm, flac, mp3, opus"),
@@ -293,13 +308,25 @@ BAD_BODIES = [
     ({"input": "x" * 5000}, "input", "at most 4096"),
     ({"voice": "nobody"}, "voice", "unknown voice 'nobody'"),
     ({"mode": "sing"}, "mode", "voice_clone"),
-    ({"ref_audio": "not base64!"}, "ref_audio", "base64"),
-    ({"ref_audio": "SILENT"}, "ref_audio", "silent"),
+    ({"ref_audio": "not base64!", "voice": None}, "ref_audio", "base64"),
+    ({"ref_audio": "SILENT", "voice": None}, "ref_audio", "silent"),
+    ({"ref_audio": "SILENT"}, "ref_audio", "ref_audio and voice are both given"),
+    ({"ref_audio": "LONG", "voice": None}, "ref_audio", "the ref_audio clip takes"),  # not max_new_frames's fault
     ({"ref_text": "Hi."}, "ref_text", "continuation"),
     ({"audio_temperature": 0}, "audio_temperature", "must be > 0"),
+    # the library's rules (synthesis_request.check_generation_settings), as infer_npu.py applies them
+    ({"audio_top_p": 0}, "audio_top_p", "audio_top_p=0.0; expected a number in (0, 1]"),
+    ({"audio_top_k": 0}, "audio_top_k", "audio_top_k=0; expected an integer >= 1"),
+    ({"text_top_p": 1.5}, "text_top_p", "expected a number in (0, 1]"),
     ({"nq": 17}, "nq", "1..16"),
-    ({"max_new_frames": 0}, "max_new_frames", "at least 1"),
+    ({"max_new_frames": 0}, "max_new_frames", "max_new_frames=0; expected an integer >= 1"),
     ({"max_new_frames": 5000}, "max_new_frames", "positions"),
+    ({"voice_clone_max_text_tokens": 1}, "voice_clone_max_text_tokens", "expected an integer >= 4"),
+    # bounded work: the 4 KB / 1-token / 3-frame request of issue 21, and a request for hours of audio
+    ({"input": "Hello there, friend. " * 190, "voice_clone_max_text_tokens": 4, "max_new_frames": 3},
+     "voice_clone_max_text_tokens", "at most 64 per request (--max-chunks)"),
+    ({"input": "Hello there, friend. " * 20, "voice_clone_max_text_tokens": 4, "max_new_frames": 250},
+     "max_new_frames", "the server allows at most 600 s per request (--max-audio-seconds)"),
     ({"seed": -1}, "seed", "0 to 2**63 - 1"),
     ({"stream": False, "stream_format": "sse"}, "stream", "always streamed"),
 ]
@@ -311,6 +338,8 @@ def test_every_bad_field_gets_400_naming_it(server, voice, change, param, expect
     body = {"model": "tts-1", "input": "Hello.", "voice": voice, **change}
     if body.get("ref_audio") == "SILENT":
         body["ref_audio"] = silent_wav()
+    if body.get("ref_audio") == "LONG":
+        body["ref_audio"] = long_wav()
     response = post(server.url, body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -411,6 +440,86 @@ def test_a_full_queue_answers_429_at_once(small_server):
     wait_for(lambda: health(small_server.url)["active"] == 0, 5.0)
 
 
+def test_a_request_that_waits_past_the_queue_timeout_gets_503_with_retry_after(small_server):
+    running = [OpenStream(small_server.url, continuation(LONG)) for _ in range(2)]  # both slots
+    try:
+        started = time.perf_counter()
+        response = post(small_server.url, continuation(FRAMES), key=None)
+        waited = time.perf_counter() - started
+        assert response.status_code == 503, response.text
+        assert response.headers["retry-after"] == "1" and response.json()["error"]["code"] == "queue_timeout"
+        assert "--queue-timeout" in response.json()["error"]["message"]
+        assert QUEUE_TIMEOUT - 0.1 < waited < QUEUE_TIMEOUT + 2.0
+        assert wait_for(lambda: health(small_server.url)["waiting"] == 0, 2.0) < 1.0  # it left the queue
+    finally:
+        for stream in running:
+            stream.close()
+    wait_for(lambda: health(small_server.url)["active"] == 0, 5.0)
+    metrics = httpx.get(f"{small_server.url}/metrics").text
+    assert 'moss_tts_speech_ended_total{outcome="queue_timeout"} 1.0' in metrics
+
+
+def test_health_fails_when_the_engine_stalls_or_its_thread_ends(repository, tmp_path):
+    """A listener that blocks the engine's thread stalls the engine: /health's test (also Ray's check_health) says so
+    after the bound, and recovers once the engine ticks again; an ended engine thread fails it for good."""
+    args = serve.build_parser().parse_args(["--model-path", str(repository), "--no-verify", "--device", "cpu",
+                                            "--num-slots", "1", "--max-positions", "2048", "--voices-dir",
+                                            str(tmp_path / "voices")])
+    state = speech_server.ServerState(stall_seconds=0.3)
+    state.service = serve.load_service(args)
+    engine = state.service.engine
+    engine.start()
+    release, blocked = threading.Event(), threading.Event()
+
+    def blocking_listener(event):
+        blocked.set()
+        release.wait(30)
+
+    try:
+        assert speech_server.health_problem(state) is None
+        prepared = state.service.prepare(import_module("speech_api").SpeechBody(**continuation(LONG)))
+        handle = state.service.submit(prepared, blocking_listener)
+        assert blocked.wait(30)
+        wait_for(lambda: speech_server.health_problem(state) is not None, 5.0)
+        assert "has not finished a tick" in speech_server.health_problem(state)
+        release.set()
+        wait_for(lambda: speech_server.health_problem(state) is None, 5.0)
+        handle.cancel()
+    finally:
+        release.set()
+        assert engine.stop(drain=False, timeout=30)
+    assert speech_server.health_problem(state) == "the speech engine's thread has stopped"
+
+
+def test_prepare_work_runs_on_at_most_its_workers_and_a_deadline_ends_the_wait():
+    work = speech_server.BoundedWork(1)
+    running, overlapped = [], []
+
+    def job(seconds):
+        overlapped.append(len(running))
+        running.append(1)
+        time.sleep(seconds)
+        running.pop()
+        return threading.current_thread().name
+
+    async def scenario():
+        first = asyncio.ensure_future(work.run(None, job, 0.5))
+        await asyncio.sleep(0.1)
+        with pytest.raises(speech_server.NoWorker):  # the only worker is busy past this deadline
+            await work.run(time.monotonic() + 0.1, job, 0.0)
+        second = await work.run(time.monotonic() + 5.0, job, 0.0)  # waits for the first, then runs
+        return await first, second
+
+    names = asyncio.run(scenario())
+    assert overlapped == [0, 0] and all(name == "speech-work" for name in names)
+
+
+def test_health_live_and_ready_answer_while_serving(small_server):
+    assert httpx.get(f"{small_server.url}/health").status_code == 200
+    live = httpx.get(f"{small_server.url}/health/live")
+    assert live.status_code == 200 and live.json()["status"] == "ok"
+
+
 def test_a_failing_request_leaves_the_request_beside_it_intact(small_server):
     service = small_server.service
     healthy_ids = set(service.tokenizer.encode("Hello world.", add_special_tokens=False))
@@ -428,13 +537,68 @@ def test_a_failing_request_leaves_the_request_beside_it_intact(small_server):
     for thread in threads:
         thread.join(timeout=60)
     assert results["bad"].status_code == 500
-    assert "Non-finite" in results["bad"].json()["error"]["message"]
+    error = results["bad"].json()["error"]
+    assert "Non-finite" in error["message"] and error["code"] == "non_finite_logits"
     assert results["healthy"].status_code == 200
     assert_equal_to_16_bit_rounding(pcm_samples(results["healthy"].content), alone)
+    metrics = httpx.get(f"{small_server.url}/metrics").text
+    assert 'moss_tts_speech_errors_total{code="non_finite_logits"} 1.0' in metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A restart, and SIGTERM
+# A restart, SIGTERM, SIGINT, and a checkpoint that fails its checksum
+
+
+def test_serve_refuses_a_corrupt_checkpoint_in_one_line_with_exit_2_before_binding(repository, tmp_path, monkeypatch,
+                                                                                   capsys):
+    copy = shutil.copytree(repository, tmp_path / "model")
+    monkeypatch.setattr(infer_npu, "PINS", pins_for(copy))
+    weights_file = copy / "pytorch_model.bin"
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    port = loadtest.free_port()
+    code = serve.main(["--model-path", str(copy), "--device", "cpu", "--port", str(port), "--no-progress",
+                       "--voices-dir", str(tmp_path / "voices")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.startswith("error: Checksum mismatch") and "pytorch_model.bin" in captured.err
+    assert "--no-verify" in captured.err and "Traceback" not in captured.err
+    assert "serving" not in captured.out
+    with socket.create_server(("127.0.0.1", port)):  # never bound
+        pass
+
+
+def test_sigint_ends_an_sse_stream_with_an_error_event_after_the_grace_period(repository, tmp_path):
+    port = loadtest.free_port()
+    process = loadtest.launch_server(
+        ["--model-path", repository, "--no-verify", "--device", "cpu", "--num-slots", 2, "--max-positions", 2048,
+         "--voices-dir", tmp_path / "voices", "--port", port, "--grace-seconds", 1, "--log-level", "info"],
+        tmp_path / "server.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        loadtest.wait_until_ready(url, process, READY_SECONDS)
+        events = []
+        with httpx.Client(timeout=60) as http:
+            with http.stream("POST", f"{url}/v1/audio/speech",
+                             json=continuation(LONG, stream_format="sse", response_format="pcm")) as response:
+                assert response.status_code == 200
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(json.loads(line.removeprefix("data: ")))
+                    if len(events) == 1:
+                        process.send_signal(signal.SIGINT)
+        assert events[0]["type"] == "speech.audio.delta"
+        assert events[-1]["type"] == "error" and "cancelled" in events[-1]["error"]["message"]
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "CancelledError" not in log, log
+    assert "grace period over: cancelling 1 running" in log
 
 
 def test_voices_survive_a_restart_and_sigterm_drains_running_streams(repository, voices_dir, client, voice,

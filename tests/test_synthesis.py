@@ -16,6 +16,7 @@ from conftest import import_module, shared_path
 from tiny_repository import HOP, SAMPLE_RATE, tiny_codec_config_dict, write_tiny_repository
 
 synthesis = import_module("synthesis")
+GenerationSettings = import_module("generation").GenerationSettings
 synthesis_offline = import_module("synthesis_offline")
 synthesis_request = import_module("synthesis_request")
 modeling = import_module("modeling_moss_tts_nano")
@@ -452,10 +453,27 @@ def test_bad_arguments_raise_clear_value_errors(model, tmp_path, overrides, matc
     (dict(nq=0), r"nq=0; expected an integer >= 1"),
     (dict(do_sample=True, audio_temperature=0.0), "audio_temperature must be > 0"),
     (dict(audio_repetition_penalty=-1.0), "audio_repetition_penalty must be > 0"),
+    (dict(voice_clone_max_text_tokens=1), r"voice_clone_max_text_tokens=1; expected an integer >= 4"),
 ])
 def test_generation_settings_are_checked_before_anything_is_loaded(overrides, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as refused:
         synthesis.build_request(**_arguments(**overrides))
+    assert refused.value.name in overrides  # the setting at fault, for the server's `param` and the CLI's flag
+
+
+def test_the_engine_request_builder_applies_the_same_rules(model):
+    """speech_request (the engine requests of inference_stream and the server) refuses what build_request refuses."""
+    tokenizer = synthesis.load_text_tokenizer(model)
+    for settings, name in ((GenerationSettings(audio_top_k=0), "audio_top_k"),
+                           (GenerationSettings(audio_top_p=0.0), "audio_top_p"),
+                           (GenerationSettings(nq=int(model.config.n_vq) + 1), "nq")):
+        with pytest.raises(ValueError) as refused:
+            synthesis.speech_request(model, tokenizer, "Hello.", "continuation", settings=settings)
+        assert refused.value.name == name
+    for budget in (1, 3):
+        with pytest.raises(ValueError, match="voice_clone_max_text_tokens"):
+            synthesis.speech_request(model, tokenizer, "Hello.", "continuation", voice_clone_max_text_tokens=budget)
+    assert synthesis.speech_request(model, tokenizer, "Hello.", "continuation", voice_clone_max_text_tokens=0).chunks
 
 
 def _unwritable_outputs(tmp_path):
