@@ -23,6 +23,8 @@ from typing import Optional
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 
+from .engine import ErrorEvent
+
 # Routes counted under their own label; any other path is "other" (bounded label values).
 ROUTES = ("/v1/audio/speech", "/v1/audio/voices", "/v1/models", "/health", "/metrics")
 VOICE_ROUTE = "/v1/audio/voices/{voice_id}"
@@ -79,25 +81,16 @@ class ServerMetrics:
         return RequestTracker(self)
 
 
-# engine_error_code's codes: logits that went NaN / inf (the request's numbers, not the server), anything else.
-NON_FINITE_CODE, FAILED_CODE = "non_finite_logits", "synthesis_failed"
-
-
 def engine_error_code(event) -> str:
-    """The stable code of an engine ErrorEvent (OpenAI's error `code`, and the label of moss_tts_speech_errors_total).
-
-    The event's own `code` when the engine gives one, else read from its message."""
-    code = getattr(event, "code", None)
-    if code:
-        return str(code)
-    message = str(getattr(event, "message", event)).lower()
-    return NON_FINITE_CODE if "non-finite" in message or "nan" in message.split() else FAILED_CODE
+    """The stable code of an engine ErrorEvent (OpenAI's error `code`, and the label of moss_tts_speech_errors_total):
+    one of engine.ERROR_CODES."""
+    return event.code
 
 
 def counting_errors(listener, metrics: ServerMetrics):
     """`listener` that first counts a failed request's ErrorEvent by its code (called on the engine thread)."""
     def deliver(event) -> None:
-        if getattr(event, "message", None) is not None and not getattr(event, "cancelled", True):
+        if isinstance(event, ErrorEvent) and not event.cancelled:
             metrics.errors.labels(engine_error_code(event)).inc()
         listener(event)
     return deliver
