@@ -11,7 +11,9 @@ produces: the TTS above, the codec in `audio_tokenizer/` (our MossAudioTokenizer
 signal layout: 48 kHz stereo, hop 3840, 16 x 1024 codes, small widths like shared/golden/codec_tiny) and, when given,
 the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_frames frames, so output lengths are
 exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
-`infer_npu.py` and `inference` run on it end to end. The tests use the same recipe.
+`infer_npu.py` and `inference` run on it end to end. The tests use the same recipe. It also carries stand-in preset
+voices (`preset_voices/`, one short synthetic clip per name of voice_presets.PRESET_CLIPS: a seeded buzz, no speech),
+so that every OpenAI voice name and the default voice work with it offline.
 
 The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
 tests, `verify_npu.py --tiny` and bench.py. Command line: `python checkpoints.py OUT_DIR [--tokenizer tokenizer.model]
@@ -35,10 +37,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+import soundfile as sf
 import torch
 
 from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
 from .devices import parse_dtype
+from .voice_presets import PRESET_CLIPS, preset_folder
 from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -313,7 +318,28 @@ def write_runnable_repository(folder, tokenizer_model=None, seed: int = 0,
     tts = always_continue_tiny_model(seed)
     folder = write_model_repository(folder, tts.config, tts.state_dict(), tokenizer_model=tokenizer_model, dtype=dtype)
     tiny_codec(seed).save_pretrained(str(Path(folder) / CODEC_SUBFOLDER))
+    write_stand_in_presets(folder, seed)
     return folder
+
+
+# Stand-in preset clips: STAND_IN_SECONDS of a buzz at STAND_IN_RATE (a pitch of its own per preset, plus noise).
+STAND_IN_RATE = 24000
+STAND_IN_SECONDS = 1.0
+
+
+def write_stand_in_presets(folder, seed: int = 0) -> Path:
+    """Write one synthetic clip per preset name into `folder`/preset_voices (not speech: a stand-in for tests and the
+    tiny recipe, where the upstream clips may not be downloaded) and return that folder."""
+    target = preset_folder(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    time = np.arange(int(STAND_IN_RATE * STAND_IN_SECONDS)) / STAND_IN_RATE
+    generator = np.random.default_rng(seed)
+    for index, clip in enumerate(PRESET_CLIPS):
+        pitch = 110.0 * 2 ** (index / 6)
+        buzz = sum(np.sin(2 * np.pi * pitch * harmonic * time) / harmonic for harmonic in range(1, 6))
+        audio = 0.2 * buzz / np.abs(buzz).max() + 0.01 * generator.standard_normal(time.size)
+        sf.write(target / clip.filename, audio.astype(np.float32), STAND_IN_RATE, subtype="PCM_16")
+    return target
 
 
 def load_checkpoint(path) -> dict:
@@ -396,5 +422,6 @@ __all__ = [
     "upstream_state_dict",
     "verification_tiny_model",
     "write_model_repository",
+    "write_stand_in_presets",
     "write_runnable_repository",
 ]

@@ -29,8 +29,14 @@ which is what `infer_npu.py` applies without flags:
                                  the generation settings of infer_npu.py, same names, same meaning (max_new_frames
                                  per voice-clone chunk, 12.5 frames per second)
 
-Audio is the codec's native 48 kHz stereo. `pcm` is 16-bit signed little-endian, channels interleaved (L R L R),
-without a header; every audio response states x-sample-rate: 48000 and x-channels: 2.
+    sample_rate, channels        the response's rate (8000 to 48000 Hz; mp3 and opus only at their encoders' rates)
+                                 and channel count (1 or 2), converted with soxr (audio_formats.output_layout)
+
+`pcm` is 16-bit signed little-endian, channels interleaved (L R L R), without a header, at 24 kHz mono as OpenAI
+documents it; the other formats are the codec's native 48 kHz stereo; `sample_rate` / `channels` change either (48 kHz
+stereo pcm is `{"sample_rate": 48000, "channels": 2}`). Every audio response states x-sample-rate and x-channels, and
+x-moss-voice names the voice that spoke (an OpenAI name's preset, or the default voice when that preset is not
+installed); SSE events carry response_format, sample_rate and channels.
 
 Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, with `param` naming the request field.
 """
@@ -42,7 +48,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from .audio_formats import audio_format
+from .audio_formats import audio_format, output_layout
 from .generation import GenerationSettings
 from .prompting import GENERATION_MODES as MODES
 from .time_stretch import check_speed
@@ -124,6 +130,8 @@ class SpeechBody(BaseModel):
     audio_repetition_penalty: Optional[float] = None
     nq: Optional[int] = None
     voice_clone_max_text_tokens: Optional[int] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
 
     @field_validator("response_format")
     @classmethod
@@ -149,6 +157,17 @@ class SpeechBody(BaseModel):
             raise ValueError(f"seed={value} is out of range; expected an integer from 0 to 2**63 - 1")
         return value
 
+    def audio_layout(self, native_rate: int, native_channels: int) -> tuple[int, int]:
+        """(rate, channels) of the response (audio_formats.output_layout: pcm 24 kHz mono unless asked otherwise).
+
+        Raises:
+            APIError: 400 naming sample_rate or channels.
+        """
+        try:
+            return output_layout(self.response_format, self.sample_rate, self.channels, native_rate, native_channels)
+        except ValueError as error:
+            raise bad_field("channels" if str(error).startswith("channels") else "sample_rate", error) from None
+
     def voice_name(self) -> Optional[str]:
         return self.voice.id if isinstance(self.voice, VoiceId) else self.voice
 
@@ -167,11 +186,19 @@ class Usage(BaseModel):
 class SpeechAudioDelta(BaseModel):
     type: Literal["speech.audio.delta"] = "speech.audio.delta"
     audio: str
+    # extensions: what the audio bytes are
+    response_format: Optional[str] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
 
 
 class SpeechAudioDone(BaseModel):
     type: Literal["speech.audio.done"] = "speech.audio.done"
     usage: Usage
+    # extensions: what was sent
+    response_format: Optional[str] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
 
 
 class VoiceObject(BaseModel):
@@ -182,6 +209,12 @@ class VoiceObject(BaseModel):
     name: str
     object: Literal["audio.voice"] = "audio.voice"
     type: Literal["audio_sample"] = "audio_sample"
+    # extensions (voice_catalog.py): upload | preset | openai; the voice that speaks for this name; the kind of name an
+    # upload replaced; whether an OpenAI name falls back to the default voice (its preset is not installed)
+    kind: Optional[str] = None
+    uses: Optional[str] = None
+    replaces: Optional[str] = None
+    fallback: Optional[bool] = None
 
 
 class VoiceList(BaseModel):

@@ -236,15 +236,17 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
     service = state.ready()
     if not body.stream and body.stream_format == "sse":
         raise bad_field("stream", "stream=false returns one whole file; stream_format 'sse' is always streamed")
+    rate, channels = body.audio_layout(service.sample_rate, service.channels)
     prepared = await in_fresh_thread(service.prepare, body)
     stream = EngineStream(lambda listener: service.submit(prepared, listener), asyncio.get_running_loop(),
                           state.metrics.tracker())
     audio, handed_over = None, False
-    headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(service.sample_rate),
-               "x-channels": str(service.channels)}
+    headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(rate), "x-channels": str(channels)}
+    if prepared.voice is not None:
+        headers["x-moss-voice"] = prepared.voice
     try:
-        audio = ResponseAudio(body.response_format, body.speed, service.sample_rate, service.channels,
-                              whole_file=not body.stream)
+        audio = ResponseAudio(body.response_format, body.speed, rate, channels, whole_file=not body.stream,
+                              source_rate=service.sample_rate, source_channels=service.channels)
         first = await stream.next(request.is_disconnected)
         if isinstance(first, ErrorEvent):
             raise APIError(500, f"synthesis failed: {first.message}", error_type="server_error")

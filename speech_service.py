@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -30,6 +31,8 @@ from .sampling import SettingError
 from .speech_api import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject, bad_field
 from .synthesis import speech_request
 from .text_chunking import count_tokens
+from .voice_catalog import VoiceCatalog
+from .voice_presets import DEFAULT_VOICE
 from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
 
 logger = logging.getLogger(__name__)
@@ -55,12 +58,14 @@ class ServiceOptions:
         model_name: the served model id (GET /v1/models; `model` must be it or an OpenAI alias).
         max_input_chars: the longest `input` accepted.
         retry_after_seconds: the Retry-After of a 429.
+        default_voice: who speaks without a voice, and for OpenAI names whose preset is not installed.
     """
 
     defaults: dict
     model_name: str = "moss-tts-nano-100m"
     max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
     retry_after_seconds: int = DEFAULT_RETRY_AFTER_SECONDS
+    default_voice: str = DEFAULT_VOICE
 
 
 @dataclass
@@ -70,6 +75,7 @@ class PreparedSpeech:
     request: SpeechRequest
     seed: int
     input_tokens: int
+    voice: Optional[str] = None  # the voice that speaks (x-moss-voice); None for ref_audio or no reference
 
 
 class SpeechService:
@@ -79,12 +85,15 @@ class SpeechService:
         model: the TTS model, on its device.
         tokenizer: its text tokenizer.
         engine: a SpeechEngine over the model and codec (started by the caller).
-        voices: the voice store (its codec is the engine's).
+        voices: the uploaded voices' store (its codec is the engine's).
         options: ServiceOptions.
+        presets: the store of the model folder's preset voices, or None (voice_catalog.py says how names resolve).
     """
 
-    def __init__(self, model, tokenizer, engine: SpeechEngine, voices: VoiceStore, options: ServiceOptions) -> None:
+    def __init__(self, model, tokenizer, engine: SpeechEngine, voices: VoiceStore, options: ServiceOptions,
+                 presets: Optional[VoiceStore] = None) -> None:
         self.model, self.tokenizer, self.engine, self.voices, self.options = model, tokenizer, engine, voices, options
+        self.catalog = VoiceCatalog(voices, presets, options.default_voice)
         self.n_vq = int(model.config.n_vq)
         self.pad_id = int(model.config.audio_pad_token_id)
         self.sample_rate = engine.codec.rate
@@ -105,14 +114,14 @@ class SpeechService:
         self._check_input(body.input)
         settings, max_text_tokens = self._settings(body)
         mode = body.mode or "voice_clone"
-        codes = self._prompt_codes(body, mode, settings.nq)
+        codes, voice = self._prompt_codes(body, mode, settings.nq)
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
             request = speech_request(self.model, self.tokenizer, body.input, mode, codes, body.ref_text, settings,
                                      max_text_tokens, seed=seed)
         except ValueError as error:
             raise bad_field("input", error) from None
-        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input))
+        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), voice)
 
     def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
         """Queue the request on the engine; events go to `listener` (called on the engine thread).
@@ -155,27 +164,28 @@ class SpeechService:
                                               "(12.5 frames per second of audio)")
         return settings, max_text_tokens
 
-    def _prompt_codes(self, body: SpeechBody, mode: str, nq: int) -> Optional[torch.Tensor]:
-        """The reference codes [T, n_vq] (channels >= nq padded, as synthesis.encode_prompt_audio pads them)."""
+    def _prompt_codes(self, body: SpeechBody, mode: str, nq: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+        """The reference codes [T, n_vq] (channels >= nq padded, as synthesis.encode_prompt_audio pads them) and the
+        name of the voice they are (None for ref_audio or no reference)."""
         if mode == "voice_clone" and body.ref_text is not None:
             raise bad_field("ref_text", "ref_text is only for mode 'continuation'; mode 'voice_clone' speaks input "
                                         "in the voice of ref_audio or voice without a transcript")
         codes = self._reference_codes(body.ref_audio) if body.ref_audio is not None else None
         uses_voice = mode == "voice_clone" or body.ref_text is not None
+        voice = None
         if codes is None and uses_voice:
-            codes = self._voice_codes(body.voice_name(), mode)
+            voice, codes = self._voice_codes(body.voice_name())
         if mode == "continuation" and (codes is None) != (body.ref_text is None):
             raise bad_field("ref_text", "mode 'continuation' takes ref_text with ref_audio (or a voice), or neither")
         if codes is not None:
             codes = codes.clone()
             codes[:, nq:] = self.pad_id
-        return codes
+        return codes, voice
 
-    def _voice_codes(self, name: Optional[str], mode: str) -> torch.Tensor:
-        if name is None:
-            raise bad_field("voice", f"mode {mode!r} needs a voice (GET /v1/audio/voices) or ref_audio")
+    def _voice_codes(self, name: Optional[str]) -> tuple[str, torch.Tensor]:
+        """(voice used, codes) of a voice name, None meaning the default voice (voice_catalog.py)."""
         try:
-            return self.voices.prompt_codes(name)
+            return self.catalog.resolve(name)
         except ValueError as error:  # UnknownVoiceError, a bad name, or a clip that is not a usable prompt
             raise bad_field("voice", error) from None
 
@@ -199,7 +209,12 @@ class SpeechService:
     # -- voices -------------------------------------------------------------------------------------------------
 
     def list_voices(self) -> list[VoiceObject]:
-        return [self._voice_object(name) for name in self.voices.list_voices()]
+        """Uploads, presets and OpenAI's names, each saying which voice speaks for it (voice_catalog.py)."""
+        presets = self.catalog.presets
+        folders = {"upload": self.voices.folder, "preset": presets.folder if presets is not None else None}
+        return [self._voice_object(entry.name, folders.get(entry.kind)).model_copy(update={
+            "kind": entry.kind, "uses": entry.uses, "replaces": entry.replaces, "fallback": entry.fallback})
+            for entry in self.catalog.entries()]
 
     def add_voice(self, name: str, data: bytes) -> VoiceObject:
         """Store an uploaded clip as voice `name` (encoded once now; blocking).
@@ -214,7 +229,7 @@ class SpeechService:
         except ValueError as error:
             param = "name" if str(error).startswith("voice name") else "audio_sample"
             raise bad_field(param, error) from None
-        return self._voice_object(name)
+        return self._voice_object(name, self.voices.folder)
 
     def delete_voice(self, name: str) -> None:
         """Raises: APIError 404 (no such voice) or 400 (a bad name)."""
@@ -225,8 +240,10 @@ class SpeechService:
         except ValueError as error:
             raise bad_field("voice_id", error) from None
 
-    def _voice_object(self, name: str) -> VoiceObject:
-        created = min((int(clip.stat().st_mtime) for clip in self.voices.folder.glob(f"{name}.*")), default=0)
+    def _voice_object(self, name: str, folder: Optional[Path]) -> VoiceObject:
+        """The Voice of `name`, created when its clip in `folder` was (no folder: when the server started)."""
+        clips = folder.glob(f"{name}.*") if folder is not None else ()
+        created = min((int(clip.stat().st_mtime) for clip in clips), default=self.created)
         return VoiceObject(id=name, name=name, created_at=created)
 
     # -- readiness ----------------------------------------------------------------------------------------------
