@@ -43,7 +43,7 @@ import torch
 
 from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
 from .devices import parse_dtype
-from .voice_presets import PRESET_CLIPS, preset_folder
+from .voice_presets import PRESET_CLIPS, mark_stand_ins, preset_folder
 from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -339,6 +339,7 @@ def write_stand_in_presets(folder, seed: int = 0) -> Path:
         buzz = sum(np.sin(2 * np.pi * pitch * harmonic * time) / harmonic for harmonic in range(1, 6))
         audio = 0.2 * buzz / np.abs(buzz).max() + 0.01 * generator.standard_normal(time.size)
         sf.write(target / clip.filename, audio.astype(np.float32), STAND_IN_RATE, subtype="PCM_16")
+    mark_stand_ins(folder)
     return target
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ PRESET_REPOSITORY = "OpenMOSS/MOSS-TTS-Nano"
 PRESET_REVISION = "a843f17b7badeba6b0b36907cbdcc0beea0f49e7"
 PRESET_LICENSE = "Apache-2.0"
 DOWNLOAD_TIMEOUT_SECONDS = 30.0
+# presets.lock.json key of a tiny repository's stand-in clips (checkpoints.write_stand_in_presets)
+STAND_IN_KEY = "stand_in"
 MAX_PRESET_BYTES = 16 * 2**20  # a demo clip is well under 1 MB; anything larger is not the file we pinned
 
 
@@ -89,19 +92,45 @@ def preset_folder(model_folder) -> Path:
     return Path(model_folder) / PRESET_SUBFOLDER
 
 
-def fetch_presets(model_folder, clips=PRESET_CLIPS, opener=urllib.request.urlopen) -> dict[str, str]:
+def preset_clip(model_folder, name: str, default: str = DEFAULT_VOICE) -> tuple[str, Path]:
+    """(preset used, its clip) for a preset or OpenAI voice name in a model folder; an OpenAI name whose preset is not
+    installed falls back to `default` (infer_npu.py's voice without --prompt-audio-path).
+
+    Raises:
+        ValueError: an unknown name, or no installed clip for it (saying how to get the presets).
+    """
+    if name not in PRESETS and name not in OPENAI_VOICES:
+        raise ValueError(f"voice {name!r} is not a preset or an OpenAI voice name; expected one of "
+                         f"{', '.join(sorted({*PRESETS, *OPENAI_VOICES}))}")
+    folder = preset_folder(model_folder)
+    candidates = [OPENAI_VOICES.get(name, name)] + ([default] if name in OPENAI_VOICES else [])
+    for preset in candidates:
+        if (folder / f"{preset}.wav").is_file():
+            return preset, folder / f"{preset}.wav"
+    raise ValueError(f"voice {name!r}: no preset clip in {folder} (get the presets with `python infer_npu.py "
+                     "--download-only`, or give a voice recording with --prompt-audio-path)")
+
+
+def fetch_presets(model_folder, clips=PRESET_CLIPS, opener=urllib.request.urlopen,
+                  download: bool = True) -> dict[str, str]:
     """Download missing preset clips into `model_folder/preset_voices`, checking each (returns name -> outcome).
 
-    A clip already in place is verified again. Failures are reported per clip (the OpenAI names then fall back to the
-    default voice), never raised, so that the weights' download is not undone by a missing demo clip.
+    A clip already in place is verified again; download=False only verifies. After the first failed connection the
+    other downloads are skipped (no network: one failure, not one timeout per clip). Failures are reported per clip
+    (the OpenAI names then fall back to the default voice), never raised, so that a missing demo clip does not undo
+    the weights' download. A folder of stand-in presets (checkpoints.write_stand_in_presets) is left as it is.
     """
     folder = preset_folder(model_folder)
     folder.mkdir(parents=True, exist_ok=True)
     lock = _read_lock(folder)
-    outcomes = {}
+    if lock.get(STAND_IN_KEY):
+        return {clip.name: "stand-in (a tiny test repository; not replaced)" for clip in clips}
+    outcomes, unreachable = {}, None
     for clip in clips:
         try:
-            outcomes[clip.name] = _ensure_clip(folder, clip, lock, opener)
+            outcomes[clip.name] = _ensure_clip(folder, clip, lock, opener, download and unreachable is None)
+        except urllib.error.URLError as error:
+            unreachable = outcomes[clip.name] = f"not installed: no connection to raw.githubusercontent.com ({error})"
         except (OSError, ValueError) as error:
             outcomes[clip.name] = f"not installed: {error}"
             logger.warning("preset voice %s: %s", clip.name, error)
@@ -110,11 +139,13 @@ def fetch_presets(model_folder, clips=PRESET_CLIPS, opener=urllib.request.urlope
     return outcomes
 
 
-def _ensure_clip(folder: Path, clip: PresetClip, lock: dict, opener) -> str:
+def _ensure_clip(folder: Path, clip: PresetClip, lock: dict, opener, download: bool) -> str:
     target = folder / clip.filename
     if target.exists():
         _check(clip, target.read_bytes(), lock)
         return "ok (in place)"
+    if not download:
+        return "not installed (not downloaded)"
     with opener(clip.url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response:
         data = response.read(MAX_PRESET_BYTES + 1)
     _check(clip, data, lock)
@@ -137,6 +168,12 @@ def _check(clip: PresetClip, data: bytes, lock: dict) -> None:
                          f"({expected['size']} bytes)")
 
 
+def mark_stand_ins(model_folder) -> None:
+    """Record that the presets of `model_folder` are stand-ins, so that fetch_presets leaves them alone."""
+    path = preset_folder(model_folder) / PRESET_LOCK_FILE
+    path.write_text(json.dumps({STAND_IN_KEY: True}) + "\n")
+
+
 def _read_lock(folder: Path) -> dict:
     try:
         return json.loads((folder / PRESET_LOCK_FILE).read_text())
@@ -145,4 +182,4 @@ def _read_lock(folder: Path) -> dict:
 
 
 __all__ = ["DEFAULT_VOICE", "LANGUAGES", "OPENAI_VOICES", "PRESETS", "PRESET_CLIPS", "PRESET_LICENSE",
-           "PRESET_REVISION", "PRESET_SUBFOLDER", "PresetClip", "fetch_presets", "preset_folder"]
+           "PRESET_REVISION", "PRESET_SUBFOLDER", "PresetClip", "fetch_presets", "mark_stand_ins", "preset_clip", "preset_folder"]
