@@ -9,10 +9,13 @@ Input: float32 waveforms [channels, samples] (the codec's 48 kHz stereo; any rat
     flac  FLAC, 16-bit                                                   audio/flac    libsndfile
     mp3   MPEG-1 Layer III, constant 160 kbit/s at 48 kHz                audio/mpeg    libsndfile (LAME)
     opus  Ogg Opus, libsndfile's default bit rate (~125 kbit/s stereo)   audio/ogg     libsndfile (libopus)
+    aac   AAC-LC in ADTS frames (FFmpeg's encoder, its default bit rate) audio/aac     PyAV (FFmpeg), when installed
 
-libsndfile is the one inside the pinned soundfile wheel (1.2.2, which writes MP3 and Ogg Opus). `aac` is refused
-with a ValueError naming the supported formats: libsndfile has no AAC encoder, and the only well-kept Python package
-that writes AAC is PyAV, a 36 MB wheel bundling all of FFmpeg (measured), too heavy for one optional format.
+libsndfile is the one inside the pinned soundfile wheel (1.2.2, which writes MP3 and Ogg Opus); it has no AAC
+encoder. AAC comes from PyAV (requirements.txt pins av 18.1.0, wheels bundling FFmpeg); where PyAV does not import,
+`aac` is refused with a ValueError naming the supported formats. ADTS frames carry their own headers, so a streamed
+aac is byte for byte the whole file; decoders play the encoder's priming first (AAC_LEAD_SAMPLES) and pad the end to
+a whole frame (AAC_FRAME_SAMPLES).
 
 Rate and channels (`output_layout`, `LayoutConverter`). OpenAI documents `pcm` as 24 kHz mono 16-bit little-endian,
 so `pcm` defaults to PCM_DEFAULT_RATE mono; every other format defaults to the codec's native 48 kHz stereo. Any format
@@ -57,6 +60,11 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+try:  # optional: PyAV writes aac (FFmpeg's encoder); without it aac is refused
+    import av
+except ImportError:  # pragma: no cover - av is in requirements.txt
+    av = None
+
 from .audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
 
 logger = logging.getLogger(__name__)
@@ -81,6 +89,10 @@ MIN_RATE, MAX_RATE = 8000, 48000
 PCM_DEFAULT_RATE, PCM_DEFAULT_CHANNELS = 24000, 1
 MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
 OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+AAC_RATES = MP3_RATES  # AAC takes the same MPEG family of rates
+# What a decoder plays before the audio of our aac (FFmpeg's encoder priming), and the frame it pads the end to.
+AAC_LEAD_SAMPLES = 1024
+AAC_FRAME_SAMPLES = 1024
 RESAMPLER_QUALITY = "HQ"
 
 
@@ -111,10 +123,12 @@ FORMATS = {
         AudioFormat("opus", "audio/ogg", "OGG", "OPUS"),
     )
 }
+if av is not None:
+    FORMATS["aac"] = AudioFormat("aac", "audio/aac", "ADTS")
 SUPPORTED_FORMATS = tuple(FORMATS)
 # Formats of the OpenAI API that this server refuses, with the reason given to the client.
-REFUSED_FORMATS = {
-    "aac": "no AAC encoder is installed (libsndfile has none, and PyAV would add all of FFmpeg for this one format)",
+REFUSED_FORMATS = {} if av is not None else {
+    "aac": "no AAC encoder is installed (libsndfile has none; install PyAV, av==18.1.0 in requirements.txt)",
 }
 
 
@@ -147,7 +161,7 @@ def output_layout(response_format: str, sample_rate: Optional[int], channels: Op
         raise ValueError(f"sample_rate={rate!r}; expected an integer from {MIN_RATE} to {MAX_RATE} Hz")
     if count not in (1, 2) or isinstance(count, bool):
         raise ValueError(f"channels={count!r}; expected 1 (mono) or 2 (stereo)")
-    allowed = {"mp3": MP3_RATES, "opus": OPUS_RATES}.get(response_format)
+    allowed = {"mp3": MP3_RATES, "opus": OPUS_RATES, "aac": AAC_RATES}.get(response_format)
     if allowed is not None and rate not in allowed:
         raise ValueError(f"sample_rate={rate} is not one {response_format} can carry; expected one of "
                          f"{', '.join(map(str, allowed))}")
@@ -265,6 +279,8 @@ class StreamingEncoder:
         self._finished = False
         if self.format.container is None:
             self._writer = _PcmWriter(self.format.name == "wav", self.sample_rate, channels, whole_file)
+        elif self.format.container == "ADTS":
+            self._writer = _AacWriter(self.sample_rate, channels, whole_file)
         else:
             self._writer = _SoundFileWriter(self.format, self.sample_rate, channels, whole_file)
 
@@ -358,6 +374,35 @@ class _SoundFileWriter:
         return self._sink.take()
 
 
+class _AacWriter:
+    """aac through PyAV: FFmpeg's AAC encoder muxed as ADTS into a _ByteSink (append-only: ADTS never seeks)."""
+
+    def __init__(self, sample_rate: int, channels: int, whole_file: bool):
+        self._whole_file, self._rate = whole_file, sample_rate
+        self._layout = "mono" if channels == 1 else "stereo"
+        self._sink = _ByteSink(rewritable=False)
+        self._container = av.open(self._sink, "w", format="adts")
+        self._stream = self._container.add_stream("aac", rate=sample_rate, layout=self._layout)
+
+    def write(self, samples: np.ndarray) -> bytes:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.clip(samples, -1.0, 1.0), dtype=np.float32),
+                                           format="fltp", layout=self._layout)
+        frame.sample_rate = self._rate
+        self._mux(frame)
+        return b"" if self._whole_file else self._sink.take()
+
+    def close(self) -> bytes:
+        if self._container is not None:
+            self._mux(None)
+            self._container.close()
+            self._container = None
+        return self._sink.take()
+
+    def _mux(self, frame) -> None:
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+
 class _ByteSink:
     """The file object libsndfile writes to (soundfile's virtual I/O), handing out the bytes as they come.
 
@@ -426,6 +471,7 @@ def _set_ogg_page_latency(sound_file: sf.SoundFile, milliseconds: float) -> None
 
 
 __all__ = [
+    "AAC_LEAD_SAMPLES",
     "AudioFormat",
     "FORMATS",
     "LayoutConverter",

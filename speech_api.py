@@ -6,7 +6,8 @@
     input            the text, at most the server's --max-input-chars characters (OpenAI: 4096)
     voice            a voice name of GET /v1/audio/voices, or {"id": name}
     instructions     accepted and ignored (the model has no style prompt)
-    response_format  wav | pcm | flac | mp3 | opus (OpenAI's default mp3); aac is refused with the reason
+    response_format  wav | pcm | flac | mp3 | opus | aac (OpenAI's default mp3; aac needs PyAV, else it is refused
+                     with the reason)
     speed            0.25 to 4.0, pitch-preserving time stretch (time_stretch.py)
     stream_format    audio (default): the response body is the encoded audio, sent as it is produced;
                      sse: server-sent events `speech.audio.delta` ({"audio": base64 of encoded bytes}) then

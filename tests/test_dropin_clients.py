@@ -107,6 +107,14 @@ def decode(data, response_format, rate, channels):
     """(samples [n, channels] int16, rate) of a response body; pcm is read with the layout the request expects."""
     if response_format == "pcm":
         return np.frombuffer(data, "<i2").reshape(-1, channels), rate
+    if response_format == "aac":  # libsndfile reads no aac; FFmpeg (PyAV) does
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            frames = [frame.to_ndarray() for frame in container.decode(audio=0)]
+            decoded_rate = container.streams.audio[0].sample_rate
+        samples = np.concatenate(frames, axis=1).T
+        return np.rint(np.clip(samples, -1, 1) * 32767).astype(np.int16), decoded_rate
     decoded, decoded_rate = sf.read(io.BytesIO(data), dtype="int16", always_2d=True)
     return decoded, decoded_rate
 
@@ -117,8 +125,9 @@ def assert_audio(data, response_format, rate, channels, frames=FRAMES):
     expected = samples_at(rate, frames)
     if response_format == "mp3":  # the decoder adds the encoder's delay (scaled to the rate) and pads to a frame
         assert expected <= samples.shape[0] <= expected + audio_formats.MP3_LEAD_SAMPLES + 1152
-    elif response_format == "opus":  # Ogg Opus decodes to the exact length (pre-skip and end trimming)
-        assert samples.shape[0] == expected
+    elif response_format == "aac":  # the encoder's priming first, the end padded to a whole frame
+        lead = audio_formats.AAC_LEAD_SAMPLES
+        assert expected + lead <= samples.shape[0] <= expected + lead + audio_formats.AAC_FRAME_SAMPLES
     else:
         assert samples.shape[0] == expected
     assert np.abs(samples).max() > 0
@@ -148,7 +157,7 @@ def test_pcm_is_24_khz_mono_as_openai_documents_it_and_48_khz_stereo_is_one_fiel
     assert abs(np.sqrt(np.mean(converted ** 2)) / np.sqrt(np.mean(mono ** 2)) - 1) < 0.1
 
 
-@pytest.mark.parametrize("response_format", ["wav", "pcm", "flac", "mp3", "opus"])
+@pytest.mark.parametrize("response_format", ["wav", "pcm", "flac", "mp3", "opus", "aac"])
 def test_sync_sdk_whole_and_streamed_every_format_decodes_to_the_frames_generated(client, response_format):
     rate, channels = (24000, 1) if response_format == "pcm" else (NATIVE_RATE, 2)
     whole = create(client, response_format=response_format, stream=False)
@@ -165,7 +174,7 @@ def test_sync_sdk_whole_and_streamed_every_format_decodes_to_the_frames_generate
 
 @pytest.mark.parametrize("response_format, rate, channels", [
     ("pcm", 16000, 2), ("wav", 22050, 1), ("flac", 44100, 1), ("mp3", 22050, 1), ("opus", 16000, 2),
-    ("wav", 8000, 2),
+    ("wav", 8000, 2), ("aac", 24000, 1), ("pcm", 48000, 2),
 ])
 def test_async_sdk_gets_any_format_at_the_rate_and_channels_it_asks_for(live, response_format, rate, channels):
     async def run():

@@ -285,7 +285,7 @@ def silent_wav():
 
 
 BAD_BODIES = [
-    ({"response_format": "aac"}, "response_format", "AAC encoder"),
+    ({"response_format": "aac", "sample_rate": 9000}, "sample_rate", "not one aac can carry"),
     ({"response_format": "ogg"}, "response_format", "expected one of wav, pcm, flac, mp3, opus"),
     ({"speed": 5}, "speed", "0.25 to 4.0"),
     ({"stream_format": "chunks"}, "stream_format", "'audio' or 'sse'"),
