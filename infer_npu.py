@@ -259,7 +259,8 @@ def _download(args) -> int:
                                        pins=PINS)
     for name, path in files.paths.items():
         print(f"ok {name}: {path}")
-    for name, outcome in fetch_presets(folder, download=args.download_source != "local").items():  # a preset that fails only costs its OpenAI names' voice
+    # A preset that fails costs only its OpenAI names' own voice (they fall back to the default voice).
+    for name, outcome in fetch_presets(folder, download=args.download_source != "local").items():
         print(f"{'ok' if outcome.startswith('ok') else 'warning'} preset voice {name}: {outcome}")
     print(f"model folder ready: {files.root}")
     return EXIT_OK

@@ -38,7 +38,7 @@ from .engine import EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPST
 from .speech_server import create_app
 from .speech_service import DEFAULT_MAX_INPUT_CHARS, ServiceOptions, SpeechService
 from .voice_presets import DEFAULT_VOICE, preset_folder
-from .voices import VoiceStore
+from .voices import VoiceStore, check_voice_name
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,12 @@ def uvicorn_config(app, args) -> uvicorn.Config:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve until SIGTERM / Ctrl-C; returns the exit code (module docstring)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_voice_name(args.default_voice)
+    except ValueError as error:
+        parser.error(f"--default-voice: {error}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads > 0:
         torch.set_num_threads(args.threads)

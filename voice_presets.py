@@ -63,12 +63,12 @@ class PresetClip:
 
 
 PRESET_CLIPS: tuple[PresetClip, ...] = (
-    PresetClip("en_2", "assets/audio/en_2.wav", "en", "959cce9498f2bae964ca67136c2c02c7174922813b69aa435b27ec8759b44992",
-               694_618),
+    PresetClip("en_2", "assets/audio/en_2.wav", "en",
+               "959cce9498f2bae964ca67136c2c02c7174922813b69aa435b27ec8759b44992", 694_618),
     PresetClip("en_3", "assets/audio/en_3.wav", "en"),
     PresetClip("en_4", "assets/audio/en_4.wav", "en"),
-    PresetClip("zh_1", "assets/audio/zh_1.wav", "zh", "f64a53490acf7337358832d1da7c562e08e2f3caf4385727b318cdc4f4da50d2",
-               314_286),
+    PresetClip("zh_1", "assets/audio/zh_1.wav", "zh",
+               "f64a53490acf7337358832d1da7c562e08e2f3caf4385727b318cdc4f4da50d2", 314_286),
     PresetClip("zh_3", "assets/audio/zh_3.wav", "zh"),
     PresetClip("zh_4", "assets/audio/zh_4.wav", "zh"),
     PresetClip("zh_6", "assets/audio/zh_6.wav", "zh"),
@@ -182,4 +182,5 @@ def _read_lock(folder: Path) -> dict:
 
 
 __all__ = ["DEFAULT_VOICE", "LANGUAGES", "OPENAI_VOICES", "PRESETS", "PRESET_CLIPS", "PRESET_LICENSE",
-           "PRESET_REVISION", "PRESET_SUBFOLDER", "PresetClip", "fetch_presets", "mark_stand_ins", "preset_clip", "preset_folder"]
+           "PRESET_REVISION", "PRESET_SUBFOLDER", "PresetClip", "fetch_presets", "mark_stand_ins", "preset_clip",
+           "preset_folder"]

@@ -13,6 +13,9 @@ import base64
 import io
 import json
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -22,7 +25,7 @@ import pytest
 import soundfile as sf
 import uvicorn
 
-from conftest import import_module
+from conftest import REPO_ROOT, import_module
 from test_server import READY_SECONDS, write_server_repository
 from tiny_repository import HOP
 
@@ -234,6 +237,7 @@ def test_a_missing_preset_falls_back_to_the_default_voice_and_says_so(client, li
 def test_the_listing_names_presets_openai_names_and_an_upload_that_replaces_one(client, repository):
     listed = voice_listing(client)
     assert {name for name, extra in listed.items() if extra["kind"] == "preset"} == set(voice_presets.PRESETS)
+    assert not list(voice_presets.preset_folder(repository).glob("*.codes.safetensors"))  # caches go to --voices-dir
     assert {name for name, extra in listed.items() if extra["kind"] == "openai"} == set(voice_presets.OPENAI_VOICES)
     clip = (voice_presets.preset_folder(repository) / "zh_1.wav").read_bytes()
     client.audio.voices.create(name="alloy", audio_sample=("alloy.wav", clip, "audio/wav"), consent="test")
@@ -250,10 +254,11 @@ def test_the_listing_names_presets_openai_names_and_an_upload_that_replaces_one(
 # Wyoming
 
 
-async def wyoming_exchange(live, events, until=(AudioStop.is_type, Error.is_type)):
-    """Send `events`, then read until an event whose type one of `until` accepts; returns what was read."""
+async def wyoming_exchange(port, events, until=(AudioStop.is_type, Error.is_type)):
+    """Send `events` to the Wyoming server on `port`, then read until an event whose type one of `until` accepts;
+    returns what was read."""
     received = []
-    async with AsyncTcpClient("127.0.0.1", live.wyoming_port, connect_timeout=10, read_timeout=WYOMING_SECONDS) as client:
+    async with AsyncTcpClient("127.0.0.1", port, connect_timeout=10, read_timeout=WYOMING_SECONDS) as client:
         for event in events:
             await client.write_event(event.event())
         while True:
@@ -274,7 +279,7 @@ def wyoming_audio(events):
 
 
 def test_wyoming_describe_lists_the_voices_and_languages(live):
-    events = asyncio.run(wyoming_exchange(live, [Describe()], until=(Info.is_type,)))
+    events = asyncio.run(wyoming_exchange(live.wyoming_port, [Describe()], until=(Info.is_type,)))
     program = Info.from_event(events[-1]).tts[0]
     names = {voice.name for voice in program.voices}
     assert set(voice_presets.OPENAI_VOICES) <= names and set(voice_presets.PRESETS) <= names
@@ -283,7 +288,8 @@ def test_wyoming_describe_lists_the_voices_and_languages(live):
 
 
 def test_wyoming_synthesize_answers_audio_start_chunks_stop(live):
-    events = asyncio.run(wyoming_exchange(live, [Synthesize(text="Hello there.", voice=SynthesizeVoice("alloy"))]))
+    request = Synthesize(text="Hello there.", voice=SynthesizeVoice("alloy"))
+    events = asyncio.run(wyoming_exchange(live.wyoming_port, [request]))
     assert AudioStart.is_type(events[0].type) and AudioStop.is_type(events[-1].type)
     start, audio = wyoming_audio(events)
     assert (start.rate, start.width, start.channels) == (24000, 2, 1)
@@ -292,7 +298,7 @@ def test_wyoming_synthesize_answers_audio_start_chunks_stop(live):
 
 def test_wyoming_streaming_synthesis_speaks_each_sentence_and_ignores_the_compatibility_copy(live):
     text = ["Hello ", "there. How are", " you? Fine"]
-    events = asyncio.run(wyoming_exchange(live, [
+    events = asyncio.run(wyoming_exchange(live.wyoming_port, [
         SynthesizeStart(voice=SynthesizeVoice("sage")), *[SynthesizeChunk(text=part) for part in text],
         Synthesize(text="".join(text)), SynthesizeStop()], until=(SynthesizeStopped.is_type, Error.is_type)))
     kinds = [event.type for event in events]
@@ -338,8 +344,8 @@ def test_http_and_wyoming_clients_at_once_share_one_engine(live, client):
 
     async def two_wyoming_clients():
         request = [Synthesize(text="Hello there.", voice=SynthesizeVoice("coral"))]
-        return await asyncio.wait_for(asyncio.gather(wyoming_exchange(live, request), wyoming_exchange(live, request)),
-                                      WYOMING_SECONDS)
+        exchanges = [wyoming_exchange(live.wyoming_port, request) for _ in range(2)]
+        return await asyncio.wait_for(asyncio.gather(*exchanges), WYOMING_SECONDS)
 
     wyoming = asyncio.run(two_wyoming_clients())
     for thread in threads:
@@ -350,3 +356,33 @@ def test_http_and_wyoming_clients_at_once_share_one_engine(live, client):
     for events in wyoming:
         assert len(wyoming_audio(events)[1]) == samples_at(24000) * 2
     assert finished_requests(live) - before == 4  # all four went through the one engine's request accounting
+
+
+def test_serve_py_with_a_wyoming_port_serves_both_and_stops_cleanly_on_sigterm(repository, tmp_path):
+    port, wyoming_port = loadtest.free_port(), loadtest.free_port()
+    process = loadtest.launch_server(
+        ["--model-path", repository, "--no-verify", "--device", "cpu", "--num-slots", 2, "--max-positions", 256,
+         "--voices-dir", tmp_path / "voices", "--port", port, "--wyoming-port", wyoming_port, "--log-level",
+         "warning"], tmp_path / "server.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        loadtest.wait_until_ready(url, process, READY_SECONDS)
+        events = asyncio.run(wyoming_exchange(wyoming_port, [Describe()], until=(Info.is_type,)))
+        assert "alloy" in {voice.name for voice in Info.from_event(events[-1]).tts[0].voices}
+        response = httpx.post(f"{url}/v1/audio/speech", timeout=60, json={
+            "model": "tts-1", "voice": "alloy", "input": "Hi.", "response_format": "pcm", "max_new_frames": FRAMES})
+        assert response.headers["x-moss-voice"] == "en_2" and len(response.content) == samples_at(24000) * 2
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        assert process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "Traceback" not in (tmp_path / "server.log").read_text()
+
+
+def test_serve_py_refuses_a_bad_default_voice_before_loading(tmp_path):
+    completed = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--default-voice", "Not A Name",
+                                "--model-path", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "--default-voice" in completed.stderr
