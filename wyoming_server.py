@@ -11,7 +11,7 @@
 
 A client that streams also sends a plain `synthesize` with the whole text inside the session, before synthesize-stop
 (for servers that do not stream); inside a session it is ignored, as the protocol intends. Audio is 16-bit PCM at
-WYOMING_RATE mono (what Home Assistant's pipeline plays without converting); the voice name is the Wyoming voice's `name`
+WYOMING_RATE mono (speech needs no more; the client converts what it plays). The voice is the Wyoming voice's `name`
 (voice_catalog.py resolves it; none: the default voice).
 
 One engine: every request goes through the HTTP server's SpeechService (prepare, submit) and the same
