@@ -7,7 +7,10 @@
                                                   -> audio-start at the first audio, audio-chunk... (each finished
                                                      sentence is spoken as soon as its text has arrived), audio-stop,
                                                      synthesize-stopped
-    a failure                                     -> error {text, code} (the connection stays usable)
+    a failure                                     -> error {text, code} (the connection stays usable; a
+                                                     streaming session ends with it)
+Limits: each spoken piece is checked like an HTTP `input` (--max-input-chars), and so is the text a streaming session
+holds while it waits for a sentence end.
 
 A client that streams also sends a plain `synthesize` with the whole text inside the session, before synthesize-stop
 (for servers that do not stream); inside a session it is ignored, as the protocol intends. Audio is 16-bit PCM at
@@ -133,6 +136,10 @@ class WyomingHandler(AsyncEventHandler):
     async def _chunk(self, text: str) -> None:
         session = self._require_session("synthesize-chunk")
         session["text"] += text
+        limit = self.speech.state.ready().options.max_input_chars
+        if len(session["text"]) > limit:
+            raise ValueError(f"the streamed text has {len(session['text'])} characters without a sentence end; "
+                             f"expected at most {limit} (the server's --max-input-chars) before one")
         *sentences, rest = SENTENCE_END.split(session["text"])
         session["text"] = rest
         for sentence in sentences:

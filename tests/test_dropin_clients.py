@@ -207,6 +207,13 @@ def test_a_layout_or_voice_that_cannot_be_served_is_a_400_naming_the_field(clien
     assert raised.value.body["param"] == param
 
 
+@pytest.mark.parametrize("speed", [0.5, 2.0])
+def test_speed_applies_after_the_conversion_to_24_khz_mono(client, speed):
+    response = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.", response_format="pcm",
+                                          speed=speed, extra_body={"max_new_frames": FRAMES})
+    assert len(response.content) == round(samples_at(24000) / speed) * 2
+
+
 def test_sse_events_state_the_format_rate_and_channels_sent(live):
     body = {"model": "tts-1", "voice": "echo", "input": "Hello there.", "response_format": "pcm", "sample_rate": 8000,
             "stream_format": "sse", "max_new_frames": FRAMES}
@@ -306,6 +313,14 @@ def test_wyoming_streaming_synthesis_speaks_each_sentence_and_ignores_the_compat
     assert kinds.count("audio-start") == 1
     _, audio = wyoming_audio(events)
     assert len(audio) == samples_at(24000, 3 * FRAMES) * 2  # three sentences, FRAMES each, nothing for the copy
+
+
+def test_wyoming_streamed_text_without_a_sentence_end_is_refused_past_the_input_limit(live):
+    limit = live.app.state.speech.service.options.max_input_chars
+    events = asyncio.run(wyoming_exchange(live.wyoming_port, [
+        SynthesizeStart(), SynthesizeChunk(text="word " * (limit // 5)), SynthesizeChunk(text="more words")]))
+    assert [event.type for event in events] == ["error"]
+    assert f"expected at most {limit}" in Error.from_event(events[0]).text
 
 
 def test_wyoming_errors_answer_with_the_error_event_and_the_connection_goes_on(live):
