@@ -94,20 +94,20 @@ def preset_folder(model_folder) -> Path:
 
 def preset_clip(model_folder, name: str, default: str = DEFAULT_VOICE) -> tuple[str, Path]:
     """(preset used, its clip) for a preset or OpenAI voice name in a model folder; an OpenAI name whose preset is not
-    installed falls back to `default` (infer_npu.py's voice without --prompt-audio-path).
+    installed falls back to `default`. infer_npu.py's --voice (its messages name the flag).
 
     Raises:
         ValueError: an unknown name, or no installed clip for it (saying how to get the presets).
     """
     if name not in PRESETS and name not in OPENAI_VOICES:
-        raise ValueError(f"voice {name!r} is not a preset or an OpenAI voice name; expected one of "
+        raise ValueError(f"--voice {name!r} is not a preset or an OpenAI voice name; expected one of "
                          f"{', '.join(sorted({*PRESETS, *OPENAI_VOICES}))}")
     folder = preset_folder(model_folder)
     candidates = [OPENAI_VOICES.get(name, name)] + ([default] if name in OPENAI_VOICES else [])
     for preset in candidates:
         if (folder / f"{preset}.wav").is_file():
             return preset, folder / f"{preset}.wav"
-    raise ValueError(f"voice {name!r}: no preset clip in {folder} (get the presets with `python infer_npu.py "
+    raise ValueError(f"--voice {name!r}: no preset clip in {folder} (get the presets with `python infer_npu.py "
                      "--download-only`, or give a voice recording with --prompt-audio-path)")
 
 

@@ -212,7 +212,7 @@ def _bad_jsonl(tmp_path):
     ("prompt text in voice clone", [*SAY_HI, "--prompt-text", "Hey"],
      "--mode voice_clone does not take --prompt-text; use --mode continuation"),
     ("unknown voice in voice clone", ["--text", "Hi.", "--voice", "nobody"],
-     "--mode voice_clone needs --prompt-audio-path or --voice: voice 'nobody' is not a preset"),
+     "--voice 'nobody' is not a preset or an OpenAI voice name"),
     ("missing text file", ["--prompt-audio-path", "{prompt}", "--text-file", "{tmp}/none.txt"], "cannot read"),
     ("no frames", [*SAY_HI, "--max-new-frames", "0"], "--max-new-frames 0; expected an integer >= 1"),
     ("top-p above 1", [*SAY_HI, "--audio-top-p", "2"], "--audio-top-p 2.0; expected a number in (0, 1]"),
