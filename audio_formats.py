@@ -9,10 +9,20 @@ Input: float32 waveforms [channels, samples] (the codec's 48 kHz stereo; any rat
     flac  FLAC, 16-bit                                                   audio/flac    libsndfile
     mp3   MPEG-1 Layer III, constant 160 kbit/s at 48 kHz                audio/mpeg    libsndfile (LAME)
     opus  Ogg Opus, libsndfile's default bit rate (~125 kbit/s stereo)   audio/ogg     libsndfile (libopus)
+    aac   AAC-LC in ADTS frames (FFmpeg's encoder, its default bit rate) audio/aac     PyAV (FFmpeg), when installed
 
-libsndfile is the one inside the pinned soundfile wheel (1.2.2, which writes MP3 and Ogg Opus). `aac` is refused
-with a ValueError naming the supported formats: libsndfile has no AAC encoder, and the only well-kept Python package
-that writes AAC is PyAV, a 36 MB wheel bundling all of FFmpeg (measured), too heavy for one optional format.
+libsndfile is the one inside the pinned soundfile wheel (1.2.2, which writes MP3 and Ogg Opus); it has no AAC
+encoder. AAC comes from PyAV (requirements.txt pins av 18.1.0, wheels bundling FFmpeg); where PyAV does not import,
+`aac` is refused with a ValueError naming the supported formats. ADTS frames carry their own headers, so a streamed
+aac is byte for byte the whole file; decoders play the encoder's priming first (AAC_LEAD_SAMPLES) and pad the end to
+a whole frame (AAC_FRAME_SAMPLES).
+
+Rate and channels (`output_layout`, `LayoutConverter`). OpenAI documents `pcm` as 24 kHz mono 16-bit little-endian,
+so `pcm` defaults to PCM_DEFAULT_RATE mono; every other format defaults to the codec's native 48 kHz stereo. Any format
+may ask for a rate from MIN_RATE to MAX_RATE and 1 or 2 channels (mp3 and opus only at the rates their encoders take:
+MP3_RATES, OPUS_RATES). Mono is the mean of the two channels, stereo from mono repeats it. Rates are converted with
+soxr's stateful ResampleStream, so a stream converted chunk by chunk gives exactly the samples (and the count,
+samples x rate / 48000) of the whole: its first chunks come out a few ms late and `flush` returns the tail.
 
 Samples are clipped to [-1, 1] (one warning per stream says how many were clipped) and quantised as libsndfile does,
 value * 32767 rounded to nearest, so pcm, wav and flac carry the same 16-bit samples.
@@ -48,6 +58,12 @@ from typing import Optional
 
 import numpy as np
 import soundfile as sf
+import soxr
+
+try:  # optional: PyAV writes aac (FFmpeg's encoder); without it aac is refused
+    import av
+except ImportError:  # pragma: no cover - av is in requirements.txt
+    av = None
 
 from .audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
 
@@ -68,6 +84,16 @@ MP3_FRAME_SAMPLES = 1152
 OPUS_PAGE_MILLISECONDS = 50.0
 # sndfile.h command code that soundfile 0.14 does not wrap (see _set_ogg_page_latency).
 SFC_SET_OGG_PAGE_LATENCY_MS = 0x1302
+# Output rates and channels a request may ask for (see "Rate and channels" above).
+MIN_RATE, MAX_RATE = 8000, 48000
+PCM_DEFAULT_RATE, PCM_DEFAULT_CHANNELS = 24000, 1
+MP3_RATES = (8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000)
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+AAC_RATES = MP3_RATES  # AAC takes the same MPEG family of rates
+# What a decoder plays before the audio of our aac (FFmpeg's encoder priming), and the frame it pads the end to.
+AAC_LEAD_SAMPLES = 1024
+AAC_FRAME_SAMPLES = 1024
+RESAMPLER_QUALITY = "HQ"
 
 
 @dataclass(frozen=True)
@@ -97,10 +123,12 @@ FORMATS = {
         AudioFormat("opus", "audio/ogg", "OGG", "OPUS"),
     )
 }
+if av is not None:
+    FORMATS["aac"] = AudioFormat("aac", "audio/aac", "ADTS")
 SUPPORTED_FORMATS = tuple(FORMATS)
 # Formats of the OpenAI API that this server refuses, with the reason given to the client.
-REFUSED_FORMATS = {
-    "aac": "no AAC encoder is installed (libsndfile has none, and PyAV would add all of FFmpeg for this one format)",
+REFUSED_FORMATS = {} if av is not None else {
+    "aac": "no AAC encoder is installed (libsndfile has none; install PyAV, av==18.1.0 in requirements.txt)",
 }
 
 
@@ -116,6 +144,61 @@ def audio_format(response_format: str) -> AudioFormat:
     because = f" ({reason})" if reason else ""
     raise ValueError(f"response_format={response_format!r} is not supported{because}; expected one of "
                      f"{', '.join(SUPPORTED_FORMATS)}")
+
+
+def output_layout(response_format: str, sample_rate: Optional[int], channels: Optional[int],
+                  native_rate: int = DEFAULT_TARGET_RATE, native_channels: int = DEFAULT_CHANNELS) -> tuple[int, int]:
+    """(rate, channels) a response in `response_format` is sent at: what the request asked for, else the format's
+    default (pcm: 24 kHz mono as OpenAI documents it; the others: the native layout).
+
+    Raises:
+        ValueError: naming `sample_rate` or `channels` and what was expected.
+    """
+    pcm = audio_format(response_format).name == "pcm"
+    rate = sample_rate if sample_rate is not None else (PCM_DEFAULT_RATE if pcm else native_rate)
+    count = channels if channels is not None else (PCM_DEFAULT_CHANNELS if pcm else native_channels)
+    if isinstance(rate, bool) or not isinstance(rate, int) or not MIN_RATE <= rate <= MAX_RATE:
+        raise ValueError(f"sample_rate={rate!r}; expected an integer from {MIN_RATE} to {MAX_RATE} Hz")
+    if count not in (1, 2) or isinstance(count, bool):
+        raise ValueError(f"channels={count!r}; expected 1 (mono) or 2 (stereo)")
+    allowed = {"mp3": MP3_RATES, "opus": OPUS_RATES, "aac": AAC_RATES}.get(response_format)
+    if allowed is not None and rate not in allowed:
+        raise ValueError(f"sample_rate={rate} is not one {response_format} can carry; expected one of "
+                         f"{', '.join(map(str, allowed))}")
+    return rate, count
+
+
+class LayoutConverter:
+    """Chunks [source_channels, n] at source_rate -> [channels, m] at rate, streaming-safe (one soxr stream).
+
+    Example:
+        converter = LayoutConverter(48000, 2, 24000, 1)
+        for chunk in chunks:
+            send(converter.process(chunk))
+        send(converter.flush())
+    """
+
+    def __init__(self, source_rate: int, source_channels: int, rate: int, channels: int) -> None:
+        if channels not in (1, 2) or source_channels not in (1, 2):
+            raise ValueError(f"channels {source_channels} -> {channels}; expected 1 or 2 on both sides")
+        self.channels = channels
+        self._resampler = (soxr.ResampleStream(source_rate, rate, channels, dtype="float32",
+                                               quality=RESAMPLER_QUALITY) if rate != source_rate else None)
+
+    def process(self, samples: np.ndarray) -> np.ndarray:
+        """Converted samples [channels, m] (m may be 0 while the resampler fills)."""
+        samples = np.asarray(samples, dtype=np.float32)
+        if samples.shape[0] != self.channels:
+            samples = samples.mean(axis=0, keepdims=True) if self.channels == 1 else np.repeat(samples, 2, axis=0)
+        if self._resampler is None:
+            return samples
+        return self._resampler.resample_chunk(np.ascontiguousarray(samples.T)).T
+
+    def flush(self) -> np.ndarray:
+        """The resampler's tail [channels, m], at the end of the stream."""
+        if self._resampler is None:
+            return np.zeros((self.channels, 0), np.float32)
+        return self._resampler.resample_chunk(np.zeros((0, self.channels), np.float32), last=True).T
 
 
 def encode_audio(waveform: ArrayLike, response_format: str, sample_rate: int = DEFAULT_TARGET_RATE) -> bytes:
@@ -196,6 +279,8 @@ class StreamingEncoder:
         self._finished = False
         if self.format.container is None:
             self._writer = _PcmWriter(self.format.name == "wav", self.sample_rate, channels, whole_file)
+        elif self.format.container == "ADTS":
+            self._writer = _AacWriter(self.sample_rate, channels, whole_file)
         else:
             self._writer = _SoundFileWriter(self.format, self.sample_rate, channels, whole_file)
 
@@ -289,6 +374,35 @@ class _SoundFileWriter:
         return self._sink.take()
 
 
+class _AacWriter:
+    """aac through PyAV: FFmpeg's AAC encoder muxed as ADTS into a _ByteSink (append-only: ADTS never seeks)."""
+
+    def __init__(self, sample_rate: int, channels: int, whole_file: bool):
+        self._whole_file, self._rate = whole_file, sample_rate
+        self._layout = "mono" if channels == 1 else "stereo"
+        self._sink = _ByteSink(rewritable=False)
+        self._container = av.open(self._sink, "w", format="adts")
+        self._stream = self._container.add_stream("aac", rate=sample_rate, layout=self._layout)
+
+    def write(self, samples: np.ndarray) -> bytes:
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(np.clip(samples, -1.0, 1.0), dtype=np.float32),
+                                           format="fltp", layout=self._layout)
+        frame.sample_rate = self._rate
+        self._mux(frame)
+        return b"" if self._whole_file else self._sink.take()
+
+    def close(self) -> bytes:
+        if self._container is not None:
+            self._mux(None)
+            self._container.close()
+            self._container = None
+        return self._sink.take()
+
+    def _mux(self, frame) -> None:
+        for packet in self._stream.encode(frame):
+            self._container.mux(packet)
+
+
 class _ByteSink:
     """The file object libsndfile writes to (soundfile's virtual I/O), handing out the bytes as they come.
 
@@ -357,13 +471,18 @@ def _set_ogg_page_latency(sound_file: sf.SoundFile, milliseconds: float) -> None
 
 
 __all__ = [
+    "AAC_LEAD_SAMPLES",
     "AudioFormat",
     "FORMATS",
+    "LayoutConverter",
+    "PCM_DEFAULT_CHANNELS",
+    "PCM_DEFAULT_RATE",
     "REFUSED_FORMATS",
     "SUPPORTED_FORMATS",
     "StreamingEncoder",
     "audio_format",
     "encode_audio",
+    "output_layout",
     "pcm16_bytes",
     "wav_header",
 ]

@@ -11,11 +11,16 @@ produces: the TTS above, the codec in `audio_tokenizer/` (our MossAudioTokenizer
 signal layout: 48 kHz stereo, hop 3840, 16 x 1024 codes, small widths like shared/golden/codec_tiny) and, when given,
 the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_frames frames, so output lengths are
 exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
-`infer_npu.py` and `inference` run on it end to end. The tests use the same recipe.
+`infer_npu.py` and `inference` run on it end to end. The tests use the same recipe. It also carries stand-in preset
+voices (`preset_voices/`, one short synthetic clip per name of voice_presets.PRESET_CLIPS: a seeded buzz, no speech),
+so that every OpenAI voice name and the default voice work with it offline.
 
 The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
 tests, `verify_npu.py --tiny` and bench.py. Command line: `python checkpoints.py OUT_DIR [--tokenizer tokenizer.model]
-[--seed 0] [--dtype bfloat16]` writes a runnable repository and prints its folder (README, "From Python").
+[--seed 0] [--dtype bfloat16]` writes a runnable repository and prints its folder (README, "From Python"). Without
+--tokenizer it trains a tiny SentencePiece model offline (`write_tiny_tokenizer`: byte fallback, so any text encodes;
+ids far below the model's 16384), so the recipe runs on a fresh clone without the download. Arguments are checked
+before anything is written, and a folder the command created is removed again if writing fails.
 """
 
 if __name__ == "__main__" and not __package__:
@@ -27,6 +32,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import collections
 import copy
+import io
 import json
 import logging
 import pickle
@@ -35,10 +41,13 @@ import sys
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
+import soundfile as sf
 import torch
 
 from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
 from .devices import parse_dtype
+from .voice_presets import PRESET_CLIPS, PRESET_LOCK_FILE, PRESET_SUBFOLDER, mark_stand_ins, preset_folder
 from .weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -313,7 +322,56 @@ def write_runnable_repository(folder, tokenizer_model=None, seed: int = 0,
     tts = always_continue_tiny_model(seed)
     folder = write_model_repository(folder, tts.config, tts.state_dict(), tokenizer_model=tokenizer_model, dtype=dtype)
     tiny_codec(seed).save_pretrained(str(Path(folder) / CODEC_SUBFOLDER))
+    write_stand_in_presets(folder, seed)
     return folder
+
+
+# Stand-in preset clips: STAND_IN_SECONDS of a buzz at STAND_IN_RATE (a pitch of its own per preset, plus noise).
+STAND_IN_RATE = 24000
+STAND_IN_SECONDS = 1.0
+
+
+def write_stand_in_presets(folder, seed: int = 0) -> Path:
+    """Write one synthetic clip per preset name into `folder`/preset_voices (not speech: a stand-in for tests and the
+    tiny recipe, where the upstream clips may not be downloaded) and return that folder."""
+    target = preset_folder(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    time = np.arange(int(STAND_IN_RATE * STAND_IN_SECONDS)) / STAND_IN_RATE
+    generator = np.random.default_rng(seed)
+    for index, clip in enumerate(PRESET_CLIPS):
+        pitch = 110.0 * 2 ** (index / 6)
+        buzz = sum(np.sin(2 * np.pi * pitch * harmonic * time) / harmonic for harmonic in range(1, 6))
+        audio = 0.2 * buzz / np.abs(buzz).max() + 0.01 * generator.standard_normal(time.size)
+        sf.write(target / clip.filename, audio.astype(np.float32), STAND_IN_RATE, subtype="PCM_16")
+    mark_stand_ins(folder)
+    return target
+
+
+# The tiny tokenizer: a SentencePiece BPE model trained on TINY_TOKENIZER_TEXT, with the released special pieces
+# 0..3 (<unk>, <s>, </s>, <pad>) and byte fallback.
+TINY_TOKENIZER_PIECES = 320
+TINY_TOKENIZER_TEXT = (
+    "Hello from MOSS-TTS-Nano.", "Hello world. This is a test.", "Streaming works too.", "Good morning.",
+    "The quick brown fox jumps over the lazy dog.", "user", "assistant", "0123456789", "Hello there.",
+)
+
+
+def write_tiny_tokenizer(path) -> Path:
+    """Train a tiny SentencePiece model (deterministic, offline, well under a second) and write it to `path`.
+
+    It is not the released tokenizer (pieces differ, so text ids differ): a stand-in that lets the tiny repository
+    speak any text without the 470 kB download.
+    """
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(TINY_TOKENIZER_TEXT * 3), model_writer=model, vocab_size=TINY_TOKENIZER_PIECES,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1,
+        character_coverage=1.0, normalization_rule_name="identity", hard_vocab_limit=False, minloglevel=2)
+    path = Path(path)
+    path.write_bytes(model.getvalue())
+    return path
 
 
 def load_checkpoint(path) -> dict:
@@ -369,18 +427,45 @@ def main(argv=None) -> int:
                                                  "tokenizer, so that infer_npu.py runs on it end to end.")
     parser.add_argument("out_dir", help="destination folder")
     parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.model to include (needed to synthesise; `python infer_npu.py --download-only` "
-                             "fetches the real one)")
+                        help="tokenizer.model to include (`python infer_npu.py --download-only` fetches the real one; "
+                             "default: a tiny one trained offline)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     parser.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="checkpoint dtype (default bfloat16)")
     args = parser.parse_args(argv)
-    folder = write_runnable_repository(args.out_dir, args.tokenizer, args.seed, parse_dtype(args.dtype))
-    if args.tokenizer is None:
-        logging.basicConfig(format="%(message)s")
-        logger.warning("No --tokenizer given: the folder loads, but synthesising text needs tokenizer.model in it")
+    out_dir = Path(args.out_dir)
+    if args.tokenizer is not None and not Path(args.tokenizer).is_file():
+        parser.error(f"--tokenizer {args.tokenizer}: no such file; expected a SentencePiece tokenizer.model (or leave "
+                     "--tokenizer out for a tiny one)")
+    if out_dir.exists() and not (out_dir.is_dir() and _new_or_tiny(out_dir)):
+        parser.error(f"out_dir {out_dir} exists and is not an empty folder or an earlier tiny repository; expected a "
+                     "new folder")
+    created = not out_dir.exists()
+    try:
+        folder = _write_cli_repository(out_dir, args)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     sys.stdout.write(f"{folder}\n")
     return 0
+
+
+def _new_or_tiny(folder: Path) -> bool:
+    """Empty, or written by this command before (its files are then replaced)."""
+    return not any(folder.iterdir()) or (folder / PRESET_SUBFOLDER / PRESET_LOCK_FILE).is_file()
+
+
+def _write_cli_repository(out_dir: Path, args) -> Path:
+    """The CLI's repository: with the given tokenizer, or a tiny one trained into the folder first."""
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = write_tiny_tokenizer(out_dir / "tiny_tokenizer.model")
+    folder = write_runnable_repository(out_dir, tokenizer, args.seed, parse_dtype(args.dtype))
+    if args.tokenizer is None:
+        Path(tokenizer).unlink()  # copied into the repository as tokenizer.model
+    return folder
 
 
 __all__ = [
@@ -396,5 +481,7 @@ __all__ = [
     "upstream_state_dict",
     "verification_tiny_model",
     "write_model_repository",
+    "write_stand_in_presets",
+    "write_tiny_tokenizer",
     "write_runnable_repository",
 ]

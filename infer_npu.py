@@ -1,10 +1,9 @@
 """Command line: text (+ a voice prompt) to a 48 kHz stereo wav with MOSS-TTS-Nano, on NPU, CUDA or CPU.
 
-    python infer_npu.py --download-only                       # fetch the pinned weights into this folder (once)
-    python infer_npu.py --prompt-audio-path voice.wav --text "Hello." --output-path out.wav
-    python infer_npu.py --prompt-audio-path voice.wav --text-file book.txt --output-path book.wav --stream
-    python infer_npu.py --prompt-audio-path voice.wav --jsonl requests.jsonl
-    python infer_npu.py --device cpu --weight-format int8 --prompt-audio-path voice.wav --text "Hello."
+    python infer_npu.py --download-only                       # fetch the pinned weights and preset voices (once)
+    python infer_npu.py --text "Hello." --output-path out.wav    # default voice; or --voice nova, --prompt-audio-path
+    python infer_npu.py --text-file book.txt --output-path book.wav --stream        # or: --jsonl requests.jsonl
+    python infer_npu.py --device cpu --weight-format int8 --prompt-audio-path my_voice.wav --text "Hello."
 
 Generation defaults are the values upstream's infer.py actually applies (spec tts.md §6.4, right column): sampling on,
 text temperature 1.0, audio temperature 0.8, audio top-p 0.95, audio repetition penalty 1.2, at most 375 frames
@@ -55,6 +54,7 @@ from .generation import GenerationSettings
 from .model_loading import add_model_arguments
 from .prompting import GENERATION_MODES
 from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
+from .voice_presets import DEFAULT_VOICE, fetch_presets, preset_clip
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,7 @@ def _add_io_arguments(parser) -> None:
     text.add_argument("--jsonl", help='JSON lines {"text", "output_path", optional "prompt_audio_path", '
                                       '"prompt_text"}: one output file per line')
     group.add_argument("--prompt-audio-path", help="voice prompt (wav/flac/ogg/mp3, any rate and channel count)")
+    group.add_argument("--voice", default=DEFAULT_VOICE, help="without --prompt-audio-path: a preset or OpenAI voice")
     group.add_argument("--prompt-text", default=None, help="transcript of the prompt audio (continuation mode only)")
     group.add_argument("--mode", choices=GENERATION_MODES, default="voice_clone", help="generation mode")
     group.add_argument("--output-path", default=DEFAULT_OUTPUT, help="output .wav/.flac (48 kHz stereo)")
@@ -257,12 +258,17 @@ def _download(args) -> int:
                                        pins=PINS)
     for name, path in files.paths.items():
         print(f"ok {name}: {path}")
+    for name, outcome in fetch_presets(folder, download=args.download_source != "local").items():
+        print(f"{'ok' if outcome.startswith('ok') else 'warning'} preset voice {name}: {outcome}")
     print(f"model folder ready: {files.root}")
     return EXIT_OK
 
 
 def _jobs(args) -> list:
     """The output files to make, every input checked before any synthesis."""
+    if args.mode == "voice_clone" and args.prompt_audio_path is None:  # speak in --voice (voice_presets.py)
+        voice, args.prompt_audio_path = preset_clip(_model_folder(args), args.voice)
+        print(f"voice: {voice} ({args.prompt_audio_path})", flush=True)
     if args.jsonl:
         try:
             return read_jsonl(args.jsonl, args.prompt_audio_path, args.prompt_text)

@@ -10,6 +10,10 @@ free memory); up to --max-queue more wait for a slot, and beyond that requests g
 request that waits longer than --queue-timeout for a slot gets 503 with Retry-After. A request that may make more
 than --max-audio-seconds of audio or more than --max-chunks voice-clone chunks is refused with 400 before any work.
 The API key comes from --api-key or the environment variable MOSS_TTS_API_KEY.
+Voices: uploads (--voices-dir), the model folder's preset voices (preset_voices/, fetched by infer_npu.py
+--download-only) and OpenAI's voice names mapped onto them (voice_presets.py); --default-voice speaks when a request
+names no voice and for OpenAI names whose preset is not installed. --wyoming-port PORT also serves the Wyoming protocol
+(Home Assistant) on the same engine (wyoming_server.py).
 
 Before the port is bound, the model flags and the model folder's pinned files are checked as infer_npu.py checks
 them: a bad flag, a missing or corrupt file prints one `error:` message and exits with 2.
@@ -27,6 +31,7 @@ if __name__ == "__main__" and not __package__:
     raise SystemExit(import_module("serve").main())
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -43,7 +48,8 @@ from .engine import EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPST
 from .speech_server import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS, create_app
 from .speech_service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
                              SpeechService)
-from .voices import VoiceStore
+from .voice_presets import DEFAULT_VOICE, preset_folder
+from .voices import VoiceStore, check_voice_name
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--served-model-name", default="moss-tts-nano-100m",
                         help="the model id of /v1/models (OpenAI's tts-1, tts-1-hd and gpt-4o-mini-tts also work)")
     server.add_argument("--voices-dir", default="voices", help="folder of voice clips and their cached codes")
+    server.add_argument("--default-voice", default=DEFAULT_VOICE,
+                        help="voice used when a request names none, and for OpenAI voice names whose preset is not "
+                             "installed (an uploaded voice or a preset)")
+    server.add_argument("--wyoming-port", type=int, default=None,
+                        help="also serve the Wyoming protocol (Home Assistant) on this port, same host and engine")
     server.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
                         help="longest accepted `input`")
     server.add_argument("--grace-seconds", type=float, default=30.0,
@@ -110,12 +121,16 @@ def load_service(args) -> SpeechService:
                           max_queue=args.max_queue, attn_implementation=attention, step_mode=args.step_mode,
                           policy=STREAM_POLICIES[args.stream_policy])
     voices = VoiceStore(Path(args.voices_dir), codec, model.config)
+    presets_folder = preset_folder(infer_npu._model_folder(args))
+    presets = (VoiceStore(presets_folder, codec, model.config, codec_id=voices.codec_id, cache_folder=voices.folder
+                          / ".presets") if presets_folder.is_dir() else None)
     options = ServiceOptions(defaults=infer_npu.generation_defaults(), model_name=args.served_model_name,
                              max_input_chars=args.max_input_chars, max_audio_seconds=args.max_audio_seconds,
-                             max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None)
+                             max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None,
+                             default_voice=args.default_voice)
     logger.info("loaded: device=%s dtype=%s attention=%s weights=%s slots=%d voices=%s", device,
                 str(dtype).removeprefix("torch."), attention, args.weight_format, engine.num_slots, voices.folder)
-    return SpeechService(model, tokenizer, engine, voices, options)
+    return SpeechService(model, tokenizer, engine, voices, options, presets=presets)
 
 
 def check_server_flags(args) -> None:
@@ -174,6 +189,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve until SIGTERM / Ctrl-C; returns the exit code (module docstring)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        check_voice_name(args.default_voice)
+    except ValueError as error:
+        parser.error(f"--default-voice: {error}")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     problem = _check_before_serving(args, parser)
     if problem is not None:
@@ -197,7 +216,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         signal.signal(stop_signal, _after_shutdown)
     print(f"serving {args.served_model_name} on http://{args.host}:{args.port} (GET /health says when it is ready)",
           flush=True)
-    server.run()
+    if args.wyoming_port is None:
+        server.run()
+    else:
+        from .wyoming_server import WyomingSpeech, serve_both
+
+        speech = WyomingSpeech(server.config.app.state.speech)
+        print(f"serving Wyoming on tcp://{args.host}:{args.wyoming_port}", flush=True)
+        asyncio.run(serve_both(server, speech, args.host, args.wyoming_port))
     return EXIT_LOAD_FAILED if failures else EXIT_OK
 
 

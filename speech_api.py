@@ -6,7 +6,8 @@
     input            the text, at most the server's --max-input-chars characters (OpenAI: 4096)
     voice            a voice name of GET /v1/audio/voices, or {"id": name}
     instructions     accepted and ignored (the model has no style prompt)
-    response_format  wav | pcm | flac | mp3 | opus (OpenAI's default mp3); aac is refused with the reason
+    response_format  wav | pcm | flac | mp3 | opus | aac (OpenAI's default mp3; aac needs PyAV, else it is refused
+                     with the reason)
     speed            0.25 to 4.0, pitch-preserving time stretch (time_stretch.py)
     stream_format    audio (default): the response body is the encoded audio, sent as it is produced;
                      sse: server-sent events `speech.audio.delta` ({"audio": base64 of encoded bytes}) then
@@ -30,8 +31,14 @@ which is what `infer_npu.py` applies without flags:
                                  the generation settings of infer_npu.py, same names, same meaning (max_new_frames
                                  per voice-clone chunk, 12.5 frames per second)
 
-Audio is the codec's native 48 kHz stereo. `pcm` is 16-bit signed little-endian, channels interleaved (L R L R),
-without a header; every audio response states x-sample-rate: 48000 and x-channels: 2.
+    sample_rate, channels        the response's rate (8000 to 48000 Hz; mp3 and opus only at their encoders' rates)
+                                 and channel count (1 or 2), converted with soxr (audio_formats.output_layout)
+
+`pcm` is 16-bit signed little-endian, channels interleaved (L R L R), without a header, at 24 kHz mono as OpenAI
+documents it; the other formats are the codec's native 48 kHz stereo; `sample_rate` / `channels` change either (48 kHz
+stereo pcm is `{"sample_rate": 48000, "channels": 2}`). Every audio response states x-sample-rate and x-channels, and
+x-moss-voice names the voice that spoke (an OpenAI name's preset, or the default voice when that preset is not
+installed); SSE events carry response_format, sample_rate and channels.
 
 Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, with `param` naming the request field.
 """
@@ -43,7 +50,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from .audio_formats import audio_format
+from .audio_formats import audio_format, output_layout
 from .generation import GenerationSettings
 from .prompting import GENERATION_MODES as MODES
 from .time_stretch import check_speed
@@ -125,6 +132,8 @@ class SpeechBody(BaseModel):
     audio_repetition_penalty: Optional[float] = None
     nq: Optional[int] = None
     voice_clone_max_text_tokens: Optional[int] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
 
     @field_validator("response_format")
     @classmethod
@@ -150,6 +159,17 @@ class SpeechBody(BaseModel):
             raise ValueError(f"seed={value} is out of range; expected an integer from 0 to 2**63 - 1")
         return value
 
+    def audio_layout(self, native_rate: int, native_channels: int) -> tuple[int, int]:
+        """(rate, channels) of the response (audio_formats.output_layout: pcm 24 kHz mono unless asked otherwise).
+
+        Raises:
+            APIError: 400 naming sample_rate or channels.
+        """
+        try:
+            return output_layout(self.response_format, self.sample_rate, self.channels, native_rate, native_channels)
+        except ValueError as error:
+            raise bad_field("channels" if str(error).startswith("channels") else "sample_rate", error) from None
+
     def voice_name(self) -> Optional[str]:
         return self.voice.id if isinstance(self.voice, VoiceId) else self.voice
 
@@ -168,11 +188,19 @@ class Usage(BaseModel):
 class SpeechAudioDelta(BaseModel):
     type: Literal["speech.audio.delta"] = "speech.audio.delta"
     audio: str
+    # extensions: what the audio bytes are
+    response_format: Optional[str] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
 
 
 class SpeechAudioDone(BaseModel):
     type: Literal["speech.audio.done"] = "speech.audio.done"
     usage: Usage
+    # extensions: what was sent
+    response_format: Optional[str] = None
+    sample_rate: Optional[int] = None
+    channels: Optional[int] = None
 
 
 class VoiceObject(BaseModel):
@@ -183,6 +211,12 @@ class VoiceObject(BaseModel):
     name: str
     object: Literal["audio.voice"] = "audio.voice"
     type: Literal["audio_sample"] = "audio_sample"
+    # extensions (voice_catalog.py): upload | preset | openai; the voice that speaks for this name; the kind of name an
+    # upload replaced; whether an OpenAI name falls back to the default voice (its preset is not installed)
+    kind: Optional[str] = None
+    uses: Optional[str] = None
+    replaces: Optional[str] = None
+    fallback: Optional[bool] = None
 
 
 class VoiceList(BaseModel):

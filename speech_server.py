@@ -1,7 +1,8 @@
 """The speech server's FastAPI app: OpenAI's speech API over the engine, plus voices, models, health and metrics.
 
     POST   /v1/audio/speech              speech (speech_api.py: OpenAI's fields and our extensions)
-    GET    /v1/audio/voices              the voices ({"object": "list", "data": [Voice]})
+    GET    /v1/audio/voices              the voices ({"object": "list", "data": [Voice]}): presets, OpenAI's names
+                                         and uploads, each saying which voice speaks for it (voice_catalog.py)
     POST   /v1/audio/voices              add a voice: multipart `name` + `audio_sample` (OpenAI's fields; `consent`
                                          is accepted and ignored); 409 if the name exists
     DELETE /v1/audio/voices/{voice_id}   delete a voice; 404 if there is none
@@ -336,17 +337,19 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
     service = state.ready()
     if not body.stream and body.stream_format == "sse":
         raise bad_field("stream", "stream=false returns one whole file; stream_format 'sse' is always streamed")
+    rate, channels = body.audio_layout(service.sample_rate, service.channels)
     service.check_queue()
     deadline = _deadline(service)
     prepared = await _bounded(state, deadline, service.prepare, body)
     stream = EngineStream(lambda listener: service.submit(prepared, counting_errors(listener, state.metrics)),
                           asyncio.get_running_loop(), state.metrics.tracker())
     audio, handed_over = None, False
-    headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(service.sample_rate),
-               "x-channels": str(service.channels)}
+    headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(rate), "x-channels": str(channels)}
+    if prepared.voice is not None:
+        headers["x-moss-voice"] = prepared.voice
     try:
-        audio = ResponseAudio(body.response_format, body.speed, service.sample_rate, service.channels,
-                              whole_file=not body.stream)
+        audio = ResponseAudio(body.response_format, body.speed, rate, channels, whole_file=not body.stream,
+                              source_rate=service.sample_rate, source_channels=service.channels)
         first = await _first_event(stream, request, deadline, service)
         if isinstance(first, ErrorEvent):
             raise _failed(first, service)

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -32,6 +33,8 @@ from .synthesis import speech_request
 from .synthesis_loading import text_chunks
 from .synthesis_request import check_chunk_budget, check_generation_settings
 from .text_chunking import count_tokens, pause_seconds_after
+from .voice_catalog import VoiceCatalog
+from .voice_presets import DEFAULT_VOICE
 from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
 
 logger = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class ServiceOptions:
         max_audio_seconds: the most audio one request may ask for (chunks x max_new_frames, plus pauses).
         max_chunks: the most voice-clone chunks one request may make.
         queue_timeout: seconds a request may wait for a slot before it gets 503 (None: no limit).
+        default_voice: who speaks without a voice, and for OpenAI names whose preset is not installed.
     """
 
     defaults: dict
@@ -75,6 +79,7 @@ class ServiceOptions:
     max_audio_seconds: float = DEFAULT_MAX_AUDIO_SECONDS
     max_chunks: int = DEFAULT_MAX_CHUNKS
     queue_timeout: Optional[float] = None
+    default_voice: str = DEFAULT_VOICE
 
 
 @dataclass
@@ -84,6 +89,7 @@ class PreparedSpeech:
     request: SpeechRequest
     seed: int
     input_tokens: int
+    voice: Optional[str] = None  # the voice that speaks (x-moss-voice); None for ref_audio or no reference
 
 
 class SpeechService:
@@ -93,12 +99,15 @@ class SpeechService:
         model: the TTS model, on its device.
         tokenizer: its text tokenizer.
         engine: a SpeechEngine over the model and codec (started by the caller).
-        voices: the voice store (its codec is the engine's).
+        voices: the uploaded voices' store (its codec is the engine's).
         options: ServiceOptions.
+        presets: the store of the model folder's preset voices, or None (voice_catalog.py says how names resolve).
     """
 
-    def __init__(self, model, tokenizer, engine: SpeechEngine, voices: VoiceStore, options: ServiceOptions) -> None:
+    def __init__(self, model, tokenizer, engine: SpeechEngine, voices: VoiceStore, options: ServiceOptions,
+                 presets: Optional[VoiceStore] = None) -> None:
         self.model, self.tokenizer, self.engine, self.voices, self.options = model, tokenizer, engine, voices, options
+        self.catalog = VoiceCatalog(voices, presets, options.default_voice)
         self.n_vq = int(model.config.n_vq)
         self.pad_id = int(model.config.audio_pad_token_id)
         self.sample_rate = engine.codec.rate
@@ -127,7 +136,7 @@ class SpeechService:
         except ValueError as error:
             raise bad_field("input", error) from None
         self._check_work(body, chunks, settings.max_new_frames)
-        codes = self._prompt_codes(body, mode, settings.nq)
+        codes, voice = self._prompt_codes(body, mode, settings.nq)
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
             request = speech_request(self.model, self.tokenizer, body.input, mode, codes, body.ref_text, settings,
@@ -135,7 +144,7 @@ class SpeechService:
         except ValueError as error:
             raise bad_field("input", error) from None
         self._check_positions(body, request, codes)
-        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input))
+        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), voice)
 
     def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
         """Queue the request on the engine; events go to `listener` (called on the engine thread).
@@ -224,24 +233,25 @@ class SpeechService:
             raise APIError(400, str(error), param=error.name) from None
         return settings, max_text_tokens
 
-    def _prompt_codes(self, body: SpeechBody, mode: str, nq: int) -> Optional[torch.Tensor]:
-        """The reference codes [T, n_vq] (channels >= nq padded, as synthesis.encode_prompt_audio pads them)."""
+    def _prompt_codes(self, body: SpeechBody, mode: str, nq: int) -> tuple[Optional[torch.Tensor], Optional[str]]:
+        """The reference codes [T, n_vq] (channels >= nq padded, as synthesis.encode_prompt_audio pads them) and the
+        name of the voice they are (None for ref_audio or no reference)."""
         codes = self._reference_codes(body.ref_audio) if body.ref_audio is not None else None
         uses_voice = mode == "voice_clone" or body.ref_text is not None
+        voice = None
         if codes is None and uses_voice:
-            codes = self._voice_codes(body.voice_name(), mode)
+            voice, codes = self._voice_codes(body.voice_name())
         if mode == "continuation" and (codes is None) != (body.ref_text is None):
             raise bad_field("ref_text", "mode 'continuation' takes ref_text with ref_audio (or a voice), or neither")
         if codes is not None:
             codes = codes.clone()
             codes[:, nq:] = self.pad_id
-        return codes
+        return codes, voice
 
-    def _voice_codes(self, name: Optional[str], mode: str) -> torch.Tensor:
-        if name is None:
-            raise bad_field("voice", f"mode {mode!r} needs a voice (GET /v1/audio/voices) or ref_audio")
+    def _voice_codes(self, name: Optional[str]) -> tuple[str, torch.Tensor]:
+        """(voice used, codes) of a voice name, None meaning the default voice (voice_catalog.py)."""
         try:
-            return self.voices.prompt_codes(name)
+            return self.catalog.resolve(name)
         except ValueError as error:  # UnknownVoiceError, a bad name, or a clip that is not a usable prompt
             raise bad_field("voice", error) from None
 
@@ -265,7 +275,12 @@ class SpeechService:
     # -- voices -------------------------------------------------------------------------------------------------
 
     def list_voices(self) -> list[VoiceObject]:
-        return [self._voice_object(name) for name in self.voices.list_voices()]
+        """Uploads, presets and OpenAI's names, each saying which voice speaks for it (voice_catalog.py)."""
+        presets = self.catalog.presets
+        folders = {"upload": self.voices.folder, "preset": presets.folder if presets is not None else None}
+        return [self._voice_object(entry.name, folders.get(entry.kind)).model_copy(update={
+            "kind": entry.kind, "uses": entry.uses, "replaces": entry.replaces, "fallback": entry.fallback})
+            for entry in self.catalog.entries()]
 
     def add_voice(self, name: str, data: bytes) -> VoiceObject:
         """Store an uploaded clip as voice `name` (encoded once now; blocking).
@@ -280,7 +295,7 @@ class SpeechService:
         except ValueError as error:
             param = "name" if str(error).startswith("voice name") else "audio_sample"
             raise bad_field(param, error) from None
-        return self._voice_object(name)
+        return self._voice_object(name, self.voices.folder)
 
     def delete_voice(self, name: str) -> None:
         """Raises: APIError 404 (no such voice) or 400 (a bad name)."""
@@ -291,8 +306,10 @@ class SpeechService:
         except ValueError as error:
             raise bad_field("voice_id", error) from None
 
-    def _voice_object(self, name: str) -> VoiceObject:
-        created = min((int(clip.stat().st_mtime) for clip in self.voices.folder.glob(f"{name}.*")), default=0)
+    def _voice_object(self, name: str, folder: Optional[Path]) -> VoiceObject:
+        """The Voice of `name`, created when its clip in `folder` was (no folder: when the server started)."""
+        clips = folder.glob(f"{name}.*") if folder is not None else ()
+        created = min((int(clip.stat().st_mtime) for clip in clips), default=self.created)
         return VoiceObject(id=name, name=name, created_at=created)
 
     # -- readiness ----------------------------------------------------------------------------------------------

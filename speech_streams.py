@@ -20,7 +20,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 import torch
 from anyio import to_thread
 
-from .audio_formats import StreamingEncoder
+from .audio_formats import LayoutConverter, StreamingEncoder
 from .engine import AudioEvent, ErrorEvent, FinishedEvent
 from .server_metrics import RequestTracker
 from .speech_api import APIError, SpeechAudioDelta, SpeechAudioDone, Usage, error_body
@@ -92,12 +92,17 @@ class EngineStream:
 
 
 class ResponseAudio:
-    """One response's audio processing: `speed` (pitch-preserving) then the response_format encoder.
+    """One response's audio processing: rate and channels (audio_formats.LayoutConverter, from the engine's
+    source_rate / source_channels, default the same), `speed` (pitch-preserving) then the response_format encoder.
 
     Not thread-safe; call it from one worker thread at a time (the body generators await each call).
     """
 
-    def __init__(self, response_format: str, speed: float, sample_rate: int, channels: int, whole_file: bool):
+    def __init__(self, response_format: str, speed: float, sample_rate: int, channels: int, whole_file: bool,
+                 source_rate: Optional[int] = None, source_channels: Optional[int] = None):
+        source_rate, source_channels = source_rate or sample_rate, source_channels or channels
+        self.layout = (LayoutConverter(source_rate, source_channels, sample_rate, channels)
+                       if (source_rate, source_channels) != (sample_rate, channels) else None)
         self.stretcher = TimeStretcher(speed, sample_rate, channels) if speed != 1.0 else None
         self.encoder = StreamingEncoder(response_format, sample_rate, channels, whole_file=whole_file)
 
@@ -107,13 +112,20 @@ class ResponseAudio:
 
     def feed(self, waveform: torch.Tensor) -> bytes:
         samples = waveform.numpy()
+        if self.layout is not None:
+            samples = self.layout.process(samples)
+        return self._stretch_and_encode(samples)
+
+    def finish(self) -> bytes:
+        tail = self._stretch_and_encode(self.layout.flush()) if self.layout is not None else b""
+        if self.stretcher is not None:
+            tail += self.encoder.encode(self.stretcher.flush())
+        return tail + self.encoder.finish()
+
+    def _stretch_and_encode(self, samples) -> bytes:
         if self.stretcher is not None:
             samples = self.stretcher.process(samples)
         return self.encoder.encode(samples)
-
-    def finish(self) -> bytes:
-        tail = self.encoder.encode(self.stretcher.flush()) if self.stretcher is not None else b""
-        return tail + self.encoder.finish()
 
     def close(self) -> None:
         self.encoder.close()
@@ -163,14 +175,14 @@ async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_toke
     an error after the start is sent as an `error` event."""
     try:
         async for data in encoded_chunks(stream, audio, first):
-            yield _sse(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii")).model_dump())
+            yield _sse(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"), **_layout(audio)).model_dump())
     except StreamFailed as error:
         logger.warning("request %d: %s", stream.handle.id, error)
         yield _sse({"type": "error", **error_body(str(error), "server_error")})
         return
     frames = sum(codes.shape[0] for codes in stream.final.codes)
     usage = Usage(input_tokens=input_tokens, output_tokens=frames, total_tokens=input_tokens + frames)
-    yield _sse(SpeechAudioDone(usage=usage).model_dump())
+    yield _sse(SpeechAudioDone(usage=usage, **_layout(audio)).model_dump())
 
 
 async def whole_file(stream: EngineStream, audio: ResponseAudio, first,
@@ -188,6 +200,11 @@ async def whole_file(stream: EngineStream, audio: ResponseAudio, first,
     except StreamFailed as error:
         raise APIError(500, str(error), error_type="server_error") from None
     return b"".join(pieces)
+
+
+def _layout(audio: ResponseAudio) -> dict:
+    encoder = audio.encoder
+    return {"response_format": encoder.format.name, "sample_rate": encoder.sample_rate, "channels": encoder.channels}
 
 
 def _sse(payload: dict) -> str:

@@ -117,12 +117,17 @@ class VoiceStore:
         codec_id: the codec's identity for cache keys; default codec_fingerprint(codec).
         codec_lock: held around every codec call; default a lock of this store's own.
         max_upload_bytes: the largest clip add_voice accepts.
+        cache_folder: where the codes caches go (default: beside the clips); the preset voices of a model folder
+            that may be read-only keep theirs in the uploads folder.
     """
 
     def __init__(self, folder: PathLike, codec, config, *, codec_id: Optional[str] = None,
-                 codec_lock: Optional[threading.Lock] = None, max_upload_bytes: int = MAX_UPLOAD_BYTES):
+                 codec_lock: Optional[threading.Lock] = None, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 cache_folder: Optional[PathLike] = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.cache_folder = Path(cache_folder) if cache_folder is not None else self.folder
+        self.cache_folder.mkdir(parents=True, exist_ok=True)
         self.codec, self.config = codec, config
         self.info = codec_info(codec, config)
         self.n_vq = int(config.n_vq)
@@ -261,7 +266,7 @@ class VoiceStore:
                                  f" (the clips in {self.folder})")
 
     def _codes_path(self, name: str) -> Path:
-        return self.folder / f"{name}{CODES_SUFFIX}"
+        return self.cache_folder / f"{name}{CODES_SUFFIX}"
 
     @contextlib.contextmanager
     def _folder_lock(self):

@@ -2,6 +2,7 @@
 
 import io
 import logging
+import re
 import struct
 import wave
 
@@ -16,7 +17,10 @@ audio_formats = import_module("audio_formats")
 RATE = 48000
 # A length that is not a multiple of any codec frame, so padding shows.
 LENGTH = 48000 + 1234
-LOSSY = ("mp3", "opus")
+LOSSY = ("mp3", "opus", "aac")
+# Decoders play an encoder delay before the audio and pad the end to a whole frame: (lead, frame) per format.
+DELAYED = {"mp3": (audio_formats.MP3_LEAD_SAMPLES, audio_formats.MP3_FRAME_SAMPLES),
+           "aac": (audio_formats.AAC_LEAD_SAMPLES, audio_formats.AAC_FRAME_SAMPLES)}
 
 
 def stereo_tones(length=LENGTH, rate=RATE):
@@ -28,9 +32,15 @@ def stereo_tones(length=LENGTH, rate=RATE):
 
 
 def decode(data: bytes, response_format: str, channels: int = 2) -> np.ndarray:
-    """Bytes -> float32 [C, N]; pcm by its layout, every other format through soundfile."""
+    """Bytes -> float32 [C, N]; pcm by its layout, aac through PyAV (FFmpeg), every other format through soundfile."""
     if response_format == "pcm":
         return (np.frombuffer(data, dtype="<i2").reshape(-1, channels).T / 32768.0).astype(np.float32)
+    if response_format == "aac":
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            frames = [frame.to_ndarray() for frame in container.decode(audio=0)]
+        return np.concatenate(frames, axis=1).astype(np.float32)
     samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
     assert rate == RATE
     return samples.T
@@ -58,9 +68,9 @@ def test_every_format_decodes_to_the_input_length_and_sound(response_format):
     audio = stereo_tones()
     decoded = decode(audio_formats.encode_audio(audio, response_format), response_format)
     assert decoded.shape[0] == 2
-    if response_format == "mp3":
-        lead = audio_formats.MP3_LEAD_SAMPLES
-        assert lead <= decoded.shape[1] - LENGTH <= lead + audio_formats.MP3_FRAME_SAMPLES
+    if response_format in DELAYED:
+        lead, frame = DELAYED[response_format]
+        assert lead <= decoded.shape[1] - LENGTH <= lead + frame
         decoded = decoded[:, lead:lead + LENGTH]
     else:
         assert decoded.shape[1] == LENGTH
@@ -74,7 +84,7 @@ def test_every_format_decodes_to_the_input_length_and_sound(response_format):
         assert np.max(np.abs(decoded - audio)) <= 1.0 / 32767
 
 
-@pytest.mark.parametrize("response_format", ["pcm", "mp3"])
+@pytest.mark.parametrize("response_format", ["pcm", "mp3", "aac"])
 def test_streamed_bytes_equal_the_whole_file(response_format):
     audio = stereo_tones()
     pieces, _ = stream(audio, response_format)
@@ -151,9 +161,9 @@ def test_mono_wav_header_describes_the_data():
     assert (info.samplerate, info.channels, info.frames, info.subtype) == (24000, 1, 1000, "PCM_16")
 
 
-@pytest.mark.parametrize("bad, expected", [("aac", "no AAC encoder"), ("ogg", "not supported"), (None, "None")])
+@pytest.mark.parametrize("bad, expected", [("ogg", "not supported"), (None, "None")])
 def test_unsupported_formats_are_refused_naming_the_supported_ones(bad, expected):
-    with pytest.raises(ValueError, match="expected one of wav, pcm, flac, mp3, opus") as error:
+    with pytest.raises(ValueError, match="expected one of wav, pcm, flac, mp3, opus, aac") as error:
         audio_formats.StreamingEncoder(bad)
     assert expected in str(error.value)
 
@@ -186,4 +196,41 @@ def test_an_abandoned_stream_releases_its_encoder():
 def test_content_types_are_the_registered_media_types():
     types = {name: audio_formats.StreamingEncoder(name).content_type for name in audio_formats.SUPPORTED_FORMATS}
     assert types == {"wav": "audio/wav", "pcm": "audio/pcm", "flac": "audio/flac", "mp3": "audio/mpeg",
-                     "opus": "audio/ogg"}
+                     "opus": "audio/ogg", "aac": "audio/aac"}
+
+
+@pytest.mark.parametrize("response_format, asked, expected", [
+    ("pcm", (None, None), (24000, 1)), ("wav", (None, None), (48000, 2)), ("pcm", (48000, 2), (48000, 2)),
+    ("mp3", (22050, 1), (22050, 1)), ("opus", (None, 1), (48000, 1)), ("flac", (8000, None), (8000, 2)),
+])
+def test_pcm_defaults_to_24_khz_mono_and_every_format_takes_a_rate_and_channels(response_format, asked, expected):
+    assert audio_formats.output_layout(response_format, *asked) == expected
+
+
+@pytest.mark.parametrize("response_format, asked, message", [
+    ("pcm", (7999, None), "sample_rate=7999; expected an integer from 8000 to 48000"),
+    ("wav", (96000, None), "sample_rate=96000"), ("wav", (None, 3), "channels=3; expected 1 (mono) or 2"),
+    ("opus", (44100, None), "expected one of 8000, 12000, 16000, 24000, 48000"),
+    ("aac", (9000, None), "sample_rate=9000 is not one aac can carry"),
+])
+def test_a_layout_a_format_cannot_carry_is_refused_naming_the_field(response_format, asked, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        audio_formats.output_layout(response_format, *asked)
+
+
+@pytest.mark.parametrize("rate, channels", [(24000, 1), (22050, 2), (8000, 1), (44100, 1), (48000, 1)])
+def test_layout_conversion_in_irregular_chunks_equals_converting_the_whole(rate, channels):
+    audio = stereo_tones()
+    whole = audio_formats.LayoutConverter(RATE, 2, rate, channels)
+    expected = np.concatenate([whole.process(audio), whole.flush()], axis=1)
+    streamed = audio_formats.LayoutConverter(RATE, 2, rate, channels)
+    pieces, start = [], 0
+    for size in (3840, 1, 0, 7680, 12345) * 10:
+        pieces.append(streamed.process(audio[:, start:start + size]))
+        start += size
+    pieces += [streamed.process(audio[:, start:]), streamed.flush()]
+    converted = np.concatenate(pieces, axis=1)
+    assert converted.shape == (channels, round(LENGTH * rate / RATE)) == expected.shape
+    assert np.max(np.abs(converted - expected)) < 1e-5
+    middle = slice(rate // 4, 3 * rate // 4)
+    assert peak_frequency(converted[0, middle], rate) == pytest.approx(440, abs=3)  # mono: the louder tone leads

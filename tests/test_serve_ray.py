@@ -40,7 +40,8 @@ yaml = pytest.importorskip("yaml")
 
 import serve_ray  # noqa: E402  (top-level, as Ray imports it: import_path serve_ray:application)
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
-from test_server import HOP, assert_equal_to_16_bit_rounding, pcm_samples, write_server_repository  # noqa: E402
+from test_server import (HOP, NATIVE_LAYOUT, assert_equal_to_16_bit_rounding, pcm_samples,  # noqa: E402
+                         write_server_repository)
 
 CONFIG = REPO_ROOT / "serve_config.yaml"
 APP = "moss-tts"
@@ -190,7 +191,7 @@ class Listener:
         self.thread.start()
 
     def _run(self) -> None:
-        body = {"max_new_frames": self.frames, "seed": self.seed, **self.extra}
+        body = {"max_new_frames": self.frames, "seed": self.seed, **NATIVE_LAYOUT, **self.extra}
         if self.voice == "none":
             body["mode"] = "continuation"
         try:
@@ -245,12 +246,13 @@ def test_requests_spread_over_both_replicas_and_share_one_voice_store(deployed, 
     for listener in listeners[1:]:  # the same request gives the same audio on either replica
         assert_equal_to_16_bit_rounding(pcm_samples(bytes(listener.data)), reference)
     for _ in range(4):  # whichever replica answers lists it
-        assert [voice["id"] for voice in httpx.get(f"{deployed.url}/v1/audio/voices").json()["data"]] == ["en"]
+        listed = httpx.get(f"{deployed.url}/v1/audio/voices").json()["data"]
+        assert [voice["id"] for voice in listed if voice["kind"] == "upload"] == ["en"]
 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot_through_the_proxy(deployed):
     body = {"model": "tts-1", "voice": "none", "input": "Hello world.", "mode": "continuation",
-            "response_format": "pcm", "max_new_frames": 1500}
+            "response_format": "pcm", "max_new_frames": 1500, **NATIVE_LAYOUT}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{deployed.url}/v1/audio/speech", json=body) as response:
             next(response.iter_raw())

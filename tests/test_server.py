@@ -49,6 +49,8 @@ BYTES_PER_SAMPLE = 4  # 16-bit stereo
 LONG = 1500  # frames of a request that is still running when a test acts (2 minutes of audio, seconds of work)
 READY_SECONDS = 120
 QUEUE_TIMEOUT = 3.0  # small_server's --queue-timeout
+# pcm is 24 kHz mono unless asked otherwise (OpenAI's layout); these tests compare bytes in the codec's native layout.
+NATIVE_LAYOUT = {"sample_rate": 48000, "channels": 2}
 
 
 def write_server_repository(folder):
@@ -131,7 +133,7 @@ def speech(client, voice, **extra):
     """Whole response bytes via the SDK; extra = our extensions (and response_format / speed)."""
     fields = {key: extra.pop(key) for key in ("response_format", "speed") if key in extra}
     response = client.audio.speech.create(model="tts-1", voice=voice, input="Hello world.",
-                                          extra_body={"max_new_frames": FRAMES, **extra}, **fields)
+                                          extra_body={"max_new_frames": FRAMES, **NATIVE_LAYOUT, **extra}, **fields)
     return response.content
 
 
@@ -181,7 +183,7 @@ def test_speed_changes_the_length_exactly(client, voice, speed):
 def test_streamed_bytes_equal_the_whole_file_for_the_same_seed(client, voice, response_format):
     with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice=voice, input="Hello world.", response_format=response_format,
-            extra_body={"max_new_frames": FRAMES, "seed": 7}) as response:
+            extra_body={"max_new_frames": FRAMES, "seed": 7, **NATIVE_LAYOUT}) as response:
         assert response.headers["x-moss-seed"] == "7" and response.headers["x-sample-rate"] == "48000"
         streamed = b"".join(response.iter_bytes())
     whole = speech(client, voice, response_format=response_format, seed=7, stream=False)
@@ -197,13 +199,13 @@ def test_streamed_bytes_equal_the_whole_file_for_the_same_seed(client, voice, re
 def test_instructions_are_accepted_and_ignored(client, voice):
     response = client.audio.speech.create(model="tts-1", voice=voice, input="Hello world.", response_format="pcm",
                                           instructions="Speak softly.", extra_body={"max_new_frames": FRAMES,
-                                                                                    "seed": 9})
+                                                                                    "seed": 9, **NATIVE_LAYOUT})
     assert response.content == speech(client, voice, response_format="pcm", seed=9)
 
 
 def test_sse_streams_delta_events_then_done_with_usage(server, voice):
     body = {"model": "tts-1", "voice": voice, "input": "Hello world.", "response_format": "pcm",
-            "stream_format": "sse", "max_new_frames": FRAMES, "seed": 7}
+            "stream_format": "sse", "max_new_frames": FRAMES, "seed": 7, **NATIVE_LAYOUT}
     with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=body,
                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -298,7 +300,7 @@ def long_wav(seconds=15, rate=16000):
 
 
 BAD_BODIES = [
-    ({"response_format": "aac"}, "response_format", "AAC encoder"),
+    ({"response_format": "aac", "sample_rate": 9000}, "sample_rate", "not one aac can carry"),
     ({"response_format": "ogg"}, "response_format", "expected one of wav, pcm, flac, mp3, opus"),
     ({"speed": 5}, "speed", "0.25 to 4.0"),
     ({"stream_format": "chunks"}, "stream_format", "'audio' or 'sse'"),
@@ -362,7 +364,7 @@ def test_the_sdk_reports_the_field_of_a_400_and_bad_json_is_a_400(server, client
 
 def continuation(frames, **extra):
     return {"model": "tts-1", "voice": "none", "input": "Hello world.", "mode": "continuation",
-            "response_format": "pcm", "max_new_frames": frames, **extra}
+            "response_format": "pcm", "max_new_frames": frames, **NATIVE_LAYOUT, **extra}
 
 
 def wait_for(condition, seconds):
@@ -618,7 +620,7 @@ def test_voices_survive_a_restart_and_sigterm_drains_running_streams(repository,
         assert speech(restarted, voice, response_format="pcm", seed=11) == before
         assert cache.stat().st_mtime_ns == cached_at  # the voice was not encoded again
         body = {"model": "tts-1", "voice": voice, "input": "Hello world.", "response_format": "pcm",
-                "max_new_frames": 150}
+                "max_new_frames": 150, **NATIVE_LAYOUT}
         with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as http:
             with http.stream("POST", f"{url}/v1/audio/speech", json=body) as response:
                 raw = response.iter_raw()

@@ -274,3 +274,50 @@ def test_concurrent_adds_from_two_threads_keep_one_complete_voice(open_store, re
     expected = restarted.prompt_codes("both")
     assert counting.encodes == 0  # the cache written belongs to the clip that won
     assert clip.read_bytes() in (english, chinese) and expected.shape[1] == 16
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# VoiceCatalog: which voice a name means (uploads, presets, OpenAI names, the default voice)
+
+voice_catalog = import_module("voice_catalog")
+voice_presets = import_module("voice_presets")
+write_stand_in_presets = import_module("checkpoints").write_stand_in_presets
+
+
+@pytest.fixture
+def catalog(tmp_path, codec, config):
+    """A catalog over an empty uploads folder and the stand-in presets (their caches kept in the uploads folder)."""
+    write_stand_in_presets(tmp_path / "model")
+    uploads = voices.VoiceStore(tmp_path / "uploads", codec, config)
+    presets = voices.VoiceStore(voice_presets.preset_folder(tmp_path / "model"), codec, config,
+                                codec_id=uploads.codec_id, cache_folder=tmp_path / "uploads" / ".presets")
+    return voice_catalog.VoiceCatalog(uploads, presets)
+
+
+def test_an_openai_name_speaks_its_preset_and_an_upload_of_that_name_replaces_it(catalog):
+    used, codes = catalog.resolve("nova")
+    assert used == voice_presets.OPENAI_VOICES["nova"] and torch.equal(codes, catalog.presets.prompt_codes(used))
+    catalog.uploads.add_voice("nova", (catalog.presets.folder / "zh_1.wav").read_bytes())
+    assert catalog.resolve("nova")[0] == "nova"
+    (entry,) = [entry for entry in catalog.entries() if entry.name == "nova"]
+    assert (entry.kind, entry.uses, entry.replaces) == ("upload", "nova", "openai")
+    assert not list(catalog.presets.folder.glob("*.codes.safetensors"))  # caches live in the cache folder
+
+
+def test_a_missing_preset_falls_back_to_the_default_voice_and_the_listing_says_so(catalog):
+    (catalog.presets.folder / "zh_6.wav").unlink()
+    assert catalog.resolve("nova")[0] == voice_presets.DEFAULT_VOICE
+    assert catalog.resolve(None)[0] == voice_presets.DEFAULT_VOICE
+    (entry,) = [entry for entry in catalog.entries() if entry.name == "nova"]
+    assert entry.fallback and entry.uses == voice_presets.DEFAULT_VOICE
+    with pytest.raises(voices.UnknownVoiceError, match="unknown voice 'zh_6'"):
+        catalog.resolve("zh_6")
+
+
+def test_without_the_default_voice_the_refusal_says_how_to_get_it(catalog):
+    for clip in catalog.presets.folder.glob("*.wav"):
+        clip.unlink()
+    with pytest.raises(voices.UnknownVoiceError, match="infer_npu.py --download-only"):
+        catalog.resolve("alloy")
+    with pytest.raises(ValueError, match="is not allowed"):
+        catalog.resolve("Bad Name")
