@@ -37,7 +37,15 @@ class ClientGone(Exception):
 
 
 class StreamFailed(RuntimeError):
-    """The engine ended a request with an error after its response had started (the body is cut short)."""
+    """The engine ended a request with an error after its response had started (the body is cut short).
+
+    Attributes:
+        code: the engine's stable code of the cause (engine.ERROR_CODES), sent as OpenAI's error `code`.
+    """
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EngineStream:
@@ -152,7 +160,7 @@ async def encoded_chunks(stream: EngineStream, audio: ResponseAudio, first,
                     yield data
                 return
             elif isinstance(event, ErrorEvent):
-                raise StreamFailed(f"synthesis failed: {event.message}")
+                raise StreamFailed(f"synthesis failed: {event.message}", event.code)
             event = await stream.next(disconnected)
     finally:
         stream.close()
@@ -178,7 +186,7 @@ async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_toke
             yield _sse(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"), **_layout(audio)).model_dump())
     except StreamFailed as error:
         logger.warning("request %d: %s", stream.handle.id, error)
-        yield _sse({"type": "error", **error_body(str(error), "server_error")})
+        yield _sse({"type": "error", **error_body(str(error), "server_error", code=error.code)})
         return
     frames = sum(codes.shape[0] for codes in stream.final.codes)
     usage = Usage(input_tokens=input_tokens, output_tokens=frames, total_tokens=input_tokens + frames)
@@ -198,7 +206,7 @@ async def whole_file(stream: EngineStream, audio: ResponseAudio, first,
         async for data in encoded_chunks(stream, audio, first, disconnected):
             pieces.append(data)
     except StreamFailed as error:
-        raise APIError(500, str(error), error_type="server_error") from None
+        raise APIError(500, str(error), error_type="server_error", code=error.code) from None
     return b"".join(pieces)
 
 

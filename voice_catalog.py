@@ -74,13 +74,16 @@ class VoiceCatalog:
         return [entry.name for entry in self.entries()]
 
     def entries(self) -> list[VoiceEntry]:
-        """Every name a request may use, sorted by name."""
+        """Every name a request may use, sorted by name: OpenAI's names only where their preset or the default voice
+        is installed."""
         uploads, presets = set(self.uploads.list_voices()), self._preset_names()
         found = {name: VoiceEntry(name, "preset", name) for name in presets}
+        default_installed = self.default_voice in uploads or self.default_voice in presets
         for name, preset in OPENAI_VOICES.items():
             installed = preset in presets
-            found[name] = VoiceEntry(name, "openai", preset if installed else self.default_voice,
-                                     fallback=not installed)
+            if installed or default_installed:  # a name that nothing could answer is not offered
+                found[name] = VoiceEntry(name, "openai", preset if installed else self.default_voice,
+                                         fallback=not installed)
         for name in uploads:
             replaced = found[name].kind if name in found else None
             found[name] = VoiceEntry(name, "upload", name, replaces=replaced)

@@ -547,6 +547,40 @@ def test_a_failing_request_leaves_the_request_beside_it_intact(small_server):
     assert 'moss_tts_speech_errors_total{code="non_finite_logits"} 1.0' in metrics
 
 
+
+def _codes_alone(service, body):
+    """The codes [F, n_vq] of `body` run through the service's engine directly."""
+    events, done = [], threading.Event()
+
+    def listener(event):
+        events.append(event)
+        if isinstance(event, engine_module.FINAL_EVENTS):
+            done.set()
+    service.submit(service.prepare(import_module("speech_api").SpeechBody(**body)), listener)
+    assert done.wait(60) and isinstance(events[-1], engine_module.FinishedEvent)
+    return events[-1].codes[0]
+
+
+def test_a_request_that_fails_after_its_first_audio_ends_its_sse_stream_with_the_engine_code(small_server):
+    service = small_server.service
+    body = continuation(12, seed=5, stream_format="sse")
+    codes = _codes_alone(service, body)[:, 0].tolist()
+    later = next(index for index in range(3, len(codes)) if codes[index] not in codes[:index])
+    embedding = service.model.audio_embeddings[0]
+    original = embedding.weight
+    weight = original.detach().clone()  # untied from channel 0's head: only sampling that code meets the NaN
+    weight[codes[later]] = float("nan")
+    embedding.weight = torch.nn.Parameter(weight)
+    try:
+        with httpx.stream("POST", f"{small_server.url}/v1/audio/speech", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            events = [json.loads(line[len("data: "):]) for line in response.iter_lines() if line.startswith("data: ")]
+    finally:
+        embedding.weight = original
+    assert events[0]["type"] == "speech.audio.delta"  # the failure came after audio had been sent
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "non_finite_logits"
+    assert "Non-finite" in events[-1]["error"]["message"]
+
 # ----------------------------------------------------------------------------------------------------------------
 # A restart, SIGTERM, SIGINT, and a checkpoint that fails its checksum
 

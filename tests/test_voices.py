@@ -319,5 +319,6 @@ def test_without_the_default_voice_the_refusal_says_how_to_get_it(catalog):
         clip.unlink()
     with pytest.raises(voices.UnknownVoiceError, match="infer_npu.py --download-only"):
         catalog.resolve("alloy")
+    assert catalog.names() == []  # no OpenAI name is offered that nothing could answer
     with pytest.raises(ValueError, match="is not allowed"):
         catalog.resolve("Bad Name")

@@ -155,9 +155,14 @@ def downloaded_wav(driver):
 
 
 def direct_pcm(server, **body):
+    """The bytes of the same request made directly (the page asks for the server's pcm layout, as this does)."""
+    return direct_response(server, **body).content
+
+
+def direct_response(server, **body):
     response = api(server, "POST", "/v1/audio/speech", json={"model": "tts-1", "response_format": "pcm", **body})
     assert response.status_code == 200, response.text
-    return response.content
+    return response
 
 
 def health(server):
@@ -245,10 +250,11 @@ def test_speak_plays_as_it_streams_for_the_full_length_and_offers_the_wav(server
     assert float(measured["playedSeconds"]) == pytest.approx(audio_seconds)
     assert float(measured["rtf"]) == pytest.approx(float(measured["requestMs"]) / 1000 / audio_seconds)
     wav = downloaded_wav(page)
-    expected = direct_pcm(server, input=page.find_element(By.ID, "text").get_attribute("value"), voice=listed_voice,
-                          seed=7, max_new_frames=PLAYED_FRAMES)
-    assert wav[:4] == b"RIFF" and int.from_bytes(wav[24:28], "little") == SAMPLE_RATE
-    assert wav[44:] == expected
+    expected = direct_response(server, input=page.find_element(By.ID, "text").get_attribute("value"),
+                               voice=listed_voice, seed=7, max_new_frames=PLAYED_FRAMES)
+    assert wav[:4] == b"RIFF" and int.from_bytes(wav[24:28], "little") == int(expected.headers["x-sample-rate"])
+    assert int.from_bytes(wav[22:24], "little") == int(expected.headers["x-channels"])
+    assert wav[44:] == expected.content
     assert console_errors(page) == []
     print(f"\n{stream_format}: first audio {float(measured['firstAudioMs']):.0f} ms, request "
           f"{float(measured['requestMs']):.0f} ms, {audio_seconds:.2f} s of audio played, rtf {measured['rtf']}")
