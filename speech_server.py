@@ -42,6 +42,7 @@ from .server_metrics import ServerMetrics, route_label
 from .speech_api import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
 from .speech_service import SpeechService
 from .speech_streams import ClientGone, EngineStream, ResponseAudio, audio_body, sse_body, whole_file
+from .speech_streams import SpokenText, spoken_text_header
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
                           state.metrics.tracker())
     audio, handed_over = None, False
     headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(service.sample_rate),
-               "x-channels": str(service.channels)}
+               "x-channels": str(service.channels), **spoken_text_header(prepared.spoken_text)}
     try:
         audio = ResponseAudio(body.response_format, body.speed, service.sample_rate, service.channels,
                               whole_file=not body.stream)
@@ -258,7 +259,9 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
         if not handed_over:
             _close(stream, audio)
     if body.stream_format == "sse":
-        content, media_type = sse_body(stream, audio, first, prepared.input_tokens), "text/event-stream"
+        spoken = SpokenText(prepared.spoken_text, [chunk.text for chunk in prepared.request.chunks],
+                            service.sample_rate, body.speed)
+        content, media_type = sse_body(stream, audio, first, prepared.input_tokens, spoken), "text/event-stream"
     else:
         content, media_type = audio_body(stream, audio, first), audio.content_type
     return _StreamedSpeech(content, stream, audio, media_type=media_type, headers=headers)

@@ -30,6 +30,7 @@ from .sampling import SettingError
 from .speech_api import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject, bad_field
 from .synthesis import speech_request
 from .text_chunking import count_tokens
+from .text_normalization import normalize_text
 from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
 
 logger = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class PreparedSpeech:
     request: SpeechRequest
     seed: int
     input_tokens: int
+    spoken_text: str = ""  # `input` after text normalization (what the chunks say)
 
 
 class SpeechService:
@@ -108,11 +110,12 @@ class SpeechService:
         codes = self._prompt_codes(body, mode, settings.nq)
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
-            request = speech_request(self.model, self.tokenizer, body.input, mode, codes, body.ref_text, settings,
+            spoken = normalize_text(body.input, body.language).text if body.normalize else body.input
+            request = speech_request(self.model, self.tokenizer, spoken, mode, codes, body.ref_text, settings,
                                      max_text_tokens, seed=seed)
         except ValueError as error:
             raise bad_field("input", error) from None
-        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input))
+        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), spoken)
 
     def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
         """Queue the request on the engine; events go to `listener` (called on the engine thread).

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .audio_io import save_audio
+from .captions import add_captions, chunk_captions
 from .devices import chunk_batch_size, resolve_attention
 from .prompting import build_prompt_rows, left_pad_batch
 from .synthesis_loading import PreparedRequest, decode_codes, prepare_request
@@ -187,7 +188,18 @@ def _finish(request, prepared: PreparedRequest, codes_list: list, batch_sizes) -
     audio_path = None
     if request.output_audio_path is not None:
         audio_path = str(save_audio(request.output_audio_path, waveform, rate))
-    return result_dict(prepared, waveform, rate, codes_list, batch_sizes, audio_path)
+    result = result_dict(prepared, waveform, rate, codes_list, batch_sizes, audio_path)
+    if request.captions:
+        samples_per_frame = layout.hop * rate // layout.sample_rate
+        add_captions(result, offline_captions(prepared.chunks, codes_list, samples_per_frame, rate), request.captions)
+    return result
+
+
+def offline_captions(chunks: Sequence[str], codes_list: list, samples_per_frame: int, rate: int) -> list:
+    """Per-chunk captions (captions.Caption, seconds) of the joined waveform of `_decode_all`."""
+    lengths = [codes.shape[0] * samples_per_frame for codes in codes_list]
+    pauses = [pause_samples(chunk, int(rate)) for chunk in chunks[:-1]]
+    return chunk_captions(chunks, lengths, pauses, rate)
 
 
 def _decode_all(request, prepared: PreparedRequest, codes_list: list, codec_batch: int) -> tuple[torch.Tensor, int]:

@@ -16,6 +16,7 @@ from typing import Iterator, Optional
 import torch
 
 from .audio_io import ProgressiveWavWriter
+from .captions import CaptionTimeline, add_captions
 from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent, SpeechEngine, SpeechRequest,
                      StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
@@ -92,8 +93,10 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         result = yield from _audio_events(engine, engine.submit(engine_request), prepared, request, writer)
         audio_path = writer.close() if writer is not None else None
         writer = None
-        yield {"type": "result", **result_dict(prepared, result["waveform"], layout.sample_rate, result["codes"],
-                                               (1, 1), audio_path)}
+        final = result_dict(prepared, result["waveform"], layout.sample_rate, result["codes"], (1, 1), audio_path)
+        if request.captions:
+            add_captions(final, result["captions"], request.captions)
+        yield {"type": "result", **final}
     finally:
         if writer is not None:
             writer.abort()
@@ -107,6 +110,7 @@ def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
     pieces, emitted, first_time = [], 0, None
     layout = prepared.codec_layout
     rate = layout.sample_rate
+    timeline = CaptionTimeline(prepared.chunks, rate)
     with ChunkProgress(len(prepared.chunks), request.progress, "streaming") as bar:
         while True:
             busy = engine.step()
@@ -118,10 +122,12 @@ def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
                                       layout.hop / rate)
                     waveform = torch.cat(pieces, dim=-1) if pieces else torch.zeros(layout.channels, 0)
                     check_not_empty(waveform)
-                    return {"waveform": waveform, "codes": event.codes}
+                    timeline.finish()
+                    return {"waveform": waveform, "codes": event.codes, "captions": timeline.done}
                 first_time = first_time or time.perf_counter()
                 lead = stream_lead_seconds(emitted / rate, first_time, time.perf_counter())
                 emitted += event.waveform.shape[-1]
+                timeline.add(event.chunk_index, event.waveform.shape[-1], event.is_pause)
                 pieces.append(event.waveform)
                 if writer is not None:
                     writer.write(event.waveform)

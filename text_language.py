@@ -32,7 +32,8 @@ _PERSIAN_LETTERS = re.compile("[\u067e\u0686\u0698\u06af\u06a9\u06cc]")
 
 # Frequent short words of each Latin-script language (a hit scores 1) ...
 _FUNCTION_WORDS = {
-    "en": "the and is are of to in that it with for was this you have not on be",
+    "en": "the and is are of to in that it with for was this you have not on be at a an we my your me he she they "
+          "what how will can do does did from by or but if so all there their our please thank hello yes no",
     "de": "der die das und ist nicht ich sie es mit den ein eine zu von auf für dem wir auch",
     "es": "el la los las y es que de en un una por con para no del se al como",
     "fr": "le la les et est que de des un une pour dans pas sur avec il elle nous vous du au",
@@ -77,7 +78,8 @@ def detect_language(text: str) -> str:
 
 
 def _latin_language(text: str) -> str:
-    """Score function words (1 each) and language-specific letters (2 each); ties keep the earlier language."""
+    """Score function words (1 each) and language-specific letters (2 each); ties keep the earlier language
+    (English first, as the default)."""
     lowered = unicodedata.normalize("NFC", text.lower())
     words = _WORD_RE.findall(lowered)
     scores = {}

@@ -32,6 +32,20 @@ VERBALIZED_LANGUAGES = WETEXT_LANGUAGES + SUPPORTED_LANGUAGES
 
 
 @dataclass(frozen=True)
+class TextOptions:
+    """Which stages run (upstream's --enable-normalize-tts-text and --enable-wetext-processing) and the language
+    (None: detected)."""
+
+    cleanup: bool = True
+    verbalize: bool = True
+    language: Optional[str] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cleanup or self.verbalize
+
+
+@dataclass(frozen=True)
 class NormalizedText:
     """The text to speak, the language it was verbalized in, and the text as written."""
 
@@ -90,4 +104,5 @@ def _preview(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["NormalizedText", "VERBALIZED_LANGUAGES", "WETEXT_LANGUAGES", "normalize_text", "verbalize_text"]
+__all__ = ["NormalizedText", "TextOptions", "VERBALIZED_LANGUAGES", "WETEXT_LANGUAGES", "normalize_text",
+           "verbalize_text"]

@@ -135,3 +135,38 @@ def test_normalizing_needs_no_network(monkeypatch):
 def test_parse_number_reads_each_notation():
     assert numbers.parse_number("1.234,5", decimal_comma=True) == ("1234", "5")
     assert numbers.parse_number("1,234.5", decimal_comma=False) == ("1234", "5")
+
+
+def _request(**overrides):
+    """build_request with `inference`'s defaults (no model needed: normalization runs before anything loads)."""
+    import inspect
+
+    synthesis = import_module("synthesis")
+    parameters = inspect.signature(synthesis.SynthesisMixin.inference).parameters
+    arguments = {name: p.default for name, p in parameters.items() if name != "self"}
+    arguments.update(text="**Total:** $20.50", output_audio_path=None, progress=False)
+    arguments.update(overrides)
+    return synthesis.build_request(**arguments)
+
+
+def test_inference_speaks_the_text_as_given_unless_asked():
+    assert _request().text == "**Total:** $20.50"
+
+
+def test_inference_normalizes_when_asked_and_keeps_the_written_text():
+    request = _request(normalize=True)
+    assert request.text == "Total: twenty dollars and fifty cents."
+    assert request.written_text == "**Total:** $20.50"
+
+
+def test_each_stage_can_be_turned_off_alone():
+    options = normalization.TextOptions
+    # Without the cleanup, WeTextProcessing reads the markdown aloud: why the cleanup runs first.
+    assert _request(normalize=options(cleanup=False)).text == ("asterisk asterisk Total:asterisk asterisk twenty "
+                                                               "dollars and fifty cents")
+    assert _request(normalize=options(verbalize=False)).text == "Total: $20.50."
+
+
+def test_a_bad_language_is_refused_before_anything_loads():
+    with pytest.raises(ValueError, match="language='klingon'"):
+        _request(normalize=True, language="klingon")
