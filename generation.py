@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -104,6 +104,7 @@ class Group:
     generator: torch.Generator | None = None
     frames: int = 0
     finished: list[bool] = field(default_factory=list)
+    guard: Any = None  # a runaway_guards.RunawayGuard asked after every frame; None (default): no checks
 
     @property
     def at_limit(self) -> bool:
@@ -360,7 +361,16 @@ class SlotDecoder:
             self._advance_host(rows, continues)
             for output in going:
                 output.codes = output.group.rows_of(codes)
+                if output.group.guard is not None:
+                    self._end_guarded_rows(output)
         return outputs + self._retire_at_limit()
+
+    def _end_guarded_rows(self, output: FrameOutput) -> None:
+        """Rows that the group's guard ends are marked finished, so the next decision stops them as if the model
+        had chosen to (one host copy of codebook 0 per frame, only for guarded groups)."""
+        first = output.group.slots[0]
+        for row in output.group.guard.observe(output.codes[:, 0].tolist(), output.active):
+            self.finished[first + row] = True
 
     def _rows_in_use(self) -> int:
         return max(group.slots[-1] for group in self.groups) + 1
