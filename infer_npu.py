@@ -54,7 +54,7 @@ from .generation import GenerationSettings
 from .model_loading import add_model_arguments
 from .prompting import GENERATION_MODES
 from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
-from .text_options import add_text_arguments, chunk_preview, text_options
+from .text_options import add_text_arguments, chunk_preview, request_options
 
 logger = logging.getLogger(__name__)
 
@@ -322,7 +322,7 @@ def _request(args, job: Job) -> synthesis.SynthesisRequest:
         prompt_audio_path=job.prompt_audio_path, reference_audio_path=None, text_tokenizer=None,
         text_tokenizer_path=None, audio_tokenizer=None, audio_tokenizer_type=None,
         audio_tokenizer_pretrained_name_or_path=None, device=None, progress=False if args.no_progress else None,
-        normalize=text_options(args), captions=args.captions or False, **settings,
+        **request_options(args), **settings,
     )
 
 

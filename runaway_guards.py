@@ -100,7 +100,7 @@ class RunawayGuard:
     """The checks of one generation group's rows (one text each); `observe` is called once per frame.
 
     Args:
-        caps: per row, its frame cap (frame_cap of its text).
+        caps: per row, its frame cap (frame_cap of its text), or None for none.
     """
 
     caps: list
@@ -109,7 +109,15 @@ class RunawayGuard:
 
     @classmethod
     def for_texts(cls, texts: Sequence[str], max_new_frames: int) -> "RunawayGuard":
-        return cls([frame_cap(text, max_new_frames) for text in texts])
+        """Caps from the texts; a cap that max_new_frames already enforces is left out (None): a chunk that runs
+        that long is reported as cut at max_new_frames, not as stopped by a guard."""
+        caps = [frame_cap(text, max_new_frames) for text in texts]
+        return cls([cap if cap < max_new_frames else None for cap in caps])
+
+    def fresh(self) -> "RunawayGuard":
+        """This guard with its history and stops cleared (a batch is generated again, e.g. by the float32 retry)."""
+        self.history, self.stops = [], {}
+        return self
 
     def observe(self, channel0: Sequence[int], active: Sequence[bool]) -> list[int]:
         """Record one frame (codebook-0 code and whether each row made it); returns the rows to end now."""
@@ -128,7 +136,7 @@ class RunawayGuard:
 
     def _reason(self, row: int) -> Optional[str]:
         codes = self.history[row]
-        if len(codes) >= self.caps[row]:
+        if self.caps[row] is not None and len(codes) >= self.caps[row]:
             return FRAME_CAP
         if is_silent(codes):
             return SILENCE
@@ -137,11 +145,12 @@ class RunawayGuard:
         return None
 
 
-def describe_stops(stops: Sequence[Optional[GuardStop]], chunks: Sequence[str]) -> list[dict]:
-    """Result entries {"chunk", "reason", "frames", "text"} for the chunks a guard ended, and one WARNING for them."""
+def describe_stops(stops: Sequence[Optional[GuardStop]], chunks: Sequence[str], log: bool = True) -> list[dict]:
+    """Result entries {"chunk", "reason", "frames", "text"} for the chunks a guard ended, and (with `log`) one
+    WARNING for them (the engine logs its own, per chunk)."""
     entries = [{"chunk": index, "reason": stop.reason, "frames": stop.frames, "text": chunks[index]}
                for index, stop in enumerate(stops) if stop is not None]
-    if entries:
+    if entries and log:
         logger.warning("%d of %d chunk(s) ended early by a runaway guard: %s", len(entries), len(chunks),
                        "; ".join(f"chunk {e['chunk']} ({e['reason']} after {e['frames']} frames)" for e in entries))
     return entries

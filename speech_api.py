@@ -12,7 +12,7 @@
                      sse: server-sent events `speech.audio.delta` ({"audio": base64 of encoded bytes}), one
                      `speech.caption` per chunk once its audio is sent ({"index", "text", "start", "end"}, seconds
                      of the response's audio) then `speech.audio.done` ({"usage": {"input_tokens", "output_tokens",
-                     "total_tokens"}, "spoken_text"})
+                     "total_tokens"}, "spoken_text", "runaway_stops": chunks that a runaway guard ended early})
 
 Our extensions (extra body fields; with the openai SDK pass them as `extra_body={...}`). Unset = the server default,
 which is what `infer_npu.py` applies without flags:
@@ -33,6 +33,10 @@ which is what `infer_npu.py` applies without flags:
                                  encoded) and always in the SSE `speech.audio.done` event (`spoken_text`)
     language                     the language of `input` (zh, en, de, es, fr, ja, it, he, ko, ru, fa, ar, pl, pt,
                                  cs, da, sv, hu, el, tr; "pt-BR" style tags are accepted); default: detected
+    runaway_guards               true (default): a chunk that runs far past its text's length, loops or stays
+                                 silent is ended early (runaway_guards.py; counted in /metrics as
+                                 moss_tts_runaway_chunks_total, listed in the SSE done event); false: only
+                                 max_new_frames ends it
     do_sample, max_new_frames, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
     audio_top_k, audio_repetition_penalty, nq, voice_clone_max_text_tokens
                                  the generation settings of infer_npu.py, same names, same meaning (max_new_frames
@@ -136,6 +140,7 @@ class SpeechBody(BaseModel):
     voice_clone_max_text_tokens: Optional[int] = None
     normalize: bool = True
     language: Optional[str] = None
+    runaway_guards: bool = True
 
     @field_validator("response_format")
     @classmethod
@@ -190,6 +195,7 @@ class SpeechAudioDone(BaseModel):
     type: Literal["speech.audio.done"] = "speech.audio.done"
     usage: Usage
     spoken_text: Optional[str] = None  # our extension: the text after normalization
+    runaway_stops: Optional[list] = None  # our extension: [{"chunk", "reason", "frames"}] ended by a runaway guard
 
 
 class SpeechCaption(BaseModel):

@@ -112,7 +112,7 @@ class SpeechService:
         try:
             spoken = normalize_text(body.input, body.language).text if body.normalize else body.input
             request = speech_request(self.model, self.tokenizer, spoken, mode, codes, body.ref_text, settings,
-                                     max_text_tokens, seed=seed)
+                                     max_text_tokens, seed=seed, runaway_guards=body.runaway_guards)
         except ValueError as error:
             raise bad_field("input", error) from None
         return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), spoken)

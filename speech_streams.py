@@ -82,7 +82,7 @@ class EngineStream:
             self.tracker.audio(event.is_pause)
         elif isinstance(event, FinishedEvent):
             self.final = event
-            self.tracker.finished(event.audio_seconds)
+            self.tracker.finished(event.audio_seconds, event.stops)
         elif isinstance(event, ErrorEvent):
             self.tracker.end("disconnected" if event.cancelled else "error")
         return event
@@ -206,7 +206,10 @@ async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_toke
         yield _sse(SpeechCaption(**timeline.done[-1].as_dict()).model_dump())
     frames = sum(codes.shape[0] for codes in stream.final.codes)
     usage = Usage(input_tokens=input_tokens, output_tokens=frames, total_tokens=input_tokens + frames)
-    yield _sse(SpeechAudioDone(usage=usage, spoken_text=spoken.text if spoken else None).model_dump())
+    stops = [{"chunk": index, "reason": stop.reason, "frames": stop.frames}
+             for index, stop in enumerate(stream.final.stops) if stop is not None]
+    yield _sse(SpeechAudioDone(usage=usage, spoken_text=spoken.text if spoken else None,
+                               runaway_stops=stops).model_dump())
 
 
 async def whole_file(stream: EngineStream, audio: ResponseAudio, first,

@@ -41,7 +41,8 @@ class SynthesisMixin:
 
     Both accept keyword-only extras after upstream's parameters: `progress` (per chunk: True, False, or None =
     when several chunks are synthesised; a tqdm bar on a terminal, else INFO lines of `progress_logger`), `normalize`
-    and `language` (text normalization, off by default), `captions` and, for streaming, `stream_policy`.
+    and `language` (text normalization, off by default), `captions`, `runaway_guards` (off by default) and, for
+    streaming, `stream_policy`.
     """
 
     def inference(
@@ -52,6 +53,7 @@ class SynthesisMixin:
         audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0, use_kv_cache=True,
         voice_clone_max_text_tokens=50, voice_clone_max_memory_per_sample_gb=1.0, tts_max_batch_size=0,
         codec_max_batch_size=0, *, progress=None, normalize=False, language=None, captions=False,
+        runaway_guards=False,
     ) -> dict:
         """Synthesise `text` and write it to `output_audio_path` (spec §7).
 
@@ -77,6 +79,8 @@ class SynthesisMixin:
             language: keyword-only extra: the text's language for normalize ("de", "zh", ...; None: detected).
             captions: keyword-only extra: True adds "captions", [{"index", "text", "start", "end"}] per chunk in
                 seconds of the returned audio; a .vtt path also writes them there as WebVTT.
+            runaway_guards: keyword-only extra: end a chunk that runs far past its text's length, loops or stays
+                silent (runaway_guards.py) and list them in "runaway_stops" (default False: upstream's frames).
 
         Returns:
             dict with audio_path, sample_rate, audio_token_ids [F, 16], waveform [C, N] float32 CPU,
@@ -99,7 +103,7 @@ class SynthesisMixin:
         audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0, use_kv_cache=True,
         voice_clone_max_text_tokens=50, voice_clone_max_memory_per_sample_gb=1.0, tts_max_batch_size=0,
         codec_max_batch_size=0, *, progress=None, stream_policy=None, normalize=False, language=None,
-        captions=False,
+        captions=False, runaway_guards=False,
     ) -> Iterator[dict]:
         """Like `inference`, but yields audio as it is produced (spec §7 inference_stream).
 

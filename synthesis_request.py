@@ -77,6 +77,7 @@ class SynthesisRequest:
     normalize: Any = False
     language: Optional[str] = None
     captions: Any = False  # True, or a .vtt path (captions.check_captions_target)
+    runaway_guards: bool = False  # end chunks that run away (runaway_guards.py); result["runaway_stops"]
     written_text: Optional[str] = None
 
 

@@ -21,6 +21,7 @@ from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEv
                      StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
 from .prompting import build_prompt_rows
+from .runaway_guards import describe_stops
 from .synthesis_loading import PreparedRequest, prepare_request, text_chunks
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, check_text, result_dict
 from .synthesis_request import warn_if_truncated
@@ -83,7 +84,8 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         settings = GenerationSettings(**{name: value for name, value in request.generation.items()
                                          if name != "use_kv_cache"})
         engine_request = speech_request(model, prepared.tokenizer, request.text, request.mode, prepared.prompt_codes,
-                                        request.prompt_text, settings, chunks=prepared.chunks, global_random=True)
+                                        request.prompt_text, settings, chunks=prepared.chunks, global_random=True,
+                                        runaway_guards=request.runaway_guards)
         longest_prompt = max(chunk.rows.shape[0] for chunk in engine_request.chunks)
         positions = longest_prompt + engine_request.settings.checked(prepared.n_vq).max_new_frames
         engine = SpeechEngine(model, prepared.codec, num_slots=1, max_positions=positions, policy=policy)
@@ -94,6 +96,8 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         audio_path = writer.close() if writer is not None else None
         writer = None
         final = result_dict(prepared, result["waveform"], layout.sample_rate, result["codes"], (1, 1), audio_path)
+        if request.runaway_guards:
+            final["runaway_stops"] = describe_stops(result["stops"], prepared.chunks, log=False)
         if request.captions:
             add_captions(final, result["captions"], request.captions)
         yield {"type": "result", **final}
@@ -123,7 +127,8 @@ def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
                     waveform = torch.cat(pieces, dim=-1) if pieces else torch.zeros(layout.channels, 0)
                     check_not_empty(waveform)
                     timeline.finish()
-                    return {"waveform": waveform, "codes": event.codes, "captions": timeline.done}
+                    return {"waveform": waveform, "codes": event.codes, "captions": timeline.done,
+                            "stops": event.stops}
                 first_time = first_time or time.perf_counter()
                 lead = stream_lead_seconds(emitted / rate, first_time, time.perf_counter())
                 emitted += event.waveform.shape[-1]

@@ -9,6 +9,7 @@ infer_npu.py adds these flags with `add_text_arguments` (upstream's names where 
     --print-voice-clone-text-chunks    print the chunks as they will be spoken (upstream's flag)
     --dry-run                          with the above: print, then exit before the model loads
     --captions FILE.vtt                write per-chunk WebVTT captions of the audio
+    --no-runaway-guards                let a chunk run to --max-new-frames (default: runaway_guards.py ends it)
 
 The library side is text_normalization.py (the pipeline) and captions.py (the timestamps).
 """
@@ -24,7 +25,7 @@ from .text_normalization import TextOptions
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the module docstring, in their own group."""
-    group = parser.add_argument_group("text (what is spoken)")
+    group = parser.add_argument_group("text (what is spoken) and runaway guards")
     group.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True,
                        help="clean up markdown/emoji and say numbers, dates, currencies and units as words in the "
                             "text's language (--no-normalize: the text exactly as given)")
@@ -40,6 +41,9 @@ def add_text_arguments(parser: argparse.ArgumentParser) -> None:
                        help="print the chunks and exit without loading the model or generating")
     group.add_argument("--captions", default=None, metavar="FILE.vtt",
                        help="write WebVTT captions (one cue per chunk) of the audio")
+    group.add_argument("--runaway-guards", action=argparse.BooleanOptionalAction, default=True,
+                       help="end a chunk that runs far past its text's length, loops or stays silent, with a warning "
+                            "(runaway_guards.py; --no-runaway-guards: only --max-new-frames ends it)")
 
 
 def text_options(args) -> TextOptions:
@@ -54,6 +58,12 @@ def text_options(args) -> TextOptions:
                        verbalize=bool(args.normalize and args.enable_wetext_processing), language=args.language)
 
 
+def request_options(args) -> dict:
+    """The build_request arguments of these flags: normalize, captions, runaway_guards."""
+    return {"normalize": text_options(args), "captions": args.captions or False,
+            "runaway_guards": args.runaway_guards}
+
+
 def chunk_preview(tokenizer, requests) -> list[str]:
     """The --print-voice-clone-text-chunks lines: each request's chunks as they will be spoken."""
     lines = []
@@ -65,4 +75,4 @@ def chunk_preview(tokenizer, requests) -> list[str]:
     return lines
 
 
-__all__ = ["add_text_arguments", "chunk_preview", "text_options"]
+__all__ = ["add_text_arguments", "chunk_preview", "request_options", "text_options"]

@@ -73,6 +73,11 @@ def test_a_short_pause_is_not_silence():
     assert not guards.is_silent(_speech_like(40) + [7] * 20 + _speech_like(40, seed=1))
 
 
+def test_a_cap_that_max_new_frames_already_enforces_is_left_out():
+    assert guards.RunawayGuard.for_texts(["Hello world.", "Hello world."], 57).caps == [None, None]
+    assert guards.RunawayGuard.for_texts(["Hello world."], 58).caps == [57]
+
+
 def test_guard_ends_each_row_once_with_its_reason():
     guard = guards.RunawayGuard(caps=[375, 375, 10])
     speech, loop = _speech_like(200, seed=1), _speech_like(4, seed=2) * 50
@@ -113,3 +118,44 @@ def test_unguarded_tiny_model_runs_to_max_new_frames():
     rows[:, 0] = torch.arange(6) + 10
     output = model.generate(rows, max_new_frames=80)
     assert output.audio_token_ids.shape[1] == 80
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from conftest import shared_path
+    from tiny_repository import write_tiny_repository
+
+    modeling = import_module("modeling_moss_tts_nano")
+    repo = write_tiny_repository(tmp_path_factory.mktemp("guard_repo"), shared_path("assets", "tokenizer.model"))
+    return modeling.MossTTSNanoForCausalLM.from_pretrained(str(repo)).eval()
+
+
+GUARDED = dict(mode="voice_clone", voice_clone_max_text_tokens=5, do_sample=True, max_new_frames=375, progress=False,
+               runaway_guards=True)
+
+
+def test_inference_ends_runaway_chunks_and_reports_them(tiny_model, prompt_wav, caplog):
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING"):
+        result = tiny_model.inference("Hello world. This is a test.", None, prompt_audio_path=str(prompt_wav), **GUARDED)
+    chunks, stops = result["voice_clone_text_chunks"], result["runaway_stops"]
+    assert [stop["chunk"] for stop in stops] == [0, 1] and [stop["text"] for stop in stops] == chunks
+    assert all(stop["frames"] <= guards.frame_cap(chunk, 375) < 100 for stop, chunk in zip(stops, chunks))
+    assert result["audio_token_ids"].shape[0] == sum(stop["frames"] for stop in stops)
+    assert "ended early by a runaway guard" in caplog.text
+    assert "reached max_new_frames" not in caplog.text
+
+
+def test_streamed_inference_ends_runaway_chunks_the_same_way(tiny_model, prompt_wav):
+    torch.manual_seed(0)
+    events = list(tiny_model.inference_stream("Hello world. This is a test.", None, prompt_audio_path=str(prompt_wav),
+                                              **GUARDED))
+    stops = events[-1]["runaway_stops"]
+    assert [stop["chunk"] for stop in stops] == [0, 1]
+    assert events[-1]["audio_token_ids"].shape[0] == sum(stop["frames"] for stop in stops) < 200
+
+
+def test_without_guards_inference_keeps_upstreams_frames(tiny_model, prompt_wav):
+    result = tiny_model.inference("Hello world.", None, prompt_audio_path=str(prompt_wav),
+                                  **{**GUARDED, "runaway_guards": False, "max_new_frames": 90, "do_sample": False})
+    assert "runaway_stops" not in result and result["audio_token_ids"].shape[0] == 90

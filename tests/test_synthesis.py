@@ -562,7 +562,7 @@ def test_signatures_are_upstreams_plus_keyword_only_extras():
                 "text_temperature", "text_top_p", "text_top_k", "audio_temperature", "audio_top_p", "audio_top_k",
                 "audio_repetition_penalty", "use_kv_cache", "voice_clone_max_text_tokens",
                 "voice_clone_max_memory_per_sample_gb", "tts_max_batch_size", "codec_max_batch_size"]
-    text_extras = ["normalize", "language", "captions"]
+    text_extras = ["normalize", "language", "captions", "runaway_guards"]
     for method, extras in ((synthesis.SynthesisMixin.inference, ["progress", *text_extras]),
                            (synthesis.SynthesisMixin.inference_stream, ["progress", "stream_policy", *text_extras])):
         parameters = list(inspect.signature(method).parameters.values())[1:]

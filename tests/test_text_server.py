@@ -80,3 +80,22 @@ def test_sse_sends_a_caption_per_chunk_and_the_spoken_text_when_done(server, bod
     assert events[-1]["type"] == "speech.audio.done" and events[-1]["spoken_text"] == SPOKEN
     last_delta = max(index for index, event in enumerate(events) if event["type"] == "speech.audio.delta")
     assert events.index(captions[1]) > last_delta  # the last caption once all its audio is sent
+
+
+def test_a_runaway_chunk_is_ended_early_counted_and_reported(server, body):
+    request = {**body, "input": "Hi.", "max_new_frames": 150, "stream_format": "sse"}
+    with httpx.stream("POST", f"{server.url}/v1/audio/speech", json=request, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    done = events[-1]
+    assert done["type"] == "speech.audio.done"
+    (stop,) = done["runaway_stops"]
+    assert stop["chunk"] == 0 and stop["reason"] in ("frame_cap", "loop", "silence")
+    assert done["usage"]["output_tokens"] == stop["frames"] <= 44  # "Hi.": 3 s + 1 syllable at 2/s = 3.5 s
+    metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    assert f'moss_tts_runaway_chunks_total{{reason="{stop["reason"]}"}} 1.0' in metrics
+
+
+def test_runaway_guards_false_runs_to_max_new_frames(server, body):
+    response = _post(server, body, input="Hi.", max_new_frames=60, runaway_guards=False)
+    assert len(response.content) == 60 * HOP * 4
