@@ -96,3 +96,21 @@ def test_captions_with_jsonl_exit_2(repo, prompt_wav, tmp_path, capsys):
 def _timestamp(seconds: float) -> str:
     milliseconds = int(round(seconds * 1000))
     return f"00:00:{milliseconds // 1000:02d}.{milliseconds % 1000:03d}"
+
+
+def test_runaway_chunks_end_long_before_max_new_frames_with_a_warning(repo, prompt_wav, tmp_path, capsys,
+                                                                       caplog):
+    out = tmp_path / "o.wav"
+    code, stdout, stderr = _run(["--model-path", repo, "--prompt-audio-path", prompt_wav, "--text", "Hi.",
+                                 "--output-path", out, *FAST, "--max-new-frames", "375", "--do-sample"], capsys)
+    assert code == 0, stderr
+    assert "ended early by a runaway guard" in caplog.text and "reached max_new_frames" not in caplog.text
+    assert sf.info(str(out)).duration <= 44 / 12.5 + 1e-6  # "Hi.": 3 s + 1 syllable at 2/s = 3.5 s -> 44 frames
+
+
+def test_no_runaway_guards_runs_to_max_new_frames(repo, prompt_wav, tmp_path, capsys, caplog):
+    out = tmp_path / "o.wav"
+    code, _, stderr = _run(["--model-path", repo, "--prompt-audio-path", prompt_wav, "--text", "Hi.",
+                            "--output-path", out, *FAST, "--max-new-frames", "60", "--no-runaway-guards"], capsys)
+    assert code == 0, stderr
+    assert "reached max_new_frames=60" in caplog.text and sf.info(str(out)).duration == pytest.approx(60 / 12.5)
