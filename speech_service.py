@@ -31,6 +31,7 @@ from .speech_api import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject,
 from .synthesis import speech_request
 from .text_chunking import count_tokens
 from .text_normalization import normalize_text
+from .text_wetext import normalizer
 from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
 
 logger = logging.getLogger(__name__)
@@ -243,7 +244,8 @@ class SpeechService:
         started = time.perf_counter()
         body = SpeechBody(model=self.options.model_name, input="Hello.", mode="continuation", max_new_frames=2,
                           do_sample=False, seed=0)
-        handle = self.submit(self.prepare(body), None)
+        handle = self.submit(self.prepare(body), None)  # its normalization loads the English grammar
+        normalizer("zh")  # and the Chinese one, so no request waits for a grammar to load
         final = list(handle.events(timeout=timeout))[-1]
         if not isinstance(final, FinishedEvent):
             raise RuntimeError(f"the warm-up request failed: {final.message}")
