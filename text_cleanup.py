@@ -41,8 +41,10 @@ _EMOJI = re.compile("[\U0001F000-\U0001FAFF\U00002600-\U000027BF\U0001F1E6-\U000
                     "\uFE0E\uFE0F\u200D\u20E3\u2190-\u21FF\u2300-\u23FF\u25A0-\u25FF]")
 # Symbols read aloud as noise; the ones verbalization needs are not listed.
 _STRAY_SYMBOLS = re.compile(r"[*_~^|\\<>{}\[\]`=]+|#(?!\d)")
-_REPEATED = ((re.compile(r"\.{4,}"), "..."), (re.compile(r"[!?]*\?[!?]+|[!?]+\?"), "?"), (re.compile(r"!{2,}"), "!"),
-             (re.compile(r"([,;:，；：。！？、])\1+"), r"\1"), (re.compile(r"\s+([,.!?;:])(?=\s|$)"), r"\1"))
+# Spaces before punctuation go first, so that "! !" also collapses.
+_REPEATED = ((re.compile(r"\s+([,.!?;:])(?=\s|$|[,.!?;:])"), r"\1"), (re.compile(r"\.{4,}"), "..."),
+             (re.compile(r"[!?]*\?[!?]+|[!?]+\?"), "?"), (re.compile(r"!{2,}"), "!"),
+             (re.compile(r"([,;:，；：。！？、])\1+"), r"\1"))
 _SPACES = re.compile(r"[ \t\u00a0\u3000]+")
 
 

@@ -170,3 +170,35 @@ def test_each_stage_can_be_turned_off_alone():
 def test_a_bad_language_is_refused_before_anything_loads():
     with pytest.raises(ValueError, match="language='klingon'"):
         _request(normalize=True, language="klingon")
+
+
+# Properties over generated texts (hypothesis).
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_WORDS = st.sampled_from(["hello", "world", "Preis", "coûte", "价格", "**bold**", "# Title", "- item", "`code`",
+                          "[link](https://x.org)", "🎉", "!!!", "\n", "\n\n", "3:30", "$20.50", "15%", "1,234", "5 kg"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_WORDS, min_size=1, max_size=12))
+def test_cleaned_text_is_one_line_without_markup(pieces):
+    cleaned = cleanup.clean_text(" ".join(pieces))
+    assert "\n" not in cleaned and "**" not in cleaned and "`" not in cleaned and "](" not in cleaned
+    assert not any(marker in cleaned for marker in ("# ", "🎉", "!!"))
+    assert cleaned == "" or cleaned[-1] in cleanup.LINE_END_MARKS
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(numbers.SUPPORTED_LANGUAGES), st.integers(0, 10**9), st.integers(0, 99))
+def test_every_written_number_becomes_words(lang, integer, cents):
+    comma = numbers.WORDS[lang].decimal_comma
+    grouped = f"{integer:,}".replace(",", "." if comma else ",")
+    written = f"{grouped}{',' if comma else '.'}{cents:02d}"
+    spoken = numbers.NumberSpeller(lang).spell(f"x {written} x")
+    assert not any(char.isdigit() for char in spoken), (written, spoken)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(min_size=1, max_size=80))
+def test_any_text_gets_a_model_language(text):
+    assert language.detect_language(text) in language.LANGUAGES
