@@ -361,16 +361,20 @@ class SlotDecoder:
             self._advance_host(rows, continues)
             for output in going:
                 output.codes = output.group.rows_of(codes)
-                if output.group.guard is not None:
-                    self._end_guarded_rows(output)
+            guarded = [output for output in going if output.group.guard is not None]
+            if guarded:
+                self._end_guarded_rows(guarded, codes[:, 0].tolist())
         return outputs + self._retire_at_limit()
 
-    def _end_guarded_rows(self, output: FrameOutput) -> None:
-        """Rows that the group's guard ends are marked finished, so the next decision stops them as if the model
-        had chosen to (one host copy of codebook 0 per frame, only for guarded groups)."""
-        first = output.group.slots[0]
-        for row in output.group.guard.observe(output.codes[:, 0].tolist(), output.active):
-            self.finished[first + row] = True
+    def _end_guarded_rows(self, guarded: list[FrameOutput], channel0: list[int]) -> None:
+        """Rows that their group's guard ends are marked finished, so the next decision stops them as if the model
+        had chosen to. `channel0`: codebook 0 of every row, one host copy per frame, only when a group is guarded
+        (on an accelerator it waits for the frame's audio phase)."""
+        for output in guarded:
+            first = output.group.slots[0]
+            rows = channel0[first:first + len(output.group.slots)]
+            for row in output.group.guard.observe(rows, output.active):
+                self.finished[first + row] = True
 
     def _rows_in_use(self) -> int:
         return max(group.slots[-1] for group in self.groups) + 1

@@ -159,3 +159,25 @@ def test_without_guards_inference_keeps_upstreams_frames(tiny_model, prompt_wav)
     result = tiny_model.inference("Hello world.", None, prompt_audio_path=str(prompt_wav),
                                   **{**GUARDED, "runaway_guards": False, "max_new_frames": 90, "do_sample": False})
     assert "runaway_stops" not in result and result["audio_token_ids"].shape[0] == 90
+
+
+def test_the_engine_guards_only_the_requests_that_ask_beside_others():
+    engine_module = import_module("engine")
+    model = checkpoints.always_continue_tiny_model(seed=31).eval()
+    rows = torch.full((8, 17), 1024)
+    rows[:, 0] = torch.arange(8) + 10
+    rows[-1, 0] = 6
+
+    def request(guarded):
+        settings = generation.GenerationSettings(max_new_frames=80, do_sample=True)
+        return engine_module.SpeechRequest([engine_module.ChunkPrompt(rows, 0.0, "Hi.")], settings, seed=1,
+                                           decode_audio=False, runaway_guards=guarded)
+
+    engine = engine_module.SpeechEngine(model, None, num_slots=2, max_positions=96)
+    guarded, free = engine.submit(request(True)), engine.submit(request(False))
+    for _ in range(200):
+        if not engine.step():
+            break
+    (guarded_end,), (free_end,) = guarded.pending()[-1:], free.pending()[-1:]
+    assert guarded_end.stops[0].reason == guards.FRAME_CAP and guarded_end.codes[0].shape[0] == 44
+    assert free_end.stops == [None] and free_end.codes[0].shape[0] == 80 and free_end.truncated == [True]
