@@ -95,18 +95,24 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         result = yield from _audio_events(engine, engine.submit(engine_request), prepared, request, writer)
         audio_path = writer.close() if writer is not None else None
         writer = None
-        final = result_dict(prepared, result["waveform"], layout.sample_rate, result["codes"], (1, 1), audio_path)
-        if request.runaway_guards:
-            final["runaway_stops"] = describe_stops(result["stops"], prepared.chunks, log=False)
-        if request.captions:
-            add_captions(final, result["captions"], request.captions)
-        yield {"type": "result", **final}
+        yield {"type": "result", **_result(prepared, request, result, audio_path)}
     finally:
         if writer is not None:
             writer.abort()
         if engine is not None:
             engine.close()
         model.train(was_training)
+
+
+def _result(prepared: PreparedRequest, request, result: dict, audio_path) -> dict:
+    """Upstream's result dictionary, plus runaway_stops and captions when the request asked for them."""
+    final = result_dict(prepared, result["waveform"], prepared.codec_layout.sample_rate, result["codes"], (1, 1),
+                        audio_path)
+    if request.runaway_guards:
+        final["runaway_stops"] = describe_stops(result["stops"], prepared.chunks, log=False)  # the engine logged
+    if request.captions:
+        add_captions(final, result["captions"], request.captions)
+    return final
 
 
 def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):

@@ -108,8 +108,12 @@ def _english_money(match: re.Match) -> str:
 def verbalize_chinese(text: str) -> str:
     """Chinese `text` with numbers, dates, times, currencies, units and percentages as words."""
     text = _ZH_MONEY.sub(r"\1元", text)
-    spoken = by_sentence("zh", text)
-    return _ZH_HALF_PUNCTUATION.sub(lambda match: _FULL_WIDTH[match.group(1)], spoken)
+    return full_width_punctuation(by_sentence("zh", text))
 
 
-__all__ = ["by_sentence", "normalizer", "verbalize_chinese", "verbalize_english"]
+def full_width_punctuation(text: str) -> str:
+    """Half-width , . ! ? ; : after a CJK character (as WeTextProcessing writes them) back to full width."""
+    return _ZH_HALF_PUNCTUATION.sub(lambda match: _FULL_WIDTH[match.group(1)], text)
+
+
+__all__ = ["by_sentence", "full_width_punctuation", "normalizer", "verbalize_chinese", "verbalize_english"]

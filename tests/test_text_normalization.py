@@ -202,3 +202,17 @@ def test_every_written_number_becomes_words(lang, integer, cents):
 @given(st.text(min_size=1, max_size=80))
 def test_any_text_gets_a_model_language(text):
     assert language.detect_language(text) in language.LANGUAGES
+
+
+@pytest.mark.parametrize("lang, text", [
+    ("en", "Call me at 3:30 pm on May 5th. Dr. Smith paid $20 for 5 kg! Is NASA open? It is 25°C; see you."),
+    ("en", "Plain words only here. Then 15% more. And plain again."),
+    ("zh", "今天是2024年3月5日。价格是20.5元！增长了15%？下午三点开会。"),
+])
+def test_sentence_by_sentence_gives_the_whole_texts_normalization(lang, text):
+    wetext = import_module("text_wetext")
+    whole = wetext.normalizer(lang).normalize(text)
+    if lang == "zh":  # a skipped sentence keeps its full-width "。", which the grammar would write as "."
+        assert wetext.full_width_punctuation(wetext.by_sentence(lang, text)) == wetext.full_width_punctuation(whole)
+    else:
+        assert wetext.by_sentence(lang, text) == whole
