@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from urllib.parse import quote
 import logging
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional
+from urllib.parse import quote
 
 import torch
 from anyio import to_thread
@@ -137,7 +137,7 @@ class SpokenText:
 
 def spoken_text_header(text: str) -> dict:
     """{"x-moss-spoken-text": URL-encoded text} when that fits SPOKEN_TEXT_HEADER_BYTES, else {} (header limits)."""
-    encoded = quote(text, safe=" ,.!?;:'-")
+    encoded = quote(text, safe="")
     return {"x-moss-spoken-text": encoded} if text and len(encoded) <= SPOKEN_TEXT_HEADER_BYTES else {}
 
 
