@@ -64,6 +64,7 @@ import torch
 from .codec_streaming import CODEC_FRAMES_PER_PASS, codec_slots
 from .devices import free_memory_bytes, new_generator
 from .generation import NON_FINITE_LOGITS, GenerationSettings, Group, SlotDecoder
+from .runaway_guards import RunawayGuard
 
 logger = logging.getLogger(__name__)
 
@@ -135,6 +136,7 @@ class SpeechRequest:
             (continuation mode: the prompt audio's codes, as upstream primes its stream).
         decode_audio: False emits codes only (no codec work).
         emit_codes: also emit a CodesEvent per frame.
+        runaway_guards: end a chunk that runs away (runaway_guards.py); FinishedEvent.stops says which.
     """
 
     chunks: list[ChunkPrompt]
@@ -145,6 +147,7 @@ class SpeechRequest:
     codec_prime: Optional[torch.Tensor] = None
     decode_audio: bool = True
     emit_codes: bool = False
+    runaway_guards: bool = False
 
 
 @dataclass
@@ -175,12 +178,14 @@ class FinishedEvent:
         truncated: per chunk, whether it reached max_new_frames before the model ended it.
         seed: the seed of its private generator (None when the caller passed a generator).
         audio_seconds: seconds of audio emitted (pauses included).
+        stops: per chunk, the runaway_guards.GuardStop that ended it early, or None.
     """
 
     codes: list
     truncated: list
     seed: Optional[int]
     audio_seconds: float
+    stops: list = field(default_factory=list)
 
 
 @dataclass
@@ -334,6 +339,8 @@ class _Stream:
     chunk_codes: list = field(default_factory=list)  # device codes of the current chunk
     codes: list = field(default_factory=list)  # CPU [F, n_vq] per finished chunk
     truncated: list = field(default_factory=list)
+    guard: Optional[RunawayGuard] = None  # the current chunk's
+    stops: list = field(default_factory=list)
     emitted_samples: int = 0
     first_emit_time: Optional[float] = None
     needs_prefill: bool = True  # its current chunk still has to be prefilled
@@ -512,7 +519,9 @@ class SpeechEngine:
     def _prefill(self, stream: _Stream) -> None:
         """Start the stream's current chunk in its slot; a failure ends this request only."""
         chunk = stream.request.chunks[stream.chunk]
-        stream.group = Group([stream.slot], stream.settings, stream.generator)
+        if stream.request.runaway_guards:
+            stream.guard = RunawayGuard.for_texts([chunk.text], stream.settings.max_new_frames)
+        stream.group = Group([stream.slot], stream.settings, stream.generator, guard=stream.guard)
         stream.needs_prefill = False
         stream.chunk_codes = []
         try:
@@ -636,6 +645,10 @@ class SpeechEngine:
             torch.zeros(0, self.n_vq, dtype=torch.long)
         stream.codes.append(frames)
         stream.truncated.append(frames.shape[0] >= stream.settings.max_new_frames)
+        stream.stops.append(stream.guard.stops.get(0) if stream.guard is not None else None)
+        if stream.stops[-1] is not None:
+            logger.warning("request %d: chunk %d ended early by a runaway guard (%s after %d frames)",
+                           stream.handle.id, index, stream.stops[-1].reason, stream.stops[-1].frames)
         last = index == len(request.chunks) - 1
         if not last and self.codec is not None and request.decode_audio:
             pause = request.chunks[index].pause_seconds
@@ -644,7 +657,7 @@ class SpeechEngine:
             self.codec.reset(stream.slot)
         if last:
             seconds = stream.emitted_samples / self.codec.rate if self.codec is not None else 0.0
-            self._end(stream, FinishedEvent(stream.codes, stream.truncated, stream.seed, seconds))
+            self._end(stream, FinishedEvent(stream.codes, stream.truncated, stream.seed, seconds, stream.stops))
             return
         stream.chunk += 1
         stream.chunk_done = False

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -108,6 +108,7 @@ class Group:
     generator: torch.Generator | None = None
     frames: int = 0
     finished: list[bool] = field(default_factory=list)
+    guard: Any = None  # a runaway_guards.RunawayGuard asked after every frame; None (default): no checks
 
     @property
     def at_limit(self) -> bool:
@@ -396,7 +397,20 @@ class SlotDecoder:
             self._advance_host(rows, continues)
             for output in going:
                 output.codes = output.group.rows_of(codes)
+            guarded = [output for output in going if output.group.guard is not None]
+            if guarded:
+                self._end_guarded_rows(guarded, codes[:, 0].tolist())
         return outputs + self._retire_at_limit()
+
+    def _end_guarded_rows(self, guarded: list[FrameOutput], channel0: list[int]) -> None:
+        """Rows that their group's guard ends are marked finished, so the next decision stops them as if the model
+        had chosen to. `channel0`: codebook 0 of every row, one host copy per frame, only when a group is guarded
+        (on an accelerator it waits for the frame's audio phase)."""
+        for output in guarded:
+            first = output.group.slots[0]
+            rows = channel0[first:first + len(output.group.slots)]
+            for row in output.group.guard.observe(rows, output.active):
+                self.finished[first + row] = True
 
     def _rows_in_use(self) -> int:
         return max(group.slots[-1] for group in self.groups) + 1

@@ -55,6 +55,7 @@ from .model_loading import add_model_arguments
 from .prompting import GENERATION_MODES
 from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
 from .voice_presets import DEFAULT_VOICE, fetch_presets, preset_clip
+from .text_options import add_text_arguments, chunk_preview, request_options
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_io_arguments(parser)
     _add_runtime_arguments(parser)
     _add_generation_arguments(parser)
+    add_text_arguments(parser)
     return parser
 
 
@@ -349,13 +351,17 @@ def _request(args, job: Job) -> synthesis.SynthesisRequest:
         prompt_audio_path=job.prompt_audio_path, reference_audio_path=None, text_tokenizer=None,
         text_tokenizer_path=None, audio_tokenizer=None, audio_tokenizer_type=None,
         audio_tokenizer_pretrained_name_or_path=None, device=None, progress=False if args.no_progress else None,
-        **settings,
+        **request_options(args), **settings,
     )
 
 
 def _synthesise(args) -> int:
     jobs = _jobs(args)
     requests = [_request(args, job) for job in jobs]  # every request checked before the model loads
+    if args.print_voice_clone_text_chunks or args.dry_run:
+        print("\n".join(chunk_preview(synthesis.folder_text_tokenizer(_model_folder(args)), requests)), flush=True)
+        if args.dry_run:
+            return EXIT_OK
     model, device, dtype, attention = load_model(args)
     print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} "
           f"weights={weight_formats.weight_format_of(model)} kernels={weight_formats.linear_kernel_of(model)} "

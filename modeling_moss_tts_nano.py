@@ -494,6 +494,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         return_dict_in_generate: bool = True,
         attn_implementation: str | None = None,
         generator: torch.Generator | None = None,
+        *,
+        guard=None,
     ) -> MossTTSNanoGenerationOutput | torch.LongTensor:
         """Generate audio frames after prompt rows (spec §6.2, §6.3, §7).
 
@@ -510,6 +512,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
             return_dict_in_generate: False returns the bare audio_token_ids tensor.
             attn_implementation: run-time attention request (default: the config's, resolved per device).
             generator: where the random numbers come from (default: the device's global generator, as upstream).
+            guard: keyword-only extra: a runaway_guards.RunawayGuard (one text per row) that ends rows which run
+                away (default None: no checks, upstream's outputs).
 
         Returns:
             MossTTSNanoGenerationOutput(audio_token_ids [B, F, n_vq], prompt_input_ids), or the tensor.
@@ -521,7 +525,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         for event in self.generate_stream(
             input_ids, attention_mask, nq, max_new_frames, do_sample, text_temperature, text_top_p, text_top_k,
             audio_temperature, audio_top_p, audio_top_k, audio_repetition_penalty, use_kv_cache,
-            return_dict_in_generate, attn_implementation=attn_implementation, generator=generator,
+            return_dict_in_generate, attn_implementation=attn_implementation, generator=generator, guard=guard,
         ):
             final = event
         return final["generation"] if return_dict_in_generate else final["audio_token_ids"]
@@ -544,6 +548,8 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         return_dict_in_generate: bool = True,
         attn_implementation: str | None = None,
         generator: torch.Generator | None = None,
+        *,
+        guard=None,
     ) -> Iterator[dict]:
         """Like `generate`, but yields one event per frame, then a final event (spec §6.2).
 
@@ -566,7 +572,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         backends = self._attention_pair(attn_implementation)  # (global, local) backend names
         frames, text_logits = [], []
         if settings.max_new_frames > 0:
-            for event in self._frame_events(prompts, settings, backends, generator):
+            for event in self._frame_events(prompts, settings, backends, generator, guard):
                 text_logits.append(event["text_candidate_logits"])
                 if event["type"] == "frame":
                     event["step_index"] = len(frames)
@@ -574,7 +580,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
                     yield event
         yield self._final_event(input_ids, frames, text_logits, return_dict_in_generate)
 
-    def _frame_events(self, prompts, settings, backends, generator) -> Iterator[dict]:
+    def _frame_events(self, prompts, settings, backends, generator, guard=None) -> Iterator[dict]:
         """Run the rows as one group; one event per text decision ("frame", or "stop" for the decision that ends).
 
         Raises:
@@ -583,7 +589,7 @@ class MossTTSNanoForCausalLM(SynthesisMixin, MossTTSNanoPreTrainedModel):
         with torch.no_grad():
             decoder = SlotDecoder(self, len(prompts), max(p.shape[0] for p in prompts) + settings.max_new_frames,
                                   backends, self._step_mode)
-            group = Group(list(range(len(prompts))), settings, generator)
+            group = Group(list(range(len(prompts))), settings, generator, guard=guard and guard.fresh())
             decoder.start(group, prompts, backends[0])
         while True:
             with torch.no_grad():

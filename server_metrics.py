@@ -62,6 +62,8 @@ class ServerMetrics:
         self.audio_seconds = Counter("moss_tts_audio_seconds", "Seconds of audio produced", registry=registry)
         self.errors = Counter("moss_tts_speech_errors", "Speech requests the engine ended with an error, by code",
                               ["code"], registry=registry)
+        self.runaway_chunks = Counter("moss_tts_runaway_chunks", "Chunks ended early by a runaway guard, by reason",
+                                      ["reason"], registry=registry)
 
     def bind_engine(self, engine) -> None:
         """Gauges read from `engine` at scrape time."""
@@ -110,8 +112,12 @@ class RequestTracker:
             self.first_audio = time.perf_counter() - self.started
             self.metrics.time_to_first_audio.observe(self.first_audio)
 
-    def finished(self, audio_seconds: float) -> None:
+    def finished(self, audio_seconds: float, stops=()) -> None:
+        """A finished request: its audio seconds, RTF, and the chunks a runaway guard ended (GuardStop or None)."""
         self.metrics.audio_seconds.inc(audio_seconds)
+        for stop in stops:
+            if stop is not None:
+                self.metrics.runaway_chunks.labels(stop.reason).inc()
         if audio_seconds > 0:
             self.metrics.real_time_factor.observe((time.perf_counter() - self.started) / audio_seconds)
         self.end("finished")

@@ -10,8 +10,10 @@
                      with the reason)
     speed            0.25 to 4.0, pitch-preserving time stretch (time_stretch.py)
     stream_format    audio (default): the response body is the encoded audio, sent as it is produced;
-                     sse: server-sent events `speech.audio.delta` ({"audio": base64 of encoded bytes}) then
-                     `speech.audio.done` ({"usage": {"input_tokens", "output_tokens", "total_tokens"}})
+                     sse: server-sent events `speech.audio.delta` ({"audio": base64 of encoded bytes}), one
+                     `speech.caption` per chunk once its audio is sent ({"index", "text", "start", "end"}, seconds
+                     of the response's audio) then `speech.audio.done` ({"usage": {"input_tokens", "output_tokens",
+                     "total_tokens"}, "spoken_text", "runaway_stops": chunks that a runaway guard ended early})
 
 Our extensions (extra body fields; with the openai SDK pass them as `extra_body={...}`). Unset = the server default,
 which is what `infer_npu.py` applies without flags:
@@ -26,6 +28,17 @@ which is what `infer_npu.py` applies without flags:
                                  x-moss-seed always reports the seed used)
     stream                       false: the whole file at once, with exact sizes in wav / flac headers and a
                                  Content-Length (default true: bytes as produced)
+    normalize                    true (default): `input` is cleaned of markdown, code, links and emoji, and its
+                                 numbers, dates, times, currencies, units and percentages are said as words in its
+                                 language (text_normalization.py); false: spoken exactly as given. The text spoken is
+                                 returned URL-encoded in the header x-moss-spoken-text (when it is at most 4 KiB so
+                                 encoded) and always in the SSE `speech.audio.done` event (`spoken_text`)
+    language                     the language of `input` (zh, en, de, es, fr, ja, it, he, ko, ru, fa, ar, pl, pt,
+                                 cs, da, sv, hu, el, tr; "pt-BR" style tags are accepted); default: detected
+    runaway_guards               true (default): a chunk that runs far past its text's length, loops or stays
+                                 silent is ended early (runaway_guards.py; counted in /metrics as
+                                 moss_tts_runaway_chunks_total, listed in the SSE done event); false: only
+                                 max_new_frames ends it
     do_sample, max_new_frames, text_temperature, text_top_p, text_top_k, audio_temperature, audio_top_p,
     audio_top_k, audio_repetition_penalty, nq, voice_clone_max_text_tokens
                                  the generation settings of infer_npu.py, same names, same meaning (max_new_frames
@@ -53,6 +66,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from .audio_formats import audio_format, output_layout
 from .generation import GenerationSettings
 from .prompting import GENERATION_MODES as MODES
+from .text_language import check_language
 from .time_stretch import check_speed
 
 # OpenAI's text-to-speech model names, accepted as aliases of the served model (clients often hard-code them).
@@ -134,6 +148,9 @@ class SpeechBody(BaseModel):
     voice_clone_max_text_tokens: Optional[int] = None
     sample_rate: Optional[int] = None
     channels: Optional[int] = None
+    normalize: bool = True
+    language: Optional[str] = None
+    runaway_guards: bool = True
 
     @field_validator("response_format")
     @classmethod
@@ -158,6 +175,11 @@ class SpeechBody(BaseModel):
         if value is not None and not 0 <= value < 2**63:
             raise ValueError(f"seed={value} is out of range; expected an integer from 0 to 2**63 - 1")
         return value
+
+    @field_validator("language")
+    @classmethod
+    def _model_language(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else check_language(value)
 
     def audio_layout(self, native_rate: int, native_channels: int) -> tuple[int, int]:
         """(rate, channels) of the response (audio_formats.output_layout: pcm 24 kHz mono unless asked otherwise).
@@ -201,6 +223,18 @@ class SpeechAudioDone(BaseModel):
     response_format: Optional[str] = None
     sample_rate: Optional[int] = None
     channels: Optional[int] = None
+    spoken_text: Optional[str] = None  # our extension: the text after normalization
+    runaway_stops: Optional[list] = None  # our extension: [{"chunk", "reason", "frames"}] ended by a runaway guard
+
+
+class SpeechCaption(BaseModel):
+    """Our extension event: one chunk's text and where its audio is in the response (seconds)."""
+
+    type: Literal["speech.caption"] = "speech.caption"
+    index: int
+    text: str
+    start: float
+    end: float
 
 
 class VoiceObject(BaseModel):
@@ -251,6 +285,7 @@ __all__ = [
     "OPENAI_MODEL_ALIASES",
     "SpeechAudioDelta",
     "SpeechAudioDone",
+    "SpeechCaption",
     "SpeechBody",
     "Usage",
     "VoiceDeleted",

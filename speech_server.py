@@ -56,6 +56,7 @@ from .speech_api import APIError, ModelList, ModelObject, SpeechBody, VoiceDelet
 from .speech_page import page_router
 from .speech_service import SpeechService
 from .speech_streams import ClientGone, EngineStream, ResponseAudio, audio_body, sse_body, whole_file
+from .speech_streams import SpokenText, spoken_text_header
 
 logger = logging.getLogger(__name__)
 
@@ -344,7 +345,8 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
     stream = EngineStream(lambda listener: service.submit(prepared, counting_errors(listener, state.metrics)),
                           asyncio.get_running_loop(), state.metrics.tracker())
     audio, handed_over = None, False
-    headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(rate), "x-channels": str(channels)}
+    headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(rate), "x-channels": str(channels),
+               **spoken_text_header(prepared.spoken_text)}
     if prepared.voice is not None:
         headers["x-moss-voice"] = prepared.voice
     try:
@@ -363,7 +365,9 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
         if not handed_over:
             _close(stream, audio)
     if body.stream_format == "sse":
-        content, media_type = sse_body(stream, audio, first, prepared.input_tokens), "text/event-stream"
+        spoken = SpokenText(prepared.spoken_text, [chunk.text for chunk in prepared.request.chunks],
+                            service.sample_rate, body.speed)
+        content, media_type = sse_body(stream, audio, first, prepared.input_tokens, spoken), "text/event-stream"
     else:
         content, media_type = audio_body(stream, audio, first), audio.content_type
     return _StreamedSpeech(content, stream, audio, media_type=media_type, headers=headers)

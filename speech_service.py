@@ -33,6 +33,8 @@ from .synthesis import speech_request
 from .synthesis_loading import text_chunks
 from .synthesis_request import check_chunk_budget, check_generation_settings
 from .text_chunking import count_tokens, pause_seconds_after
+from .text_normalization import normalize_text
+from .text_wetext import normalizer
 from .voice_catalog import VoiceCatalog
 from .voice_presets import DEFAULT_VOICE
 from .voices import UnknownVoiceError, VoiceExistsError, VoiceStore
@@ -90,6 +92,7 @@ class PreparedSpeech:
     seed: int
     input_tokens: int
     voice: Optional[str] = None  # the voice that speaks (x-moss-voice); None for ref_audio or no reference
+    spoken_text: str = ""  # `input` after text normalization (what the chunks say)
 
 
 class SpeechService:
@@ -132,19 +135,20 @@ class SpeechService:
         mode = body.mode or "voice_clone"
         _check_prompt_fields(body, mode)
         try:
-            chunks = text_chunks(self.tokenizer, body.input, mode, body.ref_text, max_text_tokens)
+            spoken = normalize_text(body.input, body.language).text if body.normalize else body.input
+            chunks = text_chunks(self.tokenizer, spoken, mode, body.ref_text, max_text_tokens)
         except ValueError as error:
             raise bad_field("input", error) from None
         self._check_work(body, chunks, settings.max_new_frames)
         codes, voice = self._prompt_codes(body, mode, settings.nq)
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
-            request = speech_request(self.model, self.tokenizer, body.input, mode, codes, body.ref_text, settings,
-                                     max_text_tokens, chunks=chunks, seed=seed)
+            request = speech_request(self.model, self.tokenizer, spoken, mode, codes, body.ref_text, settings,
+                                     max_text_tokens, chunks=chunks, seed=seed, runaway_guards=body.runaway_guards)
         except ValueError as error:
             raise bad_field("input", error) from None
         self._check_positions(body, request, codes)
-        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), voice)
+        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), voice, spoken)
 
     def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
         """Queue the request on the engine; events go to `listener` (called on the engine thread).
@@ -323,7 +327,8 @@ class SpeechService:
         started = time.perf_counter()
         body = SpeechBody(model=self.options.model_name, input="Hello.", mode="continuation", max_new_frames=2,
                           do_sample=False, seed=0)
-        handle = self.submit(self.prepare(body), None)
+        handle = self.submit(self.prepare(body), None)  # its normalization loads the English grammar
+        normalizer("zh")  # and the Chinese one, so no request waits for a grammar to load
         final = list(handle.events(timeout=timeout))[-1]
         if not isinstance(final, FinishedEvent):
             raise RuntimeError(f"the warm-up request failed: {final.message}")

@@ -15,21 +15,26 @@ import asyncio
 import base64
 import json
 import logging
+from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional
+from urllib.parse import quote
 
 import torch
 from anyio import to_thread
 
 from .audio_formats import LayoutConverter, StreamingEncoder
+from .captions import CaptionTimeline
 from .engine import AudioEvent, ErrorEvent, FinishedEvent
 from .server_metrics import RequestTracker
-from .speech_api import APIError, SpeechAudioDelta, SpeechAudioDone, Usage, error_body
+from .speech_api import APIError, SpeechAudioDelta, SpeechAudioDone, SpeechCaption, Usage, error_body
 from .time_stretch import TimeStretcher
 
 logger = logging.getLogger(__name__)
 
 # How often a request whose response has not started checks whether its client is still there (seconds).
 DISCONNECT_POLL_SECONDS = 0.05
+# The longest x-moss-spoken-text header sent (bytes, URL-encoded); HTTP clients refuse header blocks of a few 10 KiB.
+SPOKEN_TEXT_HEADER_BYTES = 4096
 
 
 class ClientGone(Exception):
@@ -85,7 +90,7 @@ class EngineStream:
             self.tracker.audio(event.is_pause)
         elif isinstance(event, FinishedEvent):
             self.final = event
-            self.tracker.finished(event.audio_seconds)
+            self.tracker.finished(event.audio_seconds, event.stops)
         elif isinstance(event, ErrorEvent):
             self.tracker.end("disconnected" if event.cancelled else "error")
         return event
@@ -139,9 +144,28 @@ class ResponseAudio:
         self.encoder.close()
 
 
+@dataclass(frozen=True)
+class SpokenText:
+    """What a request says (for the SSE stream): the normalized input, its chunks' texts, the engine's sample rate
+    and the response's speed (captions are in seconds of the response's audio)."""
+
+    text: str
+    chunks: list
+    sample_rate: int
+    speed: float = 1.0
+
+
+def spoken_text_header(text: str) -> dict:
+    """{"x-moss-spoken-text": URL-encoded text} when that fits SPOKEN_TEXT_HEADER_BYTES, else {} (header limits)."""
+    encoded = quote(text, safe="")
+    return {"x-moss-spoken-text": encoded} if text and len(encoded) <= SPOKEN_TEXT_HEADER_BYTES else {}
+
+
 async def encoded_chunks(stream: EngineStream, audio: ResponseAudio, first,
-                         disconnected: Optional[Callable[[], Awaitable[bool]]] = None) -> AsyncIterator[bytes]:
-    """The encoded bytes of the request's audio as they become ready, starting from its already-read `first` event.
+                         disconnected: Optional[Callable[[], Awaitable[bool]]] = None,
+                         on_audio: Optional[Callable[[AudioEvent], None]] = None) -> AsyncIterator[bytes]:
+    """The encoded bytes of the request's audio as they become ready, starting from its already-read `first` event
+    (`on_audio` sees each audio event first).
 
     Raises:
         StreamFailed: the engine ended the request with an error.
@@ -151,6 +175,8 @@ async def encoded_chunks(stream: EngineStream, audio: ResponseAudio, first,
     try:
         while True:
             if isinstance(event, AudioEvent):
+                if on_audio is not None:
+                    on_audio(event)
                 data = await to_thread.run_sync(audio.feed, event.waveform)
                 if data:
                     yield data
@@ -178,19 +204,32 @@ async def audio_body(stream: EngineStream, audio: ResponseAudio, first) -> Async
         raise
 
 
-async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_tokens: int) -> AsyncIterator[str]:
-    """stream_format 'sse': speech.audio.delta events (base64 of encoded bytes), then speech.audio.done with usage;
-    an error after the start is sent as an `error` event."""
+async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_tokens: int,
+                   spoken: Optional[SpokenText] = None) -> AsyncIterator[str]:
+    """stream_format 'sse': speech.audio.delta events (base64 of encoded bytes), a speech.caption event per chunk
+    once its audio is sent (with `spoken`), then speech.audio.done with usage and the spoken text; an error after the
+    start is sent as an `error` event."""
+    timeline = CaptionTimeline(spoken.chunks, spoken.sample_rate, spoken.speed) if spoken else None
+    feed = (lambda event: timeline.add(event.chunk_index, event.waveform.shape[-1], event.is_pause)) if spoken else None
+    sent = 0
     try:
-        async for data in encoded_chunks(stream, audio, first):
+        async for data in encoded_chunks(stream, audio, first, on_audio=feed):
             yield _sse(SpeechAudioDelta(audio=base64.b64encode(data).decode("ascii"), **_layout(audio)).model_dump())
+            for caption in timeline.done[sent:] if timeline else ():
+                yield _sse(SpeechCaption(**caption.as_dict()).model_dump())
+            sent = len(timeline.done) if timeline else 0
     except StreamFailed as error:
         logger.warning("request %d: %s", stream.handle.id, error)
         yield _sse({"type": "error", **error_body(str(error), "server_error", code=error.code)})
         return
+    if timeline is not None and timeline.finish() is not None:
+        yield _sse(SpeechCaption(**timeline.done[-1].as_dict()).model_dump())
     frames = sum(codes.shape[0] for codes in stream.final.codes)
     usage = Usage(input_tokens=input_tokens, output_tokens=frames, total_tokens=input_tokens + frames)
-    yield _sse(SpeechAudioDone(usage=usage, **_layout(audio)).model_dump())
+    stops = [{"chunk": index, "reason": stop.reason, "frames": stop.frames}
+             for index, stop in enumerate(stream.final.stops) if stop is not None]
+    yield _sse(SpeechAudioDone(usage=usage, spoken_text=spoken.text if spoken else None, runaway_stops=stops,
+                               **_layout(audio)).model_dump())
 
 
 async def whole_file(stream: EngineStream, audio: ResponseAudio, first,
@@ -219,5 +258,5 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-__all__ = ["ClientGone", "EngineStream", "ResponseAudio", "StreamFailed", "audio_body", "encoded_chunks",
-           "sse_body", "whole_file"]
+__all__ = ["ClientGone", "EngineStream", "ResponseAudio", "SpokenText", "StreamFailed", "audio_body",
+           "encoded_chunks", "spoken_text_header", "sse_body", "whole_file"]

@@ -28,7 +28,7 @@ from typing import Iterator
 from .audio_io import ProgressiveWavWriter
 from .engine import UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, StreamDecodePolicy, stream_lead_seconds
 from .synthesis_loading import (CONTINUATION_MAX_TEXT_TOKENS, CodecInfo, codec_info, decode_codes, encode_prompt_audio,
-                                load_audio_tokenizer, load_text_tokenizer, text_chunks)
+                                folder_text_tokenizer, load_audio_tokenizer, load_text_tokenizer, text_chunks)
 from .synthesis_offline import (generate_codes, is_stability_error, iter_inference_many, resolve_batch_sizes,
                                 run_inference)
 from .synthesis_request import SynthesisRequest, build_request, progress_logger
@@ -39,8 +39,9 @@ from .text_chunking import split_text_into_chunks
 class SynthesisMixin:
     """`inference` and `inference_stream` for MossTTSNanoForCausalLM, with upstream's signatures and results.
 
-    Both accept two keyword-only extras after upstream's parameters: `progress` (per chunk: True, False, or None =
-    when several chunks are synthesised; a tqdm bar on a terminal, else INFO lines of `progress_logger`) and, for
+    Both accept keyword-only extras after upstream's parameters: `progress` (per chunk: True, False, or None =
+    when several chunks are synthesised; a tqdm bar on a terminal, else INFO lines of `progress_logger`), `normalize`
+    and `language` (text normalization, off by default), `captions`, `runaway_guards` (off by default) and, for
     streaming, `stream_policy`.
     """
 
@@ -51,7 +52,8 @@ class SynthesisMixin:
         max_new_frames=300, do_sample=False, text_temperature=1.5, text_top_p=1.0, text_top_k=50,
         audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0, use_kv_cache=True,
         voice_clone_max_text_tokens=50, voice_clone_max_memory_per_sample_gb=1.0, tts_max_batch_size=0,
-        codec_max_batch_size=0, *, progress=None,
+        codec_max_batch_size=0, *, progress=None, normalize=False, language=None, captions=False,
+        runaway_guards=False,
     ) -> dict:
         """Synthesise `text` and write it to `output_audio_path` (spec §7).
 
@@ -71,6 +73,14 @@ class SynthesisMixin:
             voice_clone_max_memory_per_sample_gb: memory planned per chunk for batching by free device memory.
             tts_max_batch_size / codec_max_batch_size: caps on the chunk batches (0 = no cap).
             progress: chunk progress (keyword-only extra; see the class docstring).
+            normalize: keyword-only extra: True (or a text_normalization.TextOptions) speaks the text as
+                infer_npu.py and the server do: LLM markup removed, numbers, dates, currencies and units as words in
+                the text's language (default False: the text as given, as upstream's method).
+            language: keyword-only extra: the text's language for normalize ("de", "zh", ...; None: detected).
+            captions: keyword-only extra: True adds "captions", [{"index", "text", "start", "end"}] per chunk in
+                seconds of the returned audio; a .vtt path also writes them there as WebVTT.
+            runaway_guards: keyword-only extra: end a chunk that runs far past its text's length, loops or stays
+                silent (runaway_guards.py) and list them in "runaway_stops" (default False: upstream's frames).
 
         Returns:
             dict with audio_path, sample_rate, audio_token_ids [F, 16], waveform [C, N] float32 CPU,
@@ -92,7 +102,8 @@ class SynthesisMixin:
         max_new_frames=300, do_sample=False, text_temperature=1.5, text_top_p=1.0, text_top_k=50,
         audio_temperature=1.7, audio_top_p=0.8, audio_top_k=25, audio_repetition_penalty=1.0, use_kv_cache=True,
         voice_clone_max_text_tokens=50, voice_clone_max_memory_per_sample_gb=1.0, tts_max_batch_size=0,
-        codec_max_batch_size=0, *, progress=None, stream_policy=None,
+        codec_max_batch_size=0, *, progress=None, stream_policy=None, normalize=False, language=None,
+        captions=False, runaway_guards=False,
     ) -> Iterator[dict]:
         """Like `inference`, but yields audio as it is produced (spec §7 inference_stream).
 
@@ -139,6 +150,7 @@ __all__ = [
     "codec_info",
     "decode_codes",
     "encode_prompt_audio",
+    "folder_text_tokenizer",
     "generate_codes",
     "is_stability_error",
     "iter_inference_many",

@@ -100,6 +100,18 @@ def load_text_tokenizer(model, text_tokenizer=None, text_tokenizer_path=None):
                      "`python infer_npu.py --download-only` to fetch the model files")
 
 
+def folder_text_tokenizer(folder):
+    """The text tokenizer of a model folder (or a tokenizer.model file) without loading the model (--dry-run).
+
+    Raises:
+        ValueError: no tokenizer there.
+    """
+    tokenizer = _tokenizer_from(Path(folder))
+    if tokenizer is None:
+        raise ValueError(f"no {TOKENIZER_FILE} in {folder}; expected the model folder (run --download-only first)")
+    return tokenizer
+
+
 def _tokenizer_from(source: Path):
     """Our SentencePiece tokenizer from a .model file or a folder (incl. training layouts), or None."""
     from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer

@@ -20,8 +20,10 @@ from typing import Iterator, Sequence
 import torch
 
 from .audio_io import save_audio
+from .captions import add_captions, chunk_captions
 from .devices import chunk_batch_size, resolve_attention
 from .prompting import build_prompt_rows, left_pad_batch
+from .runaway_guards import RunawayGuard, describe_stops
 from .synthesis_loading import PreparedRequest, decode_codes, prepare_request
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, result_dict, warn_if_truncated
 from .text_chunking import pause_samples
@@ -72,14 +74,17 @@ def iter_inference_many(model, requests: Sequence[SynthesisRequest]) -> Iterator
         chunk_refs = [(index, chunk) for index, ready in enumerate(prepared) for chunk in range(len(ready.chunks))]
         batch_sizes = resolve_batch_sizes(prepared[0].device, len(chunk_refs), requests[0], streaming=False)
         codes: list = [[None] * len(ready.chunks) for ready in prepared]
+        stops: dict = {}  # (request index, chunk index) -> the GuardStop that ended it
         finished = 0
         with ChunkProgress(len(chunk_refs), requests[0].progress, "synthesising") as bar:
             for batch in batches_of_equal_settings(requests, chunk_refs, batch_sizes[0]):
-                for (index, chunk), chunk_codes in zip(batch, _generate_batch(model, requests, prepared, batch)):
+                for (index, chunk), chunk_codes in zip(batch, _generate_batch(model, requests, prepared, batch,
+                                                                              stops)):
                     codes[index][chunk] = chunk_codes
                 bar.update(len(batch))
                 while finished < len(requests) and all(c is not None for c in codes[finished]):
-                    yield _finish(requests[finished], prepared[finished], codes[finished], batch_sizes)
+                    chunk_stops = [stops.get((finished, chunk)) for chunk in range(len(codes[finished]))]
+                    yield _finish(requests[finished], prepared[finished], codes[finished], batch_sizes, chunk_stops)
                     finished += 1
     finally:
         model.train(was_training)
@@ -98,15 +103,24 @@ def batches_of_equal_settings(requests: Sequence[SynthesisRequest], chunk_refs: 
     return batches
 
 
-def _generate_batch(model, requests, prepared, batch) -> list:
-    """Codes [F_i, n_vq] of the (request, chunk) pairs of `batch`, generated together (left-padded)."""
+def _generate_batch(model, requests, prepared, batch, stops: dict) -> list:
+    """Codes [F_i, n_vq] of the (request, chunk) pairs of `batch`, generated together (left-padded); with the first
+    request's runaway_guards, the chunks a guard ended are added to `stops`."""
+    generation, guard = requests[batch[0][0]].generation, None
+    if requests[batch[0][0]].runaway_guards:
+        texts = [prepared[index].chunks[chunk] for index, chunk in batch]
+        guard = RunawayGuard.for_texts(texts, int(generation["max_new_frames"]))
+        generation = {**generation, "guard": guard}
     rows = []
     for index, chunk in batch:
         ready, request = prepared[index], requests[index]
         rows.append(build_prompt_rows(ready.tokenizer, model.config, request.mode, ready.chunks[chunk],
                                       request.prompt_text, ready.prompt_codes))
     ids, mask = left_pad_batch([r[0] for r in rows], [r[1] for r in rows], model.config, device=prepared[0].device)
-    return generate_codes(model, ids, mask, requests[batch[0][0]].generation, fallback=True)
+    codes = generate_codes(model, ids, mask, generation, fallback=True)
+    for row, stop in (guard.stops.items() if guard is not None else ()):
+        stops[batch[row]] = stop
+    return codes
 
 
 def is_stability_error(error: BaseException) -> bool:
@@ -177,7 +191,7 @@ def resolve_batch_sizes(device, num_chunks: int, request: SynthesisRequest, stre
     return tts_batch, 1
 
 
-def _finish(request, prepared: PreparedRequest, codes_list: list, batch_sizes) -> dict:
+def _finish(request, prepared: PreparedRequest, codes_list: list, batch_sizes, chunk_stops=()) -> dict:
     """Decode, check, save and describe one request."""
     layout = prepared.codec_layout
     warn_if_truncated(codes_list, prepared.chunks, int(request.generation["max_new_frames"]),
@@ -187,7 +201,20 @@ def _finish(request, prepared: PreparedRequest, codes_list: list, batch_sizes) -
     audio_path = None
     if request.output_audio_path is not None:
         audio_path = str(save_audio(request.output_audio_path, waveform, rate))
-    return result_dict(prepared, waveform, rate, codes_list, batch_sizes, audio_path)
+    result = result_dict(prepared, waveform, rate, codes_list, batch_sizes, audio_path)
+    if request.runaway_guards:
+        result["runaway_stops"] = describe_stops(chunk_stops, prepared.chunks)
+    if request.captions:
+        samples_per_frame = layout.hop * rate // layout.sample_rate
+        add_captions(result, offline_captions(prepared.chunks, codes_list, samples_per_frame, rate), request.captions)
+    return result
+
+
+def offline_captions(chunks: Sequence[str], codes_list: list, samples_per_frame: int, rate: int) -> list:
+    """Per-chunk captions (captions.Caption, seconds) of the joined waveform of `_decode_all`."""
+    lengths = [codes.shape[0] * samples_per_frame for codes in codes_list]
+    pauses = [pause_samples(chunk, int(rate)) for chunk in chunks[:-1]]
+    return chunk_captions(chunks, lengths, pauses, rate)
 
 
 def _decode_all(request, prepared: PreparedRequest, codes_list: list, codec_batch: int) -> tuple[torch.Tensor, int]:

@@ -24,9 +24,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .audio_io import WRITE_FORMATS
+from .captions import check_captions_target
 from .generation import GenerationSettings
 from .prompting import check_mode
 from .sampling import SettingError, validate_sampling_args
+from .text_language import check_language
+from .text_normalization import TextOptions, normalize_text
 
 logger = logging.getLogger(__name__)
 # Chunk progress without a terminal; the command line shows its INFO lines unless --no-progress. Its name is
@@ -74,6 +77,12 @@ class SynthesisRequest:
     codec_max_batch_size: int = 0
     progress: Optional[bool] = None
     stream_policy: Any = None
+    # Text normalization (text_normalization.py): off unless asked, so `inference` stays upstream's by default.
+    normalize: Any = False
+    language: Optional[str] = None
+    captions: Any = False  # True, or a .vtt path (captions.check_captions_target)
+    runaway_guards: bool = False  # end chunks that run away (runaway_guards.py); result["runaway_stops"]
+    written_text: Optional[str] = None
 
 
 def build_request(**arguments) -> SynthesisRequest:
@@ -95,6 +104,8 @@ def build_request(**arguments) -> SynthesisRequest:
     request = SynthesisRequest(generation=generation, nq=generation["nq"], **arguments)
     request.prompt_audio_path = _merge_prompt_path(request.prompt_audio_path, reference)
     _check_text_and_mode(request)
+    _normalize_text(request)
+    check_captions_target(request.captions)
     check_generation_settings(generation)
     _check_batching(request)
     if request.prompt_audio_path is not None and not Path(request.prompt_audio_path).is_file():
@@ -183,6 +194,26 @@ def _check_text_and_mode(request: SynthesisRequest) -> None:
     elif (request.prompt_text is None) != (request.prompt_audio_path is None):
         raise ValueError("mode='continuation' takes prompt_text and prompt_audio_path together (the transcript "
                          "and its recording) or neither; use mode='voice_clone' for a voice prompt without text")
+
+
+def _normalize_text(request: SynthesisRequest) -> None:
+    """With `normalize` (True or a TextOptions), `text` becomes what will be spoken; `written_text` keeps the input.
+
+    Raises:
+        ValueError: a bad `normalize` / `language`, or a text with nothing speakable.
+    """
+    options = request.normalize
+    if isinstance(options, bool):
+        options = TextOptions(cleanup=options, verbalize=options)
+    if not isinstance(options, TextOptions):
+        raise ValueError(f"normalize={request.normalize!r}; expected True, False or a TextOptions")
+    language = options.language if options.language is not None else request.language
+    if language is not None:
+        request.language = check_language(language)
+    request.written_text = request.text
+    if options.enabled:
+        request.text = normalize_text(request.text, request.language, cleanup=options.cleanup,
+                                      verbalize=options.verbalize).text
 
 
 def _check_batching(request: SynthesisRequest) -> None:

@@ -16,10 +16,12 @@ from typing import Iterator, Optional
 import torch
 
 from .audio_io import ProgressiveWavWriter
+from .captions import CaptionTimeline, add_captions
 from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent, RequestError, SpeechEngine,
                      SpeechRequest, StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
 from .prompting import build_prompt_rows
+from .runaway_guards import describe_stops
 from .synthesis_loading import PreparedRequest, prepare_request, text_chunks
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, check_text, result_dict
 from .synthesis_request import check_chunk_budget, check_generation_settings
@@ -87,7 +89,8 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         settings = GenerationSettings(**{name: value for name, value in request.generation.items()
                                          if name != "use_kv_cache"})
         engine_request = speech_request(model, prepared.tokenizer, request.text, request.mode, prepared.prompt_codes,
-                                        request.prompt_text, settings, chunks=prepared.chunks, global_random=True)
+                                        request.prompt_text, settings, chunks=prepared.chunks, global_random=True,
+                                        runaway_guards=request.runaway_guards)
         longest_prompt = max(chunk.rows.shape[0] for chunk in engine_request.chunks)
         positions = longest_prompt + engine_request.settings.checked(prepared.n_vq).max_new_frames
         engine = SpeechEngine(model, prepared.codec, num_slots=1, max_positions=positions, policy=policy)
@@ -97,8 +100,7 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         result = yield from _audio_events(engine, engine.submit(engine_request), prepared, request, writer)
         audio_path = writer.close() if writer is not None else None
         writer = None
-        yield {"type": "result", **result_dict(prepared, result["waveform"], layout.sample_rate, result["codes"],
-                                               (1, 1), audio_path)}
+        yield {"type": "result", **_result(prepared, request, result, audio_path)}
     finally:
         if writer is not None:
             writer.abort()
@@ -107,11 +109,23 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         model.train(was_training)
 
 
+def _result(prepared: PreparedRequest, request, result: dict, audio_path) -> dict:
+    """Upstream's result dictionary, plus runaway_stops and captions when the request asked for them."""
+    final = result_dict(prepared, result["waveform"], prepared.codec_layout.sample_rate, result["codes"], (1, 1),
+                        audio_path)
+    if request.runaway_guards:
+        final["runaway_stops"] = describe_stops(result["stops"], prepared.chunks, log=False)  # the engine logged
+    if request.captions:
+        add_captions(final, result["captions"], request.captions)
+    return final
+
+
 def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
     """Tick the engine and turn its events into upstream's audio dictionaries; returns the waveform and codes."""
     pieces, emitted, first_time = [], 0, None
     layout = prepared.codec_layout
     rate = layout.sample_rate
+    timeline = CaptionTimeline(prepared.chunks, rate)
     with ChunkProgress(len(prepared.chunks), request.progress, "streaming") as bar:
         while True:
             busy = engine.step()
@@ -123,10 +137,13 @@ def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
                                       layout.hop / rate)
                     waveform = torch.cat(pieces, dim=-1) if pieces else torch.zeros(layout.channels, 0)
                     check_not_empty(waveform)
-                    return {"waveform": waveform, "codes": event.codes}
+                    timeline.finish()
+                    return {"waveform": waveform, "codes": event.codes, "captions": timeline.done,
+                            "stops": event.stops}
                 first_time = first_time or time.perf_counter()
                 lead = stream_lead_seconds(emitted / rate, first_time, time.perf_counter())
                 emitted += event.waveform.shape[-1]
+                timeline.add(event.chunk_index, event.waveform.shape[-1], event.is_pause)
                 pieces.append(event.waveform)
                 if writer is not None:
                     writer.write(event.waveform)

@@ -348,7 +348,7 @@ def test_sigterm_during_stream_removes_the_partial_file_and_says_interrupted(rep
     out.mkdir()
     process = _start_cli(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--text", "Hello.",
                           "--output-path", out / "long.wav", "--stream", "--max-new-frames", "100000",
-                          "--no-do-sample", "--no-progress", "--device", "cpu"], tmp_path)
+                          "--no-do-sample", "--no-progress", "--device", "cpu", "--no-runaway-guards"], tmp_path)
     # The stream has written audio to its hidden temporary file: terminate it there, as `timeout` or docker would.
     _wait_for(lambda: any(p.stat().st_size > 10 * HOP for p in out.glob(".long.wav.*.tmp")), process)
     process.send_signal(signal.SIGTERM)
@@ -364,7 +364,8 @@ def test_sigterm_during_jsonl_keeps_finished_files_and_no_unfinished_one(repo, p
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     process = _start_cli(["--model-path", repo, "--no-verify", "--prompt-audio-path", prompt_wav, "--jsonl", requests,
-                          "--max-new-frames", "400", "--no-do-sample", "--no-progress", "--device", "cpu"], tmp_path)
+                          "--max-new-frames", "400", "--no-do-sample", "--no-progress", "--device", "cpu",
+                          "--no-runaway-guards"], tmp_path)
     _wait_for(lambda: (out / "0.wav").exists(), process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -191,7 +191,8 @@ class Listener:
         self.thread.start()
 
     def _run(self) -> None:
-        body = {"max_new_frames": self.frames, "seed": self.seed, **NATIVE_LAYOUT, **self.extra}
+        body = {"max_new_frames": self.frames, "seed": self.seed, "runaway_guards": False, **NATIVE_LAYOUT,
+                **self.extra}
         if self.voice == "none":
             body["mode"] = "continuation"
         try:
@@ -252,7 +253,7 @@ def test_requests_spread_over_both_replicas_and_share_one_voice_store(deployed, 
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot_through_the_proxy(deployed):
     body = {"model": "tts-1", "voice": "none", "input": "Hello world.", "mode": "continuation",
-            "response_format": "pcm", "max_new_frames": 1500, **NATIVE_LAYOUT}
+            "response_format": "pcm", "max_new_frames": 1500, "runaway_guards": False, **NATIVE_LAYOUT}
     with httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{deployed.url}/v1/audio/speech", json=body) as response:
             next(response.iter_raw())

@@ -581,8 +581,9 @@ def test_signatures_are_upstreams_plus_keyword_only_extras():
                 "text_temperature", "text_top_p", "text_top_k", "audio_temperature", "audio_top_p", "audio_top_k",
                 "audio_repetition_penalty", "use_kv_cache", "voice_clone_max_text_tokens",
                 "voice_clone_max_memory_per_sample_gb", "tts_max_batch_size", "codec_max_batch_size"]
-    for method, extras in ((synthesis.SynthesisMixin.inference, ["progress"]),
-                           (synthesis.SynthesisMixin.inference_stream, ["progress", "stream_policy"])):
+    text_extras = ["normalize", "language", "captions", "runaway_guards"]
+    for method, extras in ((synthesis.SynthesisMixin.inference, ["progress", *text_extras]),
+                           (synthesis.SynthesisMixin.inference_stream, ["progress", "stream_policy", *text_extras])):
         parameters = list(inspect.signature(method).parameters.values())[1:]
         positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
         assert positional == upstream
