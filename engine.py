@@ -61,7 +61,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from .codec_streaming import CODEC_FRAMES_PER_PASS, codec_slots
+from .codec_streaming import codec_slots
 from .devices import free_memory_bytes, new_generator
 from .generation import NON_FINITE_LOGITS, GenerationSettings, Group, SlotDecoder
 from .runaway_guards import RunawayGuard

@@ -38,7 +38,6 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
-import dataclasses
 import inspect
 import logging
 import re
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import devices, model_loading, synthesis, weight_formats, weights
-from .generation import GenerationSettings
+from .generation_flags import add_generation_arguments
 from .model_loading import add_model_arguments
 from .prompting import GENERATION_MODES
 from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
@@ -98,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      formatter_class=_HelpFormatter)
     _add_io_arguments(parser)
     _add_runtime_arguments(parser)
-    _add_generation_arguments(parser)
+    add_generation_arguments(parser)
     add_text_arguments(parser)
     return parser
 
@@ -128,27 +127,6 @@ def _add_runtime_arguments(parser) -> None:
                        help="where --download-only fetches from (auto: Hugging Face, then ModelScope)")
     group.add_argument("--seed", type=int, default=None, help="random seed (None: not seeded)")
     group.add_argument("--verbose", action="store_true", help="log INFO messages")
-
-
-def _add_generation_arguments(parser) -> None:
-    group = parser.add_argument_group("generation (defaults = what upstream infer.py applies)")
-    group.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True,
-                       help="sample (--no-do-sample: greedy)")
-    group.add_argument("--max-new-frames", type=int, default=375, help="frames per chunk (12.5 per second)")
-    group.add_argument("--text-temperature", type=float, default=1.0, help="temperature of the continue/stop choice")
-    group.add_argument("--text-top-p", type=float, default=1.0, help="top-p of the continue/stop choice")
-    group.add_argument("--text-top-k", type=int, default=50, help="top-k of the continue/stop choice")
-    group.add_argument("--audio-temperature", type=float, default=0.8, help="audio token temperature")
-    group.add_argument("--audio-top-p", type=float, default=0.95, help="audio token top-p")
-    group.add_argument("--audio-top-k", type=int, default=25, help="audio token top-k")
-    group.add_argument("--audio-repetition-penalty", type=float, default=1.2, help="audio repetition penalty")
-    group.add_argument("--nq", type=int, default=None, help="audio codebooks to generate, 1..16 (default all 16)")
-    group.add_argument("--use-kv-cache", action=argparse.BooleanOptionalAction, default=True, help="KV cache")
-    group.add_argument("--voice-clone-max-text-tokens", type=int, default=75, help="text tokens per chunk")
-    group.add_argument("--voice-clone-max-memory-per-sample-gb", type=float, default=1.0,
-                       help="device memory planned per chunk when batching chunks")
-    group.add_argument("--tts-max-batch-size", type=int, default=0, help="cap on chunks per batch (0: none)")
-    group.add_argument("--codec-max-batch-size", type=int, default=0, help="cap on chunks per codec call (0: none)")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -333,14 +311,6 @@ def _model_file_errors(args):
         ) from None
 
 
-def generation_defaults() -> dict:
-    """What this CLI applies when no generation flag is given (upstream infer.py's values): the GenerationSettings
-    fields plus voice_clone_max_text_tokens (serve.py's per-request defaults)."""
-    parser = build_parser()
-    names = [field.name for field in dataclasses.fields(GenerationSettings)] + ["voice_clone_max_text_tokens"]
-    return {name: parser.get_default(name) for name in names}
-
-
 def _request(args, job: Job) -> synthesis.SynthesisRequest:
     """The checked request of one output file (the flags carry `inference`'s parameter names)."""
     settings = {name: getattr(args, name) for name in (*GENERATION_ARGUMENTS, "voice_clone_max_text_tokens",
@@ -425,5 +395,5 @@ def _print_summary(result: dict, elapsed: float, first_audio: Optional[float] = 
     print(line, flush=True)
 
 
-__all__ = ["Job", "add_model_arguments", "build_parser", "check_model", "generation_defaults", "load_model", "main",
+__all__ = ["Job", "add_model_arguments", "build_parser", "check_model", "load_model", "main",
            "read_jsonl"]

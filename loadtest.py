@@ -343,10 +343,8 @@ def print_soak(report: dict) -> int:
 def run(args, url: str, voice: str) -> list:
     body = {"model": "tts-1", "input": args.text, "voice": voice, "response_format": "pcm", "stream_format": "audio",
             "max_new_frames": args.frames, "runaway_guards": False, **NATIVE_PCM}  # the load asked for
-    levels = []
-    for clients in args.clients:
-        level = asyncio.run(run_level(url, clients, body, args.stagger, args.api_key))
-        levels.append(level)
+    levels = [asyncio.run(run_level(url, clients, body, args.stagger, args.api_key)) for clients in args.clients]
+    for clients, level in zip(args.clients, levels):
         for message in level["error_messages"][:3]:
             print(f"  error ({clients} clients): {message}", flush=True)
     return levels

@@ -45,6 +45,7 @@ import uvicorn
 
 from . import infer_npu, synthesis, weights
 from .engine import EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, SpeechEngine
+from .generation_flags import generation_defaults
 from .speech_server import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS, create_app
 from .speech_service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
                              SpeechService)
@@ -124,7 +125,7 @@ def load_service(args) -> SpeechService:
     presets_folder = preset_folder(infer_npu._model_folder(args))
     presets = (VoiceStore(presets_folder, codec, model.config, codec_id=voices.codec_id, cache_folder=voices.folder
                           / ".presets") if presets_folder.is_dir() else None)
-    options = ServiceOptions(defaults=infer_npu.generation_defaults(), model_name=args.served_model_name,
+    options = ServiceOptions(defaults=generation_defaults(), model_name=args.served_model_name,
                              max_input_chars=args.max_input_chars, max_audio_seconds=args.max_audio_seconds,
                              max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None,
                              default_voice=args.default_voice)

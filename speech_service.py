@@ -64,7 +64,7 @@ class ServiceOptions:
 
     Attributes:
         defaults: generation defaults: every GenerationSettings field plus voice_clone_max_text_tokens
-            (infer_npu.generation_defaults(), what the CLI applies without flags).
+            (generation_flags.generation_defaults(), what the CLI applies without flags).
         model_name: the served model id (GET /v1/models; `model` must be it or an OpenAI alias).
         max_input_chars: the longest `input` accepted.
         retry_after_seconds: the Retry-After of a 429 (and of a 503 after queue_timeout).
