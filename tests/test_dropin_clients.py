@@ -220,9 +220,11 @@ def test_sse_events_state_the_format_rate_and_channels_sent(live):
     with httpx.stream("POST", f"{live.url}/v1/audio/speech", json=body, timeout=60) as response:
         events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1]["type"] == "speech.audio.done"
-    for event in events:
+    audio_events = [event for event in events if event["type"].startswith("speech.audio.")]  # not the captions
+    assert [event["type"] for event in events if event not in audio_events] == ["speech.caption"]
+    for event in audio_events:
         assert (event["response_format"], event["sample_rate"], event["channels"]) == ("pcm", 8000, 1)
-    audio = b"".join(base64.b64decode(event["audio"]) for event in events[:-1])
+    audio = b"".join(base64.b64decode(event["audio"]) for event in audio_events[:-1])
     assert len(audio) == samples_at(8000) * 2
 
 
