@@ -38,18 +38,26 @@ from .synthesis import SynthesisMixin
 # Hub download follow imports transitively), so the modules that synthesis.py reaches are imported here as well.
 # tests/test_loading.py checks that these lines cover every module reachable from this file. Remove with 4.57.
 from .audio_io import save_audio  # noqa: F401,E402
+from .captions import CaptionTimeline  # noqa: F401,E402
 from .codec_quantizer import ResidualLFQuantizer  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
 from .engine import SpeechEngine  # noqa: F401,E402
+from .engine_requests import SpeechRequest  # noqa: F401,E402
 from .host import cpu_description  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
+from .runaway_guards import RunawayGuard  # noqa: F401,E402
 from .sampling import RowSettings  # noqa: F401,E402
 from .synthesis_loading import load_text_tokenizer  # noqa: F401,E402
 from .synthesis_offline import run_inference  # noqa: F401,E402
 from .synthesis_request import build_request  # noqa: F401,E402
 from .synthesis_streaming import run_inference_stream  # noqa: F401,E402
 from .text_chunking import voice_clone_text_chunks  # noqa: F401,E402
+from .text_cleanup import clean_text  # noqa: F401,E402
+from .text_language import check_language  # noqa: F401,E402
+from .text_normalization import normalize_text  # noqa: F401,E402
+from .text_numbers import parse_number  # noqa: F401,E402
+from .text_wetext import normalizer  # noqa: F401,E402
 from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer  # noqa: F401,E402
 from .weight_formats import apply_weight_format  # noqa: F401,E402
 from .weights import ensure_model_files  # noqa: F401,E402

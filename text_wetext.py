@@ -57,15 +57,21 @@ def normalizer(language: str):
 
 
 def _build(language: str):
-    if language == "en":
-        from tn.english.normalizer import Normalizer
+    # Imported in try blocks: transformers' remote-code check then does not ask for a package named `tn` (its
+    # distribution is WeTextProcessing), and a model loaded without it still runs with normalize off.
+    try:
+        if language == "en":
+            from tn.english.normalizer import Normalizer
 
-        return Normalizer(overwrite_cache=False)
-    if language == "zh":
-        from tn.chinese.normalizer import Normalizer
+            return Normalizer(overwrite_cache=False)
+        if language == "zh":
+            from tn.chinese.normalizer import Normalizer
 
-        return Normalizer(overwrite_cache=False, remove_interjections=False, remove_erhua=False,
-                          traditional_to_simple=False, full_to_half=False)
+            return Normalizer(overwrite_cache=False, remove_interjections=False, remove_erhua=False,
+                              traditional_to_simple=False, full_to_half=False)
+    except ImportError as error:
+        raise ImportError(f"text normalization of {language!r} needs WeTextProcessing: pip install -r requirements.txt "
+                          f"(or pip install WeTextProcessing==1.2.0), or turn normalization off ({error})") from None
     raise ValueError(f"language={language!r}; WeTextProcessing here covers 'en' and 'zh'")
 
 

@@ -50,7 +50,7 @@ def fault_server(tmp_path_factory, prompt_wav):
 
 def test_a_soak_of_mixed_and_hostile_clients_leaves_no_5xx_no_failure_and_no_held_slot(fault_server):
     report = asyncio.run(soak.soak(fault_server, SOAK_SECONDS, "loadtest", KEY, concurrency=4, frames=6,
-                                   pcm_bytes_per_frame=HOP * 4))
+                                   pcm_bytes_per_frame=HOP // 2 * 2))  # pcm: 24 kHz mono s16le
     print(report)
     assert report["server_errors_5xx"] == 0, report
     assert report["failures"] == {}, report
