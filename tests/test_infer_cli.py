@@ -15,7 +15,7 @@ import torch
 
 from conftest import REPO_ROOT, import_module, shared_path
 from fake_cuda import FakeCuda
-from tiny_repository import HOP, SAMPLE_RATE, pins_for, write_tiny_repository
+from tiny_repository import HOP, SAMPLE_RATE, pinned_copy_with_corrupt_weights, pins_for, write_tiny_repository
 
 infer_npu = import_module("infer_npu")
 model_loading = import_module("model_loading")
@@ -280,12 +280,8 @@ def test_missing_weights_print_the_download_instructions(tmp_path, capsys):
 
 
 def test_corrupted_checksum_exits_2_and_writes_nothing(repo, monkeypatch, tmp_path, capsys):
-    copy = shutil.copytree(repo, tmp_path / "model")
-    monkeypatch.setattr(infer_npu, "PINS", pins_for(copy))
-    weights_file = copy / "pytorch_model.bin"
-    data = bytearray(weights_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights_file.write_bytes(bytes(data))
+    copy, pins = pinned_copy_with_corrupt_weights(repo, tmp_path / "model")
+    monkeypatch.setattr(infer_npu, "PINS", pins)
     code, _, stderr = _run(["--model-path", copy, "--mode", "continuation", "--text", "Hi.", "--output-path",
                             tmp_path / "x.wav", *FAST], capsys)
     assert code == 2 and "Checksum mismatch" in stderr and "pytorch_model.bin" in stderr

@@ -32,7 +32,7 @@ import torch
 import uvicorn
 
 from conftest import import_module, shared_path
-from tiny_repository import HOP, pins_for
+from tiny_repository import HOP, pinned_copy_with_corrupt_weights
 
 serve = import_module("serve")
 loadtest = import_module("loadtest")
@@ -588,12 +588,8 @@ def test_a_request_that_fails_after_its_first_audio_ends_its_sse_stream_with_the
 
 def test_serve_refuses_a_corrupt_checkpoint_in_one_line_with_exit_2_before_binding(repository, tmp_path, monkeypatch,
                                                                                    capsys):
-    copy = shutil.copytree(repository, tmp_path / "model")
-    monkeypatch.setattr(infer_npu, "PINS", pins_for(copy))
-    weights_file = copy / "pytorch_model.bin"
-    data = bytearray(weights_file.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    weights_file.write_bytes(bytes(data))
+    copy, pins = pinned_copy_with_corrupt_weights(repository, tmp_path / "model")
+    monkeypatch.setattr(infer_npu, "PINS", pins)
     port = loadtest.free_port()
     code = serve.main(["--model-path", str(copy), "--device", "cpu", "--port", str(port), "--no-progress",
                        "--voices-dir", str(tmp_path / "voices")])

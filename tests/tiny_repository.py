@@ -35,3 +35,17 @@ def pins_for(folder) -> tuple:
         pins.append(weights.PinnedFile(name, "tiny/test", "0" * 40, Path(target).name, target, len(data),
                                        hashlib.sha256(data).hexdigest()))
     return tuple(pins)
+
+
+def pinned_copy_with_corrupt_weights(repository, folder) -> tuple[Path, tuple]:
+    """A copy of `repository` in `folder` whose TTS weights have one flipped byte, and the pins of the intact copy
+    (what infer_npu.PINS should be for the check to fail on exactly that file)."""
+    import shutil
+
+    copy = Path(shutil.copytree(repository, folder))
+    pins = pins_for(copy)
+    weights_file = copy / "pytorch_model.bin"
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    return copy, pins
