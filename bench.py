@@ -54,7 +54,7 @@ TARGET_STREAM_MS_PER_FRAME = 10.0  # issue 7
 
 
 devices = import_module("devices")
-force_continue = import_module("checkpoints").force_continue
+force_continue = import_module("measurement.checkpoints").force_continue
 reset_peak_rss = import_module("verify_npu").reset_peak_rss  # the CPU peak window (process-wide: scripts only)
 
 

@@ -512,7 +512,7 @@ class SpeechEngine:
         the engine itself, 57 ms from a second thread; the server's one-client real-time factor went from 1.41 to
         0.82 once no such thread stayed alive. So bench.py runs the engine with `serve` in the thread that built the
         model, and the server loads the model on the thread that then serves it and encodes clips on threads that
-        end with the work (speech_server.py).
+        end with the work (server/app.py).
         """
         self._served.clear()
         try:

@@ -38,9 +38,7 @@ if __name__ == "__main__" and not __package__:
 
 import argparse
 import contextlib
-import inspect
 import logging
-import re
 import signal
 import sys
 import threading
@@ -48,28 +46,20 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import devices, model_loading, synthesis, weight_formats, weights
-from .generation_flags import add_generation_arguments
-from .model_loading import add_model_arguments
+from . import devices, synthesis, weight_formats, weights
+from .settings.command_line import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USER, UsageError,
+                                    in_flag_terms)
+from .settings.generation_flags import add_generation_arguments
+from .settings import model_flags
+from .settings.model_flags import add_model_arguments, load_model_of_flags, model_folder
 from .prompting import GENERATION_MODES
 from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
-from .voice_presets import DEFAULT_VOICE, fetch_presets, preset_clip
-from .text_options import add_text_arguments, chunk_preview, request_options
+from .voices.presets import DEFAULT_VOICE, fetch_presets, preset_clip
+from .settings.text_flags import add_text_arguments, chunk_preview, request_options
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = "outputs/output.wav"
-# Files verified before loading (size + sha256); tests substitute pins of a tiny model.
-PINS = weights.PINNED
-EXIT_OK, EXIT_RUNTIME, EXIT_USER, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
-# Parameters of `inference` that this script spells differently; the others are the flags' own names (dest).
-API_NAMES_OF_FLAGS = {"output_audio_path": "--output-path"}
-QUOTES = "'\""
-
-
-class UsageError(ValueError):
-    """A bad command line or input file, with a message in this script's terms (exit code 2)."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -189,27 +179,6 @@ def _sigterm_raises_terminated():
         signal.signal(signal.SIGTERM, previous)
 
 
-def in_flag_terms(message: str, parser: argparse.ArgumentParser) -> str:
-    """A library message with the parameter names of `inference` and `model_loading.load_model` replaced by this
-    script's flags.
-
-    `name=value` becomes `--flag value`; a bare name is replaced only when it contains "_" (so that plain words such
-    as "text" or "mode" in a sentence stay).
-    """
-    by_dest = {action.dest: action.option_strings[0] for action in parser._actions if action.option_strings}
-    names = [*inspect.signature(synthesis.SynthesisMixin.inference).parameters,
-             *inspect.signature(model_loading.load_model).parameters]
-    for name in dict.fromkeys(names):
-        flag = API_NAMES_OF_FLAGS.get(name) or by_dest.get(name)
-        if flag is None:
-            continue
-        message = re.sub(rf"\b{name}=('[^'\s]*'|\"[^\"\s]*\"|[^\s;,]+)",
-                         lambda match: f"{flag} {match.group(1).strip(QUOTES)}", message)
-        if "_" in name:
-            message = re.sub(rf"\b{name}\b", flag, message)
-    return message
-
-
 def _say_error(error) -> None:
     sys.stderr.write(f"error: {error}\n")
 
@@ -228,14 +197,10 @@ def _configure_output(verbose: bool, no_progress: bool) -> None:
         synthesis.progress_logger.setLevel(logging.INFO)
 
 
-def _model_folder(args) -> Path:
-    return Path(args.model_path).resolve() if args.model_path else REPO_ROOT
-
-
 def _download(args) -> int:
-    folder = _model_folder(args)
+    folder = model_folder(args)
     files = weights.ensure_model_files(target_dir=folder, source=args.download_source, progress=not args.no_progress,
-                                       pins=PINS)
+                                       pins=model_flags.PINS)
     for name, path in files.paths.items():
         print(f"ok {name}: {path}")
     for name, outcome in fetch_presets(folder, download=args.download_source != "local").items():
@@ -246,8 +211,8 @@ def _download(args) -> int:
 
 def _jobs(args) -> list:
     """The output files to make, every input checked before any synthesis."""
-    if args.mode == "voice_clone" and args.prompt_audio_path is None:  # speak in --voice (voice_presets.py)
-        voice, args.prompt_audio_path = preset_clip(_model_folder(args), args.voice)
+    if args.mode == "voice_clone" and args.prompt_audio_path is None:  # speak in --voice (voices/presets.py)
+        voice, args.prompt_audio_path = preset_clip(model_folder(args), args.voice)
         print(f"voice: {voice} ({args.prompt_audio_path})", flush=True)
     if args.jsonl:
         try:
@@ -270,47 +235,6 @@ def _read_text_file(path) -> str:
         raise UsageError(f"cannot read --text-file {path}: {error}; expected a UTF-8 text file") from error
 
 
-def load_model(args):
-    """The model of the model flags (serve.py's too), via model_loading.load_model; returns (model, device, dtype,
-    attention). Every choice is checked before the weights are read; problems with the folder's files are reported
-    with this script's remedies."""
-    with _model_file_errors(args) as folder:
-        loaded = model_loading.load_model(folder, args.device, args.dtype, args.weight_format,
-                                          args.attn_implementation, verify=not args.no_verify, pins=PINS,
-                                          progress=not args.no_progress)
-    return loaded.model, loaded.device, loaded.dtype, loaded.attention
-
-
-def check_model(args) -> None:
-    """What load_model checks before reading a weight (device, dtype, weight format, attention, the pinned files),
-    with the same messages and remedies; serve.py runs it before it binds its port.
-
-    Raises:
-        UsageError, ValueError, weights.WeightsUnavailableError: as load_model.
-    """
-    with _model_file_errors(args) as folder:
-        model_loading.check_choices(folder, args.device, args.dtype, args.weight_format, args.attn_implementation,
-                                    verify=not args.no_verify, pins=PINS, progress=not args.no_progress)
-
-
-@contextlib.contextmanager
-def _model_file_errors(args):
-    """Yields the model folder; a missing or corrupt file becomes this script's message with its remedy."""
-    folder = _model_folder(args)
-    download = "python infer_npu.py --download-only" + (f" --model-path {folder}" if args.model_path else "")
-    try:
-        yield folder
-    except weights.WeightsUnavailableError as error:
-        if args.no_verify:
-            raise
-        raise weights.WeightsUnavailableError(f"{error}\nOr run: {download}") from None
-    except weights.ChecksumError as error:
-        raise UsageError(
-            f"{error}\nIf this is your own checkpoint (fine-tuned or converted), pass --no-verify to skip the check of "
-            f"the pinned upstream files; if it should be the upstream release, fetch it again with: {download}"
-        ) from None
-
-
 def _request(args, job: Job) -> synthesis.SynthesisRequest:
     """The checked request of one output file (the flags carry `inference`'s parameter names)."""
     settings = {name: getattr(args, name) for name in (*GENERATION_ARGUMENTS, "voice_clone_max_text_tokens",
@@ -329,13 +253,13 @@ def _synthesise(args) -> int:
     jobs = _jobs(args)
     requests = [_request(args, job) for job in jobs]  # every request checked before the model loads
     if args.print_voice_clone_text_chunks or args.dry_run:
-        print("\n".join(chunk_preview(synthesis.folder_text_tokenizer(_model_folder(args)), requests)), flush=True)
+        print("\n".join(chunk_preview(synthesis.folder_text_tokenizer(model_folder(args)), requests)), flush=True)
         if args.dry_run:
             return EXIT_OK
-    model, device, dtype, attention = load_model(args)
+    model, device, dtype, attention = load_model_of_flags(args)
     print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} "
           f"weights={weight_formats.weight_format_of(model)} kernels={weight_formats.linear_kernel_of(model)} "
-          f"model={_model_folder(args)}", flush=True)
+          f"model={model_folder(args)}", flush=True)
     hint = weight_formats.faster_format_hint(device, weight_formats.weight_format_of(model))
     if hint is not None:
         print(f"hint: {hint}", flush=True)
@@ -395,5 +319,5 @@ def _print_summary(result: dict, elapsed: float, first_audio: Optional[float] = 
     print(line, flush=True)
 
 
-__all__ = ["Job", "add_model_arguments", "build_parser", "check_model", "load_model", "main",
+__all__ = ["Job", "add_model_arguments", "build_parser", "main",
            "read_jsonl"]

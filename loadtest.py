@@ -12,7 +12,7 @@ clip as a voice, runs every --clients level one after another, and stops the ser
 --threads CPUs each (--num-slots per replica: the largest level over N), behind Serve's HTTP proxy, shut down at the
 end (needs requirements-serve-ray.txt).
 
---soak SECONDS runs soak.py's mix instead of the levels (valid, bad, disconnecting and never-reading clients, --clients'
+--soak SECONDS runs measurement/soak.py's mix instead of the levels (valid, bad, disconnecting and never-reading clients, --clients'
 first value of them at once, --frames per request) and prints its report: requests by kind and status, 5xx (must be
 0), failures by kind, slots and queue entries left behind (0), and the server's resident memory at the start and the
 end; the exit code is 1 when any of those is wrong.
@@ -49,7 +49,7 @@ from typing import Optional
 
 import httpx
 
-import soak
+from measurement import soak
 
 REPO_ROOT = Path(__file__).resolve().parent
 SHARED_DIR = Path(os.environ.get("MOSS_SHARED_DIR", REPO_ROOT.parent / "shared"))
@@ -108,7 +108,7 @@ def write_random_model(folder: Path, tokenizer: Path) -> Path:
     import bench
     from local_package import import_module
 
-    checkpoints = import_module("checkpoints")
+    checkpoints = import_module("measurement.checkpoints")
     lm = bench.build_lm(argparse.Namespace(model_path=None), torch.device("cpu"))
     checkpoints.write_model_repository(folder, lm.config, lm.state_dict(), tokenizer_model=tokenizer,
                                        dtype=torch.float32)
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tiny requests to time one after another before the levels (0: none)")
     parser.add_argument("--json", action="store_true", help="also print the levels as JSON")
     parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
-                        help="run the soak mix (soak.py) for SECONDS instead of the levels (0: no soak)")
+                        help="run the soak mix (measurement/soak.py) for SECONDS instead of the levels (0: no soak)")
     return parser
 
 

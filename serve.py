@@ -1,19 +1,19 @@
-"""Command line: the OpenAI-compatible speech server (speech_server.py) with uvicorn, on NPU, CUDA or CPU.
+"""Command line: the OpenAI-compatible speech server (server/app.py) with uvicorn, on NPU, CUDA or CPU.
 
     python serve.py --model-path . --device auto --host 127.0.0.1 --port 8000
     python serve.py --model-path . --device cpu --weight-format int8 --threads 2 --api-key "$KEY"
 
-The model flags are infer_npu.py's (device, dtype, weight format, attention, verification), and a request's
-generation defaults are what infer_npu.py applies without flags; settings are checked by the same rules
+The model flags are infer_npu.py's (settings/model_flags.py: device, dtype, weight format, attention, verification),
+and a request's generation defaults are what infer_npu.py applies without flags (settings/generation_flags.py); settings are checked by the same rules
 (synthesis_request.check_generation_settings). The engine decodes --num-slots streams together (default: sized from
 free memory); up to --max-queue more wait for a slot, and beyond that requests get 429 at once, before any work. A
 request that waits longer than --queue-timeout for a slot gets 503 with Retry-After. A request that may make more
 than --max-audio-seconds of audio or more than --max-chunks voice-clone chunks is refused with 400 before any work.
 The API key comes from --api-key or the environment variable MOSS_TTS_API_KEY.
 Voices: uploads (--voices-dir), the model folder's preset voices (preset_voices/, fetched by infer_npu.py
---download-only) and OpenAI's voice names mapped onto them (voice_presets.py); --default-voice speaks when a request
+--download-only) and OpenAI's voice names mapped onto them (voices/presets.py); --default-voice speaks when a request
 names no voice and for OpenAI names whose preset is not installed. --wyoming-port PORT also serves the Wyoming protocol
-(Home Assistant) on the same engine (wyoming_server.py).
+(Home Assistant) on the same engine (server/wyoming.py).
 
 Before the port is bound, the model flags and the model folder's pinned files are checked as infer_npu.py checks
 them: a bad flag, a missing or corrupt file prints one `error:` message and exits with 2.
@@ -43,19 +43,21 @@ from typing import Optional, Sequence
 import torch
 import uvicorn
 
-from . import infer_npu, synthesis, weights
+from . import synthesis, weights
 from .engine import EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, SpeechEngine
-from .generation_flags import generation_defaults
-from .speech_server import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS, create_app
-from .speech_service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
+from .settings.command_line import EXIT_USER, UsageError, in_flag_terms
+from .settings.generation_flags import generation_defaults
+from .settings.model_flags import add_model_arguments, check_model_of_flags, load_model_of_flags, model_folder
+from .server.app import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS, create_app
+from .server.service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
                              SpeechService)
-from .voice_presets import DEFAULT_VOICE, preset_folder
-from .voices import VoiceStore, check_voice_name
+from .voices.presets import DEFAULT_VOICE, preset_folder
+from .voices.store import VoiceStore, check_voice_name
 
 logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "MOSS_TTS_API_KEY"
-EXIT_OK, EXIT_LOAD_FAILED, EXIT_USER = 0, 1, infer_npu.EXIT_USER
+EXIT_OK, EXIT_LOAD_FAILED, EXIT_USER = 0, 1, EXIT_USER
 # uvicorn's own grace runs this much longer than --grace-seconds, so that the server's cancellation (which ends every
 # stream with its last event) comes first and uvicorn never has to cancel a response task.
 CANCEL_MARGIN_SECONDS = 5.0
@@ -67,7 +69,7 @@ STREAM_POLICIES = {"upstream": UPSTREAM_STREAM_POLICY, "throughput": UPSTREAM_CU
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="MOSS-TTS-Nano speech server (OpenAI speech API).",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    infer_npu.add_model_arguments(parser.add_argument_group("model and device (as infer_npu.py)"))
+    add_model_arguments(parser.add_argument_group("model and device (as infer_npu.py)"))
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on")
     server.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -115,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_service(args) -> SpeechService:
     """Model, tokenizer, codec, engine (not started) and voices, as the flags say."""
-    model, device, dtype, attention = infer_npu.load_model(args)
+    model, device, dtype, attention = load_model_of_flags(args)
     tokenizer = synthesis.load_text_tokenizer(model)
     codec = synthesis.load_audio_tokenizer(model, device=device)
     engine = SpeechEngine(model, codec, num_slots=args.num_slots or None, max_positions=args.max_positions,
                           max_queue=args.max_queue, attn_implementation=attention, step_mode=args.step_mode,
                           policy=STREAM_POLICIES[args.stream_policy])
     voices = VoiceStore(Path(args.voices_dir), codec, model.config)
-    presets_folder = preset_folder(infer_npu._model_folder(args))
+    presets_folder = preset_folder(model_folder(args))
     presets = (VoiceStore(presets_folder, codec, model.config, codec_id=voices.codec_id, cache_folder=voices.folder
                           / ".presets") if presets_folder.is_dir() else None)
     options = ServiceOptions(defaults=generation_defaults(), model_name=args.served_model_name,
@@ -138,14 +140,14 @@ def check_server_flags(args) -> None:
     """The server's own numbers, before anything loads.
 
     Raises:
-        infer_npu.UsageError: naming the flag.
+        UsageError: naming the flag.
     """
     limits = (("--max-audio-seconds", args.max_audio_seconds, 1), ("--max-chunks", args.max_chunks, 1),
               ("--queue-timeout", args.queue_timeout, 0), ("--prepare-workers", args.prepare_workers, 1),
               ("--engine-stall-seconds", args.engine_stall_seconds, 1), ("--grace-seconds", args.grace_seconds, 0))
     for flag, value, minimum in limits:
         if not value >= minimum:
-            raise infer_npu.UsageError(f"{flag} {value}; expected a number >= {minimum}")
+            raise UsageError(f"{flag} {value}; expected a number >= {minimum}")
 
 
 def build_app(args, on_load_failure=None):
@@ -220,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.wyoming_port is None:
         server.run()
     else:
-        from .wyoming_server import WyomingSpeech, serve_both
+        from .server.wyoming import WyomingSpeech, serve_both
 
         speech = WyomingSpeech(server.config.app.state.speech)
         print(f"serving Wyoming on tcp://{args.host}:{args.wyoming_port}", flush=True)
@@ -232,9 +234,9 @@ def _check_before_serving(args, parser) -> Optional[str]:
     """The flags and the model folder's files, checked as infer_npu.py checks them; the message, or None."""
     try:
         check_server_flags(args)
-        infer_npu.check_model(args)
+        check_model_of_flags(args)
     except (ValueError, weights.WeightsUnavailableError) as error:  # UsageError and ChecksumError are ValueErrors
-        return infer_npu.in_flag_terms(str(error), parser)
+        return in_flag_terms(str(error), parser)
     return None
 
 

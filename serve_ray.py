@@ -41,7 +41,7 @@ from local_package import import_module
 
 devices = import_module("devices")
 serve_script = import_module("serve")
-speech_server = import_module("speech_server")
+speech_server = import_module("server.app")
 
 logger = logging.getLogger(__name__)
 

@@ -363,7 +363,7 @@ def warn_if_truncated(codes_list: Sequence[torch.Tensor], chunks: Sequence[str],
     logger.warning(
         "%d of %d chunk(s) reached max_new_frames=%d (%.1f s) before the model ended them, so their ends may be cut "
         "off: %s%s. If speech was cut, raise max_new_frames (12.5 frames per second of audio). A tiny random "
-        "repository of checkpoints.py never ends a chunk, so there this warning is expected.",
+        "repository of measurement/checkpoints.py never ends a chunk, so there this warning is expected.",
         len(cut), len(chunks), max_new_frames, max_new_frames * seconds_per_frame, shown, more,
     )
 

@@ -9,7 +9,7 @@
 Each row (device x dtype x attention backend, or device x weight format x attention with --weight-formats) is compared
 with a reference run on the CPU in float32 with the eager attention: a teacher-forced pass (hidden states, stop logits,
 audio logits), greedy generation streamed through the codec, NaN/Inf checks and the codec on the device. What is
-measured, and the ONE table of tolerances, live in verification.py; this script plans the rows from its arguments,
+measured, and the ONE table of tolerances, live in measurement/verification.py; this script plans the rows from its arguments,
 prints one table (PASS / FAIL / SKIP per row, with the failing metric), writes `npu_verification_report.json` and one
 wav per row (the row's greedy frames, for listening) to --output-dir, and exits 0 only when every row passes (1: a row
 failed; 3: nothing failed but some row could not run, SKIP; 2: bad arguments). A weight format the device cannot run
@@ -35,10 +35,11 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import devices, verification, weight_formats
+from . import devices, weight_formats
+from .measurement import verification
 from .audio_io import save_audio
 from .gpt2_decoder import ATTENTION_FUNCTIONS
-from .verification import AUTO, REFERENCE, TOLERANCES, Assets, Reference, Row, short_number
+from .measurement.verification import AUTO, REFERENCE, TOLERANCES, Assets, Reference, Row, short_number
 
 REPORT_NAME = "npu_verification_report.json"
 EXIT_PASS, EXIT_FAIL, EXIT_USAGE, EXIT_INCOMPLETE = 0, 1, 2, 3

@@ -51,7 +51,7 @@ only its two rows of the stop decision, read from the (float) embedding table. A
 no longer share storage with the embeddings, so apply the format last (after loading, tying and moving the model)
 and do not call `tie_weights` again; to go back, load the model again.
 
-The quality check is teacher forcing (teacher_forcing.py): the audio logits of every channel of every frame, computed
+The quality check is teacher forcing (measurement/teacher_forcing.py): the audio logits of every channel of every frame, computed
 with the same (reference) tokens fed in, compared with the fp32 model's (tests/test_weight_formats.py, and
 `verify_npu.py --weight-formats` against the bounds of verification.TOLERANCES).
 """

@@ -12,7 +12,7 @@ import soundfile as sf
 
 from conftest import import_module
 
-audio_formats = import_module("audio_formats")
+audio_formats = import_module("server.formats")
 
 RATE = 48000
 # A length that is not a multiple of any codec frame, so padding shows.

@@ -8,7 +8,7 @@ from conftest import REPO_ROOT, import_module, shared_path
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 configuration = import_module("configuration_moss_audio_tokenizer")
 modeling = import_module("modeling_moss_audio_tokenizer")
 codec_streaming = import_module("codec_streaming")

@@ -9,7 +9,7 @@ from conftest import REPO_ROOT, import_module, shared_path
 
 configuration = import_module("configuration_moss_tts_nano")
 modeling = import_module("modeling_moss_tts_nano")
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 MossTTSNanoConfig = configuration.MossTTSNanoConfig
 
 RELEASED_UNIQUE_PARAMETERS = 117_311_232

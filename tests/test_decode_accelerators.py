@@ -15,7 +15,7 @@ import torch
 
 from conftest import import_module, text_prompt
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 devices = import_module("devices")
 generation = import_module("generation")
 

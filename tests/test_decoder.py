@@ -7,7 +7,7 @@ from child_process import run_child
 from conftest import import_module
 from reference_generation import reference_generate
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 decoder = import_module("gpt2_decoder")
 devices = import_module("devices")
 sampling = import_module("sampling")
@@ -282,7 +282,7 @@ def test_generation_syncs_with_the_host_once_per_frame(fake_npu_path):
         state = fake_npu.install(level=2)  # before transformers and the model are imported
         import torch
         from local_package import import_module
-        checkpoints = import_module("checkpoints")
+        checkpoints = import_module("measurement.checkpoints")
         model = checkpoints.random_tiny_model(seed=11)
         ids = torch.full((1, 6, 17), 1024); ids[..., 0] = 20
         torch.manual_seed(1)

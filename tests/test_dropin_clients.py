@@ -31,10 +31,10 @@ from tiny_repository import HOP
 
 serve = import_module("serve")
 loadtest = import_module("loadtest")
-checkpoints = import_module("checkpoints")
-audio_formats = import_module("audio_formats")
-voice_presets = import_module("voice_presets")
-wyoming_server = import_module("wyoming_server")
+checkpoints = import_module("measurement.checkpoints")
+audio_formats = import_module("server.formats")
+voice_presets = import_module("voices.presets")
+wyoming_server = import_module("server.wyoming")
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402
 from wyoming.client import AsyncTcpClient  # noqa: E402
@@ -165,7 +165,7 @@ def test_sync_sdk_whole_and_streamed_every_format_decodes_to_the_frames_generate
     rate, channels = (24000, 1) if response_format == "pcm" else (NATIVE_RATE, 2)
     whole = create(client, response_format=response_format, stream=False)
     assert_audio(whole.content, response_format, rate, channels)
-    if response_format == "flac":  # libsndfile cannot read a streamed flac to its end (audio_formats.py)
+    if response_format == "flac":  # libsndfile cannot read a streamed flac to its end (server/formats.py)
         return
     with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice="nova", input="Hello there.", response_format=response_format,

@@ -17,7 +17,7 @@ from conftest import import_module
 
 engine_module = import_module("engine")
 generation = import_module("generation")
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 FILLED_GRANULE = import_module("codec_streaming").FILLED_GRANULE
 always_continue_tiny_tts = checkpoints.always_continue_tiny_model
 

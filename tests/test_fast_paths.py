@@ -13,7 +13,7 @@ from transformers.activations import NewGELUActivation
 
 from conftest import import_module, text_prompt
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 decoder = import_module("gpt2_decoder")
 
 

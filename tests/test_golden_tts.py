@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import audio_head_outputs, import_module
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 
 SAMPLING = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
                 audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)

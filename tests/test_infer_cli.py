@@ -18,7 +18,8 @@ from fake_cuda import FakeCuda
 from tiny_repository import HOP, SAMPLE_RATE, pinned_copy_with_corrupt_weights, pins_for, write_tiny_repository
 
 infer_npu = import_module("infer_npu")
-model_loading = import_module("model_loading")
+model_loading = import_module("settings.model_loading")
+model_flags = import_module("settings.model_flags")
 devices = import_module("devices")
 weight_formats = import_module("weight_formats")
 
@@ -35,7 +36,7 @@ def repo(tmp_path_factory):
 @pytest.fixture
 def pinned(monkeypatch, repo):
     """Verification against pins of the tiny files (the CLI checks size + sha256 before loading)."""
-    monkeypatch.setattr(infer_npu, "PINS", pins_for(repo))
+    monkeypatch.setattr(model_flags, "PINS", pins_for(repo))
     return repo
 
 
@@ -281,7 +282,7 @@ def test_missing_weights_print_the_download_instructions(tmp_path, capsys):
 
 def test_corrupted_checksum_exits_2_and_writes_nothing(repo, monkeypatch, tmp_path, capsys):
     copy, pins = pinned_copy_with_corrupt_weights(repo, tmp_path / "model")
-    monkeypatch.setattr(infer_npu, "PINS", pins)
+    monkeypatch.setattr(model_flags, "PINS", pins)
     code, _, stderr = _run(["--model-path", copy, "--mode", "continuation", "--text", "Hi.", "--output-path",
                             tmp_path / "x.wav", *FAST], capsys)
     assert code == 2 and "Checksum mismatch" in stderr and "pytorch_model.bin" in stderr
@@ -310,7 +311,7 @@ def test_readme_tiny_recipe_runs_the_main_job_with_audible_output(tmp_path, prom
 
     paths = {"/tmp/moss_tiny.wav": str(tmp_path / "tiny.wav"), "/tmp/moss_tiny": str(tmp_path / "moss_tiny"),
              "tokenizer.model": str(shared_path("assets", "tokenizer.model")), "voice.wav": str(prompt_wav)}
-    for prefix in ("python checkpoints.py", "python infer_npu.py --model-path /tmp/moss_tiny"):
+    for prefix in ("python measurement/checkpoints.py", "python infer_npu.py --model-path /tmp/moss_tiny"):
         argv = [paths.get(arg, arg) for arg in shlex.split(_readme_command(prefix))]
         completed = subprocess.run([sys.executable, str(REPO_ROOT / argv[1]), *argv[2:]], capture_output=True,
                                    text=True, cwd=str(tmp_path), timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))

@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from conftest import REPO_ROOT, import_module
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 configuration = import_module("configuration_moss_tts_nano")
 
 GENERATE = dict(max_new_frames=3, do_sample=False)
@@ -104,7 +104,7 @@ def test_save_pretrained_round_trip_keeps_ties_and_values(tiny_model, tmp_path):
 
 def test_checkpoints_command_writes_a_loadable_repository(tmp_path, tokenizer_model_path):
     out = tmp_path / "tiny_repo"
-    result = subprocess.run([sys.executable, str(REPO_ROOT / "checkpoints.py"), str(out), "--tokenizer",
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "measurement/checkpoints.py"), str(out), "--tokenizer",
                              str(tokenizer_model_path)], capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(out)

@@ -34,7 +34,7 @@ _SETUP = """
     import torch
     from safetensors.torch import load_file
     from local_package import import_module
-    checkpoints = import_module("checkpoints")
+    checkpoints = import_module("measurement.checkpoints")
     golden = sys.argv[2]
     expected = load_file(golden + "/expected.safetensors")
     FRAMES = int(sys.argv[3])

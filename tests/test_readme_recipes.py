@@ -41,7 +41,7 @@ def run(argv, cwd, **keywords):
 def test_the_readme_tiny_recipe_runs_as_written_offline(tmp_path):
     folder = str(tmp_path / "moss_tiny")
     commands = tiny_commands()
-    assert [shlex.split(command)[1] for command in commands] == ["checkpoints.py", "infer_npu.py"]
+    assert [shlex.split(command)[1] for command in commands] == ["measurement/checkpoints.py", "infer_npu.py"]
     for command in commands:
         argv = shlex.split(command.replace(TINY, folder))
         run([sys.executable, str(REPO_ROOT / argv[1]), *argv[2:]], tmp_path)

@@ -9,7 +9,7 @@ import torch
 from conftest import import_module
 
 guards = import_module("runaway_guards")
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 generation = import_module("generation")
 
 

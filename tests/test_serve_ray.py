@@ -96,7 +96,7 @@ def test_config_mistakes_raise_value_errors_naming_the_value():
 
 
 def test_health_fails_until_the_service_is_loaded_and_after_its_engine_stops(tmp_path):
-    speech_server = import_module("speech_server")
+    speech_server = import_module("server.app")
     state = speech_server.ServerState()
     assert "still loading" in serve_ray.health_problem(state)
     state.error = "ValueError: bad weights"

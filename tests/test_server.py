@@ -36,10 +36,11 @@ from tiny_repository import HOP, pinned_copy_with_corrupt_weights
 
 serve = import_module("serve")
 loadtest = import_module("loadtest")
-checkpoints = import_module("checkpoints")
-audio_formats = import_module("audio_formats")
+checkpoints = import_module("measurement.checkpoints")
+audio_formats = import_module("server.formats")
 infer_npu = import_module("infer_npu")
-speech_server = import_module("speech_server")
+model_flags = import_module("settings.model_flags")
+speech_server = import_module("server.app")
 engine_module = import_module("engine")
 
 KEY = "test-key"
@@ -55,7 +56,7 @@ NATIVE_LAYOUT = {"sample_rate": 48000, "channels": 2}
 
 def write_server_repository(folder):
     """The tiny TTS + tokenizer, with the golden tiny codec (audible: decoded rms ~1.5) as its audio tokenizer."""
-    model = import_module("checkpoints").always_continue_tiny_model(seed=3)
+    model = import_module("measurement.checkpoints").always_continue_tiny_model(seed=3)
     checkpoints.write_model_repository(folder, model.config, model.state_dict(),
                                        tokenizer_model=shared_path("assets", "tokenizer.model"))
     codec = shared_path("golden", "codec_tiny")
@@ -480,7 +481,7 @@ def test_health_fails_when_the_engine_stalls_or_its_thread_ends(repository, tmp_
 
     try:
         assert speech_server.health_problem(state) is None
-        prepared = state.service.prepare(import_module("speech_api").SpeechBody(**continuation(LONG)))
+        prepared = state.service.prepare(import_module("server.schema").SpeechBody(**continuation(LONG)))
         handle = state.service.submit(prepared, blocking_listener)
         assert blocked.wait(30)
         wait_for(lambda: speech_server.health_problem(state) is not None, 5.0)
@@ -557,7 +558,7 @@ def _codes_alone(service, body):
         events.append(event)
         if isinstance(event, engine_module.FINAL_EVENTS):
             done.set()
-    service.submit(service.prepare(import_module("speech_api").SpeechBody(**body)), listener)
+    service.submit(service.prepare(import_module("server.schema").SpeechBody(**body)), listener)
     assert done.wait(60) and isinstance(events[-1], engine_module.FinishedEvent)
     return events[-1].codes[0]
 
@@ -589,7 +590,7 @@ def test_a_request_that_fails_after_its_first_audio_ends_its_sse_stream_with_the
 def test_serve_refuses_a_corrupt_checkpoint_in_one_line_with_exit_2_before_binding(repository, tmp_path, monkeypatch,
                                                                                    capsys):
     copy, pins = pinned_copy_with_corrupt_weights(repository, tmp_path / "model")
-    monkeypatch.setattr(infer_npu, "PINS", pins)
+    monkeypatch.setattr(model_flags, "PINS", pins)
     port = loadtest.free_port()
     code = serve.main(["--model-path", str(copy), "--device", "cpu", "--port", str(port), "--no-progress",
                        "--voices-dir", str(tmp_path / "voices")])

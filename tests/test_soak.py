@@ -1,6 +1,6 @@
 """Bounded soak and schemathesis runs against a serve.py subprocess on 127.0.0.1 (tiny model, golden audible codec).
 
-The soak (soak.py, what `loadtest.py --soak` runs) mixes valid requests, bad ones, clients that leave mid-stream and
+The soak (measurement/soak.py, what `loadtest.py --soak` runs) mixes valid requests, bad ones, clients that leave mid-stream and
 clients that never read for SOAK_SECONDS; then no response may have been a 5xx, every request must have got what its
 kind expects, and no slot or queue entry may be left. schemathesis (the OpenAPI schema of /openapi.json, coverage and
 fuzzing phases) runs for at most SCHEMATHESIS_SECONDS and must find no 5xx.
@@ -18,7 +18,7 @@ from test_server import READY_SECONDS, write_server_repository
 from tiny_repository import HOP
 
 loadtest = import_module("loadtest")
-soak = import_module("soak")
+soak = import_module("measurement.soak")
 
 KEY = "soak-key"
 SOAK_SECONDS = 30.0

@@ -21,7 +21,7 @@ synthesis_offline = import_module("synthesis_offline")
 synthesis_request = import_module("synthesis_request")
 modeling = import_module("modeling_moss_tts_nano")
 text_chunking = import_module("text_chunking")
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 weight_formats = import_module("weight_formats")
 
 UPSTREAM_RESULT_KEYS = {

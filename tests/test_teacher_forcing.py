@@ -1,12 +1,12 @@
-"""Teacher forcing (teacher_forcing.py) gives the logits generation computes, and its metrics say what they measure."""
+"""Teacher forcing (measurement/teacher_forcing.py) gives the logits generation computes, and its metrics say what they measure."""
 
 import pytest
 import torch
 
 from conftest import audio_head_outputs, import_module, text_prompt
 
-checkpoints = import_module("checkpoints")
-teacher_forcing = import_module("teacher_forcing")
+checkpoints = import_module("measurement.checkpoints")
+teacher_forcing = import_module("measurement.teacher_forcing")
 
 
 def test_teacher_forced_logits_equal_the_first_generated_frame():

@@ -6,7 +6,7 @@ import torch
 
 from conftest import import_module
 
-time_stretch = import_module("time_stretch")
+time_stretch = import_module("server.time_stretch")
 
 RATE = 48000
 SPEEDS = (0.25, 0.5, 0.8, 1.25, 2.0, 4.0)

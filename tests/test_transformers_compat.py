@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModel
 from child_process import run_child
 from conftest import import_module
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 modeling = import_module("modeling_moss_tts_nano")
 configuration = import_module("configuration_moss_tts_nano")
 MossTTSNanoOutput = modeling.MossTTSNanoOutput
@@ -106,7 +106,7 @@ def test_no_transformers_deprecation_warning_for_the_cache_names():
         import torch
         from local_package import import_local_package, import_module
         import_local_package()
-        checkpoints, modeling = import_module("checkpoints"), import_module("modeling_moss_tts_nano")
+        checkpoints, modeling = import_module("measurement.checkpoints"), import_module("modeling_moss_tts_nano")
         model = checkpoints.random_tiny_model(seed=1)
         ids = torch.randint(10, 1000, (1, 4, 17))
         out = model(ids[:, :3], use_cache=True)

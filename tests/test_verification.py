@@ -1,11 +1,11 @@
-"""verification.py's verdict rules: which bounds a row misses, and how greedy runs are compared."""
+"""measurement/verification.py's verdict rules: which bounds a row misses, and how greedy runs are compared."""
 
 import pytest
 import torch
 
 from conftest import import_module
 
-verification = import_module("verification")
+verification = import_module("measurement.verification")
 
 
 def test_judge_never_passes_nan_and_names_the_failing_metric():

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import import_module
 
-voice_presets = import_module("voice_presets")
-checkpoints = import_module("checkpoints")
+voice_presets = import_module("voices.presets")
+checkpoints = import_module("measurement.checkpoints")
 
 
 class FakeNetwork:

@@ -15,8 +15,8 @@ import torch
 
 from conftest import import_module
 
-voices = import_module("voices")
-tiny_codec = import_module("checkpoints").tiny_codec
+voices = import_module("voices.store")
+tiny_codec = import_module("measurement.checkpoints").tiny_codec
 synthesis = import_module("synthesis")
 configuration = import_module("configuration_moss_tts_nano")
 
@@ -279,9 +279,9 @@ def test_concurrent_adds_from_two_threads_keep_one_complete_voice(open_store, re
 # ----------------------------------------------------------------------------------------------------------------
 # VoiceCatalog: which voice a name means (uploads, presets, OpenAI names, the default voice)
 
-voice_catalog = import_module("voice_catalog")
-voice_presets = import_module("voice_presets")
-write_stand_in_presets = import_module("checkpoints").write_stand_in_presets
+voice_catalog = import_module("voices.catalog")
+voice_presets = import_module("voices.presets")
+write_stand_in_presets = import_module("measurement.checkpoints").write_stand_in_presets
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The web page at / (speech_page.py, web/) in a real headless Chromium (Debian's chromium + chromium-driver, driven
+"""The web page at / (server/page.py, web/) in a real headless Chromium (Debian's chromium + chromium-driver, driven
 by selenium) against a live serve.py app on 127.0.0.1: the tiny model, an API key, the every-frame codec policy (a
 request alone gives the same samples every time, so what the page received can be compared with a direct request).
 
@@ -21,7 +21,7 @@ from conftest import IN_CI, import_module, optional_module
 from test_server import LiveServer, write_server_repository
 from tiny_repository import HOP, SAMPLE_RATE
 
-PAGE_FOLDER = import_module("speech_page").PAGE_FOLDER
+PAGE_FOLDER = import_module("server.page").PAGE_FOLDER
 
 webdriver = optional_module("selenium.webdriver", "pip install -r requirements.txt")
 from selenium.webdriver.common.by import By  # noqa: E402  (after the optional import)
@@ -216,9 +216,9 @@ def test_the_page_serves_only_its_own_files_and_names_nothing_outside(server):
         response = httpx.get(f"{server.url}/{name}")
         assert response.status_code == 200 and response.headers["cache-control"] == "no-cache"
     assert httpx.get(f"{server.url}/page/page.js").headers["content-type"].startswith("text/javascript")
-    refused = httpx.get(f"{server.url}/page/speech_server.py")
-    assert refused.status_code == 404 and "no page file 'speech_server.py'" in refused.json()["error"]["message"]
-    assert httpx.get(f"{server.url}/page/%2E%2E%2Fspeech_server.py").status_code == 404
+    refused = httpx.get(f"{server.url}/page/app.py")
+    assert refused.status_code == 404 and "no page file 'app.py'" in refused.json()["error"]["message"]
+    assert httpx.get(f"{server.url}/page/%2E%2E%2Fapp.py").status_code == 404
     assert httpx.get(f"{server.url}/page/settings").json() == {"api_key_required": True}
     for path in sorted(PAGE_FOLDER.iterdir()):
         assert "://" not in path.read_text(encoding="utf-8"), f"{path.name} names an outside address"

@@ -13,10 +13,10 @@ import torch
 
 from conftest import REPO_ROOT, import_module, text_prompt
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 weight_formats = import_module("weight_formats")
 modeling = import_module("modeling_moss_tts_nano")
-teacher_forcing = import_module("teacher_forcing")
+teacher_forcing = import_module("measurement.teacher_forcing")
 
 # Issue 7's promise: the worst teacher-forced audio-logit cosine of each format against fp32.
 MIN_AUDIO_COSINE = {"bf16": 0.999, "fp16": 0.999, "int8": 0.995}

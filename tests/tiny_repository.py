@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import import_module
 
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 weights = import_module("weights")
 
 HOP = checkpoints.tiny_codec_config_dict()["downsample_rate"]
@@ -39,7 +39,7 @@ def pins_for(folder) -> tuple:
 
 def pinned_copy_with_corrupt_weights(repository, folder) -> tuple[Path, tuple]:
     """A copy of `repository` in `folder` whose TTS weights have one flipped byte, and the pins of the intact copy
-    (what infer_npu.PINS should be for the check to fail on exactly that file)."""
+    (what settings.model_flags.PINS should be for the check to fail on exactly that file)."""
     import shutil
 
     copy = Path(shutil.copytree(repository, folder))

@@ -65,7 +65,7 @@ try:  # optional: PyAV writes aac (FFmpeg's encoder); without it aac is refused
 except ImportError:  # pragma: no cover - av is in requirements.txt
     av = None
 
-from .audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
+from ..audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
 
 logger = logging.getLogger(__name__)
 

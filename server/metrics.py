@@ -23,7 +23,7 @@ from typing import Optional
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector,
                                generate_latest)
 
-from .engine import ErrorEvent
+from ..engine import ErrorEvent
 
 # Routes counted under their own label; any other path is "other" (bounded label values).
 ROUTES = ("/v1/audio/speech", "/v1/audio/voices", "/v1/models", "/health", "/metrics")

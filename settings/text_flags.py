@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-from .synthesis_loading import text_chunks
-from .text_language import LANGUAGES
-from .text_normalization import TextOptions
+from ..synthesis_loading import text_chunks
+from ..text_language import LANGUAGES
+from ..text_normalization import TextOptions
 
 
 def add_text_arguments(parser: argparse.ArgumentParser) -> None:

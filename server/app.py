@@ -1,8 +1,8 @@
 """The speech server's FastAPI app: OpenAI's speech API over the engine, plus voices, models, health and metrics.
 
-    POST   /v1/audio/speech              speech (speech_api.py: OpenAI's fields and our extensions)
+    POST   /v1/audio/speech              speech (server/schema.py: OpenAI's fields and our extensions)
     GET    /v1/audio/voices              the voices ({"object": "list", "data": [Voice]}): presets, OpenAI's names
-                                         and uploads, each saying which voice speaks for it (voice_catalog.py)
+                                         and uploads, each saying which voice speaks for it (voices/catalog.py)
     POST   /v1/audio/voices              add a voice: multipart `name` + `audio_sample` (OpenAI's fields; `consent`
                                          is accepted and ignored); 409 if the name exists
     DELETE /v1/audio/voices/{voice_id}   delete a voice; 404 if there is none
@@ -14,8 +14,8 @@
                                          work (health_problem, also Ray's check_health)
     GET    /health/live                  liveness: 200 while loading and serving, 503 once the load failed or the
                                          engine is unhealthy (restart the process)
-    GET    /metrics                      Prometheus text (server_metrics.py)
-    GET    /                             the web page to try it in a browser (speech_page.py, files in web/)
+    GET    /metrics                      Prometheus text (server/metrics.py)
+    GET    /                             the web page to try it in a browser (server/page.py, files in web/)
 
 With an API key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics are open
 (for load balancers and scrapers). Every error is OpenAI's error JSON with `param` naming the request field.
@@ -50,13 +50,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import ErrorEvent
-from .server_metrics import ServerMetrics, counting_errors, engine_error_code, route_label
-from .speech_api import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
-from .speech_page import page_router
-from .speech_service import SpeechService
-from .speech_streams import ClientGone, EngineStream, ResponseAudio, audio_body, sse_body, whole_file
-from .speech_streams import SpokenText, spoken_text_header
+from ..engine import ErrorEvent
+from .metrics import ServerMetrics, counting_errors, engine_error_code, route_label
+from .schema import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
+from .page import page_router
+from .service import SpeechService
+from .streams import ClientGone, EngineStream, ResponseAudio, audio_body, sse_body, whole_file
+from .streams import SpokenText, spoken_text_header
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
     app.add_middleware(_CountResponses, metrics=state.metrics)
     app.include_router(_api_router(state, api_key))
     app.include_router(_open_router(state))
-    app.include_router(page_router(api_key))  # the web page at / (speech_page.py)
+    app.include_router(page_router(api_key))  # the web page at / (server/page.py)
     return app
 
 
@@ -495,7 +495,7 @@ def validation_message(errors) -> tuple[Optional[str], str]:
         return param, f"{param} is required"
     if kind == "extra_forbidden":
         return param, (f"unknown field {param!r}; expected OpenAI's speech fields or our extensions "
-                       "(see speech_api.py)")
+                       "(see server/schema.py)")
     text = text.removeprefix("Value error, ")
     if text.startswith(f"{param}="):
         return param, text

@@ -15,7 +15,7 @@ holds while it waits for a sentence end.
 A client that streams also sends a plain `synthesize` with the whole text inside the session, before synthesize-stop
 (for servers that do not stream); inside a session it is ignored, as the protocol intends. Audio is 16-bit PCM at
 WYOMING_RATE mono (speech needs no more; the client converts what it plays). The voice is the Wyoming voice's `name`
-(voice_catalog.py resolves it; none: the default voice).
+(voices/catalog.py resolves it; none: the default voice).
 
 One engine: every request goes through the HTTP server's SpeechService (prepare, submit) and the same
 speech_streams machinery, so Wyoming and HTTP clients share the slots, the queue limit and the metrics. `serve.py
@@ -36,10 +36,10 @@ from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.server import AsyncEventHandler, AsyncTcpServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
-from .speech_api import APIError, SpeechBody
-from .speech_server import ServerState, in_fresh_thread
-from .speech_streams import EngineStream, ResponseAudio, StreamFailed, encoded_chunks
-from .voice_presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESETS
+from .schema import APIError, SpeechBody
+from .app import ServerState, in_fresh_thread
+from .streams import EngineStream, ResponseAudio, StreamFailed, encoded_chunks
+from ..voices.presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESETS
 
 logger = logging.getLogger(__name__)
 

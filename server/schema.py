@@ -8,7 +8,7 @@
     instructions     accepted and ignored (the model has no style prompt)
     response_format  wav | pcm | flac | mp3 | opus | aac (OpenAI's default mp3; aac needs PyAV, else it is refused
                      with the reason)
-    speed            0.25 to 4.0, pitch-preserving time stretch (time_stretch.py)
+    speed            0.25 to 4.0, pitch-preserving time stretch (server/time_stretch.py)
     stream_format    audio (default): the response body is the encoded audio, sent as it is produced;
                      sse: server-sent events `speech.audio.delta` ({"audio": base64 of encoded bytes}), one
                      `speech.caption` per chunk once its audio is sent ({"index", "text", "start", "end"}, seconds
@@ -63,10 +63,10 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from .audio_formats import audio_format, output_layout
-from .generation import GenerationSettings
-from .prompting import GENERATION_MODES as MODES
-from .text_language import check_language
+from .formats import audio_format, output_layout
+from ..generation import GenerationSettings
+from ..prompting import GENERATION_MODES as MODES
+from ..text_language import check_language
 from .time_stretch import check_speed
 
 # OpenAI's text-to-speech model names, accepted as aliases of the served model (clients often hard-code them).
@@ -245,7 +245,7 @@ class VoiceObject(BaseModel):
     name: str
     object: Literal["audio.voice"] = "audio.voice"
     type: Literal["audio_sample"] = "audio_sample"
-    # extensions (voice_catalog.py): upload | preset | openai; the voice that speaks for this name; the kind of name an
+    # extensions (voices/catalog.py): upload | preset | openai; the voice that speaks for this name; the kind of name an
     # upload replaced; whether an OpenAI name falls back to the default voice (its preset is not installed)
     kind: Optional[str] = None
     uses: Optional[str] = None

@@ -13,7 +13,7 @@ anywhere this project could check, so none is invented: the size and sha256 seen
 in `preset_voices/presets.lock.json` (trust on first use) and every later check compares against that record.
 
 Fallback. A preset that is not installed (offline, never downloaded, a failed fetch) does not break the OpenAI names:
-`VoiceCatalog` (voice_catalog.py) answers them with the configured default voice and says which voice it used.
+`VoiceCatalog` (voices/catalog.py) answers them with the configured default voice and says which voice it used.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .audio_io import write_atomically
+from ..audio_io import write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -22,11 +22,11 @@ from urllib.parse import quote
 import torch
 from anyio import to_thread
 
-from .audio_formats import LayoutConverter, StreamingEncoder
-from .captions import CaptionTimeline
-from .engine import AudioEvent, ErrorEvent, FinishedEvent
-from .server_metrics import RequestTracker
-from .speech_api import APIError, SpeechAudioDelta, SpeechAudioDone, SpeechCaption, Usage, error_body
+from .formats import LayoutConverter, StreamingEncoder
+from ..captions import CaptionTimeline
+from ..engine import AudioEvent, ErrorEvent, FinishedEvent
+from .metrics import RequestTracker
+from .schema import APIError, SpeechAudioDelta, SpeechAudioDone, SpeechCaption, Usage, error_body
 from .time_stretch import TimeStretcher
 
 logger = logging.getLogger(__name__)

@@ -41,7 +41,7 @@ from typing import Optional
 
 import numpy as np
 
-from .audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
+from ..audio_io import DEFAULT_CHANNELS, DEFAULT_TARGET_RATE, ArrayLike, as_channels_first, check_rate
 
 # The OpenAI speech API's range for `speed`.
 SPEED_RANGE = (0.25, 4.0)

@@ -16,7 +16,7 @@ voices (`preset_voices/`, one short synthetic clip per name of voice_presets.PRE
 so that every OpenAI voice name and the default voice work with it offline.
 
 The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
-tests, `verify_npu.py --tiny` and bench.py. Command line: `python checkpoints.py OUT_DIR [--tokenizer tokenizer.model]
+tests, `verify_npu.py --tiny` and bench.py. Command line: `python measurement/checkpoints.py OUT_DIR [--tokenizer tokenizer.model]
 [--seed 0] [--dtype bfloat16]` writes a runnable repository and prints its folder (README, "From Python"). Without
 --tokenizer it trains a tiny SentencePiece model offline (`write_tiny_tokenizer`: byte fallback, so any text encodes;
 ids far below the model's 16384), so the recipe runs on a fresh clone without the download. Arguments are checked
@@ -24,10 +24,15 @@ before anything is written, and a folder the command created is removed again if
 """
 
 if __name__ == "__main__" and not __package__:
-    # Run as a script: import this file as part of the repository package so its relative imports work.
+    # Run as a script (python measurement/checkpoints.py): import this file as part of the repository package, from
+    # the repository root, so its relative imports work.
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
     from local_package import import_module
 
-    raise SystemExit(import_module("checkpoints").main())
+    raise SystemExit(import_module("measurement.checkpoints").main())
 
 import argparse
 import collections
@@ -45,20 +50,21 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
-from .devices import parse_dtype
-from .voice_presets import PRESET_CLIPS, PRESET_LOCK_FILE, PRESET_SUBFOLDER, mark_stand_ins, preset_folder
-from .weights import CODEC_SUBFOLDER
+from ..configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
+from ..devices import parse_dtype
+from ..voices.presets import PRESET_CLIPS, PRESET_LOCK_FILE, PRESET_SUBFOLDER, mark_stand_ins, preset_folder
+from ..weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_NAME = "pytorch_model.bin"
 # The golden tiny shape (shared/golden/README.md): 2 layers, 64 wide, 4 heads, released ids and vocabulary.
 TINY_GPT2_CONFIG = {"n_embd": 64, "n_head": 4, "n_inner": 128, "n_layer": 2}
-# Root files that are scripts, test helpers or the verifier's library, not modules of the model repository.
-NON_LIBRARY_FILES = {"checkpoints.py", "local_package.py", "infer_npu.py", "verify_npu.py", "verification.py",
-                     "bench.py", "serve.py", "serve_ray.py", "loadtest.py", "setup.py"}
+# Root files that are scripts or the package helper, not modules of the model repository (the packages, server/ and
+# the others, are never copied: remote code does not import them).
+NON_LIBRARY_FILES = {"local_package.py", "infer_npu.py", "verify_npu.py", "bench.py", "serve.py", "serve_ray.py",
+                     "loadtest.py", "setup.py"}
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 # Upstream state-dict order: global decoder, audio embeddings, text head, audio heads, local decoder.
 _KEY_GROUPS = ("transformer.", "audio_embeddings.", "text_lm_head.", "audio_lm_heads.", "local_transformer.")
@@ -178,7 +184,7 @@ def write_model_repository(
 
 def random_tiny_model(seed: int = 0, **overrides):
     """A randomly initialised tiny MossTTSNanoForCausalLM (seeded), in eval mode."""
-    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    from ..modeling_moss_tts_nano import MossTTSNanoForCausalLM
 
     torch.manual_seed(seed)
     return MossTTSNanoForCausalLM(tiny_config(**overrides)).eval()
@@ -290,8 +296,8 @@ def tiny_codec(seed: int = 0):
     16-bit files store as silence. Every Linear gets unit gain (std 1/sqrt(fan_in)) instead, and the last projection
     is scaled so that decoding seeded random codes gives TINY_CODEC_RMS.
     """
-    from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
-    from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel
+    from ..configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
+    from ..modeling_moss_audio_tokenizer import MossAudioTokenizerModel
 
     torch.manual_seed(seed)
     codec = MossAudioTokenizerModel(MossAudioTokenizerConfig(**tiny_codec_config_dict())).eval()
@@ -410,7 +416,7 @@ def load_safetensors_model(folder, dtype: torch.dtype = torch.float32):
     Returns:
         MossTTSNanoForCausalLM in eval mode, ties intact.
     """
-    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
+    from ..modeling_moss_tts_nano import MossTTSNanoForCausalLM
 
     folder = Path(folder)
     config = MossTTSNanoConfig.from_pretrained(folder)

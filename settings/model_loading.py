@@ -1,5 +1,5 @@
-"""Loading the TTS model for a run, with every choice checked before a weight is read, and the command-line flags
-that make those choices (infer_npu.py and serve.py share them: add_model_arguments).
+"""Loading the TTS model for a run, with every choice checked before a weight is read (the command-line flags that
+make those choices are model_flags.py).
 
     device (devices.resolve_device) -> dtype (the weight format's, or the requested one) -> attention backend
     -> the folder's files (size + sha256 of the pinned upstream files, weights.py) -> from_pretrained
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from . import devices, weight_formats, weights
+from .. import devices, weight_formats, weights
 
 # weight_format "auto": the dtype as given, and in float32 the fp32 format (the faster float32 kernel of this CPU).
 AUTO_FORMAT = "auto"
@@ -90,7 +90,7 @@ def load_model(folder, device: str = "auto", dtype: str = "auto", weight_format:
         ValueError: a choice the device cannot run, or conflicting choices (before any file is read).
         weights.WeightsUnavailableError, weights.ChecksumError: see check_model_folder.
     """
-    from .modeling_moss_tts_nano import MossTTSNanoForCausalLM  # here: the checks below run before transformers loads
+    from ..modeling_moss_tts_nano import MossTTSNanoForCausalLM  # here: the checks below run before transformers loads
 
     resolved_device, run_dtype, attention = check_choices(folder, device, dtype, weight_format, attn_implementation,
                                                           verify, pins, progress)
@@ -127,36 +127,5 @@ def effective_weight_format(requested: str, dtype: torch.dtype) -> str | None:
     return "fp32" if requested == AUTO_FORMAT else requested
 
 
-def add_model_arguments(group) -> None:
-    """The command-line flags of load_model's choices, shared by infer_npu.py and serve.py: model folder,
-    verification, device, dtype, weight format, attention, progress output."""
-    group.add_argument("--model-path", default=None,
-                       help="model folder (default: this repository folder, filled by --download-only)")
-    group.add_argument("--no-verify", action="store_true",
-                       help="skip the size/sha256 check of the pinned files (for fine-tuned or custom checkpoints)")
-    group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
-    group.add_argument("--dtype", default="auto", type=str.lower, choices=("auto",) + devices.DTYPE_NAMES,
-                       metavar="DTYPE",
-                       help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
-    group.add_argument("--weight-format", default="auto", type=str.lower,
-                       choices=(AUTO_FORMAT, PLAIN_FORMAT) + weight_formats.WEIGHT_FORMATS,
-                       help="how the weights are held after loading (weight_formats.py). auto: as --dtype gives "
-                            "them, in float32 as fp32; plain: as --dtype gives them with torch's own Linear kernels "
-                            "(upstream's exact arithmetic); fp32: float32 weights with the faster of F.linear and "
-                            "oneDNN's packed linear on this CPU (a timing probe at load; greedy codes stay upstream's); "
-                            "bf16 / fp16: 16-bit weights and activations (teacher-forced audio-logit cosine vs fp32 >= "
-                            "0.999; on CPU, bf16 uses oneDNN's packed layout where it runs, fast with AVX-512 BF16); "
-                            "int8: int8 weights, float32 activations, CPU only, fastest there (cosine >= 0.995). A "
-                            "format other than auto and plain sets the dtype (int8: float32); a different explicit "
-                            "--dtype is an error")
-    group.add_argument("--attn-implementation", default="auto", choices=("auto",) + devices.ATTENTION_BACKENDS,
-                       metavar="NAME",
-                       help="auto | sdpa | eager | flash_attention_2 | npu_fusion_attention (one the device cannot "
-                            "run falls back to the device default with a log line)")
-    group.add_argument("--no-progress", action="store_true",
-                       help="no progress output: no bars (ours, transformers' weight loading, downloads) and, when "
-                            "stderr is not a terminal, no periodic progress lines")
-
-
-__all__ = ["AUTO_FORMAT", "PLAIN_FORMAT", "LoadedModel", "add_model_arguments", "check_model_folder",
+__all__ = ["AUTO_FORMAT", "PLAIN_FORMAT", "LoadedModel", "check_model_folder",
            "effective_weight_format", "load_model", "resolve_run_dtype"]

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .voice_presets import DEFAULT_VOICE, OPENAI_VOICES
-from .voices import UnknownVoiceError, VoiceStore, check_voice_name
+from .presets import DEFAULT_VOICE, OPENAI_VOICES
+from .store import UnknownVoiceError, VoiceStore, check_voice_name
 
 logger = logging.getLogger(__name__)
 

@@ -50,8 +50,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .audio_io import PathLike, write_atomically
-from .synthesis import codec_info, encode_prompt_audio
+from ..audio_io import PathLike, write_atomically
+from ..synthesis import codec_info, encode_prompt_audio
 
 try:  # POSIX advisory locks between processes; absent on Windows, where the store locks within the process only
     import fcntl

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from .generation import GenerationSettings
+from ..generation import GenerationSettings
 
 
 def add_generation_arguments(parser) -> None:

@@ -16,7 +16,7 @@ from typing import Optional
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse
 
-from .speech_api import APIError
+from .schema import APIError
 
 PAGE_FOLDER = Path(__file__).resolve().parent / "web"
 # The served files and their media types (a name not listed here is a 404, so no path reaches outside the folder).

@@ -5,7 +5,7 @@ Sampling makes waveforms differ from run to run, so the verdict comes from deter
 run on the CPU in float32 with the eager attention. For each row:
 
 1. load the model on the device (load time, peak memory);
-2. a TEACHER-FORCED pass (teacher_forcing.py) on the reference's prompt rows and greedy frames: global hidden states,
+2. a TEACHER-FORCED pass (measurement/teacher_forcing.py) on the reference's prompt rows and greedy frames: global hidden states,
    the 2-way stop logits (ids 9 vs 7) and each of the 16 audio heads' logits against the reference's;
 3. N greedy frames with the model's own `generate_stream`, each decoded at once by a streaming codec session (codes
    identical to the reference's, first divergence, LM frames/s, codec ms/frame, time to first audio, RTF);
@@ -34,16 +34,16 @@ from typing import Callable, Mapping, Optional
 
 import torch
 
-from . import devices, weight_formats
-from .audio_io import load_audio
+from .. import devices, weight_formats
+from ..audio_io import load_audio
 from .checkpoints import load_checkpoint, tiny_codec, upstream_state_dict, verification_tiny_model
-from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
-from .configuration_moss_tts_nano import MossTTSNanoConfig
-from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel
-from .modeling_moss_tts_nano import MossTTSNanoForCausalLM
-from .prompting import build_voice_clone_rows
+from ..configuration_moss_audio_tokenizer import MossAudioTokenizerConfig
+from ..configuration_moss_tts_nano import MossTTSNanoConfig
+from ..modeling_moss_audio_tokenizer import MossAudioTokenizerModel
+from ..modeling_moss_tts_nano import MossTTSNanoForCausalLM
+from ..prompting import build_voice_clone_rows
 from .teacher_forcing import TeacherForcedLogits, compare, reproduces_greedy, teacher_forced
-from .weights import CODEC_SUBFOLDER
+from ..weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ class Assets:
 def load_assets(text: str, seed: int, model_path: Optional[str] = None,
                 prompt_audio_path: Optional[str] = None) -> Assets:
     """The shared assets: a model folder's (as weights.ensure_model_files lays it out), or with no folder the tiny
-    random model and codec of checkpoints.py; the prompt is the given file or a synthetic tone.
+    random model and codec of measurement/checkpoints.py; the prompt is the given file or a synthetic tone.
 
     Raises:
         ValueError: the folder lacks a file (naming them).
@@ -255,7 +255,7 @@ def _tiny_assets(text: str, seed: int) -> Assets:
 
 
 def _folder_assets(folder: Path, text: str) -> Assets:
-    from .tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
+    from ..tokenization_moss_tts_nano import MossTTSNanoSentencePieceTokenizer
 
     needed = [folder / "config.json", folder / "pytorch_model.bin", folder / "tokenizer.model"]
     needed += [folder / CODEC_SUBFOLDER / name for name in CODEC_FILES]
