@@ -7,7 +7,8 @@ then the text decision, then one slot per audio channel (§6.2). Heads are tied 
 
 Differences from upstream that keep its outputs (§11):
 * the local decoder keeps a small KV cache (capacity n_vq + 1, reset each frame) instead of recomputing up to 17
-  times per frame; `use_kv_cache=False` keeps upstream's full recomputation as the reference path;
+  times per frame (the same outputs: `use_kv_cache` is accepted for upstream's signature, and both caches are
+  always used);
 * the 2-way stop decision uses only the text-head rows of ids 9 and 7 (the same logits, far cheaper);
 * one host sync per frame (the stop check, which also reports non-finite logits accumulated on the device);
 * the attention backend is chosen at run time per device (`devices.resolve_attention`), never crashing on the
@@ -48,7 +49,7 @@ from .host import cpu_description  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .runaway_guards import RunawayGuard  # noqa: F401,E402
 from .sampling import RowSettings  # noqa: F401,E402
-from .synthesis_loading import load_text_tokenizer  # noqa: F401,E402
+from .synthesis_inputs import load_text_tokenizer  # noqa: F401,E402
 from .synthesis_offline import run_inference  # noqa: F401,E402
 from .synthesis_request import build_request  # noqa: F401,E402
 from .synthesis_streaming import run_inference_stream  # noqa: F401,E402

@@ -4,7 +4,7 @@
 return dictionaries; the model file stays free of audio I/O. A call goes through four modules, in this order:
 
     synthesis_request.py    the arguments, checked before anything loads (build_request), progress, the result dict
-    synthesis_loading.py    model to device, eval -> text tokenizer (§7.5) -> codec (§7.4) -> prompt codes (trimmed to
+    synthesis_inputs.py    model to device, eval -> text tokenizer (§7.5) -> codec (§7.4) -> prompt codes (trimmed to
                             the codec's floor length) -> text chunks (voice clone, §7.2)
     synthesis_offline.py    `inference`: batches (§7.3) -> prompt rows (prompting.py) -> generate (+ the stability
                             fallback, §7.1) -> decode (joined with pauses) -> save (audio_io.py)
@@ -27,12 +27,12 @@ from typing import Iterator
 
 from .audio_io import ProgressiveWavWriter
 from .engine import UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, StreamDecodePolicy, stream_lead_seconds
-from .synthesis_loading import (CONTINUATION_MAX_TEXT_TOKENS, CodecInfo, codec_info, decode_codes, encode_prompt_audio,
+from .synthesis_inputs import (CONTINUATION_MAX_TEXT_TOKENS, CodecInfo, codec_info, decode_codes, encode_prompt_audio,
                                 folder_text_tokenizer, load_audio_tokenizer, load_text_tokenizer, text_chunks)
 from .synthesis_offline import (generate_codes, is_stability_error, iter_inference_many, resolve_batch_sizes,
                                 run_inference)
 from .synthesis_request import SynthesisRequest, build_request, progress_logger
-from .synthesis_streaming import run_inference_stream, speech_request
+from .synthesis_streaming import run_inference_stream, engine_request
 from .text_chunking import split_text_into_chunks
 
 
@@ -160,7 +160,7 @@ __all__ = [
     "resolve_batch_sizes",
     "run_inference",
     "run_inference_stream",
-    "speech_request",
+    "engine_request",
     "stream_lead_seconds",
     "text_chunks",
 ]

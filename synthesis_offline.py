@@ -24,7 +24,7 @@ from .captions import add_captions, chunk_captions
 from .devices import chunk_batch_size, resolve_attention
 from .prompting import build_prompt_rows, left_pad_batch
 from .runaway_guards import RunawayGuard, describe_stops
-from .synthesis_loading import PreparedRequest, decode_codes, prepare_request
+from .synthesis_inputs import SynthesisInputs, decode_codes, load_synthesis_inputs
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, result_dict, warn_if_truncated
 from .text_chunking import pause_samples
 from .weight_formats import dtype_change_unavailable_reason
@@ -70,7 +70,7 @@ def iter_inference_many(model, requests: Sequence[SynthesisRequest]) -> Iterator
     was_training = model.training
     try:
         prompt_cache: dict = {}
-        prepared = [prepare_request(model, request, prompt_cache) for request in requests]
+        prepared = [load_synthesis_inputs(model, request, prompt_cache) for request in requests]
         chunk_refs = [(index, chunk) for index, ready in enumerate(prepared) for chunk in range(len(ready.chunks))]
         batch_sizes = resolve_batch_sizes(prepared[0].device, len(chunk_refs), requests[0], streaming=False)
         codes: list = [[None] * len(ready.chunks) for ready in prepared]
@@ -191,7 +191,7 @@ def resolve_batch_sizes(device, num_chunks: int, request: SynthesisRequest, stre
     return tts_batch, 1
 
 
-def _finish(request, prepared: PreparedRequest, codes_list: list, batch_sizes, chunk_stops=()) -> dict:
+def _finish(request, prepared: SynthesisInputs, codes_list: list, batch_sizes, chunk_stops=()) -> dict:
     """Decode, check, save and describe one request."""
     layout = prepared.codec_layout
     warn_if_truncated(codes_list, prepared.chunks, int(request.generation["max_new_frames"]),
@@ -217,7 +217,7 @@ def offline_captions(chunks: Sequence[str], codes_list: list, samples_per_frame:
     return chunk_captions(chunks, lengths, pauses, rate)
 
 
-def _decode_all(request, prepared: PreparedRequest, codes_list: list, codec_batch: int) -> tuple[torch.Tensor, int]:
+def _decode_all(request, prepared: SynthesisInputs, codes_list: list, codec_batch: int) -> tuple[torch.Tensor, int]:
     """The waveform [C, N]: chunks decoded in codec batches and joined with pauses; or one decode (continuation
     prompts are decoded with the generated codes and their samples cut off, spec §5.3)."""
     codec, layout, nq = prepared.codec, prepared.codec_layout, prepared.nq

@@ -118,7 +118,7 @@ def build_request(**arguments) -> SynthesisRequest:
 
 def check_generation_settings(generation: dict, n_vq: Optional[int] = None) -> None:
     """The one set of rules for generation settings, used by `inference`, infer_npu.py, the engine's request building
-    (synthesis_streaming.speech_request) and the server, before anything is loaded or queued.
+    (synthesis_streaming.engine_request) and the server, before anything is loaded or queued.
 
     Stricter than upstream, which accepts top_p outside (0, 1] and top_k <= 0 as "no filter" and, for
     max_new_frames=0, generates nothing: each is a mistake here, named with the expected range.
@@ -373,7 +373,7 @@ def _preview(text: str, limit: int = 60) -> str:
 
 
 def result_dict(prepared, waveform, rate, codes_list, batch_sizes, audio_path) -> dict:
-    """Upstream's return dictionary of a request (`prepared`: its synthesis_loading.PreparedRequest)."""
+    """Upstream's return dictionary of a request (`prepared`: its synthesis_inputs.SynthesisInputs)."""
     frames = [codes for codes in codes_list if codes.shape[0] > 0]
     token_ids = torch.cat(frames, dim=0) if frames else torch.zeros(0, prepared.n_vq, dtype=torch.long)
     return {

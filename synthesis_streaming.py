@@ -1,4 +1,4 @@
-"""Streaming synthesis: `inference_stream` (spec tts.md §7) and `speech_request`, on the speech engine.
+"""Streaming synthesis: `inference_stream` (spec tts.md §7) and `engine_request`, on the speech engine.
 
 A request becomes an engine `SpeechRequest` (one prompt per voice-clone chunk, each followed by its pause); the engine
 (engine.py) generates the frames and decodes them with a streaming codec session whose frames-per-call budget follows
@@ -22,14 +22,14 @@ from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEv
 from .generation import GenerationSettings
 from .prompting import build_prompt_rows
 from .runaway_guards import describe_stops
-from .synthesis_loading import PreparedRequest, prepare_request, text_chunks
+from .synthesis_inputs import SynthesisInputs, load_synthesis_inputs, text_chunks
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, check_text, result_dict
 from .synthesis_request import check_chunk_budget, check_generation_settings
 from .synthesis_request import warn_if_truncated
 from .text_chunking import pause_seconds_after
 
 
-def speech_request(model, tokenizer, text: str, mode: str = "voice_clone", prompt_codes=None,
+def engine_request(model, tokenizer, text: str, mode: str = "voice_clone", prompt_codes=None,
                    prompt_text: Optional[str] = None, settings: Optional[GenerationSettings] = None,
                    voice_clone_max_text_tokens: int = 50, chunks: Optional[list] = None,
                    **engine_options) -> SpeechRequest:
@@ -85,19 +85,19 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
     policy = policy or request.stream_policy or UPSTREAM_STREAM_POLICY
     was_training, writer, engine = model.training, None, None
     try:
-        prepared = prepare_request(model, request)
+        prepared = load_synthesis_inputs(model, request)
         settings = GenerationSettings(**{name: value for name, value in request.generation.items()
                                          if name != "use_kv_cache"})
-        engine_request = speech_request(model, prepared.tokenizer, request.text, request.mode, prepared.prompt_codes,
+        job = engine_request(model, prepared.tokenizer, request.text, request.mode, prepared.prompt_codes,
                                         request.prompt_text, settings, chunks=prepared.chunks, global_random=True,
                                         runaway_guards=request.runaway_guards)
-        longest_prompt = max(chunk.rows.shape[0] for chunk in engine_request.chunks)
-        positions = longest_prompt + engine_request.settings.checked(prepared.n_vq).max_new_frames
+        longest_prompt = max(chunk.rows.shape[0] for chunk in job.chunks)
+        positions = longest_prompt + job.settings.checked(prepared.n_vq).max_new_frames
         engine = SpeechEngine(model, prepared.codec, num_slots=1, max_positions=positions, policy=policy)
         layout = prepared.codec_layout
         if request.output_audio_path is not None:
             writer = ProgressiveWavWriter(request.output_audio_path, layout.sample_rate, layout.channels)
-        result = yield from _audio_events(engine, engine.submit(engine_request), prepared, request, writer)
+        result = yield from _audio_events(engine, engine.submit(job), prepared, request, writer)
         audio_path = writer.close() if writer is not None else None
         writer = None
         yield {"type": "result", **_result(prepared, request, result, audio_path)}
@@ -109,7 +109,7 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         model.train(was_training)
 
 
-def _result(prepared: PreparedRequest, request, result: dict, audio_path) -> dict:
+def _result(prepared: SynthesisInputs, request, result: dict, audio_path) -> dict:
     """Upstream's result dictionary, plus runaway_stops and captions when the request asked for them."""
     final = result_dict(prepared, result["waveform"], prepared.codec_layout.sample_rate, result["codes"], (1, 1),
                         audio_path)
@@ -120,7 +120,7 @@ def _result(prepared: PreparedRequest, request, result: dict, audio_path) -> dic
     return final
 
 
-def _audio_events(engine, handle, prepared: PreparedRequest, request, writer):
+def _audio_events(engine, handle, prepared: SynthesisInputs, request, writer):
     """Tick the engine and turn its events into upstream's audio dictionaries; returns the waveform and codes."""
     pieces, emitted, first_time = [], 0, None
     layout = prepared.codec_layout

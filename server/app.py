@@ -55,7 +55,7 @@ from .metrics import ServerMetrics, counting_errors, engine_error_code, route_la
 from .schema import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
 from .page import page_router
 from .service import SpeechService
-from .streams import ClientGone, EngineStream, ResponseAudio, audio_body, sse_body, whole_file
+from .streams import ClientGone, RequestEvents, ResponseAudio, audio_body, sse_body, whole_file
 from .streams import SpokenText, spoken_text_header
 
 logger = logging.getLogger(__name__)
@@ -342,7 +342,7 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
     service.check_queue()
     deadline = _deadline(service)
     prepared = await _bounded(state, deadline, service.prepare, body)
-    stream = EngineStream(lambda listener: service.submit(prepared, counting_errors(listener, state.metrics)),
+    stream = RequestEvents(lambda listener: service.submit(prepared, counting_errors(listener, state.metrics)),
                           asyncio.get_running_loop(), state.metrics.tracker())
     audio, handed_over = None, False
     headers = {"x-moss-seed": str(prepared.seed), "x-sample-rate": str(rate), "x-channels": str(channels),
@@ -387,7 +387,7 @@ async def _bounded(state: ServerState, deadline: Optional[float], function, *arg
         raise _queue_timeout(state.ready(), "for a worker to prepare it") from None
 
 
-async def _first_event(stream: EngineStream, request: Request, deadline: Optional[float], service: SpeechService):
+async def _first_event(stream: RequestEvents, request: Request, deadline: Optional[float], service: SpeechService):
     """The request's first event; past `deadline` a request not yet admitted to a slot is cancelled (503)."""
     while True:
         timeout = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -417,7 +417,7 @@ def _failed(event: ErrorEvent, service: SpeechService) -> APIError:
                     code=engine_error_code(event))
 
 
-def _close(stream: EngineStream, audio: Optional[ResponseAudio]) -> None:
+def _close(stream: RequestEvents, audio: Optional[ResponseAudio]) -> None:
     stream.close()
     if audio is not None:
         audio.close()
@@ -427,7 +427,7 @@ class _StreamedSpeech(StreamingResponse):
     """A streamed speech body whose request is cancelled however the response ends, even before the body's
     generator has started (a generator that never ran has no `finally` to run)."""
 
-    def __init__(self, content, stream: EngineStream, audio: ResponseAudio, **keywords) -> None:
+    def __init__(self, content, stream: RequestEvents, audio: ResponseAudio, **keywords) -> None:
         super().__init__(content, **keywords)
         self._stream, self._audio = stream, audio
 

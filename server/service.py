@@ -29,8 +29,8 @@ from ..engine import FinishedEvent, QueueFullError, RequestHandle, SpeechEngine,
 from ..generation import GenerationSettings
 from ..sampling import SettingError
 from .schema import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject, bad_field
-from ..synthesis import speech_request
-from ..synthesis_loading import text_chunks
+from ..synthesis import engine_request
+from ..synthesis_inputs import text_chunks
 from ..synthesis_request import check_chunk_budget, check_generation_settings
 from ..text_chunking import count_tokens, pause_seconds_after
 from ..text_normalization import normalize_text
@@ -85,7 +85,7 @@ class ServiceOptions:
 
 
 @dataclass
-class PreparedSpeech:
+class AcceptedSpeech:
     """A checked request, ready for the engine."""
 
     request: SpeechRequest
@@ -122,7 +122,7 @@ class SpeechService:
 
     # -- requests -----------------------------------------------------------------------------------------------
 
-    def prepare(self, body: SpeechBody) -> PreparedSpeech:
+    def prepare(self, body: SpeechBody) -> AcceptedSpeech:
         """Check `body` and build its engine request (blocking: encodes ref_audio when given). Everything that needs
         no clip encoding (settings, chunk count, the work bound) is checked before the clip is encoded.
 
@@ -143,14 +143,14 @@ class SpeechService:
         codes, voice = self._prompt_codes(body, mode, settings.nq)
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
-            request = speech_request(self.model, self.tokenizer, spoken, mode, codes, body.ref_text, settings,
+            request = engine_request(self.model, self.tokenizer, spoken, mode, codes, body.ref_text, settings,
                                      max_text_tokens, chunks=chunks, seed=seed, runaway_guards=body.runaway_guards)
         except ValueError as error:
             raise bad_field("input", error) from None
         self._check_positions(body, request, codes)
-        return PreparedSpeech(request, seed, count_tokens(self.tokenizer, body.input), voice, spoken)
+        return AcceptedSpeech(request, seed, count_tokens(self.tokenizer, body.input), voice, spoken)
 
-    def submit(self, prepared: PreparedSpeech, listener) -> RequestHandle:
+    def submit(self, prepared: AcceptedSpeech, listener) -> RequestHandle:
         """Queue the request on the engine; events go to `listener` (called on the engine thread).
 
         Raises:
@@ -368,5 +368,5 @@ def decode_base64_audio(text: str, max_bytes: int) -> bytes:
                                      "file (wav, flac, ogg or mp3)") from None
 
 
-__all__ = ["DEFAULT_MAX_AUDIO_SECONDS", "DEFAULT_MAX_CHUNKS", "DEFAULT_MAX_INPUT_CHARS", "PreparedSpeech",
+__all__ = ["DEFAULT_MAX_AUDIO_SECONDS", "DEFAULT_MAX_CHUNKS", "DEFAULT_MAX_INPUT_CHARS", "AcceptedSpeech",
            "ServiceOptions", "SpeechService", "decode_base64_audio"]

@@ -1,6 +1,6 @@
 """One speech request's audio on the event loop: the engine's events in, the HTTP body's bytes out.
 
-    engine thread --listener--> EngineStream (asyncio queue) --> ResponseAudio (speed, encoder; on worker threads)
+    engine thread --listener--> RequestEvents (asyncio queue) --> ResponseAudio (speed, encoder; on worker threads)
         --> audio_body (bytes as produced) | sse_body (speech.audio.delta / .done events) | whole_file (one body)
 
 The HTTP layer never generates anything itself: it waits on the request's own event queue. Encoding (mp3 and opus
@@ -53,7 +53,7 @@ class StreamFailed(RuntimeError):
         self.code = code
 
 
-class EngineStream:
+class RequestEvents:
     """A submitted request's events, delivered from the engine thread into an asyncio queue.
 
     Args:
@@ -161,7 +161,7 @@ def spoken_text_header(text: str) -> dict:
     return {"x-moss-spoken-text": encoded} if text and len(encoded) <= SPOKEN_TEXT_HEADER_BYTES else {}
 
 
-async def encoded_chunks(stream: EngineStream, audio: ResponseAudio, first,
+async def encoded_chunks(stream: RequestEvents, audio: ResponseAudio, first,
                          disconnected: Optional[Callable[[], Awaitable[bool]]] = None,
                          on_audio: Optional[Callable[[AudioEvent], None]] = None) -> AsyncIterator[bytes]:
     """The encoded bytes of the request's audio as they become ready, starting from its already-read `first` event
@@ -193,7 +193,7 @@ async def encoded_chunks(stream: EngineStream, audio: ResponseAudio, first,
         audio.close()
 
 
-async def audio_body(stream: EngineStream, audio: ResponseAudio, first) -> AsyncIterator[bytes]:
+async def audio_body(stream: RequestEvents, audio: ResponseAudio, first) -> AsyncIterator[bytes]:
     """stream_format 'audio': the bytes as produced. An error after the first byte cuts the body short (the client
     sees an incomplete chunked response), since the status line has already been sent."""
     try:
@@ -204,7 +204,7 @@ async def audio_body(stream: EngineStream, audio: ResponseAudio, first) -> Async
         raise
 
 
-async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_tokens: int,
+async def sse_body(stream: RequestEvents, audio: ResponseAudio, first, input_tokens: int,
                    spoken: Optional[SpokenText] = None) -> AsyncIterator[str]:
     """stream_format 'sse': speech.audio.delta events (base64 of encoded bytes), a speech.caption event per chunk
     once its audio is sent (with `spoken`), then speech.audio.done with usage and the spoken text; an error after the
@@ -232,7 +232,7 @@ async def sse_body(stream: EngineStream, audio: ResponseAudio, first, input_toke
                                **_layout(audio)).model_dump())
 
 
-async def whole_file(stream: EngineStream, audio: ResponseAudio, first,
+async def whole_file(stream: RequestEvents, audio: ResponseAudio, first,
                      disconnected: Callable[[], Awaitable[bool]]) -> bytes:
     """stream=false: the complete file (the request is cancelled if the client leaves meanwhile).
 
@@ -258,5 +258,5 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
-__all__ = ["ClientGone", "EngineStream", "ResponseAudio", "SpokenText", "StreamFailed", "audio_body",
+__all__ = ["ClientGone", "RequestEvents", "ResponseAudio", "SpokenText", "StreamFailed", "audio_body",
            "encoded_chunks", "spoken_text_header", "sse_body", "whole_file"]

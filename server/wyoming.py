@@ -38,7 +38,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from .schema import APIError, SpeechBody
 from .app import ServerState, in_fresh_thread
-from .streams import EngineStream, ResponseAudio, StreamFailed, encoded_chunks
+from .streams import RequestEvents, ResponseAudio, StreamFailed, encoded_chunks
 from ..voices.presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESETS
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class WyomingSpeech:
         body = SpeechBody(model=service.options.model_name, input=text, voice=voice, response_format="pcm",
                           sample_rate=WYOMING_RATE, channels=WYOMING_CHANNELS, **self.overrides)
         prepared = await in_fresh_thread(service.prepare, body)
-        stream = EngineStream(lambda listener: service.submit(prepared, listener), asyncio.get_running_loop(),
+        stream = RequestEvents(lambda listener: service.submit(prepared, listener), asyncio.get_running_loop(),
                               self.state.metrics.tracker())
         audio = ResponseAudio("pcm", 1.0, WYOMING_RATE, WYOMING_CHANNELS, whole_file=False,
                               source_rate=service.sample_rate, source_channels=service.channels)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..synthesis_loading import text_chunks
+from ..synthesis_inputs import text_chunks
 from ..text_language import LANGUAGES
 from ..text_normalization import TextOptions
 

@@ -462,18 +462,18 @@ def test_generation_settings_are_checked_before_anything_is_loaded(overrides, ma
 
 
 def test_the_engine_request_builder_applies_the_same_rules(model):
-    """speech_request (the engine requests of inference_stream and the server) refuses what build_request refuses."""
+    """engine_request (the engine requests of inference_stream and the server) refuses what build_request refuses."""
     tokenizer = synthesis.load_text_tokenizer(model)
     for settings, name in ((GenerationSettings(audio_top_k=0), "audio_top_k"),
                            (GenerationSettings(audio_top_p=0.0), "audio_top_p"),
                            (GenerationSettings(nq=int(model.config.n_vq) + 1), "nq")):
         with pytest.raises(ValueError) as refused:
-            synthesis.speech_request(model, tokenizer, "Hello.", "continuation", settings=settings)
+            synthesis.engine_request(model, tokenizer, "Hello.", "continuation", settings=settings)
         assert refused.value.name == name
     for budget in (1, 3):
         with pytest.raises(ValueError, match="voice_clone_max_text_tokens"):
-            synthesis.speech_request(model, tokenizer, "Hello.", "continuation", voice_clone_max_text_tokens=budget)
-    assert synthesis.speech_request(model, tokenizer, "Hello.", "continuation", voice_clone_max_text_tokens=0).chunks
+            synthesis.engine_request(model, tokenizer, "Hello.", "continuation", voice_clone_max_text_tokens=budget)
+    assert synthesis.engine_request(model, tokenizer, "Hello.", "continuation", voice_clone_max_text_tokens=0).chunks
 
 
 def _unwritable_outputs(tmp_path):

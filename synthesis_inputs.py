@@ -340,7 +340,7 @@ def text_chunks(tokenizer, text: str, mode: str, prompt_text: Optional[str] = No
 
 
 @dataclass
-class PreparedRequest:
+class SynthesisInputs:
     """Everything one request needs, loaded before any generation."""
 
     device: torch.device
@@ -353,7 +353,7 @@ class PreparedRequest:
     chunks: list
 
 
-def prepare_request(model, request: SynthesisRequest, prompt_cache: Optional[dict] = None) -> PreparedRequest:
+def load_synthesis_inputs(model, request: SynthesisRequest, prompt_cache: Optional[dict] = None) -> SynthesisInputs:
     """Model to device + eval, tokenizers, codec, prompt codes and chunks (spec §7 'Flow').
 
     `prompt_cache` ({(path, nq): codes}) lets several requests with the same prompt encode it once.
@@ -375,7 +375,7 @@ def prepare_request(model, request: SynthesisRequest, prompt_cache: Optional[dic
         if key not in cache:
             cache[key] = encode_prompt_audio(codec, layout, request.prompt_audio_path, model.config, nq)
         prompt_codes = cache[key]
-    return PreparedRequest(device, tokenizer, codec, layout, nq, int(model.config.n_vq), prompt_codes, chunks)
+    return SynthesisInputs(device, tokenizer, codec, layout, nq, int(model.config.n_vq), prompt_codes, chunks)
 
 
 def _check_nq(model, nq) -> int:
