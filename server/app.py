@@ -55,7 +55,7 @@ from .metrics import ServerMetrics, counting_errors, engine_error_code, route_la
 from .schema import APIError, ModelList, ModelObject, SpeechBody, VoiceDeleted, VoiceList, bad_field, error_body
 from .page import page_router
 from .service import SpeechService
-from .streams import ClientGone, RequestEvents, ResponseAudio, audio_body, sse_body, whole_file
+from .streams import ClientGone, RequestEvents, ResponseAudio, audio_body, close_request, sse_body, whole_file
 from .streams import SpokenText, spoken_text_header
 
 logger = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ async def _speech(state: ServerState, body: SpeechBody, request: Request) -> Res
         return Response(status_code=CLIENT_CLOSED_REQUEST)  # nobody reads it
     finally:
         if not handed_over:
-            _close(stream, audio)
+            close_request(stream, audio)
     if body.stream_format == "sse":
         spoken = SpokenText(prepared.spoken_text, [chunk.text for chunk in prepared.request.chunks],
                             service.sample_rate, body.speed)
@@ -417,12 +417,6 @@ def _failed(event: ErrorEvent, service: SpeechService) -> APIError:
                     code=engine_error_code(event))
 
 
-def _close(stream: RequestEvents, audio: Optional[ResponseAudio]) -> None:
-    stream.close()
-    if audio is not None:
-        audio.close()
-
-
 class _StreamedSpeech(StreamingResponse):
     """A streamed speech body whose request is cancelled however the response ends, even before the body's
     generator has started (a generator that never ran has no `finally` to run)."""
@@ -435,7 +429,7 @@ class _StreamedSpeech(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            _close(self._stream, self._audio)
+            close_request(self._stream, self._audio)
 
 
 # ----------------------------------------------------------------------------------------------------------------

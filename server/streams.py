@@ -5,8 +5,10 @@
 
 The HTTP layer never generates anything itself: it waits on the request's own event queue. Encoding (mp3 and opus
 cost about 5% of a core per stream) and time stretching run on worker threads, so the event loop only moves bytes.
-Whatever ends a body (the last event, an error, the client leaving, the server's grace period running out), its
-`finally` cancels the engine request, so the slot is free at the engine's next tick.
+Whatever ends a request (the last event, an error, the client leaving, the server's grace period running out),
+`close_request` cancels the engine request and closes its encoder, so the slot is free at the engine's next tick. It
+is called by whoever holds the request at that moment: the route until a streamed body takes it over, then the
+streamed response (server/app.py), or the Wyoming handler.
 """
 
 from __future__ import annotations
@@ -172,24 +174,28 @@ async def encoded_chunks(stream: RequestEvents, audio: ResponseAudio, first,
         ClientGone: `disconnected` said the client left.
     """
     event = first
-    try:
-        while True:
-            if isinstance(event, AudioEvent):
-                if on_audio is not None:
-                    on_audio(event)
-                data = await to_thread.run_sync(audio.feed, event.waveform)
-                if data:
-                    yield data
-            elif isinstance(event, FinishedEvent):
-                data = await to_thread.run_sync(audio.finish)
-                if data:
-                    yield data
-                return
-            elif isinstance(event, ErrorEvent):
-                raise StreamFailed(f"synthesis failed: {event.message}", event.code)
-            event = await stream.next(disconnected)
-    finally:
-        stream.close()
+    while True:
+        if isinstance(event, AudioEvent):
+            if on_audio is not None:
+                on_audio(event)
+            data = await to_thread.run_sync(audio.feed, event.waveform)
+            if data:
+                yield data
+        elif isinstance(event, FinishedEvent):
+            data = await to_thread.run_sync(audio.finish)
+            if data:
+                yield data
+            return
+        elif isinstance(event, ErrorEvent):
+            raise StreamFailed(f"synthesis failed: {event.message}", event.code)
+        event = await stream.next(disconnected)
+
+
+def close_request(stream: RequestEvents, audio: Optional[ResponseAudio]) -> None:
+    """The one way a request ends on the server side: its engine request cancelled unless it has ended, its encoder
+    closed. Safe to call more than once."""
+    stream.close()
+    if audio is not None:
         audio.close()
 
 
@@ -259,4 +265,4 @@ def _sse(payload: dict) -> str:
 
 
 __all__ = ["ClientGone", "RequestEvents", "ResponseAudio", "SpokenText", "StreamFailed", "audio_body",
-           "encoded_chunks", "spoken_text_header", "sse_body", "whole_file"]
+           "close_request", "encoded_chunks", "spoken_text_header", "sse_body", "whole_file"]

@@ -38,7 +38,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from .schema import APIError, SpeechBody
 from .app import ServerState, in_fresh_thread
-from .streams import RequestEvents, ResponseAudio, StreamFailed, encoded_chunks
+from .streams import RequestEvents, ResponseAudio, StreamFailed, close_request, encoded_chunks
 from ..voices.presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESETS
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,16 @@ class WyomingSpeech:
                               self.state.metrics.tracker())
         audio = ResponseAudio("pcm", 1.0, WYOMING_RATE, WYOMING_CHANNELS, whole_file=False,
                               source_rate=service.sample_rate, source_channels=service.channels)
-        first = await stream.next()
-        async for data in encoded_chunks(stream, audio, first):
-            if not started:
-                await send(AudioStart(rate=WYOMING_RATE, width=WYOMING_WIDTH, channels=WYOMING_CHANNELS).event())
-                started = True
-            await send(AudioChunk(rate=WYOMING_RATE, width=WYOMING_WIDTH, channels=WYOMING_CHANNELS,
-                                  audio=data).event())
+        try:
+            first = await stream.next()
+            async for data in encoded_chunks(stream, audio, first):
+                if not started:
+                    await send(AudioStart(rate=WYOMING_RATE, width=WYOMING_WIDTH, channels=WYOMING_CHANNELS).event())
+                    started = True
+                await send(AudioChunk(rate=WYOMING_RATE, width=WYOMING_WIDTH, channels=WYOMING_CHANNELS,
+                                      audio=data).event())
+        finally:
+            close_request(stream, audio)
         return started
 
 
