@@ -178,6 +178,14 @@ def test_help_states_the_values_actually_applied():
         assert phrase in text
 
 
+def test_the_server_and_the_cli_speak_with_the_same_defaults():
+    """serve.py and the Ray app take generation_defaults(); with no flags the CLI must apply exactly those."""
+    defaults = import_module("settings.generation_flags").generation_defaults()
+    parsed = vars(infer_npu.build_parser().parse_args([]))
+    assert defaults == {name: parsed[name] for name in defaults}
+    assert defaults["max_new_frames"] == 375 and defaults["audio_temperature"] == 0.8
+
+
 def test_help_states_each_default_once_and_never_none():
     parser = infer_npu.build_parser()
     formatter = parser._get_formatter()
