@@ -49,9 +49,10 @@ which is what `infer_npu.py` applies without flags:
 
 `pcm` is 16-bit signed little-endian, channels interleaved (L R L R), without a header, at 24 kHz mono as OpenAI
 documents it; the other formats are the codec's native 48 kHz stereo; `sample_rate` / `channels` change either (48 kHz
-stereo pcm is `{"sample_rate": 48000, "channels": 2}`). Every audio response states x-sample-rate and x-channels, and
+stereo pcm is `{"sample_rate": 48000, "channels": 2}`). Every audio response states x-sample-rate and x-channels;
 x-moss-voice names the voice that spoke (an OpenAI name's preset, or the default voice when that preset is not
-installed); SSE events carry response_format, sample_rate and channels.
+installed; absent with ref_audio or without a reference); the SSE audio events (delta and done) carry
+response_format, sample_rate and channels.
 
 Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, with `param` naming the request field.
 """
