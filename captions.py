@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .audio_io import write_atomically
+
 
 @dataclass(frozen=True)
 class Caption:
@@ -113,13 +115,11 @@ def to_webvtt(captions: Sequence[Caption]) -> str:
 
 
 def write_webvtt(path, captions: Sequence[Caption]) -> Path:
-    """Write `to_webvtt(captions)` to `path` (atomically: a temporary file renamed); returns the path."""
+    """Write `to_webvtt(captions)` to `path` atomically (audio_io.write_atomically: a failed write leaves the old
+    file and no temporary); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(to_webvtt(captions), encoding="utf-8")
-    partial.replace(path)
-    return path
+    return write_atomically(path, lambda temporary: Path(temporary).write_text(to_webvtt(captions), encoding="utf-8"))
 
 
 def _timestamp(seconds: float) -> str:

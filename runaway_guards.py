@@ -91,9 +91,6 @@ class GuardStop:
     reason: str
     frames: int
 
-    def as_dict(self) -> dict:
-        return {"row": self.row, "reason": self.reason, "frames": self.frames}
-
 
 @dataclass
 class RunawayGuard:

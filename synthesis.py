@@ -4,7 +4,7 @@
 return dictionaries; the model file stays free of audio I/O. A call goes through four modules, in this order:
 
     synthesis_request.py    the arguments, checked before anything loads (build_request), progress, the result dict
-    synthesis_inputs.py    model to device, eval -> text tokenizer (§7.5) -> codec (§7.4) -> prompt codes (trimmed to
+    synthesis_inputs.py     model to device, eval -> text tokenizer (§7.5) -> codec (§7.4) -> prompt codes (trimmed to
                             the codec's floor length) -> text chunks (voice clone, §7.2)
     synthesis_offline.py    `inference`: batches (§7.3) -> prompt rows (prompting.py) -> generate (+ the stability
                             fallback, §7.1) -> decode (joined with pauses) -> save (audio_io.py)

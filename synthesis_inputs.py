@@ -356,7 +356,7 @@ class SynthesisInputs:
 def load_synthesis_inputs(model, request: SynthesisRequest, prompt_cache: Optional[dict] = None) -> SynthesisInputs:
     """Model to device + eval, tokenizers, codec, prompt codes and chunks (spec §7 'Flow').
 
-    `prompt_cache` ({(path, nq): codes}) lets several requests with the same prompt encode it once.
+    `prompt_cache` ({(path, nq, id(codec)): codes}) lets several requests with the same prompt and codec encode it once.
     """
     device = resolve_device(request.device) if request.device is not None else model.device
     nq = _check_nq(model, request.nq)

@@ -55,7 +55,8 @@ MIN_CHUNK_TEXT_TOKENS = 4
 class SynthesisRequest:
     """The validated arguments of one `inference` / `inference_stream` call (upstream names).
 
-    `generation` holds the keyword arguments passed to `model.generate` / `model.generate_stream`.
+    `generation` holds the generation keyword arguments: `inference` passes them to `model.generate`;
+    `inference_stream` turns them (less use_kv_cache) into the engine's GenerationSettings.
     """
 
     text: str

@@ -4,8 +4,8 @@ A request becomes an engine `SpeechRequest` (one prompt per voice-clone chunk, e
 (engine.py) generates the frames and decodes them with a streaming codec session whose frames-per-call budget follows
 a `StreamDecodePolicy` (upstream's runtime monkey-patches it on CUDA; here it is an argument). `inference_stream`
 runs one request on a one-slot engine ticked inline and turns the engine's events into upstream's dictionaries;
-`serve.py` submits the same engine requests to a shared engine. `output_audio_path` is written progressively (a
-temporary file, renamed when complete).
+the server (server/service.py) submits the same engine requests to a shared engine. `output_audio_path` is written
+progressively (a temporary file, renamed when complete).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def engine_request(model, tokenizer, text: str, mode: str = "voice_clone", promp
         settings: generation settings (default: the model methods' defaults).
         voice_clone_max_text_tokens: token budget per voice-clone chunk (<= 0: one chunk).
         chunks: the chunk texts, when already split.
-        engine_options: further SpeechRequest fields (seed, generator, global_random, emit_codes, ...).
+        engine_options: further SpeechRequest fields (seed, generator, global_random, runaway_guards, ...).
 
     Raises:
         ValueError: an unknown mode, a missing or forbidden prompt, empty or over-long text; SettingError (a
@@ -89,8 +89,8 @@ def run_inference_stream(model, request: SynthesisRequest, policy: Optional[Stre
         settings = GenerationSettings(**{name: value for name, value in request.generation.items()
                                          if name != "use_kv_cache"})
         job = engine_request(model, prepared.tokenizer, request.text, request.mode, prepared.prompt_codes,
-                                        request.prompt_text, settings, chunks=prepared.chunks, global_random=True,
-                                        runaway_guards=request.runaway_guards)
+                             request.prompt_text, settings, chunks=prepared.chunks, global_random=True,
+                             runaway_guards=request.runaway_guards)
         longest_prompt = max(chunk.rows.shape[0] for chunk in job.chunks)
         positions = longest_prompt + job.settings.checked(prepared.n_vq).max_new_frames
         engine = SpeechEngine(model, prepared.codec, num_slots=1, max_positions=positions, policy=policy)

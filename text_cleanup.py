@@ -11,7 +11,8 @@ runs list items together. `clean_text` keeps the words and the punctuation that 
 * runs of the same punctuation collapse ("!!!" -> "!", "?!" -> "?", "...." -> "...");
 * each line that ends without sentence punctuation gets a full stop ("." or "。" after CJK), so lines become sentences.
 
-Symbols that carry meaning for verbalization ($ € % ° : / + - & @ #digits) are kept for text_verbalize.py.
+Symbols that carry meaning for verbalization ($ € % ° : / + - & @ #digits) are kept for the verbalize stage
+(text_wetext.py, text_numbers.py).
 """
 
 from __future__ import annotations

@@ -26,10 +26,6 @@ from .text_wetext import verbalize_chinese, verbalize_english
 
 logger = logging.getLogger(__name__)
 
-# Languages whose numbers are verbalized, and by what.
-WETEXT_LANGUAGES = ("en", "zh")
-VERBALIZED_LANGUAGES = WETEXT_LANGUAGES + SUPPORTED_LANGUAGES
-
 
 @dataclass(frozen=True)
 class TextOptions:
@@ -104,5 +100,4 @@ def _preview(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-__all__ = ["NormalizedText", "TextOptions", "VERBALIZED_LANGUAGES", "WETEXT_LANGUAGES", "normalize_text",
-           "verbalize_text"]
+__all__ = ["NormalizedText", "TextOptions", "normalize_text", "verbalize_text"]

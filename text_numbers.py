@@ -9,7 +9,8 @@ Czech fail on negatives, and several languages have no currency support. Here a 
 
 Numbers are read in the language's own notation: languages with a decimal comma read "1.234,5" as 1234.5 and "3,5"
 as 3.5; the others read "1,234.5". Greek has no num2words speller: its text keeps its digits. Ordinals and dates are
-read as their cardinals (a year is a cardinal in these languages).
+read as their cardinals (a year is a cardinal in these languages), except a German day before a month name
+("am 5. Mai" -> "am fünften Mai").
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from num2words import num2words
 # Currency symbols and ISO codes -> the key of a currency in LanguageWords.currencies.
 CURRENCY_SYMBOLS = {"€": "EUR", "$": "USD", "£": "GBP", "₽": "RUB", "₪": "ILS", "¥": "JPY", "₩": "KRW", "EUR": "EUR",
                     "USD": "USD", "GBP": "GBP"}
-# Units, longest first where one abbreviation starts another.
+# German month names: a day number before one is an ordinal (NumberSpeller._date_rules).
 GERMAN_MONTHS = "Januar|Februar|März|April|Mai|Juni|Juli|August|September|Oktober|November|Dezember"
+# Units, longest first where one abbreviation starts another.
 UNIT_SYMBOLS = ("km/h", "°C", "km", "kg", "cm", "mm", "ml", "m", "g", "l")
 
 
@@ -43,7 +45,7 @@ class LanguageWords:
 
 
 def _names(text: str) -> dict:
-    """'EUR=euro/euros USD=...' -> {"EUR": ("euro", "euros"), ...}; a name without '/' does not inflect."""
+    """'EUR=euro/euros;USD=...' -> {"EUR": ("euro", "euros"), ...}; a name without '/' does not inflect."""
     table = {}
     for item in text.split(";"):
         key, _, names = item.strip().partition("=")
@@ -148,7 +150,8 @@ class NumberSpeller:
         return [(day, lambda match: num2words(int(match.group(1)), lang="de", to="ordinal") + "n ")]
 
     def spell(self, text: str) -> str:
-        """`text` with every number the rules know turned into words, rule by rule (clock times first)."""
+        """`text` with every number the rules know turned into words, rule by rule: German dates, clock times,
+        currencies, percentages, units, then the remaining numbers."""
         for pattern, replace in self.rules:
             text = pattern.sub(replace, text)
         return text

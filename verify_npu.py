@@ -233,7 +233,7 @@ def save_wavs(out_dir: Path, rows: list[Row], reference_audio: Optional[torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# main
+# Verdict
 # ---------------------------------------------------------------------------------------------------------------------
 def verdict_of(rows: list[Row]) -> tuple[str, int]:
     """(verdict, exit code): PASS/0 when every row passes, FAIL/1 when one fails, INCOMPLETE/3 otherwise."""

@@ -39,7 +39,8 @@ folder it is given). Copies rather than symlinks, so that the folder can be uplo
 they are refreshed on every call when the root modules change.
 
 Safety. This module only hashes, copies and renames files; it never unpickles anything. Loaders read the ``.bin`` with
-``torch.load(..., weights_only=True)`` and the codec with safetensors (``checkpoints.load_checkpoint`` does both).
+``torch.load(..., weights_only=True)`` and the codec with safetensors (``measurement.checkpoints.load_checkpoint`` does
+both).
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ signal layout: 48 kHz stereo, hop 3840, 16 x 1024 codes, small widths like share
 the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_frames frames, so output lengths are
 exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
 `infer_npu.py` and `inference` run on it end to end. The tests use the same recipe. It also carries stand-in preset
-voices (`preset_voices/`, one short synthetic clip per name of voice_presets.PRESET_CLIPS: a seeded buzz, no speech),
-so that every OpenAI voice name and the default voice work with it offline.
+voices (`preset_voices/`, one short synthetic clip per name of voices/presets.py's PRESET_CLIPS: a seeded buzz, no
+speech), so that every OpenAI voice name and the default voice work with it offline.
 
 The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
 tests, `verify_npu.py --tiny` and bench.py. Command line: `python measurement/checkpoints.py OUT_DIR [--tokenizer tokenizer.model]

@@ -3,10 +3,11 @@ the server has left behind (`python loadtest.py --soak SECONDS`).
 
 Each of --concurrency client loops picks its next request from a fixed rotation until the time is up:
 
-    valid        a streamed pcm request read to its end (its length is checked against max_new_frames)
+    valid        a streamed pcm request read to its end (with pcm_bytes_per_frame, its length is checked against
+                 max_new_frames)
     valid_sse    stream_format sse read to its `speech.audio.done` event
     whole_file   stream=false
-    bad          one of BAD_BODIES (each must be a 400 naming its field) or a body that is not JSON
+    bad          the next of BAD_BODIES in turn (each must be a 400 naming its field), then a body that is not JSON
     disconnect   a streamed request closed after its first audio chunk
     never_read   a raw connection that sends a request and never reads a byte, closed after NEVER_READ_SECONDS
 
@@ -50,6 +51,7 @@ class SoakClient:
         self.http, self.url, self.body, self.bytes_per_request = http, url, body, bytes_per_request
         self.statuses: Counter = Counter()  # (kind, status)
         self.failures: Counter = Counter()  # (kind, reason)
+        self.bad_sent = 0  # bad requests so far, over all loops: the next one takes the next bad body
 
     async def run(self, kind: str, index: int) -> None:
         try:
@@ -82,11 +84,12 @@ class SoakClient:
         return response.status_code, None if response.status_code == 200 else f"status {response.status_code}"
 
     async def bad(self, index: int):
-        if index % (len(BAD_BODIES) + 1) == len(BAD_BODIES):
+        turn, self.bad_sent = self.bad_sent % (len(BAD_BODIES) + 1), self.bad_sent + 1
+        if turn == len(BAD_BODIES):
             response = await self.http.post(self.speech_url, content=b"{not json",
                                             headers={"Content-Type": "application/json"})
             return response.status_code, None if response.status_code == 400 else f"status {response.status_code}"
-        change, param = BAD_BODIES[index % (len(BAD_BODIES) + 1)]
+        change, param = BAD_BODIES[turn]
         response = await self.http.post(self.speech_url, json={**self.body, **change})
         named = response.status_code == 400 and response.json()["error"]["param"] == param
         return response.status_code, None if named else f"status {response.status_code}, not a 400 naming {param}"

@@ -15,7 +15,7 @@
     GET    /health/live                  liveness: 200 while loading and serving, 503 once the load failed or the
                                          engine is unhealthy (restart the process)
     GET    /metrics                      Prometheus text (server/metrics.py)
-    GET    /                             the web page to try it in a browser (server/page.py, files in web/)
+    GET    /                             the web page to try it in a browser (server/page.py, files in server/web/)
 
 With an API key, every /v1 route needs `Authorization: Bearer <key>` (401 otherwise); /health and /metrics are open
 (for load balancers and scrapers). Every error is OpenAI's error JSON with `param` naming the request field.
@@ -162,7 +162,8 @@ def create_app(load: Callable[[], SpeechService], api_key: Optional[str] = None,
     """The app.
 
     Args:
-        load: builds the SpeechService (model, codec, engine not yet started, voices); called on a worker thread.
+        load: builds the SpeechService (model, codec, engine not yet started, voices); called on the engine thread,
+            which then runs the engine (_load_then_serve).
         api_key: the key every /v1 route requires (None: no authentication).
         on_load_failure: called with the exception when loading or warm-up fails (serve.py stops the server).
         load_before_serving: load and warm up inside the lifespan's startup, so that the app serves nothing before

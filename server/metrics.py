@@ -6,6 +6,7 @@
                                                         queue_timeout (no slot within --queue-timeout: 503)
     moss_tts_speech_errors_total{code}                  requests the engine ended with an error, by the stable
                                                         code also sent in the error JSON (engine_error_code)
+    moss_tts_runaway_chunks_total{reason}               chunks a runaway guard ended early (frame_cap, loop, silence)
     moss_tts_time_to_first_audio_seconds                request arrival to its first audio chunk
     moss_tts_real_time_factor_ratio                     wall seconds per second of audio, of finished requests
     moss_tts_audio_seconds_total                        seconds of audio produced (before any speed change)

@@ -1,7 +1,7 @@
-"""The speech server's web page: type, pick or upload a voice, hear it as it streams (the files are in web/).
+"""The speech server's web page: type, pick or upload a voice, hear it as it streams (the files are in server/web/).
 
-    GET /                  web/index.html
-    GET /page/{name}       the page's own scripts and style (the files of web/, nothing else)
+    GET /                  server/web/index.html
+    GET /page/{name}       the page's own scripts and style (the files of server/web/, nothing else)
     GET /page/settings     {"api_key_required": bool}: whether the page must ask for the server's key
 
 The page is plain HTML, CSS and JavaScript modules: no build step, nothing fetched from elsewhere. It talks to the
@@ -27,7 +27,8 @@ NO_STALE_FILES = {"Cache-Control": "no-cache"}
 
 
 def page_files() -> dict:
-    """{file name: path} of the files the page serves (none where web/ was not installed: the API still serves)."""
+    """{file name: path} of the files the page serves (none where server/web/ was not installed: the API still
+    serves)."""
     if not PAGE_FOLDER.is_dir():
         return {}
     return {path.name: path for path in sorted(PAGE_FOLDER.iterdir())

@@ -45,13 +45,14 @@ which is what `infer_npu.py` applies without flags:
                                  per voice-clone chunk, 12.5 frames per second)
 
     sample_rate, channels        the response's rate (8000 to 48000 Hz; mp3 and opus only at their encoders' rates)
-                                 and channel count (1 or 2), converted with soxr (audio_formats.output_layout)
+                                 and channel count (1 or 2), converted with soxr (formats.output_layout)
 
 `pcm` is 16-bit signed little-endian, channels interleaved (L R L R), without a header, at 24 kHz mono as OpenAI
 documents it; the other formats are the codec's native 48 kHz stereo; `sample_rate` / `channels` change either (48 kHz
-stereo pcm is `{"sample_rate": 48000, "channels": 2}`). Every audio response states x-sample-rate and x-channels, and
+stereo pcm is `{"sample_rate": 48000, "channels": 2}`). Every audio response states x-sample-rate and x-channels;
 x-moss-voice names the voice that spoke (an OpenAI name's preset, or the default voice when that preset is not
-installed); SSE events carry response_format, sample_rate and channels.
+installed; absent with ref_audio or without a reference); the SSE audio events (delta and done) carry
+response_format, sample_rate and channels.
 
 Errors are OpenAI's JSON, `{"error": {"message", "type", "param", "code"}}`, with `param` naming the request field.
 """
@@ -182,7 +183,7 @@ class SpeechBody(BaseModel):
         return None if value is None else check_language(value)
 
     def audio_layout(self, native_rate: int, native_channels: int) -> tuple[int, int]:
-        """(rate, channels) of the response (audio_formats.output_layout: pcm 24 kHz mono unless asked otherwise).
+        """(rate, channels) of the response (formats.output_layout: pcm 24 kHz mono unless asked otherwise).
 
         Raises:
             APIError: 400 naming sample_rate or channels.

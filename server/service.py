@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_INPUT_CHARS = 4096
 # Encoded ref_audio clips remembered by content (a client repeating its reference is not re-encoded).
 REFERENCE_CACHE_SIZE = 32
-# Seeds are drawn from [0, SEED_LIMIT) (what speech_api accepts).
+# Seeds are drawn from [0, SEED_LIMIT) (what SpeechBody's seed accepts, server/schema.py).
 SEED_LIMIT = 2**63
 # Retry-After (s) of a 429 when the engine's queue is full.
 DEFAULT_RETRY_AFTER_SECONDS = 1

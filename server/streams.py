@@ -107,7 +107,7 @@ class RequestEvents:
 
 
 class ResponseAudio:
-    """One response's audio processing: rate and channels (audio_formats.LayoutConverter, from the engine's
+    """One response's audio processing: rate and channels (formats.LayoutConverter, from the engine's
     source_rate / source_channels, default the same), `speed` (pitch-preserving) then the response_format encoder.
 
     Not thread-safe; call it from one worker thread at a time (the body generators await each call).

@@ -18,7 +18,7 @@ WYOMING_RATE mono (speech needs no more; the client converts what it plays). The
 (voices/catalog.py resolves it; none: the default voice).
 
 One engine: every request goes through the HTTP server's SpeechService (prepare, submit) and the same
-speech_streams machinery, so Wyoming and HTTP clients share the slots, the queue limit and the metrics. `serve.py
+server/streams.py machinery, so Wyoming and HTTP clients share the slots, the queue limit and the metrics. `serve.py
 --wyoming-port PORT` runs this beside uvicorn on the same event loop (`serve_both`).
 """
 
@@ -44,7 +44,7 @@ from ..voices.presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESE
 logger = logging.getLogger(__name__)
 
 WYOMING_RATE, WYOMING_CHANNELS, WYOMING_WIDTH = 24000, 1, 2
-# A streamed sentence ends at . ! ? (or their CJK forms) followed by white space, or at a CJK full stop.
+# A streamed sentence ends at . ! ? followed by white space, or right after 。！？ (which need no white space).
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[。！？])")
 ATTRIBUTION = Attribution(name="OpenMOSS", url="https://github.com/OpenMOSS/MOSS-TTS-Nano")
 
@@ -53,7 +53,7 @@ class WyomingSpeech:
     """What every Wyoming connection shares: the HTTP server's state and the request settings.
 
     Args:
-        state: speech_server's ServerState (its service once loaded).
+        state: server/app.py's ServerState (its service once loaded).
         overrides: extension fields of SpeechBody applied to every request (e.g. {"max_new_frames": 40}).
     """
 

@@ -26,7 +26,8 @@ def add_model_arguments(group) -> None:
     group.add_argument("--device", default="auto", help="auto | npu | cuda | cpu | npu:N | cuda:N")
     group.add_argument("--dtype", default="auto", type=str.lower, choices=("auto",) + devices.DTYPE_NAMES,
                        metavar="DTYPE",
-                       help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16, CPU float32)")
+                       help="auto | float32 | float16 | bfloat16 (auto: NPU float16, CUDA bfloat16 or float16 on GPUs "
+                            "without native bf16, CPU float32)")
     group.add_argument("--weight-format", default="auto", type=str.lower,
                        choices=(AUTO_FORMAT, PLAIN_FORMAT) + weight_formats.WEIGHT_FORMATS,
                        help="how the weights are held after loading (weight_formats.py). auto: as --dtype gives "

@@ -7,7 +7,7 @@ infer_npu.py adds these flags with `add_text_arguments` (upstream's names where 
     --enable-wetext-processing {0,1}   numbers, dates, currencies, units as words (upstream's flag; default 1)
     --language CODE                    the text's language (default: detected from the text)
     --print-voice-clone-text-chunks    print the chunks as they will be spoken (upstream's flag)
-    --dry-run                          with the above: print, then exit before the model loads
+    --dry-run                          print the chunks (as the flag above does), then exit before the model loads
     --captions FILE.vtt                write per-chunk WebVTT captions of the audio
     --no-runaway-guards                let a chunk run to --max-new-frames (default: runaway_guards.py ends it)
 

@@ -68,6 +68,17 @@ def test_captions_are_not_in_the_result_unless_asked(model, prompt_wav):
     assert torch.is_tensor(result["waveform"])
 
 
+def test_a_failed_webvtt_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "out.vtt"
+    captions.write_webvtt(target, [captions.Caption(0, "Hello.", 0.0, 1.0)])
+    before = target.read_text(encoding="utf-8")
+    unencodable = captions.Caption(0, "\ud800", 0.0, 1.0)  # a lone surrogate: UTF-8 cannot write it
+    with pytest.raises(UnicodeEncodeError):
+        captions.write_webvtt(target, [unencodable])
+    assert target.read_text(encoding="utf-8") == before
+    assert [path.name for path in tmp_path.iterdir()] == ["out.vtt"]
+
+
 def test_a_vtt_path_writes_the_captions_file(model, prompt_wav, tmp_path):
     target = tmp_path / "sub" / "out.vtt"
     result = model.inference(TEXT, None, prompt_audio_path=str(prompt_wav), captions=str(target), **RUN)

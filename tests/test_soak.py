@@ -7,8 +7,10 @@ fuzzing phases) runs for at most SCHEMATHESIS_SECONDS and must find no 5xx.
 """
 
 import asyncio
+import json
 import subprocess
 import sys
+from collections import Counter
 
 import httpx
 import pytest
@@ -46,6 +48,31 @@ def fault_server(tmp_path_factory, prompt_wav):
         process.wait(timeout=60)
     log = (folder / "server.log").read_text()
     assert "Traceback" not in log, log
+
+
+def test_bad_requests_take_every_bad_body_in_turn_whatever_the_loop_index():
+    sent = []
+
+    def answer(request: httpx.Request) -> httpx.Response:  # a server that refuses everything, naming the field
+        try:
+            body = json.loads(request.content)
+        except ValueError:
+            sent.append("not json")
+            return httpx.Response(400, json={"error": {"param": None}})
+        param = next(param for change, param in soak.BAD_BODIES if change.items() <= body.items())
+        sent.append(param)
+        return httpx.Response(400, json={"error": {"param": param}})
+
+    async def run() -> soak.SoakClient:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            client = soak.SoakClient(http, "http://127.0.0.1:9", {"model": "tts-1"}, None)
+            for turn in range(len(soak.BAD_BODIES) + 1):  # one loop's indices: each loop steps by len(KINDS) + 1
+                await client.run("bad", turn * (len(soak.KINDS) + 1))
+            return client
+
+    client = asyncio.run(run())
+    assert sent == [param for _, param in soak.BAD_BODIES] + ["not json"]
+    assert client.failures == Counter() and client.statuses == Counter({("bad", 400): len(sent)})
 
 
 def test_a_soak_of_mixed_and_hostile_clients_leaves_no_5xx_no_failure_and_no_held_slot(fault_server):

@@ -23,7 +23,7 @@ def no_model(monkeypatch):
     def refuse(args):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(infer_npu, "load_model", refuse)
+    monkeypatch.setattr(infer_npu, "load_model_of_flags", refuse)
 
 
 def _run(argv, capsys):

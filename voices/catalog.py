@@ -3,7 +3,7 @@
     name given           what speaks
     an uploaded voice    the upload (an upload may take a preset's or an OpenAI name: it then replaces it)
     a preset (en_2 ...)  the preset clip of the model folder's preset_voices/
-    an OpenAI name       its preset (voice_presets.OPENAI_VOICES); when that preset is not installed, the default voice
+    an OpenAI name       its preset (presets.OPENAI_VOICES); when that preset is not installed, the default voice
     none                 the default voice
     anything else        UnknownVoiceError listing what exists
 

@@ -38,7 +38,7 @@ PRESET_REPOSITORY = "OpenMOSS/MOSS-TTS-Nano"
 PRESET_REVISION = "a843f17b7badeba6b0b36907cbdcc0beea0f49e7"
 PRESET_LICENSE = "Apache-2.0"
 DOWNLOAD_TIMEOUT_SECONDS = 30.0
-# presets.lock.json key of a tiny repository's stand-in clips (checkpoints.write_stand_in_presets)
+# presets.lock.json key of a tiny repository's stand-in clips (measurement/checkpoints.py, write_stand_in_presets)
 STAND_IN_KEY = "stand_in"
 MAX_PRESET_BYTES = 16 * 2**20  # a demo clip is well under 1 MB; anything larger is not the file we pinned
 
@@ -118,7 +118,8 @@ def fetch_presets(model_folder, clips=PRESET_CLIPS, opener=urllib.request.urlope
     A clip already in place is verified again; download=False only verifies. After the first failed connection the
     other downloads are skipped (no network: one failure, not one timeout per clip). Failures are reported per clip
     (the OpenAI names then fall back to the default voice), never raised, so that a missing demo clip does not undo
-    the weights' download. A folder of stand-in presets (checkpoints.write_stand_in_presets) is left as it is.
+    the weights' download. A folder of stand-in presets (measurement.checkpoints.write_stand_in_presets) is left as it
+    is.
     """
     folder = preset_folder(model_folder)
     folder.mkdir(parents=True, exist_ok=True)

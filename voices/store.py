@@ -71,7 +71,6 @@ LOCK_FILE = ".voices.lock"
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 # Hidden temporary files older than this are leftovers of a killed process (a live write takes well under a minute).
 STALE_TEMPORARY_SECONDS = 3600.0
-_HASH_BLOCK = 1 << 20
 
 
 class UnknownVoiceError(ValueError):
