@@ -302,7 +302,7 @@ class PendingFile:
     are ordinary files) and renames it over ``path`` (``os.replace``, atomic within one file system); ``discard()``
     deletes it. Readers see the old file or the complete new one, never a part, and a killed process leaves at most a
     hidden ``.<name>.*<suffix>`` file. The one implementation of atomic writing: `write_atomically`,
-    `ProgressiveWavWriter`, voices/store.py and weights.py all go through it.
+    `ProgressiveWavWriter`, voice_library/store.py and weights.py all go through it.
 
     Args:
         path: the destination; its folder must exist.

@@ -54,7 +54,7 @@ from .settings import model_flags
 from .settings.model_flags import add_model_arguments, load_model_of_flags, model_folder
 from .prompting import GENERATION_MODES
 from .synthesis_request import GENERATION_ARGUMENTS, Job, read_jsonl
-from .voices.presets import DEFAULT_VOICE, fetch_presets, preset_clip
+from .voice_library.presets import DEFAULT_VOICE, fetch_presets, preset_clip
 from .settings.text_flags import add_text_arguments, chunk_preview, request_options
 
 logger = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def _download(args) -> int:
 
 def _jobs(args) -> list:
     """The output files to make, every input checked before any synthesis."""
-    if args.mode == "voice_clone" and args.prompt_audio_path is None:  # speak in --voice (voices/presets.py)
+    if args.mode == "voice_clone" and args.prompt_audio_path is None:  # speak in --voice (voice_library/presets.py)
         voice, args.prompt_audio_path = preset_clip(model_folder(args), args.voice)
         print(f"voice: {voice} ({args.prompt_audio_path})", flush=True)
     if args.jsonl:

@@ -11,7 +11,7 @@ request that waits longer than --queue-timeout for a slot gets 503 with Retry-Af
 than --max-audio-seconds of audio or more than --max-chunks voice-clone chunks is refused with 400 before any work.
 The API key comes from --api-key or the environment variable MOSS_TTS_API_KEY.
 Voices: uploads (--voices-dir), the model folder's preset voices (preset_voices/, fetched by infer_npu.py
---download-only) and OpenAI's voice names mapped onto them (voices/presets.py); --default-voice speaks when a request
+--download-only) and OpenAI's voice names mapped onto them (voice_library/presets.py); --default-voice speaks when a request
 names no voice and for OpenAI names whose preset is not installed. --wyoming-port PORT also serves the Wyoming protocol
 (Home Assistant) on the same engine (server/wyoming.py).
 
@@ -51,8 +51,8 @@ from .settings.model_flags import add_model_arguments, check_model_of_flags, loa
 from .server.app import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS, create_app
 from .server.service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
                              SpeechService)
-from .voices.presets import DEFAULT_VOICE, preset_folder
-from .voices.store import VoiceStore, check_voice_name
+from .voice_library.presets import DEFAULT_VOICE, preset_folder
+from .voice_library.store import VoiceStore, check_voice_name
 
 logger = logging.getLogger(__name__)
 

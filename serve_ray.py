@@ -3,7 +3,7 @@
     ray start --head                       # then `ray start --address HEAD:6379` on every other node
     serve deploy serve_config.yaml         # or `serve run serve_config.yaml` in the foreground
 
-Each replica is one speech server (speech_server.create_app over serve.py's load_service: model, engine, voices)
+Each replica is one speech server (server/app.py's create_app over serve.py's load_service: model, engine, voices)
 mounted with `serve.ingress`; nothing of the server is rewritten here. What this file adds:
 
 * `application(args)`, Serve's application builder (import_path `serve_ray:application`). `args` are serve.py's
@@ -15,13 +15,13 @@ mounted with `serve.ingress`; nothing of the server is rewritten here. What this
   failed load fails the replica (Serve retries it). It then checks Serve's per-replica limits against its engine
   (`check_replica_limits`): max_ongoing_requests between --num-slots and --num-slots + --max-queue, the autoscaling
   target at most --num-slots.
-* `check_health` for Serve's health checks: the same test as the app's /health (speech_server.health_problem: the
+* `check_health` for Serve's health checks: the same test as the app's /health (server/app.py's health_problem: the
   service is loaded, the engine thread runs and has not stalled).
 * Scale-down and redeploys drain: Serve stops routing to the replica and waits up to graceful_shutdown_timeout_s for
   its running streams (each is an ongoing request until its last byte), then the app's shutdown stops the engine.
 * Every response names its replica: `x-moss-replica` (Serve's replica id) and `x-moss-replica-pid`.
 
-Voices: give every replica the same --voices-dir on a shared file system; voices.VoiceStore rescans the folder on
+Voices: give every replica the same --voices-dir on a shared file system; voice_library/store.py's VoiceStore rescans the folder on
 every lookup, so a voice added through one replica is usable on all at once. Ray is an optional extra
 (requirements-serve-ray.txt); nothing else in the repository imports it.
 """
@@ -41,7 +41,7 @@ from local_package import import_module
 
 devices = import_module("devices")
 serve_script = import_module("serve")
-speech_server = import_module("server.app")
+server_app_module = import_module("server.app")
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class SpeechReplica:
             check_replica_limits(self.args.num_slots, self.args.max_queue, *_serve_limits())
         if self.args.threads > 0:
             torch.set_num_threads(self.args.threads)
-        self.server_app = speech_server.create_app(self._load, api_key=self.args.api_key, load_before_serving=True,
+        self.server_app = server_app_module.create_app(self._load, api_key=self.args.api_key, load_before_serving=True,
                                                    prepare_workers=self.args.prepare_workers,
                                                    stall_seconds=self.args.engine_stall_seconds)
         self.server_app.add_middleware(_ReplicaHeaders, replica=serve.get_replica_context().replica_tag)
@@ -178,7 +178,7 @@ class SpeechReplica:
 
 
 # Why a replica cannot serve, or None: the app's own /health test (one test for both).
-health_problem = speech_server.health_problem
+health_problem = server_app_module.health_problem
 
 
 def check_accelerator(device: str) -> None:

@@ -12,7 +12,7 @@ signal layout: 48 kHz stereo, hop 3840, 16 x 1024 codes, small widths like share
 the tokenizer. Its TTS always continues (greedy generation runs exactly max_new_frames frames, so output lengths are
 exact: frames x 3840 samples) and its codec is scaled to speak at about -20 dBFS (random noise, but audible), so
 `infer_npu.py` and `inference` run on it end to end. The tests use the same recipe. It also carries stand-in preset
-voices (`preset_voices/`, one short synthetic clip per name of voices/presets.py's PRESET_CLIPS: a seeded buzz, no
+voices (`preset_voices/`, one short synthetic clip per name of voice_library/presets.py's PRESET_CLIPS: a seeded buzz, no
 speech), so that every OpenAI voice name and the default voice work with it offline.
 
 The tiny builders (tiny_config, random_tiny_model, force_continue and the models built on it, tiny_codec) serve the
@@ -52,7 +52,7 @@ import torch
 
 from ..configuration_moss_tts_nano import RELEASED_GPT2_CONFIG, MossTTSNanoConfig, tied_weight_keys
 from ..devices import parse_dtype
-from ..voices.presets import PRESET_CLIPS, PRESET_LOCK_FILE, PRESET_SUBFOLDER, mark_stand_ins, preset_folder
+from ..voice_library.presets import PRESET_CLIPS, PRESET_LOCK_FILE, PRESET_SUBFOLDER, mark_stand_ins, preset_folder
 from ..weights import CODEC_SUBFOLDER
 
 logger = logging.getLogger(__name__)

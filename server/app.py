@@ -2,7 +2,7 @@
 
     POST   /v1/audio/speech              speech (server/schema.py: OpenAI's fields and our extensions)
     GET    /v1/audio/voices              the voices ({"object": "list", "data": [Voice]}): presets, OpenAI's names
-                                         and uploads, each saying which voice speaks for it (voices/catalog.py)
+                                         and uploads, each saying which voice speaks for it (voice_library/catalog.py)
     POST   /v1/audio/voices              add a voice: multipart `name` + `audio_sample` (OpenAI's fields; `consent`
                                          is accepted and ignored); 409 if the name exists
     DELETE /v1/audio/voices/{voice_id}   delete a voice; 404 if there is none

@@ -246,7 +246,7 @@ class VoiceObject(BaseModel):
     name: str
     object: Literal["audio.voice"] = "audio.voice"
     type: Literal["audio_sample"] = "audio_sample"
-    # extensions (voices/catalog.py): upload | preset | openai; the voice that speaks for this name; the kind of name an
+    # extensions (voice_library/catalog.py): upload | preset | openai; the voice that speaks for this name; the kind of name an
     # upload replaced; whether an OpenAI name falls back to the default voice (its preset is not installed)
     kind: Optional[str] = None
     uses: Optional[str] = None

@@ -35,9 +35,9 @@ from ..synthesis_request import check_chunk_budget, check_generation_settings
 from ..text_chunking import count_tokens, pause_seconds_after
 from ..text_normalization import normalize_text
 from ..text_wetext import normalizer
-from ..voices.catalog import VoiceCatalog
-from ..voices.presets import DEFAULT_VOICE
-from ..voices.store import UnknownVoiceError, VoiceExistsError, VoiceStore
+from ..voice_library.catalog import VoiceCatalog
+from ..voice_library.presets import DEFAULT_VOICE
+from ..voice_library.store import UnknownVoiceError, VoiceExistsError, VoiceStore
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class SpeechService:
         engine: a SpeechEngine over the model and codec (started by the caller).
         voices: the uploaded voices' store (its codec is the engine's).
         options: ServiceOptions.
-        presets: the store of the model folder's preset voices, or None (voices/catalog.py says how names resolve).
+        presets: the store of the model folder's preset voices, or None (voice_library/catalog.py says how names resolve).
     """
 
     def __init__(self, model, tokenizer, engine: SpeechEngine, voices: VoiceStore, options: ServiceOptions,
@@ -253,7 +253,7 @@ class SpeechService:
         return codes, voice
 
     def _voice_codes(self, name: Optional[str]) -> tuple[str, torch.Tensor]:
-        """(voice used, codes) of a voice name, None meaning the default voice (voices/catalog.py)."""
+        """(voice used, codes) of a voice name, None meaning the default voice (voice_library/catalog.py)."""
         try:
             return self.catalog.resolve(name)
         except ValueError as error:  # UnknownVoiceError, a bad name, or a clip that is not a usable prompt
@@ -279,7 +279,7 @@ class SpeechService:
     # -- voices -------------------------------------------------------------------------------------------------
 
     def list_voices(self) -> list[VoiceObject]:
-        """Uploads, presets and OpenAI's names, each saying which voice speaks for it (voices/catalog.py)."""
+        """Uploads, presets and OpenAI's names, each saying which voice speaks for it (voice_library/catalog.py)."""
         presets = self.catalog.presets
         folders = {"upload": self.voices.folder, "preset": presets.folder if presets is not None else None}
         return [self._voice_object(entry.name, folders.get(entry.kind)).model_copy(update={

@@ -15,7 +15,7 @@ holds while it waits for a sentence end.
 A client that streams also sends a plain `synthesize` with the whole text inside the session, before synthesize-stop
 (for servers that do not stream); inside a session it is ignored, as the protocol intends. Audio is 16-bit PCM at
 WYOMING_RATE mono (speech needs no more; the client converts what it plays). The voice is the Wyoming voice's `name`
-(voices/catalog.py resolves it; none: the default voice).
+(voice_library/catalog.py resolves it; none: the default voice).
 
 One engine: every request goes through the HTTP server's SpeechService (prepare, submit) and the same
 server/streams.py machinery, so Wyoming and HTTP clients share the slots, the queue limit and the metrics. `serve.py
@@ -39,7 +39,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from .schema import APIError, SpeechBody
 from .app import ServerState, in_fresh_thread
 from .streams import RequestEvents, ResponseAudio, StreamFailed, close_request, encoded_chunks
-from ..voices.presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESETS
+from ..voice_library.presets import LANGUAGES, PRESET_LICENSE, PRESET_REPOSITORY, PRESETS
 
 logger = logging.getLogger(__name__)
 

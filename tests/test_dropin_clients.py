@@ -33,7 +33,7 @@ serve = import_module("serve")
 loadtest = import_module("loadtest")
 checkpoints = import_module("measurement.checkpoints")
 audio_formats = import_module("server.formats")
-voice_presets = import_module("voices.presets")
+voice_presets = import_module("voice_library.presets")
 wyoming_server = import_module("server.wyoming")
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop  # noqa: E402

@@ -1,5 +1,5 @@
 """House rules a newcomer relies on: the model repository is flat at the root and never reaches into the packages
-(server/, voices/, settings/, measurement/), README's layout tables name every file, and files stay short enough to
+(server/, voice_library/, settings/, measurement/), README's layout tables name every file, and files stay short enough to
 read (no library module over 700 lines, no script over 400; bench.py and loadtest.py hold one section per
 component)."""
 
@@ -9,7 +9,7 @@ from conftest import REPO_ROOT
 
 SCRIPTS = {"infer_npu.py", "verify_npu.py", "serve.py", "serve_ray.py", "bench.py", "loadtest.py"}
 SECTIONED_SCRIPTS = {"bench.py", "loadtest.py"}
-PACKAGES = ("server", "voices", "settings", "measurement")
+PACKAGES = ("server", "voice_library", "settings", "measurement")
 LIBRARY_LIMIT, SCRIPT_LIMIT = 700, 400
 RELATIVE_IMPORT = re.compile(r"^\s*from\s+(\.+)([\w.]*)\s+import\s+([\w, ]+)", re.M)
 

@@ -1,4 +1,4 @@
-"""Fetching the preset voices (voice_presets.fetch_presets) with a stand-in for the network: pinned clips are checked
+"""Fetching the preset voices (voice_library/presets.py: fetch_presets) with a stand-in for the network: pinned clips are checked
 against their sha256, clips without a published one are recorded on first download and checked against that record
 afterwards, a missing network costs one failure, and a tiny repository's stand-ins are left alone."""
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import import_module
 
-voice_presets = import_module("voices.presets")
+voice_presets = import_module("voice_library.presets")
 checkpoints = import_module("measurement.checkpoints")
 
 

@@ -15,7 +15,7 @@ import torch
 
 from conftest import import_module
 
-voices = import_module("voices.store")
+voices = import_module("voice_library.store")
 tiny_codec = import_module("measurement.checkpoints").tiny_codec
 synthesis = import_module("synthesis")
 configuration = import_module("configuration_moss_tts_nano")
@@ -279,8 +279,8 @@ def test_concurrent_adds_from_two_threads_keep_one_complete_voice(open_store, re
 # ----------------------------------------------------------------------------------------------------------------
 # VoiceCatalog: which voice a name means (uploads, presets, OpenAI names, the default voice)
 
-voice_catalog = import_module("voices.catalog")
-voice_presets = import_module("voices.presets")
+voice_catalog = import_module("voice_library.catalog")
+voice_presets = import_module("voice_library.presets")
 write_stand_in_presets = import_module("measurement.checkpoints").write_stand_in_presets
 
 

@@ -10,10 +10,10 @@ Checksums. The full sha256 is known for two clips: `zh_1.wav` (the digest matche
 the same upstream file at commit 11619374 and the copy in the team's shared assets) and `en_2.wav` (the digest of the
 copy in the team's shared assets, which are upstream's demo clips). For the other clips no digest or size is published
 anywhere this project could check, so none is invented: the size and sha256 seen at the first download are recorded
-in `preset_voices/presets.lock.json` (trust on first use) and every later check compares against that record.
+in `preset_voice_library/presets.lock.json` (trust on first use) and every later check compares against that record.
 
 Fallback. A preset that is not installed (offline, never downloaded, a failed fetch) does not break the OpenAI names:
-`VoiceCatalog` (voices/catalog.py) answers them with the configured default voice and says which voice it used.
+`VoiceCatalog` (voice_library/catalog.py) answers them with the configured default voice and says which voice it used.
 """
 
 from __future__ import annotations
