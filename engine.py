@@ -284,7 +284,8 @@ class SpeechEngine:
         if self.codec is None:
             return None
         now = time.perf_counter()
-        slacks = [s.lead(self.codec.rate, now) for s in self._running.values() if s.first_emit_time is not None]
+        slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None
+                  for s in self._running.values()]
         rows_after = max([free[0], *self._running]) + 1
         return admission_refusal(self.costs, slacks, rows_after, stream.request.chunks[0].rows.shape[0],
                                  self._prefilled, self.codec.hop / self.codec.rate)
@@ -357,9 +358,9 @@ class SpeechEngine:
     def _decode_audio(self) -> None:
         """One batched codec call when some stream's policy (or finished chunk) asks for it.
 
-        The call then takes every stream's pending frames (up to the longest asked, or all for a finished chunk): a
-        call runs its longest count of frames for every row up to its last slot anyway, so riding along costs little
-        and saves a call of its own a tick later.
+        The call then takes every stream's pending frames (up to the policy's `ride_along`, or all for a finished
+        chunk): a call runs its longest count of frames for every row up to its last slot anyway, so riding along
+        costs little and saves a call of its own a tick later.
         """
         now = time.perf_counter()
         rows = max(self._running, default=0) + 1
@@ -367,11 +368,11 @@ class SpeechEngine:
                   if stream.pending}
         if not any(wanted.values()):
             return
-        longest = max(wanted.values())
+        riding = self.policy.ride_along(max(wanted.values()))
         work = {}
         for slot in wanted:
             stream = self._running[slot]
-            take = len(stream.pending) if stream.chunk_done else min(len(stream.pending), longest)
+            take = len(stream.pending) if stream.chunk_done else min(len(stream.pending), max(riding, wanted[slot]))
             work[slot] = (torch.stack(stream.pending[:take]), stream.settings.nq)
             stream.pending = stream.pending[take:]
         started = time.perf_counter()
@@ -392,7 +393,7 @@ class SpeechEngine:
         if stream.chunk_done:
             return len(stream.pending)
         slack = stream.lead(self.codec.rate, now) if stream.first_emit_time is not None else None
-        return self.policy.frames_wanted(len(stream.pending), slack, self.costs, rows)
+        return self.policy.frames_wanted(len(stream.pending), slack, self.costs, rows, self.codec.hop / self.codec.rate)
 
     def _emit(self, stream: _Stream, waveform: torch.Tensor, is_pause: bool) -> bool:
         """Deliver audio; False when the request's listener raised (the request has then ended)."""

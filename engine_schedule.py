@@ -8,8 +8,10 @@ ahead of that clock (received seconds minus seconds since the first audio). It u
 
 Codec work (`DeadlinePolicy`). The codec costs a lot per call and less per frame as a call carries more frames (on a
 2-core CPU about 26 ms for 1 frame, 80 ms for 8), so frames wait in the stream's pending list until one of these
-holds, and then ONE batched call decodes every stream's pending frames (up to the longest wanted):
-  * the stream has no audio yet (its first frame goes out at once: time to first audio);
+holds, and then ONE batched call decodes every stream's pending frames (up to a full call each, `ride_along`):
+  * the stream has no audio yet and has the frames of its first audio: one frame where the machine is fast enough,
+    else the fewest frames whose playback covers a tick of waiting (`first_frames`; 2 on a 2-core CPU), so that the
+    stream can let later frames gather instead of staying one frame from underrun;
   * it has a full call's frames pending (CODEC_FRAMES_PER_CALL);
   * waiting one more tick would leave it less than UNDERRUN_MARGIN_SECONDS of slack when its audio arrives
     (predicted from the measured LM tick and codec call times, `EngineCosts`).
@@ -99,12 +101,34 @@ class DeadlinePolicy:
     max_frames: int = CODEC_FRAMES_PER_CALL
     margin_seconds: float = UNDERRUN_MARGIN_SECONDS
 
-    def frames_wanted(self, pending: int, slack: Optional[float], costs: EngineCosts, rows: int) -> int:
+    def frames_wanted(self, pending: int, slack: Optional[float], costs: EngineCosts, rows: int,
+                      frame_seconds: float) -> int:
         """Frames of this stream to decode now (0: wait). slack None: no audio yet."""
-        if slack is None or pending >= self.max_frames:
-            return min(pending, self.max_frames)
-        arrival_if_waiting = costs.lm.predict(rows) + costs.codec.predict(rows * (pending + 1))
-        return pending if slack < arrival_if_waiting + self.margin_seconds else 0
+        if slack is None:
+            return pending if pending >= self.first_frames(costs, rows, frame_seconds) else 0
+        if pending >= self.max_frames:
+            return self.max_frames
+        return pending if slack < self.wait_cost(costs, rows, pending) + self.margin_seconds else 0
+
+    def ride_along(self, longest: int) -> int:
+        """Frames a stream that did not ask takes into a call that runs `longest` frames: all it has, up to a full
+        call, so that after a call every stream's pending list is empty and their calls stay in step (a stream left
+        with a remainder would ask for a small call of its own a tick later)."""
+        return max(longest, self.max_frames)
+
+    @staticmethod
+    def wait_cost(costs: EngineCosts, rows: int, pending: int) -> float:
+        """Seconds until a stream's audio arrives if it waits one more tick: the LM step, then a call of one more."""
+        return costs.lm.predict(rows) + costs.codec.predict(rows * (pending + 1))
+
+    def first_frames(self, costs: EngineCosts, rows: int, frame_seconds: float) -> int:
+        """Frames of the first audio: the fewest whose playback outlasts a tick of waiting, so that the stream can
+        then let its frames gather into fuller calls (1 where a tick and a codec call take less than a frame, e.g.
+        on an accelerator or before anything is measured; 2 on a 2-core CPU)."""
+        for frames in range(1, self.max_frames):
+            if frames * frame_seconds >= self.wait_cost(costs, rows, frames) + self.margin_seconds:
+                return frames
+        return self.max_frames
 
 
 @dataclass(frozen=True)
@@ -140,7 +164,12 @@ class StreamDecodePolicy:
         return (first_audio_pending or (head_pending and lead_seconds < self.head_lead_seconds)
                 or max_pending >= budget or lead_seconds < 0)
 
-    def frames_wanted(self, pending: int, slack: Optional[float], costs: EngineCosts, rows: int) -> int:
+    def ride_along(self, longest: int) -> int:
+        """Upstream's engine semantics: a stream that did not ask takes at most the call's longest budget."""
+        return longest
+
+    def frames_wanted(self, pending: int, slack: Optional[float], costs: EngineCosts, rows: int,
+                      frame_seconds: float) -> int:
         lead = 0.0 if slack is None else slack
         budget = self.frame_budget(lead, slack is not None)
         if self.should_decode(slack is None, True, pending, budget, lead):
@@ -173,7 +202,7 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
 
     Args:
         costs: the engine's measured costs.
-        slacks: the slack of every playing stream (those with audio out).
+        slacks: the slack of every running stream, None for one without audio yet (an empty list: none runs).
         rows_after: rows the LM step runs once the request holds its slot.
         prompt_rows: rows its first chunk prefills.
         prefilled_this_tick: whether a prompt was already prefilled in this tick.
@@ -181,12 +210,13 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
     """
     if not slacks:
         return None
-    if prefilled_this_tick:
+    playing = [slack for slack in slacks if slack is not None]
+    if prefilled_this_tick and playing:
         return PREFILL_BUDGET
     if costs.steady_tick(rows_after) > REALTIME_SHARE * frame_seconds:
         return KEEPING_STREAMS_AHEAD
     stall = costs.prefill.predict(prompt_rows) + costs.lm.predict(rows_after) + costs.codec.predict(rows_after)
-    if min(slacks) < stall + UNDERRUN_MARGIN_SECONDS:
+    if playing and min(playing) < stall + UNDERRUN_MARGIN_SECONDS:
         return PROTECTING_SLACK
     return None
 

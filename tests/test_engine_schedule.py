@@ -34,33 +34,51 @@ def test_the_linear_cost_fit_recovers_intercept_and_slope_and_splits_a_single_si
     assert fit.predict(16) == pytest.approx(0.01 + 0.032, rel=1e-3)
 
 
-def test_a_new_stream_gets_its_first_frame_decoded_at_once_and_full_calls_go_out():
+def test_a_new_stream_gets_its_first_frame_decoded_at_once_where_a_tick_of_waiting_fits_in_a_frame():
+    policy, fast = schedule.DEADLINE_POLICY, _costs(lm=0.002, codec_per_row_frame=0.0005, codec_call=0.002)
+    assert policy.first_frames(fast, 4, FRAME) == 1
+    assert policy.frames_wanted(1, None, fast, 4, FRAME) == 1
+    assert policy.first_frames(schedule.EngineCosts(), 4, FRAME) == 1  # nothing measured yet: at once
+
+
+def test_on_a_slow_machine_the_first_audio_carries_the_frames_that_let_the_stream_wait_a_tick_afterwards():
+    policy, slow = schedule.DEADLINE_POLICY, _costs()
+    first = policy.first_frames(slow, 4, FRAME)
+    assert 1 < first < policy.max_frames
+    assert first * FRAME >= policy.wait_cost(slow, 4, first) + policy.margin_seconds
+    assert (first - 1) * FRAME < policy.wait_cost(slow, 4, first - 1) + policy.margin_seconds
+    assert policy.frames_wanted(first - 1, None, slow, 4, FRAME) == 0
+    assert policy.frames_wanted(first, None, slow, 4, FRAME) == first
+
+
+def test_full_calls_go_out_however_much_slack():
     policy, costs = schedule.DEADLINE_POLICY, _costs()
-    assert policy.frames_wanted(1, None, costs, 4) == 1  # no audio yet: first audio at once
-    assert policy.frames_wanted(8, 5.0, costs, 4) == 8  # a full call, however much slack
-    assert policy.frames_wanted(11, 5.0, costs, 4) == 8
+    assert policy.frames_wanted(8, 5.0, costs, 4, FRAME) == 8
+    assert policy.frames_wanted(11, 5.0, costs, 4, FRAME) == 8
 
 
 def test_a_stream_with_slack_waits_for_a_fuller_call_and_one_near_underrun_is_decoded_now():
     policy, costs = schedule.DEADLINE_POLICY, _costs()
     rows = 4
     waiting_costs = costs.lm.predict(rows) + costs.codec.predict(rows * 3)  # its audio if it waited one more tick
-    assert policy.frames_wanted(2, waiting_costs + policy.margin_seconds + 0.01, costs, rows) == 0
-    assert policy.frames_wanted(2, waiting_costs + policy.margin_seconds - 0.01, costs, rows) == 2
-    assert policy.frames_wanted(2, -0.2, costs, rows) == 2  # already behind: decode what it has
+    assert policy.frames_wanted(2, waiting_costs + policy.margin_seconds + 0.01, costs, rows, FRAME) == 0
+    assert policy.frames_wanted(2, waiting_costs + policy.margin_seconds - 0.01, costs, rows, FRAME) == 2
+    assert policy.frames_wanted(2, -0.2, costs, rows, FRAME) == 2  # already behind: decode what it has
 
 
 def test_upstream_policy_keeps_its_lead_table_through_the_same_question():
     policy, costs = schedule.UPSTREAM_STREAM_POLICY, _costs()
-    assert policy.frames_wanted(3, None, costs, 1) == 1
-    assert policy.frames_wanted(3, 0.1, costs, 1) == 1  # behind upstream's 0.2 s: one frame per call
-    assert policy.frames_wanted(3, 2.0, costs, 1) == 0  # ahead, budget 8 not reached yet
+    assert policy.frames_wanted(3, None, costs, 1, FRAME) == 1
+    assert policy.frames_wanted(3, 0.1, costs, 1, FRAME) == 1  # behind upstream's 0.2 s: one frame per call
+    assert policy.frames_wanted(3, 2.0, costs, 1, FRAME) == 0  # ahead, budget 8 not reached yet
 
 
 def test_admission_names_why_a_request_waits():
     costs = _costs()
     refuse = schedule.admission_refusal
-    assert refuse(costs, [], 16, 20, True, FRAME) is None  # nothing plays: nobody to protect
+    assert refuse(costs, [], 16, 20, True, FRAME) is None  # nothing runs: nobody to protect
+    assert refuse(costs, [None], 2, 20, True, FRAME) is None  # the only stream does not play yet
+    assert refuse(_costs(lm=0.2), [None], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
     assert refuse(costs, [2.0], 2, 20, True, FRAME) == schedule.PREFILL_BUDGET
     assert refuse(costs, [2.0], 2, 20, False, FRAME) is None
     assert refuse(costs, [0.05], 2, 20, False, FRAME) == schedule.PROTECTING_SLACK
