@@ -127,3 +127,26 @@ def test_a_request_waits_while_the_machine_cannot_keep_the_playing_streams_ahead
     assert second.admitted.is_set() and engine.waiting_by_reason()["keeping_streams_ahead"] == 0
     assert isinstance(heard[-1], engine_module.FinishedEvent) and heard[-1].codes[0].shape[0] == 30
     assert isinstance(second.pending()[-1], engine_module.FinishedEvent)
+
+
+def test_captured_engine_steps_run_power_of_two_rows_and_give_the_eager_codes(monkeypatch):
+    """Graph mode (a stand-in capture that replays the recorded phase): three streams joining at different ticks make
+    the eager codes, and the frame step is built for 1, 2 and 4 rows only (never 3)."""
+    model = checkpoints.always_continue_tiny_model(seed=8).eval()
+
+    def run(mode):
+        engine = engine_module.SpeechEngine(model, None, num_slots=4, max_positions=64, step_mode=mode)
+        handles = []
+        for tick in range(30):
+            if tick in (0, 2, 4):
+                handles.append(engine.submit(_request(10 + tick, frames=6)))
+            if not engine.step() and tick > 4:
+                break
+        return engine, [handle.pending()[-1].codes[0] for handle in handles]
+
+    _, eager = run("eager")
+    monkeypatch.setattr(generation, "graph_supported", lambda device: True)
+    monkeypatch.setattr(generation, "capture_graph", lambda device, fn: (fn(), fn)[1])
+    engine, captured = run("graph")
+    assert all(torch.equal(a, b) for a, b in zip(captured, eager))
+    assert {key[0] for key in engine.decoder.decision_phase._built} == {1, 2, 4}
