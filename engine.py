@@ -222,6 +222,7 @@ class SpeechEngine:
     @torch.no_grad()
     def step(self) -> bool:
         """One scheduler tick (module docstring). Returns whether any request is still waiting or running."""
+        started = time.perf_counter()
         self._drop_cancelled()
         self._admit()
         if self.decoder.groups:
@@ -229,6 +230,8 @@ class SpeechEngine:
         if self.codec is not None:
             self._decode_audio()
         self._close_finished()
+        if self._running:
+            self.costs.add_tick(time.perf_counter() - started)
         self.ticks += 1
         return bool(self._running or self._waiting)
 

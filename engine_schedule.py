@@ -10,8 +10,8 @@ Codec work (`DeadlinePolicy`). The codec costs a lot per call and less per frame
 2-core CPU about 26 ms for 1 frame, 80 ms for 8), so frames wait in the stream's pending list until one of these
 holds, and then ONE batched call decodes every stream's pending frames (up to a full call each, `ride_along`):
   * the stream has no audio yet and has the frames of its first audio: one frame where the machine is fast enough,
-    else the fewest frames whose playback covers a tick of waiting (`first_frames`; 2 on a 2-core CPU), so that the
-    stream can let later frames gather instead of staying one frame from underrun;
+    else the fewest frames whose playback covers the next tick and a tick of waiting (`first_frames`; 2-3 on a 2-core
+    CPU), so that the stream can let later frames gather instead of staying one frame from underrun;
   * it has a full call's frames pending (CODEC_FRAMES_PER_CALL);
   * waiting one more tick would leave it less than UNDERRUN_MARGIN_SECONDS of slack when its audio arrives
     (predicted from the measured LM tick and codec call times, `EngineCosts`).
@@ -20,9 +20,10 @@ for fuller calls; under load the calls grow instead of shrinking (upstream's lea
 decodes one frame per call once a stream is behind, which keeps it behind).
 
 Admission (`admission_refusal`). A waiting request joins only when the machine can keep every admitted stream
-ahead of playback: the predicted steady tick with one more stream (LM step + its share of 8-frame codec calls) stays
-within REALTIME_SHARE of a frame's duration, at most one prompt is prefilled per tick while streams are playing (the
-per-tick prefill budget), and every playing stream has the slack to absorb the newcomer's prefill and first frame.
+ahead of playback: the tick with one more stream (the measured mean tick plus the predicted growth of a steady tick:
+LM step + its share of 8-frame codec calls) stays within REALTIME_SHARE of a frame's duration, at most one prompt
+is prefilled per tick while streams are playing (the per-tick prefill budget), and every playing stream has the slack
+to absorb the newcomer's prefill and first frame.
 Otherwise it waits in the queue (under the server's queue deadline) and the engine names why (WAIT_REASONS).
 
 The costs are measured online (exponentially weighted linear fits), so the same rules hold on any device.
@@ -37,7 +38,9 @@ from typing import Optional
 # Frames one codec call carries at most (a full call); the slot session decodes them in one pass.
 CODEC_FRAMES_PER_CALL = 8
 # Slack a stream must keep when its next audio arrives (host jitter, a slower tick than predicted).
-UNDERRUN_MARGIN_SECONDS = 0.05
+UNDERRUN_MARGIN_SECONDS = 0.03
+# Weight of the latest tick in the measured mean tick (about the last 16 ticks count: two full codec calls).
+TICK_WEIGHT = 1 / 16
 # A steady tick may take at most this share of a frame's duration when a stream is admitted (headroom for jitter).
 REALTIME_SHARE = 0.9
 # Why a request waits in the queue (engine.waiting_by_reason, the server's /metrics).
@@ -87,6 +90,16 @@ class EngineCosts:
         self.lm = LinearCost(fixed_share=0.7)
         self.codec = LinearCost(fixed_share=0.5)
         self.prefill = LinearCost(fixed_share=0.0)
+        self.tick = 0.0  # measured mean seconds per tick while streams run (prefill and codec calls included)
+
+    def add_tick(self, seconds: float) -> None:
+        self.tick = seconds if self.tick == 0.0 else self.tick + TICK_WEIGHT * (seconds - self.tick)
+
+    def tick_after_join(self, rows: int) -> float:
+        """Seconds per tick once a stream joins and `rows` run: the measured mean tick plus the predicted growth of
+        a steady tick (or the prediction alone before any tick), whichever is larger."""
+        growth = self.steady_tick(rows) - self.steady_tick(rows - 1)
+        return max(self.steady_tick(rows), self.tick + max(0.0, growth))
 
     def steady_tick(self, rows: int) -> float:
         """Seconds per tick with `rows` streams when the codec runs full calls: the LM step plus a call's share."""
@@ -122,13 +135,12 @@ class DeadlinePolicy:
         return costs.lm.predict(rows) + costs.codec.predict(rows * (pending + 1))
 
     def first_frames(self, costs: EngineCosts, rows: int, frame_seconds: float) -> int:
-        """Frames of the first audio: the fewest whose playback outlasts a tick of waiting, so that the stream can
-        then let its frames gather into fuller calls (1 where a tick and a codec call take less than a frame, e.g.
-        on an accelerator or before anything is measured; 2 on a 2-core CPU)."""
-        for frames in range(1, self.max_frames):
-            if frames * frame_seconds >= self.wait_cost(costs, rows, frames) + self.margin_seconds:
-                return frames
-        return self.max_frames
+        """Frames of the first audio: the fewest whose playback outlasts the next tick and then a tick of waiting, so
+        that the stream can let its later frames gather into fuller calls instead of staying one frame from underrun
+        in costly one-frame calls (1 where the ticks and a codec call take less than a frame, e.g. on an accelerator
+        or before anything is measured; 2-3 on a 2-core CPU)."""
+        survive = costs.lm.predict(rows) + self.wait_cost(costs, rows, 1) + self.margin_seconds
+        return min(self.max_frames, max(1, math.ceil(survive / frame_seconds - 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -213,7 +225,7 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
     playing = [slack for slack in slacks if slack is not None]
     if prefilled_this_tick and playing:
         return PREFILL_BUDGET
-    if costs.steady_tick(rows_after) > REALTIME_SHARE * frame_seconds:
+    if costs.tick_after_join(rows_after) > REALTIME_SHARE * frame_seconds:
         return KEEPING_STREAMS_AHEAD
     stall = costs.prefill.predict(prompt_rows) + costs.lm.predict(rows_after) + costs.codec.predict(rows_after)
     if playing and min(playing) < stall + UNDERRUN_MARGIN_SECONDS:
