@@ -14,7 +14,9 @@ holds, and then ONE batched call decodes every stream's pending frames (up to a 
     CPU), so that the stream can let later frames gather instead of staying one frame from underrun;
   * it has a full call's frames pending (CODEC_FRAMES_PER_CALL);
   * waiting one more tick would leave it less than UNDERRUN_MARGIN_SECONDS of slack when its audio arrives
-    (predicted from the measured LM tick and codec call times, `EngineCosts`).
+    (predicted from the measured LM tick and codec call times, `EngineCosts`);
+  * it is behind playback already (the host slowed down) and has CATCH_UP_FRAMES pending: calls of a few frames
+    let it catch up, where one frame per tick would keep it behind.
 A stream close to underrunning is thus decoded with the frames it has, and streams with slack ride along or wait
 for fuller calls; under load the calls grow instead of shrinking (upstream's lead policy, `StreamDecodePolicy`,
 decodes one frame per call once a stream is behind, which keeps it behind).
@@ -37,6 +39,9 @@ from typing import Optional
 
 # Frames one codec call carries at most (a full call); the slot session decodes them in one pass.
 CODEC_FRAMES_PER_CALL = 8
+# Frames per call for a stream already behind playback: one-frame calls cost the most per frame, so a stream that
+# took them whenever it was behind would stay behind (upstream's lead policy under load); these catch up.
+CATCH_UP_FRAMES = 4
 # Slack a stream must keep when its next audio arrives (host jitter, a slower tick than predicted).
 UNDERRUN_MARGIN_SECONDS = 0.03
 # Weight of the latest tick in the measured mean tick (about the last 16 ticks count: two full codec calls).
@@ -121,6 +126,8 @@ class DeadlinePolicy:
             return pending if pending >= self.first_frames(costs, rows, frame_seconds) else 0
         if pending >= self.max_frames:
             return self.max_frames
+        if slack < 0:  # behind already: calls of CATCH_UP_FRAMES cost less per frame than one frame a tick
+            return pending if pending >= CATCH_UP_FRAMES else 0
         return pending if slack < self.wait_cost(costs, rows, pending) + self.margin_seconds else 0
 
     def ride_along(self, longest: int) -> int:
@@ -233,7 +240,7 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
     return None
 
 
-__all__ = ["CODEC_FRAMES_PER_CALL", "DEADLINE_POLICY", "DeadlinePolicy", "EVERY_FRAME_STREAM_POLICY", "EngineCosts",
-           "KEEPING_STREAMS_AHEAD", "LinearCost", "NO_FREE_SLOT", "PREFILL_BUDGET", "PROTECTING_SLACK",
+__all__ = ["CATCH_UP_FRAMES", "CODEC_FRAMES_PER_CALL", "DEADLINE_POLICY", "DeadlinePolicy", "EVERY_FRAME_STREAM_POLICY",
+           "EngineCosts", "KEEPING_STREAMS_AHEAD", "LinearCost", "NO_FREE_SLOT", "PREFILL_BUDGET", "PROTECTING_SLACK",
            "StreamDecodePolicy", "UPSTREAM_CUDA_STREAM_POLICY", "UPSTREAM_STREAM_POLICY", "WAIT_REASONS",
            "admission_refusal", "stream_lead_seconds"]
