@@ -27,8 +27,10 @@ Sections:
 - e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then
   --e2e-codec-frames per call): time to first audio and end-to-end RTF per weight format (random codec weights).
 - engine: N concurrent streams (--streams) arriving --stagger s apart on one engine, LM + codec: aggregate frames/s,
-  time to first audio p50/p95, worst per-stream real-time factor, underruns (a stream whose received audio falls
-  behind playback), the largest N with none, peak memory.
+  time to first audio p50/p95/p99, worst per-stream real-time factor, underruns (a stream whose received audio falls
+  behind playback) and by how much, the largest N with none, the mean tick split (LM step, codec, prefill, host),
+  peak memory. --compare-engine PATH runs another checkout's engine.py (e.g. `git worktree add PATH f2918fd`) on the
+  same model first, so before/after come from one run.
 
 A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
 The device string is passed through to devices.py.
@@ -47,7 +49,7 @@ import torch
 
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, REPO_ROOT)
-from local_package import import_module  # noqa: E402
+from local_package import import_folder_as_package, import_module  # noqa: E402
 
 UPSTREAM_STREAM_MS_PER_FRAME = (21.0, 23.0)  # codec.md §7, upstream on 2 vCPU, fp32
 TARGET_STREAM_MS_PER_FRAME = 10.0  # issue 7
@@ -550,25 +552,57 @@ class StreamClock:
     """One request's timeline, recorded by the engine thread: submit, first audio, audio received, underruns.
 
     Playback starts when the first audio arrives; a stream underruns when, at the arrival of a piece, the audio
-    received before it is shorter than the time elapsed since playback started.
+    received before it is shorter than the time elapsed since playback started. `events` is the engine module whose
+    event classes the engine under test emits.
     """
 
-    def __init__(self, rate: int) -> None:
-        self.rate, self.submitted, self.first_audio, self.received = rate, None, None, 0.0
+    def __init__(self, rate: int, events) -> None:
+        self.rate, self.events, self.submitted, self.first_audio, self.received = rate, events, None, None, 0.0
         self.underrun_seconds, self.finished, self.frames, self.error = 0.0, None, 0, None
 
     def __call__(self, event) -> None:
-        engine = import_module("engine")
         now = time.perf_counter()
-        if isinstance(event, engine.AudioEvent):
+        if isinstance(event, self.events.AudioEvent):
             if self.first_audio is None:
                 self.first_audio = now
             self.underrun_seconds = max(self.underrun_seconds, (now - self.first_audio) - self.received)
             self.received += event.waveform.shape[-1] / self.rate
-        elif isinstance(event, engine.FinishedEvent):
+        elif isinstance(event, self.events.FinishedEvent):
             self.finished, self.frames = now, sum(codes.shape[0] for codes in event.codes)
-        elif isinstance(event, engine.ErrorEvent):
+        elif isinstance(event, self.events.ErrorEvent):
             self.finished, self.error = now, event.message
+
+
+class TickSplit:
+    """Seconds an engine spends in its LM step, codec calls and prefills, timed around the engine object's own
+    methods (so any engine version is measured the same way); the rest of the run is host work."""
+
+    PARTS = {"lm": ("decoder", "frame"), "codec": ("codec", "decode"), "prefill": ("decoder", "start")}
+
+    def __init__(self, engine) -> None:
+        self.engine, self.seconds, self.ticks, self.start = engine, {}, 0, 0.0
+        for part, (owner, method) in self.PARTS.items():
+            target = getattr(engine, owner)
+            setattr(target, method, self._timed(part, getattr(target, method)))
+        self.restart()
+
+    def _timed(self, part, method):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - started
+        return run
+
+    def restart(self) -> None:
+        self.seconds, self.ticks, self.start = dict.fromkeys(self.PARTS, 0.0), self.engine.ticks, time.perf_counter()
+
+    def per_tick_ms(self) -> dict:
+        """Mean ms per tick of each part since `restart`, host = wall time - the parts."""
+        ticks = max(1, self.engine.ticks - self.ticks)
+        split = dict(self.seconds, host=time.perf_counter() - self.start - sum(self.seconds.values()))
+        return {part: 1000 * seconds / ticks for part, seconds in split.items()}
 
 
 def serve_during(engine, work):
@@ -590,17 +624,16 @@ def serve_during(engine, work):
     return outcome["result"]
 
 
-def run_engine_load(engine, prompt_rows, streams: int, frames: int, stagger: float) -> dict:
-    """`streams` requests arriving `stagger` s apart on a started engine; waits for all of them."""
-    engine_module, generation = import_module("engine"), import_module("generation")
-    settings = generation.GenerationSettings(max_new_frames=frames, **SAMPLED_DEFAULTS)
-    clocks = [StreamClock(engine.codec.rate) for _ in range(streams)]
+def run_engine_load(engine, events, prompt_rows, streams: int, frames: int, stagger: float) -> dict:
+    """`streams` requests arriving `stagger` s apart on a started engine (of engine module `events`); waits for all."""
+    settings = import_module("generation").GenerationSettings(max_new_frames=frames, **SAMPLED_DEFAULTS)
+    clocks = [StreamClock(engine.codec.rate, events) for _ in range(streams)]
     start = time.perf_counter()
     handles = []
     for index, clock in enumerate(clocks):
         time.sleep(max(0.0, start + index * stagger - time.perf_counter()))
         clock.submitted = time.perf_counter()
-        request = engine_module.SpeechRequest([engine_module.ChunkPrompt(prompt_rows)], settings, seed=index)
+        request = events.SpeechRequest([events.ChunkPrompt(prompt_rows)], settings, seed=index)
         handles.append(engine.submit(request, listener=clock))
     for handle in handles:
         handle.done.wait()
@@ -619,39 +652,65 @@ def summarise_streams(clocks, start: float) -> dict:
 
     return {"streams": len(clocks), "errors": len(errors), "frames": sum(clock.frames for clock in done),
             "aggregate_frames_per_s": sum(clock.frames for clock in done) / (end - start),
-            "ttfa_p50_ms": pct(ttfa, 0.5), "ttfa_p95_ms": pct(ttfa, 0.95), "rtf_max": max(rtf, default=float("nan")),
+            "ttfa_p50_ms": pct(ttfa, 0.5), "ttfa_p95_ms": pct(ttfa, 0.95), "ttfa_p99_ms": pct(ttfa, 0.99),
+            "rtf_max": max(rtf, default=float("nan")),
             "underrun_streams": sum(clock.underrun_seconds > 0 for clock in done),
             "worst_underrun_s": max((clock.underrun_seconds for clock in done), default=0.0)}
 
 
+def engines_under_test(args) -> list:
+    """(label, engine module): with --compare-engine PATH, that checkout's engine.py first, loaded as a package of
+    its own (its generation and codec modules with it; the model and codec objects are this checkout's)."""
+    engines = [("this", import_module("engine"))]
+    if args.compare_engine:
+        import importlib
+
+        import_folder_as_package(args.compare_engine, "moss_tts_nano_compared")
+        label = os.path.basename(os.path.normpath(args.compare_engine))
+        engines.insert(0, (label, importlib.import_module("moss_tts_nano_compared.engine")))
+    return engines
+
+
+def time_engine(events, model, codec, prompt, streams: int, args) -> dict:
+    """One engine of module `events` with `streams` slots under the staggered load; its row of the table."""
+    device = resolve_device(args.device)
+    with torch.inference_mode(False):  # the engine updates its buffers outside inference mode
+        engine = events.SpeechEngine(model, codec, num_slots=streams, attn_implementation=args.attention,
+                                     max_positions=prompt.shape[0] + args.engine_frames, step_mode=args.step_mode)
+    split = TickSplit(engine)
+
+    def load():
+        run_engine_load(engine, events, prompt, min(streams, 2), 4, 0.0)  # warm-up
+        reset_peak_memory(device)
+        split.restart()
+        return run_engine_load(engine, events, prompt, streams, args.engine_frames, args.stagger)
+
+    row = serve_during(engine, load)
+    peak = devices.peak_memory_bytes(device)
+    row.update(peak_memory_mb=None if peak is None else peak / 2**20, tick_ms=split.per_tick_ms())
+    return row
+
+
 def run_engine(args) -> dict:
-    """Per weight format, N concurrent streams (staggered), LM + codec on one engine; the largest N with no underrun."""
-    engine_module = import_module("engine")
+    """Per weight format and engine, N concurrent streams (staggered), LM + codec; the largest N with no underrun.
+    The engines take turns at each N, so that a change in the host's load falls on both."""
     device = resolve_device(args.device)
     codec = build_codec(device, args.codec_dtype, args.codec_layout)
     prompt = bench_prompt(device)[0].cpu()
     formats = []
     for fmt in args.weight_format:
         model = build_lm_in_format(args, device, fmt)
-        rows = []
+        engines = engines_under_test(args)
+        rows = {label: [] for label, _ in engines}
         for streams in args.streams:
-            with torch.inference_mode(False):  # the engine updates its buffers outside inference mode
-                engine = engine_module.SpeechEngine(model, codec, num_slots=streams,
-                                                    attn_implementation=args.attention,
-                                                    max_positions=prompt.shape[0] + args.engine_frames,
-                                                    step_mode=args.step_mode)
-
-            def load(engine=engine, streams=streams):
-                run_engine_load(engine, prompt, min(streams, 2), 4, 0.0)  # warm-up
-                reset_peak_memory(device)
-                return run_engine_load(engine, prompt, streams, args.engine_frames, args.stagger)
-
-            row = serve_during(engine, load)
-            peak = devices.peak_memory_bytes(device)
-            row["peak_memory_mb"] = None if peak is None else peak / 2**20
-            rows.append(row)
-        ok = [row["streams"] for row in rows if row["underrun_streams"] == 0 and row["errors"] == 0]
-        formats.append({"weight_format": fmt, "rows": rows, "max_realtime_streams": max(ok, default=0)})
+            for label, events in engines:
+                rows[label].append(time_engine(events, model, codec, prompt, streams, args))
+        for label, _ in engines:
+            ok = [row for row in rows[label] if row["underrun_streams"] == 0 and row["errors"] == 0]
+            formats.append({"weight_format": fmt, "engine": label, "rows": rows[label],
+                            "max_realtime_streams": max((row["streams"] for row in ok), default=0),
+                            "max_realtime_streams_ttfa_500ms": max(
+                                (row["streams"] for row in ok if row["ttfa_p95_ms"] < 500), default=0)})
         del model
     return {"device": str(device), "frames": args.engine_frames, "stagger_s": args.stagger,
             "step_mode": args.step_mode, "formats": formats}
@@ -660,18 +719,20 @@ def run_engine(args) -> dict:
 def print_engine(result: dict) -> None:
     print(f"engine ({result['device']}, {result['frames']} frames per stream = {result['frames'] / FRAME_RATE:.1f} s, "
           f"arrivals {result['stagger_s']} s apart, sampled defaults, steps {result['step_mode']}): LM + codec")
-    print(f"  {'format':6s} {'N':>3s} {'agg fr/s':>9s} {'x N=1':>6s} {'TTFA p50':>9s} {'p95':>7s} {'RTF max':>8s} "
-          f"{'underrun':>9s} {'errors':>6s} {'peak MB':>8s}")
+    print(f"  {'format':6s} {'engine':12s} {'N':>3s} {'fr/s':>6s} {'TTFA p50':>8s} {'p95':>6s} {'p99':>6s} "
+          f"{'RTF max':>7s} {'underrun':>10s} {'err':>3s}  ms/tick: {'LM':>5s} {'codec':>5s} {'prefill':>7s} "
+          f"{'host':>5s} {'peak MB':>7s}")
     for entry in result["formats"]:
-        base = entry["rows"][0]["aggregate_frames_per_s"] or float("nan")
         for row in entry["rows"]:
-            peak = f"{row['peak_memory_mb']:8.0f}" if row["peak_memory_mb"] is not None else "     n/a"
-            print(f"  {entry['weight_format']:6s} {row['streams']:3d} {row['aggregate_frames_per_s']:9.1f} "
-                  f"{row['aggregate_frames_per_s'] / base:6.2f} {row['ttfa_p50_ms']:7.0f}ms {row['ttfa_p95_ms']:5.0f}ms "
-                  f"{row['rtf_max']:8.3f} {row['underrun_streams']:4d} {row['worst_underrun_s']:4.2f}s "
-                  f"{row['errors']:6d} {peak}")
-        print(f"  {entry['weight_format']}: largest N with every stream ahead of playback: "
-              f"{entry['max_realtime_streams']}")
+            peak = f"{row['peak_memory_mb']:7.0f}" if row["peak_memory_mb"] is not None else "    n/a"
+            tick = row["tick_ms"]
+            print(f"  {entry['weight_format']:6s} {entry['engine'][:12]:12s} {row['streams']:3d} "
+                  f"{row['aggregate_frames_per_s']:6.1f} {row['ttfa_p50_ms']:6.0f}ms {row['ttfa_p95_ms']:4.0f}ms "
+                  f"{row['ttfa_p99_ms']:4.0f}ms {row['rtf_max']:7.3f} {row['underrun_streams']:3d} "
+                  f"{row['worst_underrun_s']:5.2f}s {row['errors']:3d}  {'':9s}{tick['lm']:5.1f} {tick['codec']:5.1f} "
+                  f"{tick['prefill']:7.1f} {tick['host']:5.1f} {peak}")
+        print(f"  {entry['weight_format']} {entry['engine']}: largest N with every stream ahead of playback: "
+              f"{entry['max_realtime_streams']} (and TTFA p95 < 500 ms: {entry['max_realtime_streams_ttfa_500ms']})")
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -682,6 +743,9 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stagger", type=float, default=0.1, help="seconds between arrivals (default 0.1)")
     group.add_argument("--step-mode", default="eager", choices=["eager", "compile", "graph"],
                        help="how the decode steps run (generation.StepRunner)")
+    group.add_argument("--compare-engine", metavar="PATH", default=None,
+                       help="a checkout of another commit (git worktree add PATH COMMIT): its engine.py runs the same "
+                            "load first, on this checkout's model and codec objects, for before/after tables")
 
 
 def add_lm_options(parser: argparse.ArgumentParser) -> None:

@@ -7,19 +7,19 @@ then `FinishedEvent` or `ErrorEvent`). Isolation is the promise: a request's cod
 it (its random numbers come from its generator, its sampling settings and repetition history are its slot's, its
 codec streaming state is its slot's), and an error in one request ends that request only.
 
-The scheduler, one tick (`step`):
+The scheduler, one tick (`step`; the rules and their measured costs are in engine_schedule.py):
 
 1. cancelled requests leave (their slots are free for the same tick's admissions);
-2. admission, first come first served: waiting requests are prefilled into free slots. When the running streams
-   are all at least ADMIT_ALL_LEAD_SECONDS ahead of real-time playback (or none is running), every waiting request
-   that fits is admitted; otherwise one per tick, so a burst of arrivals cannot starve the streams already playing
-   while a newcomer still starts within a frame or two;
-3. one frame for every running request (one host sync);
-4. the codec: when some request's stream policy asks for a decode (upstream's lead-based budget: 1 frame for the
-   first audio, then 2 / 4 / 8 frames per call as the stream gets ahead of real time), one batched call of the
-   codec's slot session decodes it and every other request's pending frames with it (up to the largest budget); a
-   chunk's last frames are decoded at once, then its pause (silence, spec §7.2) is emitted and its next chunk is
-   prefilled into the same slot on the next tick.
+2. prefill under a per-tick budget: a running request's next chunk first, then waiting requests, first come first
+   served, while the machine can keep every admitted stream ahead of playback (`admission_refusal`); while streams
+   are playing, at most one prompt is prefilled per tick. A request that may not join waits in the queue, and
+   `waiting_by_reason` says why (engine_schedule.WAIT_REASONS);
+3. one frame for every running request (one fixed-shape step, one host sync);
+4. the codec, by playback deadline: when some stream's policy asks for a decode (its first audio, a full call of
+   frames, or a stream that would run out of slack if it waited one more tick), one batched call of the codec's slot
+   session decodes it and every other request's pending frames with it (up to the longest asked); a chunk's last
+   frames are decoded at once, then its pause (silence, spec §7.2) is emitted and its next chunk is prefilled into
+   the same slot on the next tick.
 
 The engine runs inline (`step` / `run_until_idle`, what `inference_stream` does) or on its own thread (`start` /
 `stop`, what the server does). Submitting and cancelling are thread-safe; events go to each request's own queue (or a
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import random
 import threading
 import time
@@ -62,6 +61,9 @@ import torch
 
 from .codec_streaming import codec_slots
 from .devices import free_memory_bytes, new_generator
+from .engine_schedule import (DEADLINE_POLICY, EVERY_FRAME_STREAM_POLICY, NO_FREE_SLOT,  # noqa: F401
+                              UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, WAIT_REASONS, DeadlinePolicy,
+                              EngineCosts, StreamDecodePolicy, admission_refusal, stream_lead_seconds)
 from .engine_requests import (CANCELLED, CODEC_FAILED, DECODE_STEP_FAILED, ERROR_CODES, FINAL_EVENTS,  # noqa: F401
                               INTERNAL_ERROR, LISTENER_FAILED, NON_FINITE_LOGITS, PREFILL_FAILED, AudioEvent,
                               ChunkPrompt, CodesEvent, ErrorEvent, FinishedEvent, QueueFullError, RequestError,
@@ -71,70 +73,12 @@ from .runaway_guards import RunawayGuard
 
 logger = logging.getLogger(__name__)
 
-# Admission: above this lead (seconds of audio ahead of playback) for every running stream, admit all waiting requests.
-ADMIT_ALL_LEAD_SECONDS = 0.5
 # Default global cache positions per slot: a 30 s reference (375 rows) + template and a 75-token chunk (~150 rows)
 # + 375 frames (30 s) fits in 1024.
 DEFAULT_MAX_POSITIONS = 1024
 # Slots from free memory: this share of the free memory goes to the KV caches, at most MAX_AUTO_SLOTS slots.
 SLOT_MEMORY_FRACTION = 0.5
 MAX_AUTO_SLOTS = 64
-# ----------------------------------------------------------------------------------------------------------------
-# Streaming policy (upstream's inference_stream budget)
-
-
-@dataclass(frozen=True)
-class StreamDecodePolicy:
-    """When a stream's pending frames go to the codec, and how many per call.
-
-    The "lead" is how far the emitted audio is ahead of real time: emitted seconds minus the seconds elapsed since the
-    first audio was emitted (playback starts with the first audio). Defaults are upstream's CPU policy.
-
-    Attributes:
-        lead_budgets: (lead threshold in s, frames) pairs in increasing threshold order; the first threshold the lead
-            is below gives the budget. Before any audio is emitted the budget is the first pair's.
-        max_frames: the budget at or above the last threshold.
-        head_lead_seconds: decode pending frames whenever the lead is below this.
-    """
-
-    lead_budgets: tuple = ((0.20, 1), (0.55, 2), (1.10, 4))
-    max_frames: int = 8
-    head_lead_seconds: float = 0.45
-
-    def frame_budget(self, lead_seconds: float, emitted_any: bool) -> int:
-        """Frames per codec call (upstream `_resolve_stream_decode_frame_budget`)."""
-        if not emitted_any:
-            return self.lead_budgets[0][1]
-        for threshold, frames in self.lead_budgets:
-            if lead_seconds < threshold:
-                return frames
-        return self.max_frames
-
-    def should_decode(self, first_audio_pending: bool, head_pending: bool, max_pending: int, budget: int,
-                      lead_seconds: float) -> bool:
-        """Upstream's triggers: first audio pending, head pending at a short lead, a full budget, or a starved lead."""
-        return (first_audio_pending or (head_pending and lead_seconds < self.head_lead_seconds)
-                or max_pending >= budget or lead_seconds < 0)
-
-
-UPSTREAM_STREAM_POLICY = StreamDecodePolicy()
-# What upstream's runtime patches in on CUDA (bigger codec calls, more throughput, later first audio).
-UPSTREAM_CUDA_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((0.20, 4), (0.55, 6), (1.10, 8)), max_frames=12)
-# Every frame goes to the codec as soon as it is generated. The lead-based policies pick the frames per codec call from
-# the timing, and the codec's float rounding depends on that (~1e-6, a 16-bit step in ~1% of samples); here the calls
-# do not depend on timing, so a request alone in the engine gives the same samples every time. Costs codec throughput
-# (one frame per call).
-EVERY_FRAME_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((math.inf, 1),), max_frames=1, head_lead_seconds=math.inf)
-
-
-def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float], now: float) -> float:
-    """Seconds of audio emitted ahead of real-time playback (upstream `_compute_stream_lead_seconds`); 0 before the
-    first audio."""
-    if first_emit_time is None:
-        return 0.0
-    return emitted_seconds - (now - first_emit_time)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Per-request state inside the engine
 
@@ -182,12 +126,12 @@ class SpeechEngine:
         max_queue: requests that may wait for a slot; more are refused with QueueFullError.
         attn_implementation: attention request (default: the model config's, resolved for the device).
         step_mode: "eager", "compile" or "graph" (generation.PhaseRunner).
-        policy: the codec streaming policy.
+        policy: the codec streaming policy (engine_schedule: DEADLINE_POLICY, or upstream's lead-based ones).
     """
 
     def __init__(self, model, codec=None, num_slots: Optional[int] = None, max_positions: int = DEFAULT_MAX_POSITIONS,
                  max_queue: int = 64, attn_implementation: Optional[str] = None, step_mode: str = "eager",
-                 policy: StreamDecodePolicy = UPSTREAM_STREAM_POLICY) -> None:
+                 policy: DeadlinePolicy | StreamDecodePolicy = DEADLINE_POLICY) -> None:
         self.model = model
         self.n_vq = int(model.config.n_vq)
         self.attention = model._attention_pair(attn_implementation)
@@ -196,6 +140,9 @@ class SpeechEngine:
         self.codec = codec_slots(codec, self.num_slots, self.n_vq) if codec is not None else None
         self.max_queue = max_queue
         self.policy = policy
+        self.costs = EngineCosts()  # measured online; the scheduler's predictions
+        self.wait_reason: Optional[str] = None  # why the queue's head waits (None: nothing waits, or it just joined)
+        self._prefilled = False  # whether a prompt was prefilled in this tick (the per-tick prefill budget)
         self._waiting: deque = deque()
         self._running: dict[int, _Stream] = {}  # slot -> stream
         self._lock = threading.Lock()
@@ -275,6 +222,7 @@ class SpeechEngine:
     @torch.no_grad()
     def step(self) -> bool:
         """One scheduler tick (module docstring). Returns whether any request is still waiting or running."""
+        started = time.perf_counter()
         self._drop_cancelled()
         self._admit()
         if self.decoder.groups:
@@ -282,6 +230,8 @@ class SpeechEngine:
         if self.codec is not None:
             self._decode_audio()
         self._close_finished()
+        if self._running:
+            self.costs.add_tick(time.perf_counter() - started)
         self.ticks += 1
         return bool(self._running or self._waiting)
 
@@ -308,15 +258,19 @@ class SpeechEngine:
             self._end(stream, ErrorEvent("cancelled", cancelled=True, code=CANCELLED))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots (all of them when every stream is comfortably ahead)."""
+        """Prefill running requests' next chunks, then admit waiting requests while the scheduler lets them join."""
+        self._prefilled = False
         for stream in list(self._running.values()):
             if stream.needs_prefill and stream.chunk_done is False:
                 self._prefill(stream)
-        budget = self.num_slots if self._comfortable() else 1
-        while budget > 0:
+        while True:
             with self._lock:
+                if not self._waiting:
+                    self.wait_reason = None
+                    return
                 free = [slot for slot in self.decoder.free_slots() if slot not in self._running]
-                if not free or not self._waiting:
+                self.wait_reason = self._refusal(self._waiting[0], free)
+                if self.wait_reason is not None:
                     return
                 stream = self._waiting.popleft()
             stream.slot = free[0]
@@ -324,14 +278,26 @@ class SpeechEngine:
             self._running[stream.slot] = stream
             self._start_codec(stream)
             self._prefill(stream)
-            budget -= 1
 
-    def _comfortable(self) -> bool:
+    def _refusal(self, stream: _Stream, free: list[int]) -> Optional[str]:
+        """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Without a codec nothing plays, so
+        only slots count."""
+        if not free:
+            return NO_FREE_SLOT
         if self.codec is None:
-            return True
+            return None
         now = time.perf_counter()
-        leads = [s.lead(self.codec.rate, now) for s in self._running.values() if s.first_emit_time is not None]
-        return all(lead >= ADMIT_ALL_LEAD_SECONDS for lead in leads)
+        slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None
+                  for s in self._running.values()]
+        rows_after = max([free[0], *self._running]) + 1
+        return admission_refusal(self.costs, slacks, rows_after, stream.request.chunks[0].rows.shape[0],
+                                 self._prefilled, self.codec.hop / self.codec.rate)
+
+    def waiting_by_reason(self) -> dict[str, int]:
+        """Waiting requests by why they wait (every reason of engine_schedule.WAIT_REASONS, 0 when none)."""
+        with self._lock:
+            waiting, reason = len(self._waiting), self.wait_reason
+        return {name: (waiting if name == reason else 0) for name in WAIT_REASONS}
 
     def _prefill(self, stream: _Stream) -> None:
         """Start the stream's current chunk in its slot; a failure ends this request only."""
@@ -341,8 +307,11 @@ class SpeechEngine:
         stream.group = Group([stream.slot], stream.settings, stream.generator, guard=stream.guard)
         stream.needs_prefill = False
         stream.chunk_codes = []
+        self._prefilled = True
+        started = time.perf_counter()
         try:
             self.decoder.start(stream.group, [chunk.rows], self.attention[0])
+            self.costs.prefill.add(chunk.rows.shape[0], time.perf_counter() - started)
         except Exception as error:  # a bad prompt or a device error while prefilling: this request only
             logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
             stream.group = None
@@ -357,8 +326,10 @@ class SpeechEngine:
             self.codec.decode({stream.slot: (prime, stream.settings.nq)})
 
     def _frame(self) -> None:
+        rows, started = max(self._running, default=0) + 1, time.perf_counter()
         try:
             outputs = self.decoder.frame()
+            self.costs.lm.add(rows, time.perf_counter() - started)
         except Exception as error:  # a device failure during the shared step: every running request is affected
             logger.exception("the decode step failed; ending the %d running requests", len(self._running))
             for stream in list(self._running.values()):
@@ -390,22 +361,24 @@ class SpeechEngine:
     def _decode_audio(self) -> None:
         """One batched codec call when some stream's policy (or finished chunk) asks for it.
 
-        The call then takes every stream's pending frames (up to its budget, or all for a finished chunk): a call
-        costs mostly per call and per frame step, little per extra row, so riding along is cheaper than a call of
-        its own a tick later.
+        The call then takes every stream's pending frames (up to the policy's `ride_along`, or all for a finished
+        chunk): a call runs its longest count of frames for every row up to its last slot anyway, so riding along
+        costs little and saves a call of its own a tick later.
         """
         now = time.perf_counter()
-        budgets = {slot: self._frames_to_decode(stream, now) for slot, stream in self._running.items()
-                   if stream.pending}
-        if not any(budgets.values()):
+        rows = max(self._running, default=0) + 1
+        wanted = {slot: self._frames_to_decode(stream, now, rows) for slot, stream in self._running.items()
+                  if stream.pending}
+        if not any(wanted.values()):
             return
-        longest = max(budgets.values())
+        riding = self.policy.ride_along(max(wanted.values()))
         work = {}
-        for slot, budget in budgets.items():
+        for slot in wanted:
             stream = self._running[slot]
-            take = len(stream.pending) if stream.chunk_done else min(len(stream.pending), max(budget, longest))
+            take = len(stream.pending) if stream.chunk_done else min(len(stream.pending), max(riding, wanted[slot]))
             work[slot] = (torch.stack(stream.pending[:take]), stream.settings.nq)
             stream.pending = stream.pending[take:]
+        started = time.perf_counter()
         try:
             audio = self.codec.decode(work)
         except Exception as error:  # a codec failure: the streams in this call are affected
@@ -413,20 +386,17 @@ class SpeechEngine:
             for slot in work:
                 self._end(self._running[slot], ErrorEvent(f"{type(error).__name__}: {error}", code=CODEC_FAILED))
             return
+        span = (max(work) + 1) * max(codes.shape[0] for codes, _ in work.values())
+        self.costs.codec.add(span, time.perf_counter() - started)
         for slot, waveform in audio.items():  # a listener that raises ends its own request only (_deliver)
             self._emit(self._running[slot], waveform, is_pause=False)
 
-    def _frames_to_decode(self, stream: _Stream, now: float) -> int:
-        """How many pending frames the stream's policy wants decoded now (0: none yet)."""
+    def _frames_to_decode(self, stream: _Stream, now: float, rows: int) -> int:
+        """How many pending frames the stream's policy wants decoded now (0: none yet; a finished chunk: all)."""
         if stream.chunk_done:
             return len(stream.pending)
-        lead = stream.lead(self.codec.rate, now)
-        emitted = stream.first_emit_time is not None
-        budget = self.policy.frame_budget(lead, emitted)
-        pending = len(stream.pending)
-        if self.policy.should_decode(not emitted, True, pending, budget, lead):
-            return min(budget, pending)
-        return 0
+        slack = stream.lead(self.codec.rate, now) if stream.first_emit_time is not None else None
+        return self.policy.frames_wanted(len(stream.pending), slack, self.costs, rows, self.codec.hop / self.codec.rate)
 
     def _emit(self, stream: _Stream, waveform: torch.Tensor, is_pause: bool) -> bool:
         """Deliver audio; False when the request's listener raised (the request has then ended)."""
@@ -576,6 +546,9 @@ __all__ = [
     "SpeechEngine",
     "SpeechRequest",
     "StreamDecodePolicy",
+    "DEADLINE_POLICY",
+    "DeadlinePolicy",
+    "WAIT_REASONS",
     "EVERY_FRAME_STREAM_POLICY",
     "UPSTREAM_CUDA_STREAM_POLICY",
     "UPSTREAM_STREAM_POLICY",

@@ -413,7 +413,13 @@ class SlotDecoder:
                 self.finished[first + row] = True
 
     def _rows_in_use(self) -> int:
-        return max(group.slots[-1] for group in self.groups) + 1
+        """Rows the frame runs: up to the last occupied slot; compiled and captured steps round that up to a power of
+        two (at most num_slots), so that streams joining and leaving reuse a few builds (the extra rows are free
+        slots: masked, and cleared by their next owner)."""
+        used = max(group.slots[-1] for group in self.groups) + 1
+        if self.decision_phase.mode == "eager":
+            return used
+        return min(self.num_slots, 1 << (used - 1).bit_length())
 
     def _live(self, rows: int) -> list[bool]:
         return [owner is not None for owner in self.owner[:rows]]

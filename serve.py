@@ -44,7 +44,8 @@ import torch
 import uvicorn
 
 from . import synthesis, weights
-from .engine import EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, SpeechEngine
+from .engine import (DEADLINE_POLICY, EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY,
+                     SpeechEngine)
 from .settings.command_line import EXIT_USER, UsageError, in_flag_terms
 from .settings.generation_flags import generation_defaults
 from .settings.model_flags import add_model_arguments, check_model_of_flags, load_model_of_flags, model_folder
@@ -62,8 +63,8 @@ EXIT_OK, EXIT_LOAD_FAILED, EXIT_USER = 0, 1, EXIT_USER
 # stream with its last event) comes first and uvicorn never has to cancel a response task.
 CANCEL_MARGIN_SECONDS = 5.0
 # --stream-policy choices (engine.py); "throughput" is the larger budget upstream applies on its accelerator.
-STREAM_POLICIES = {"upstream": UPSTREAM_STREAM_POLICY, "throughput": UPSTREAM_CUDA_STREAM_POLICY,
-                   "every-frame": EVERY_FRAME_STREAM_POLICY}
+STREAM_POLICIES = {"deadline": DEADLINE_POLICY, "upstream": UPSTREAM_STREAM_POLICY,
+                   "throughput": UPSTREAM_CUDA_STREAM_POLICY, "every-frame": EVERY_FRAME_STREAM_POLICY}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="positions per slot: reference + chunk text rows + max_new_frames")
     engine.add_argument("--step-mode", default="eager", choices=("eager", "compile", "graph"),
                         help="decode step: eager, torch.compile or device graphs")
-    engine.add_argument("--stream-policy", default="upstream", choices=tuple(STREAM_POLICIES),
-                        help="frames per codec call: upstream (1/2/4/8 by lead, first audio soonest), throughput "
+    engine.add_argument("--stream-policy", default="deadline", choices=tuple(STREAM_POLICIES),
+                        help="frames per codec call: deadline (as many as each stream's playback slack allows, up "
+                             "to 8; engine_schedule.py), upstream (1/2/4/8 by lead, first audio soonest), throughput "
                              "(4..12 by lead, upstream's accelerator budget), every-frame (1 per call: the same "
                              "samples for a request whatever the load)")
     return parser

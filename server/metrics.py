@@ -11,6 +11,9 @@
     moss_tts_real_time_factor_ratio                     wall seconds per second of audio, of finished requests
     moss_tts_audio_seconds_total                        seconds of audio produced (before any speed change)
     moss_tts_active_streams / moss_tts_queued_requests  requests in a slot / waiting for one (read at scrape time)
+    moss_tts_queued_requests_by_reason{reason}          waiting requests by why they wait (engine_schedule.py:
+                                                        no_free_slot, prefill_budget, keeping_streams_ahead,
+                                                        protecting_slack)
     moss_tts_slots, moss_tts_slot_occupancy_ratio       engine slots, and active streams / slots
     process_*                                           prometheus_client's process metrics (resident memory, CPU
                                                         seconds, open files; Linux), read by loadtest.py --soak
@@ -73,6 +76,10 @@ class ServerMetrics:
             lambda: engine.active)
         Gauge("moss_tts_queued_requests", "Requests waiting for a slot", registry=registry).set_function(
             lambda: engine.waiting)
+        by_reason = Gauge("moss_tts_queued_requests_by_reason", "Requests waiting for a slot, by why they wait",
+                          ["reason"], registry=registry)
+        for reason in engine.waiting_by_reason():
+            by_reason.labels(reason=reason).set_function(lambda reason=reason: engine.waiting_by_reason()[reason])
         Gauge("moss_tts_slots", "Engine slots (streams decoded together)", registry=registry).set(engine.num_slots)
         Gauge("moss_tts_slot_occupancy_ratio", "Active streams / slots", registry=registry).set_function(
             lambda: engine.active / engine.num_slots)

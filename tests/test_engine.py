@@ -161,8 +161,10 @@ def test_cancel_frees_the_slot_and_a_reused_slot_starts_clean(model, codec):
 
 def test_a_finished_request_no_longer_widens_the_codec_prefix_of_the_others(model, codec):
     """A stream's codec history is forgotten when it ends, so the ring prefix that a later, shorter stream in a higher
-    slot attends follows that stream's own writes (codec_streaming: the prefix bounds every stepped row's writes)."""
-    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    slot attends follows that stream's own writes (codec_streaming: the prefix bounds every stepped row's writes).
+    One frame per codec call, so that the calls do not depend on timing."""
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64,
+                                        policy=engine_module.EVERY_FRAME_STREAM_POLICY)
     last = [state for _, state in engine.codec.session._stream.stages if state is not None][-1]
     steps = []  # (filled, written per row) of the last codec stage, per codec call
     begin_step = last.begin_step

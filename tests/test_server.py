@@ -273,6 +273,8 @@ def test_models_health_and_metrics(server, client):
                  "moss_tts_real_time_factor_ratio_bucket", "moss_tts_active_streams", "moss_tts_queued_requests",
                  "moss_tts_slot_occupancy_ratio", "moss_tts_audio_seconds_total"):
         assert name in metrics
+    for reason in ("no_free_slot", "prefill_budget", "keeping_streams_ahead", "protecting_slack"):
+        assert f'moss_tts_queued_requests_by_reason{{reason="{reason}"}} 0.0' in metrics
 
 
 def test_a_missing_or_wrong_api_key_gets_401(server, voice):

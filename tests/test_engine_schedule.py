@@ -1,0 +1,154 @@
+"""Deadline scheduling (engine_schedule.py): codec calls by playback slack, admission by measured capacity."""
+
+import pytest
+import torch
+
+from conftest import import_module
+
+engine_module = import_module("engine")
+schedule = import_module("engine_schedule")
+generation = import_module("generation")
+checkpoints = import_module("checkpoints")
+
+FRAME = 0.08
+
+
+def _costs(lm=0.03, codec_per_row_frame=0.008, codec_call=0.02, prefill_per_row=0.001):
+    """Costs as measured from calls of several sizes (so the fits know intercept and slope)."""
+    costs = schedule.EngineCosts()
+    for rows in (1, 2, 4, 8):
+        costs.lm.add(rows, lm + 0.005 * rows)
+        costs.codec.add(rows * 4, codec_call + codec_per_row_frame * rows * 4)
+        costs.prefill.add(20 * rows, prefill_per_row * 20 * rows)
+    return costs
+
+
+def test_the_linear_cost_fit_recovers_intercept_and_slope_and_splits_a_single_size_by_its_share():
+    fit = schedule.LinearCost(fixed_share=0.5)
+    assert fit.predict(3) == 0.0  # nothing measured: no cost known
+    fit.add(2, 0.04)
+    assert fit.predict(2) == pytest.approx(0.04) and fit.predict(4) == pytest.approx(0.06)
+    fit = schedule.LinearCost(fixed_share=0.5)
+    for size in (1, 2, 4, 8, 1, 8):
+        fit.add(size, 0.01 + 0.002 * size)
+    assert fit.predict(16) == pytest.approx(0.01 + 0.032, rel=1e-3)
+
+
+def test_a_new_stream_gets_its_first_frame_decoded_at_once_where_a_tick_of_waiting_fits_in_a_frame():
+    policy, fast = schedule.DEADLINE_POLICY, _costs(lm=0.002, codec_per_row_frame=0.0005, codec_call=0.002)
+    assert policy.first_frames(fast, 4, FRAME) == 1
+    assert policy.frames_wanted(1, None, fast, 4, FRAME) == 1
+    assert policy.first_frames(schedule.EngineCosts(), 4, FRAME) == 1  # nothing measured yet: at once
+
+
+def test_on_a_slow_machine_the_first_audio_carries_the_frames_that_let_the_stream_wait_a_tick_afterwards():
+    policy, slow = schedule.DEADLINE_POLICY, _costs()
+    first = policy.first_frames(slow, 4, FRAME)
+    assert 1 < first < policy.max_frames
+    next_tick_then_a_wait = slow.lm.predict(4) + policy.wait_cost(slow, 4, 1) + policy.margin_seconds
+    assert (first - 1) * FRAME < next_tick_then_a_wait <= first * FRAME
+    assert policy.frames_wanted(first - 1, None, slow, 4, FRAME) == 0
+    assert policy.frames_wanted(first, None, slow, 4, FRAME) == first
+
+
+def test_full_calls_go_out_however_much_slack():
+    policy, costs = schedule.DEADLINE_POLICY, _costs()
+    assert policy.frames_wanted(8, 5.0, costs, 4, FRAME) == 8
+    assert policy.frames_wanted(11, 5.0, costs, 4, FRAME) == 8
+
+
+def test_a_stream_with_slack_waits_for_a_fuller_call_and_one_near_underrun_is_decoded_now():
+    policy, costs = schedule.DEADLINE_POLICY, _costs()
+    rows = 4
+    waiting_costs = costs.lm.predict(rows) + costs.codec.predict(rows * 3)  # its audio if it waited one more tick
+    assert policy.frames_wanted(2, waiting_costs + policy.margin_seconds + 0.01, costs, rows, FRAME) == 0
+    assert policy.frames_wanted(2, waiting_costs + policy.margin_seconds - 0.01, costs, rows, FRAME) == 2
+    catch_up = schedule.CATCH_UP_FRAMES  # already behind: calls of a few frames, not one frame a tick
+    assert policy.frames_wanted(catch_up - 1, -0.2, costs, rows, FRAME) == 0
+    assert policy.frames_wanted(catch_up, -0.2, costs, rows, FRAME) == catch_up
+
+
+def test_upstream_policy_keeps_its_lead_table_through_the_same_question():
+    policy, costs = schedule.UPSTREAM_STREAM_POLICY, _costs()
+    assert policy.frames_wanted(3, None, costs, 1, FRAME) == 1
+    assert policy.frames_wanted(3, 0.1, costs, 1, FRAME) == 1  # behind upstream's 0.2 s: one frame per call
+    assert policy.frames_wanted(3, 2.0, costs, 1, FRAME) == 0  # ahead, budget 8 not reached yet
+
+
+def test_admission_names_why_a_request_waits():
+    costs = _costs()
+    refuse = schedule.admission_refusal
+    assert refuse(costs, [], 16, 20, True, FRAME) is None  # nothing runs: nobody to protect
+    assert refuse(costs, [None], 2, 20, True, FRAME) is None  # the only stream does not play yet
+    assert refuse(_costs(lm=0.2), [None], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
+    assert refuse(costs, [2.0], 2, 20, True, FRAME) == schedule.PREFILL_BUDGET
+    assert refuse(costs, [2.0], 2, 20, False, FRAME) is None
+    assert refuse(costs, [0.05], 2, 20, False, FRAME) == schedule.PROTECTING_SLACK
+    slow = _costs(lm=0.2)
+    assert refuse(slow, [2.0], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
+
+
+def _request(seed, frames):
+    rows = torch.full((6, 17), 1024)
+    rows[:, 0] = torch.arange(100, 106) + seed
+    rows[-1, 0] = 6
+    settings = generation.GenerationSettings(max_new_frames=frames, do_sample=True)
+    return engine_module.SpeechRequest([engine_module.ChunkPrompt(rows)], settings, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def codec():
+    from conftest import shared_path
+
+    folder = shared_path("golden", "codec_tiny")
+    return import_module("modeling_moss_audio_tokenizer").MossAudioTokenizerModel.from_pretrained(str(folder)).eval()
+
+
+def test_a_request_waits_while_the_machine_cannot_keep_the_playing_streams_ahead_and_joins_once_it_can(codec):
+    """A machine measured too slow for one more stream holds the newcomer in the queue with its reason; once the
+    costs say it fits, it joins and both finish."""
+    model = checkpoints.always_continue_tiny_model(seed=5).eval()
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    heard = []
+    first = engine.submit(_request(1, frames=30), listener=heard.append)
+    while not any(isinstance(event, engine_module.AudioEvent) for event in heard):  # the first stream plays
+        engine.step()
+        assert engine.ticks < 10
+    slow = schedule.LinearCost(fixed_share=0.7, weight=0.0)  # weight 0: later measurements do not move it
+    slow.add(1, 1.0)  # one LM step of 1 s: no stream could stay ahead of playback with a second one
+    engine.costs.lm = slow
+    second = engine.submit(_request(2, frames=4))
+    for _ in range(3):
+        engine.step()
+    assert not second.admitted.is_set() and engine.waiting == 1
+    assert engine.wait_reason == schedule.KEEPING_STREAMS_AHEAD
+    assert engine.waiting_by_reason() == {"no_free_slot": 0, "prefill_budget": 0, "keeping_streams_ahead": 1,
+                                          "protecting_slack": 0}
+    engine.costs.lm = schedule.LinearCost(fixed_share=0.7)
+    engine.run_until_idle()
+    assert second.admitted.is_set() and engine.waiting_by_reason()["keeping_streams_ahead"] == 0
+    assert isinstance(heard[-1], engine_module.FinishedEvent) and heard[-1].codes[0].shape[0] == 30
+    assert isinstance(second.pending()[-1], engine_module.FinishedEvent)
+
+
+def test_captured_engine_steps_run_power_of_two_rows_and_give_the_eager_codes(monkeypatch):
+    """Graph mode (a stand-in capture that replays the recorded phase): three streams joining at different ticks make
+    the eager codes, and the frame step is built for 1, 2 and 4 rows only (never 3)."""
+    model = checkpoints.always_continue_tiny_model(seed=8).eval()
+
+    def run(mode):
+        engine = engine_module.SpeechEngine(model, None, num_slots=4, max_positions=64, step_mode=mode)
+        handles = []
+        for tick in range(30):
+            if tick in (0, 2, 4):
+                handles.append(engine.submit(_request(10 + tick, frames=6)))
+            if not engine.step() and tick > 4:
+                break
+        return engine, [handle.pending()[-1].codes[0] for handle in handles]
+
+    _, eager = run("eager")
+    monkeypatch.setattr(generation, "graph_supported", lambda device: True)
+    monkeypatch.setattr(generation, "capture_graph", lambda device, fn: (fn(), fn)[1])
+    engine, captured = run("graph")
+    assert all(torch.equal(a, b) for a, b in zip(captured, eager))
+    assert {key[0] for key in engine.decoder.decision_phase._built} == {1, 2, 4}
