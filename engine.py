@@ -280,15 +280,15 @@ class SpeechEngine:
             self._prefill(stream)
 
     def _refusal(self, stream: _Stream, free: list[int]) -> Optional[str]:
-        """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Without a codec nothing plays, so
-        only slots count."""
+        """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Without a codec nothing plays, and
+        a request that is not real-time joins while no real-time stream runs, so then only slots count."""
         if not free:
             return NO_FREE_SLOT
-        if self.codec is None:
+        realtime = [s for s in self._running.values() if s.request.realtime]
+        if self.codec is None or not (stream.request.realtime or realtime):
             return None
         now = time.perf_counter()
-        slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None
-                  for s in self._running.values()]
+        slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None for s in realtime]
         rows_after = max([free[0], *self._running]) + 1
         return admission_refusal(self.costs, slacks, rows_after, stream.request.chunks[0].rows.shape[0],
                                  self._prefilled, self.codec.hop / self.codec.rate)

@@ -72,6 +72,9 @@ class SpeechRequest:
         decode_audio: False emits codes only (no codec work).
         emit_codes: also emit a CodesEvent per frame.
         runaway_guards: end a chunk that runs away (runaway_guards.py); FinishedEvent.stops says which.
+        realtime: a listener plays the audio as it arrives, so the request joins only while the engine can keep its
+            real-time streams ahead of playback (engine_schedule.admission_refusal). False (a whole file, read when
+            complete): it takes any free slot while no real-time stream plays, so batch work keeps its throughput.
     """
 
     chunks: list[ChunkPrompt]
@@ -83,6 +86,7 @@ class SpeechRequest:
     decode_audio: bool = True
     emit_codes: bool = False
     runaway_guards: bool = False
+    realtime: bool = True
 
 
 @dataclass

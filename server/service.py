@@ -144,7 +144,8 @@ class SpeechService:
         seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
         try:
             request = engine_request(self.model, self.tokenizer, spoken, mode, codes, body.ref_text, settings,
-                                     max_text_tokens, chunks=chunks, seed=seed, runaway_guards=body.runaway_guards)
+                                     max_text_tokens, chunks=chunks, seed=seed, runaway_guards=body.runaway_guards,
+                                     realtime=body.stream)
         except ValueError as error:
             raise bad_field("input", error) from None
         self._check_positions(body, request, codes)

@@ -8,7 +8,7 @@ from conftest import import_module
 engine_module = import_module("engine")
 schedule = import_module("engine_schedule")
 generation = import_module("generation")
-checkpoints = import_module("checkpoints")
+checkpoints = import_module("measurement.checkpoints")
 
 FRAME = 0.08
 
@@ -88,12 +88,12 @@ def test_admission_names_why_a_request_waits():
     assert refuse(slow, [2.0], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
 
 
-def _request(seed, frames):
+def _request(seed, frames, realtime=True):
     rows = torch.full((6, 17), 1024)
     rows[:, 0] = torch.arange(100, 106) + seed
     rows[-1, 0] = 6
     settings = generation.GenerationSettings(max_new_frames=frames, do_sample=True)
-    return engine_module.SpeechRequest([engine_module.ChunkPrompt(rows)], settings, seed=seed)
+    return engine_module.SpeechRequest([engine_module.ChunkPrompt(rows)], settings, seed=seed, realtime=realtime)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_a_request_waits_while_the_machine_cannot_keep_the_playing_streams_ahead
     model = checkpoints.always_continue_tiny_model(seed=5).eval()
     engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
     heard = []
-    first = engine.submit(_request(1, frames=30), listener=heard.append)
+    engine.submit(_request(1, frames=30), listener=heard.append)
     while not any(isinstance(event, engine_module.AudioEvent) for event in heard):  # the first stream plays
         engine.step()
         assert engine.ticks < 10
@@ -129,6 +129,39 @@ def test_a_request_waits_while_the_machine_cannot_keep_the_playing_streams_ahead
     assert second.admitted.is_set() and engine.waiting_by_reason()["keeping_streams_ahead"] == 0
     assert isinstance(heard[-1], engine_module.FinishedEvent) and heard[-1].codes[0].shape[0] == 30
     assert isinstance(second.pending()[-1], engine_module.FinishedEvent)
+
+
+def test_whole_file_requests_take_free_slots_while_no_real_time_stream_plays_and_wait_while_one_does(codec):
+    """Work read when complete (the server's stream=false) keeps batch throughput: on a machine measured too slow for
+    real time it still joins a free slot beside other whole-file work, but not beside a real-time stream."""
+    model = checkpoints.always_continue_tiny_model(seed=6).eval()
+    engine = engine_module.SpeechEngine(model, codec, num_slots=3, max_positions=64)
+    slow = schedule.LinearCost(fixed_share=0.7, weight=0.0)
+    slow.add(1, 1.0)
+    engine.costs.lm = slow
+    batch = [engine.submit(_request(20 + index, frames=20, realtime=False)) for index in range(2)]
+    for _ in range(4):
+        engine.step()
+    assert all(handle.admitted.is_set() for handle in batch) and engine.waiting == 0
+    heard = []
+    live = engine.submit(_request(30, frames=4), listener=heard.append)  # real-time, joins: only whole-file work runs
+    engine.step()
+    assert live.admitted.is_set()
+    engine.run_until_idle()
+    assert any(isinstance(event, engine_module.AudioEvent) for event in heard)
+    assert isinstance(heard[-1], engine_module.FinishedEvent)
+    assert all(isinstance(handle.pending()[-1], engine_module.FinishedEvent) for handle in batch)
+    blocked_engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    playing = blocked_engine.submit(_request(40, frames=30))
+    while not any(isinstance(event, engine_module.AudioEvent) for event in playing.pending()):
+        blocked_engine.step()
+        assert blocked_engine.ticks < 10
+    blocked_engine.costs.lm = slow
+    later = blocked_engine.submit(_request(41, frames=4, realtime=False))
+    for _ in range(3):
+        blocked_engine.step()
+    assert not later.admitted.is_set() and blocked_engine.wait_reason == schedule.KEEPING_STREAMS_AHEAD
+    blocked_engine.close()
 
 
 def test_captured_engine_steps_run_power_of_two_rows_and_give_the_eager_codes(monkeypatch):
