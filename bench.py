@@ -633,7 +633,7 @@ def run_engine_load(engine, events, prompt_rows, streams: int, frames: int, stag
     for index, clock in enumerate(clocks):
         time.sleep(max(0.0, start + index * stagger - time.perf_counter()))
         clock.submitted = time.perf_counter()
-        request = events.SpeechRequest([events.ChunkPrompt(prompt_rows)], settings, seed=index)
+        request = events.EngineRequest([events.ChunkPrompt(prompt_rows)], settings, seed=index)
         handles.append(engine.submit(request, listener=clock))
     for handle in handles:
         handle.done.wait()

@@ -144,7 +144,7 @@ class StageState:
             self.host_offsets[row] = self.written[row] = 0
 
 
-class StackStream:
+class StreamingStack:
     """Streams a stack of patch layers and ProjectedTransformers, `units_per_frame` input tokens per code frame."""
 
     def __init__(self, modules, batch_size: int, units_per_frame: int, max_frames_per_step: int, device):
@@ -198,7 +198,7 @@ class CodecDecodeSession:
         device = model.quantizer.input_proj.bias.device
         self._model = model
         self._tables = model.quantizer.decode_tables()  # folded weight norm, fixed for the session
-        self._stream = StackStream(model.decoder, batch_size, 1, max_frames_per_step, device)
+        self._stream = StreamingStack(model.decoder, batch_size, 1, max_frames_per_step, device)
         self.frames_decoded = torch.zeros(batch_size, dtype=torch.long, device=device)
 
     @property
@@ -266,7 +266,7 @@ class CodecDecodeSession:
         self._stream.reset(rows)
 
 
-class BatchDecodeStreams:
+class UpstreamBatchDecode:
     """Upstream `batch_decode(streaming=True)` semantics over a `CodecDecodeSession` with a fixed number of slots.
 
     Logical row i of each call is a persistent stream. A call with more rows than are active appends fresh rows at

@@ -67,7 +67,7 @@ from .engine_schedule import (DEADLINE_POLICY, EVERY_FRAME_STREAM_POLICY, NO_FRE
 from .engine_requests import (CANCELLED, CODEC_FAILED, DECODE_STEP_FAILED, ERROR_CODES, FINAL_EVENTS,  # noqa: F401
                               INTERNAL_ERROR, LISTENER_FAILED, NON_FINITE_LOGITS, PREFILL_FAILED, AudioEvent,
                               ChunkPrompt, CodesEvent, ErrorEvent, FinishedEvent, QueueFullError, RequestError,
-                              RequestHandle, SpeechRequest)
+                              RequestHandle, EngineRequest)
 from .generation import GenerationSettings, Group, SlotDecoder
 from .runaway_guards import RunawayGuard
 
@@ -84,11 +84,11 @@ MAX_AUTO_SLOTS = 64
 
 
 @dataclass(eq=False)
-class _Stream:
+class _RequestState:
     """A running request: where it is, what is pending for the codec, what it emitted. Compared by identity (the
     waiting queue removes a cancelled stream by `==`, which field by field would compare prompt tensors)."""
 
-    request: SpeechRequest
+    request: EngineRequest
     handle: RequestHandle
     settings: GenerationSettings
     generator: Optional[torch.Generator]
@@ -144,7 +144,7 @@ class SpeechEngine:
         self.wait_reason: Optional[str] = None  # why the queue's head waits (None: nothing waits, or it just joined)
         self._prefilled = False  # whether a prompt was prefilled in this tick (the per-tick prefill budget)
         self._waiting: deque = deque()
-        self._running: dict[int, _Stream] = {}  # slot -> stream
+        self._running: dict[int, _RequestState] = {}  # slot -> stream
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count(1)
@@ -160,7 +160,7 @@ class SpeechEngine:
     # ------------------------------------------------------------------------------------------------------------
     # Caller side (any thread)
 
-    def submit(self, request: SpeechRequest, listener: Optional[Callable[[object], None]] = None) -> RequestHandle:
+    def submit(self, request: EngineRequest, listener: Optional[Callable[[object], None]] = None) -> RequestHandle:
         """Queue a request; its events go to the returned handle (or to `listener`, called on the engine thread).
 
         Raises:
@@ -175,11 +175,11 @@ class SpeechEngine:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue="
                                      f"{self.max_queue}); retry later")
-            self._waiting.append(_Stream(request, handle, settings, generator, seed))
+            self._waiting.append(_RequestState(request, handle, settings, generator, seed))
             self._wake.notify()
         return handle
 
-    def _check_chunks(self, request: SpeechRequest, settings: GenerationSettings) -> None:
+    def _check_chunks(self, request: EngineRequest, settings: GenerationSettings) -> None:
         if not request.chunks:
             raise ValueError("chunks is empty; expected at least one ChunkPrompt")
         width = self.n_vq + 1
@@ -194,7 +194,7 @@ class SpeechEngine:
                     f"{settings.max_new_frames}); the engine holds {self.decoder.capacity} per stream: use a shorter "
                     "reference clip, a smaller max_new_frames, or a larger max_positions")
 
-    def _random_source(self, request: SpeechRequest) -> tuple[Optional[int], Optional[torch.Generator]]:
+    def _random_source(self, request: EngineRequest) -> tuple[Optional[int], Optional[torch.Generator]]:
         """(seed to report, generator); generator None = the device's global one."""
         if request.global_random:
             return None, None
@@ -279,7 +279,7 @@ class SpeechEngine:
             self._start_codec(stream)
             self._prefill(stream)
 
-    def _refusal(self, stream: _Stream, free: list[int]) -> Optional[str]:
+    def _refusal(self, stream: _RequestState, free: list[int]) -> Optional[str]:
         """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Without a codec nothing plays, and
         a request that is not real-time joins while no real-time stream runs, so then only slots count."""
         if not free:
@@ -299,7 +299,7 @@ class SpeechEngine:
             waiting, reason = len(self._waiting), self.wait_reason
         return {name: (waiting if name == reason else 0) for name in WAIT_REASONS}
 
-    def _prefill(self, stream: _Stream) -> None:
+    def _prefill(self, stream: _RequestState) -> None:
         """Start the stream's current chunk in its slot; a failure ends this request only."""
         chunk = stream.request.chunks[stream.chunk]
         if stream.request.runaway_guards:
@@ -317,7 +317,7 @@ class SpeechEngine:
             stream.group = None
             self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}", code=PREFILL_FAILED))
 
-    def _start_codec(self, stream: _Stream) -> None:
+    def _start_codec(self, stream: _RequestState) -> None:
         if self.codec is None or not stream.request.decode_audio:
             return
         self.codec.reset(stream.slot)
@@ -343,7 +343,7 @@ class SpeechEngine:
                 continue
             self._take_output(stream, output)
 
-    def _take_output(self, stream: _Stream, output) -> None:
+    def _take_output(self, stream: _RequestState, output) -> None:
         if output.codes is not None:
             codes = output.codes[0]
             stream.chunk_codes.append(codes)
@@ -391,21 +391,21 @@ class SpeechEngine:
         for slot, waveform in audio.items():  # a listener that raises ends its own request only (_deliver)
             self._emit(self._running[slot], waveform, is_pause=False)
 
-    def _frames_to_decode(self, stream: _Stream, now: float, rows: int) -> int:
+    def _frames_to_decode(self, stream: _RequestState, now: float, rows: int) -> int:
         """How many pending frames the stream's policy wants decoded now (0: none yet; a finished chunk: all)."""
         if stream.chunk_done:
             return len(stream.pending)
         slack = stream.lead(self.codec.rate, now) if stream.first_emit_time is not None else None
         return self.policy.frames_wanted(len(stream.pending), slack, self.costs, rows, self.codec.hop / self.codec.rate)
 
-    def _emit(self, stream: _Stream, waveform: torch.Tensor, is_pause: bool) -> bool:
+    def _emit(self, stream: _RequestState, waveform: torch.Tensor, is_pause: bool) -> bool:
         """Deliver audio; False when the request's listener raised (the request has then ended)."""
         if stream.first_emit_time is None:
             stream.first_emit_time = time.perf_counter()
         stream.emitted_samples += waveform.shape[-1]
         return self._deliver(stream, AudioEvent(waveform, self.codec.rate, stream.chunk, is_pause))
 
-    def _deliver(self, stream: _Stream, event) -> bool:
+    def _deliver(self, stream: _RequestState, event) -> bool:
         """Give `event` to the request's queue or listener. A listener that raises ends its own request only (with
         LISTENER_FAILED; a final event is only logged): the other requests of the tick keep their events and frames.
         Returns whether the event was delivered."""
@@ -426,7 +426,7 @@ class SpeechEngine:
                 continue
             self._close_chunk(stream)
 
-    def _close_chunk(self, stream: _Stream) -> None:
+    def _close_chunk(self, stream: _RequestState) -> None:
         request, index = stream.request, stream.chunk
         frames = torch.stack(stream.chunk_codes).to("cpu") if stream.chunk_codes else \
             torch.zeros(0, self.n_vq, dtype=torch.long)
@@ -450,7 +450,7 @@ class SpeechEngine:
         stream.chunk_done = False
         stream.needs_prefill = True
 
-    def _end(self, stream: _Stream, event) -> None:
+    def _end(self, stream: _RequestState, event) -> None:
         """The request leaves: its group (if running) and slot are freed, its final event delivered."""
         if stream.group is not None and stream.group in self.decoder.groups:
             self.decoder.finish(stream.group)
@@ -544,7 +544,7 @@ __all__ = [
     "RequestError",
     "RequestHandle",
     "SpeechEngine",
-    "SpeechRequest",
+    "EngineRequest",
     "StreamDecodePolicy",
     "DEADLINE_POLICY",
     "DeadlinePolicy",

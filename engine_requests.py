@@ -56,7 +56,7 @@ class ChunkPrompt:
 
 
 @dataclass
-class SpeechRequest:
+class EngineRequest:
     """What a caller asks the engine for.
 
     Attributes:
@@ -203,4 +203,4 @@ class RequestHandle:
 
 __all__ = ["AudioEvent", "CANCELLED", "CODEC_FAILED", "ChunkPrompt", "CodesEvent", "DECODE_STEP_FAILED", "ERROR_CODES",
            "ErrorEvent", "FINAL_EVENTS", "FinishedEvent", "INTERNAL_ERROR", "LISTENER_FAILED", "NON_FINITE_LOGITS",
-           "PREFILL_FAILED", "QueueFullError", "RequestError", "RequestHandle", "SpeechRequest"]
+           "PREFILL_FAILED", "QueueFullError", "RequestError", "RequestHandle", "EngineRequest"]

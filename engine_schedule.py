@@ -177,11 +177,11 @@ class StreamDecodePolicy:
                 return frames
         return self.max_frames
 
-    def should_decode(self, first_audio_pending: bool, head_pending: bool, max_pending: int, budget: int,
-                      lead_seconds: float) -> bool:
-        """Upstream's triggers: first audio pending, head pending at a short lead, a full budget, or a starved lead."""
-        return (first_audio_pending or (head_pending and lead_seconds < self.head_lead_seconds)
-                or max_pending >= budget or lead_seconds < 0)
+    def should_decode(self, first_audio_pending: bool, max_pending: int, budget: int, lead_seconds: float) -> bool:
+        """Upstream's triggers: first audio pending, frames pending at a short lead, a full budget, or a starved lead
+        (upstream's "head pending" trigger is always armed here: a stream is asked only when it has frames)."""
+        return (first_audio_pending or lead_seconds < self.head_lead_seconds or max_pending >= budget
+                or lead_seconds < 0)
 
     def ride_along(self, longest: int) -> int:
         """Upstream's engine semantics: a stream that did not ask takes at most the call's longest budget."""
@@ -191,7 +191,7 @@ class StreamDecodePolicy:
                       frame_seconds: float) -> int:
         lead = 0.0 if slack is None else slack
         budget = self.frame_budget(lead, slack is not None)
-        if self.should_decode(slack is None, True, pending, budget, lead):
+        if self.should_decode(slack is None, pending, budget, lead):
             return min(budget, pending)
         return 0
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .codec_quantizer import ResidualLFQuantizer
-from .codec_streaming import BatchDecodeStreams, CodecDecodeSession, StackStream, StepContext
+from .codec_streaming import UpstreamBatchDecode, CodecDecodeSession, StreamingStack, StepContext
 from .configuration_moss_audio_tokenizer import COMPUTE_DTYPE_NAMES, PATCH_MODULE, MossAudioTokenizerConfig
 from .devices import DTYPES_BY_NAME
 
@@ -371,7 +371,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
         self.quantizer = ResidualLFQuantizer(**config.quantizer_kwargs)
         self.decoder = build_stack(config.decoder_kwargs, config.frame_rate, False, duration)
         self._check_hop()
-        self._batch_streams: BatchDecodeStreams | None = None
+        self._batch_streams: UpstreamBatchDecode | None = None
         self.set_attention_implementation(config.attention_implementation)
         self.post_init()
 
@@ -459,7 +459,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
                 stream = module(stream)
             return stream.to(torch.float32)
         units = self.downsample_rate * self.number_channels
-        state = StackStream(self.encoder, audio.shape[0], units, chunk_frames, self._device())
+        state = StreamingStack(self.encoder, audio.shape[0], units, chunk_frames, self._device())
         pieces = [state.step(stream[:, start : start + chunk_frames * units])
                   for start in range(0, stream.shape[1], chunk_frames * units)]
         return torch.cat(pieces, dim=1).to(torch.float32)
@@ -595,7 +595,7 @@ class MossAudioTokenizerModel(MossAudioTokenizerPreTrainedModel):
     def _batch_decode_streaming(self, codes_list, max_batch_size, finalize_indices, reset_stream):
         if reset_stream or self._batch_streams is None:
             slots = max_batch_size or len(codes_list)
-            self._batch_streams = BatchDecodeStreams(self.decode_session(slots))
+            self._batch_streams = UpstreamBatchDecode(self.decode_session(slots))
         audio, lengths = self._batch_streams.decode(codes_list, finalize_indices)
         return MossAudioTokenizerDecoderOutput(audio.to(torch.float32), lengths)
 

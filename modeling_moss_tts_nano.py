@@ -45,7 +45,7 @@ from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
 from .engine import SpeechEngine  # noqa: F401,E402
 from .engine_schedule import DEADLINE_POLICY  # noqa: F401,E402
-from .engine_requests import SpeechRequest  # noqa: F401,E402
+from .engine_requests import EngineRequest  # noqa: F401,E402
 from .host import cpu_description  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .runaway_guards import RunawayGuard  # noqa: F401,E402

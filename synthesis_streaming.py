@@ -1,6 +1,6 @@
 """Streaming synthesis: `inference_stream` (spec tts.md §7) and `engine_request`, on the speech engine.
 
-A request becomes an engine `SpeechRequest` (one prompt per voice-clone chunk, each followed by its pause); the engine
+A request becomes an engine `EngineRequest` (one prompt per voice-clone chunk, each followed by its pause); the engine
 (engine.py) generates the frames and decodes them with a streaming codec session whose frames-per-call budget follows
 a `StreamDecodePolicy` (upstream's runtime monkey-patches it on CUDA; here it is an argument). `inference_stream`
 runs one request on a one-slot engine ticked inline and turns the engine's events into upstream's dictionaries;
@@ -18,7 +18,7 @@ import torch
 from .audio_io import ProgressiveWavWriter
 from .captions import CaptionTimeline, add_captions
 from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent, RequestError, SpeechEngine,
-                     SpeechRequest, StreamDecodePolicy, stream_lead_seconds)
+                     EngineRequest, StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
 from .prompting import build_prompt_rows
 from .runaway_guards import describe_stops
@@ -32,7 +32,7 @@ from .text_chunking import pause_seconds_after
 def engine_request(model, tokenizer, text: str, mode: str = "voice_clone", prompt_codes=None,
                    prompt_text: Optional[str] = None, settings: Optional[GenerationSettings] = None,
                    voice_clone_max_text_tokens: int = 50, chunks: Optional[list] = None,
-                   **engine_options) -> SpeechRequest:
+                   **engine_options) -> EngineRequest:
     """An engine request for `text`: one prompt per chunk (voice clone) or one prompt (continuation), each chunk
     followed by its pause (spec §7.2), in the given voice.
 
@@ -47,7 +47,7 @@ def engine_request(model, tokenizer, text: str, mode: str = "voice_clone", promp
         settings: generation settings (default: the model methods' defaults).
         voice_clone_max_text_tokens: token budget per voice-clone chunk (<= 0: one chunk).
         chunks: the chunk texts, when already split.
-        engine_options: further SpeechRequest fields (seed, generator, global_random, runaway_guards, ...).
+        engine_options: further EngineRequest fields (seed, generator, global_random, runaway_guards, ...).
 
     Raises:
         ValueError: an unknown mode, a missing or forbidden prompt, empty or over-long text; SettingError (a
@@ -65,7 +65,7 @@ def engine_request(model, tokenizer, text: str, mode: str = "voice_clone", promp
         pause = pause_seconds_after(chunk) if index < len(chunks) - 1 else 0.0
         prompts.append(ChunkPrompt(ids[0], pause, chunk))
     prime = prompt_codes if mode == "continuation" else None
-    return SpeechRequest(prompts, settings, codec_prime=prime, **engine_options)
+    return EngineRequest(prompts, settings, codec_prime=prime, **engine_options)
 
 
 def run_inference_stream(model, request: SynthesisRequest, policy: Optional[StreamDecodePolicy] = None

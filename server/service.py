@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..engine import FinishedEvent, QueueFullError, RequestHandle, SpeechEngine, SpeechRequest
+from ..engine import FinishedEvent, QueueFullError, RequestHandle, SpeechEngine, EngineRequest
 from ..generation import GenerationSettings
 from ..sampling import SettingError
 from .schema import OPENAI_MODEL_ALIASES, APIError, SpeechBody, VoiceObject, bad_field
@@ -88,7 +88,7 @@ class ServiceOptions:
 class AcceptedSpeech:
     """A checked request, ready for the engine."""
 
-    request: SpeechRequest
+    request: EngineRequest
     seed: int
     input_tokens: int
     voice: Optional[str] = None  # the voice that speaks (x-moss-voice); None for ref_audio or no reference

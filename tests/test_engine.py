@@ -57,7 +57,7 @@ def _request(seed, frames=6, length=10, chunks=1, **settings):
                for k in range(chunks)]
     options = dict(SAMPLED)
     options.update(settings)
-    return engine_module.SpeechRequest(prompts, generation.GenerationSettings(max_new_frames=frames, **options),
+    return engine_module.EngineRequest(prompts, generation.GenerationSettings(max_new_frames=frames, **options),
                                        seed=seed)
 
 

@@ -93,7 +93,7 @@ def _request(seed, frames, realtime=True):
     rows[:, 0] = torch.arange(100, 106) + seed
     rows[-1, 0] = 6
     settings = generation.GenerationSettings(max_new_frames=frames, do_sample=True)
-    return engine_module.SpeechRequest([engine_module.ChunkPrompt(rows)], settings, seed=seed, realtime=realtime)
+    return engine_module.EngineRequest([engine_module.ChunkPrompt(rows)], settings, seed=seed, realtime=realtime)
 
 
 @pytest.fixture(scope="module")

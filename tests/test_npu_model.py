@@ -128,9 +128,9 @@ def test_engine_on_fake_npu_serves_two_private_streams_like_the_cpu_with_one_syn
 
     def run(model):
         engine = engine_module.SpeechEngine(model, None, num_slots=2, max_positions=ids.shape[1] + FRAMES)
-        first = engine.submit(engine_module.SpeechRequest([engine_module.ChunkPrompt(ids[0])], settings, seed=3))
+        first = engine.submit(engine_module.EngineRequest([engine_module.ChunkPrompt(ids[0])], settings, seed=3))
         engine.step()
-        second = engine.submit(engine_module.SpeechRequest([engine_module.ChunkPrompt(ids[0, 5:])], settings,
+        second = engine.submit(engine_module.EngineRequest([engine_module.ChunkPrompt(ids[0, 5:])], settings,
                                                            seed=4))
         state.reset_counters()
         ticks = 1

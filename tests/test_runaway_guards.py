@@ -170,7 +170,7 @@ def test_the_engine_guards_only_the_requests_that_ask_beside_others():
 
     def request(guarded):
         settings = generation.GenerationSettings(max_new_frames=80, do_sample=True)
-        return engine_module.SpeechRequest([engine_module.ChunkPrompt(rows, 0.0, "Hi.")], settings, seed=1,
+        return engine_module.EngineRequest([engine_module.ChunkPrompt(rows, 0.0, "Hi.")], settings, seed=1,
                                            decode_audio=False, runaway_guards=guarded)
 
     engine = engine_module.SpeechEngine(model, None, num_slots=2, max_positions=96)

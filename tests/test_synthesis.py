@@ -182,11 +182,11 @@ def test_stream_budget_policy_follows_the_upstream_lead_table():
     assert [policy.frame_budget(lead, True) for lead in (-1.0, 0.1, 0.3, 0.9, 1.5)] == [1, 1, 2, 4, 8]
     cuda = synthesis.UPSTREAM_CUDA_STREAM_POLICY
     assert [cuda.frame_budget(lead, True) for lead in (0.1, 0.3, 0.9, 1.5)] == [4, 6, 8, 12]
-    assert policy.should_decode(True, True, 1, 8, 2.0)  # first audio pending
-    assert policy.should_decode(False, True, 1, 8, 0.3)  # head pending, lead < 0.45
-    assert not policy.should_decode(False, True, 1, 8, 0.6)
-    assert policy.should_decode(False, False, 8, 8, 2.0)  # a full budget
-    assert policy.should_decode(False, False, 1, 8, -0.1)  # starving
+    assert policy.should_decode(True, 1, 8, 2.0)  # first audio pending
+    assert policy.should_decode(False, 1, 8, 0.3)  # frames pending, lead < 0.45
+    assert not policy.should_decode(False, 1, 8, 0.6)
+    assert policy.should_decode(False, 8, 8, 2.0)  # a full budget
+    assert policy.should_decode(False, 1, 8, -0.1)  # starving
     assert synthesis.stream_lead_seconds(2.0, 10.0, 11.5) == pytest.approx(0.5)
     assert synthesis.stream_lead_seconds(2.0, None, 11.5) == 0.0
 
