@@ -40,7 +40,7 @@ from ray.serve import Application
 from local_package import import_module
 
 devices = import_module("devices")
-serve_script = import_module("serve")
+server_flags = import_module("settings.server_flags")
 server_app_module = import_module("server.app")
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,10 @@ def parse_server_args(argv: list):
         ValueError: flags serve.py rejects (argparse writes its reason to stderr first).
     """
     try:
-        parsed = serve_script.build_parser().parse_args(argv)
+        parsed = server_flags.build_parser().parse_args(argv)
     except SystemExit as error:
         raise ValueError(f"serve.py flags {argv}: not accepted (argparse's message is above)") from error
-    serve_script.check_server_flags(parsed)
+    server_flags.check_server_flags(parsed)
     return parsed
 
 
@@ -162,7 +162,7 @@ class SpeechReplica:
         return self.server_app
 
     def _load(self):
-        service = serve_script.load_service(self.args)
+        service = server_flags.load_service(self.args)
         limits = _serve_limits()
         if not self.args.num_slots:  # sized from free memory while loading
             check_replica_limits(service.engine.num_slots, service.engine.max_queue, *limits)
