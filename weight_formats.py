@@ -515,6 +515,19 @@ def _int8(module: nn.Module) -> bool:
     return isinstance(module, Int8DynamicLinear)
 
 
+def stored_weight_bytes(module: nn.Module) -> int | None:
+    """Bytes a call of a Linear-like module reads from its weight and bias as stored (packed, int8 with its float32
+    row scales, or a plain nn.Linear); None for any other module."""
+    if isinstance(module, Int8DynamicLinear):
+        return module.in_features * module.out_features + 8 * module.out_features  # int8 weight, scales and bias
+    if isinstance(module, PackedLinear):
+        bias = 0 if module.bias is None else module.bias.numel() * module.bias.element_size()
+        return module.in_features * module.out_features * module.packed_weight.element_size() + bias
+    if isinstance(module, nn.Linear):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+    return None
+
+
 def linear_kernel_of(model: nn.Module) -> str:
     """How the model's block Linears run: "int8", "onednn-packed" or "plain" (torch's nn.Linear)."""
     if any(isinstance(module, Int8DynamicLinear) for module in model.modules()):
@@ -553,6 +566,7 @@ __all__ = [
     "lay_out_row_major",
     "normalize_weight_format",
     "onednn_packing_available",
+    "stored_weight_bytes",
     "use_codec_cpu_layout",
     "weight_format_of",
 ]
