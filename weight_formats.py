@@ -68,6 +68,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import devices
+from .cpu_choices import remembered
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +137,14 @@ PROBE_SHAPE, PROBE_BATCHES, PROBE_RUNS = (3072, 768), (1, 8), 15
 
 @functools.lru_cache(maxsize=None)
 def fp32_linear_kernel() -> tuple[str, str]:
-    """("packed" or "plain", why): the faster fp32 Linear kernel on this CPU, decided once by a short timing probe.
+    """("packed" or "plain", why): the faster fp32 Linear kernel on this CPU. The first load on a machine decides by a
+    short timing probe (`_probe_fp32_linear_kernel`) and the decision is remembered per CPU model, torch version and
+    thread count (cpu_choices.py), so that every later run on the machine runs the same kernel."""
+    return remembered("fp32_linear", _probe_fp32_linear_kernel)
+
+
+def _probe_fp32_linear_kernel() -> tuple[str, str]:
+    """The timing probe behind `fp32_linear_kernel`.
 
     MKL's F.linear is fast on some x86 CPUs and slow on others (on an AMD EPYC with AVX2, measured 4x slower at
     batch 4 than at batch 1 while oneDNN's packed linear is 1.3x slower); oneDNN's linear with a weight reordered
