@@ -777,7 +777,7 @@ def main(argv=None) -> int:
     weight_formats = import_module("weight_formats")
     report["cpu"] = import_module("host").cpu_description()
     report["kernels"] = {"fp32": " ".join(weight_formats.fp32_linear_kernel()),
-                         "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "plain",
+                         "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "bf16-weights",
                          "int8": f"weights in +-{weight_formats.int8_weight_max()}",
                          "codec": codec_layout_note(args, weight_formats)}
     if not args.json:
