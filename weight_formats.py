@@ -7,9 +7,11 @@ a loaded model in place and logs one line naming the format; nothing is ever con
 | format | weights                          | activations | where              | quality (teacher-forced audio logits) |
 |--------|----------------------------------|-------------|--------------------|---------------------------------------|
 | fp32   | float32 (the reference)          | float32     | every device       | exact: greedy codes equal upstream    |
-| bf16   | bfloat16                         | bfloat16    | every device       | cosine vs fp32 >= 0.999               |
+| bf16   | bfloat16                         | bfloat16 (1) | every device      | cosine vs fp32 >= 0.999               |
 | fp16   | float16                          | float16     | every device       | cosine vs fp32 >= 0.999               |
 | int8   | int8, one scale per output row   | float32, quantised per call (dynamic) | CPU only | cosine vs fp32 >= 0.995  |
+
+(1) float32 on CPUs where oneDNN cannot pack bf16 weights (AVX2-only): see `Bf16WeightLinear` below.
 
 Measured teacher-forced audio-logit cosine vs fp32 (minimum over every logit vector; tests/test_weight_formats.py):
 
