@@ -42,6 +42,7 @@ from .captions import CaptionTimeline  # noqa: F401,E402
 from .codec_quantizer import ResidualLFQuantizer  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
+from .cpu_choices import remembered  # noqa: F401,E402
 from .engine import SpeechEngine  # noqa: F401,E402
 from .engine_requests import SpeechRequest  # noqa: F401,E402
 from .host import cpu_description  # noqa: F401,E402
