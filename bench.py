@@ -22,6 +22,9 @@ Sections:
   to upstream (measured in this process on the same weights with --compare-upstream PATH, a folder of upstream's
   remote-code files; else a quoted 6.5 frames/s), time to the first frame, LM real-time factor (prefill included;
   12.5 frames = 1 s) and peak memory. --compare-eager first runs fp32 with eager attention ("x ref" column).
+  Each row is also set against its memory floor (measurement/frame_profile.py): the weight bytes a frame reads at least once, the
+  read bandwidth measured here at --threads (host.read_bandwidth), floor = bytes / bandwidth, and the frame as a
+  multiple of it; --profile splits --profile-frames frames into global step, local steps, heads, sampling and host.
   Frames are forced by a weight edit (`checkpoints.force_continue`): the stop logit loses by 100 every frame, with
   the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; references run once.
 - e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then
@@ -458,6 +461,7 @@ def run_lm(args) -> dict:
             row = bench_lm_variant(model, prompt, device, args, label, frames, runs, **kwargs, **options)
         row.update(weight_format=fmt, attention=kwargs["attn_implementation"], fast_decode=fast_decode,
                    kernels=import_module("weight_formats").linear_kernel_of(model))
+        add_floor(row, model, args, prompt, **kwargs, **options)
         results.append(row)
         del model
     if args.compare_eager:
@@ -468,6 +472,34 @@ def run_lm(args) -> dict:
             "sampling": "greedy" if args.greedy else "sampled (CLI defaults)",
             "upstream_frames_per_s": upstream or UPSTREAM_LM_FRAMES_PER_SECOND,
             "upstream_measured": upstream is not None, "variants": results}
+
+
+def add_floor(row: dict, model, args, prompt, **kwargs) -> None:
+    """The row's frame against its memory floor (frame_profile.frame_floor), and with --profile where it goes."""
+    frame_profile = import_module("measurement.frame_profile")
+    floor = frame_profile.frame_floor(model, args.threads)
+    row.update(frame_bytes=floor["bytes"], bandwidth_gb_s=floor["bandwidth"] / 1e9, floor_ms=floor["floor_ms"],
+               x_floor=row["decode_ms_per_frame"] / floor["floor_ms"])
+    if args.profile:
+        with torch.inference_mode():
+            row["profile"] = frame_profile.profile_frames(model, prompt, args.profile_frames, **kwargs)
+
+
+def print_floors(result: dict) -> None:
+    """Per row: bytes a frame must read, the floor at the measured bandwidth, the frame as a multiple of it, and the
+    profile's split when there is one."""
+    rows = [row for row in result["variants"] if "floor_ms" in row]
+    if rows:
+        print(f"  floor = weight bytes a frame reads at least once / read bandwidth measured here "
+              f"({rows[0]['bandwidth_gb_s']:.1f} GB/s at the bench's threads)")
+    for row in rows:
+        print(f"  {row['label']:40s} {row.get('kernels', '-'):>13s} {row['frame_bytes'] / 1e6:7.1f} MB "
+              f"floor {row['floor_ms']:6.2f} ms, frame {row['decode_ms_per_frame']:6.1f} ms = {row['x_floor']:.2f}x")
+        if "profile" in row:
+            prof = row["profile"]
+            split = ", ".join(f"{part} {ms:.1f}" for part, ms in prof["parts"].items())
+            print(f"    profile ({prof['frames']} frames, profiler on): {prof['ms_per_frame']:.1f} ms/frame = {split}, "
+                  f"host {prof['host_ms']:.1f} ms; {prof['aten_calls']:.0f} aten calls per frame")
 
 
 def print_lm(result: dict) -> None:
@@ -482,6 +514,7 @@ def print_lm(result: dict) -> None:
         peak = f"{row['peak_memory_mb']:8.0f}" if row["peak_memory_mb"] is not None else "     n/a"
         print(f"  {row['label']:40s} {row['decode_ms_per_frame']:9.1f} {row['decode_frames_per_s']:9.1f} "
               f"{row['vs_upstream']:8.2f} {ratio} {row['first_frame_ms']:8.0f}ms {row['rtf']:6.3f} {peak}")
+    print_floors(result)
 
 
 def run_e2e(args) -> dict:
@@ -769,6 +802,9 @@ def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--reference-frames", type=int, default=None,
                        help="frames of the reference run (default: --frames)")
     group.add_argument("--e2e-codec-frames", type=int, default=4, help="frames per codec call after the first")
+    group.add_argument("--profile", action="store_true", help="lm: split each row's frame into global step, local "
+                       "steps, heads, sampling and host work (torch.profiler, --profile-frames frames)")
+    group.add_argument("--profile-frames", type=int, default=20, help="frames profiled per row (default 20)")
 
 
 SECTIONS = {"codec": (run_codec, print_codec), "lm": (run_lm, print_lm), "e2e": (run_e2e, print_e2e),
@@ -808,7 +844,7 @@ def main(argv=None) -> int:
     weight_formats = import_module("weight_formats")
     report["cpu"] = import_module("host").cpu_description()
     report["kernels"] = {"fp32": " ".join(weight_formats.fp32_linear_kernel()),
-                         "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "plain",
+                         "bf16": "onednn-packed" if weight_formats.onednn_packing_available() else "bf16-weights",
                          "int8": f"weights in +-{weight_formats.int8_weight_max()}",
                          "codec": codec_layout_note(args, weight_formats)}
     if not args.json:

@@ -451,7 +451,7 @@ class SlotDecoder:
         hidden = self.model.transformer.decode_step(self.next_input[:rows], self.valid[:rows], self.global_cache,
                                                     read_length, self.attention[0])
         self.local_cache.reset(slice(0, rows))
-        logits = torch.nn.functional.linear(self._local_step(rows, hidden), self.text_weight)
+        logits = torch.nn.functional.linear(self._local_step(rows, hidden, 0), self.text_weight)
         torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[0, :rows])
         self.text_logits[:rows] = logits
         noise = self.text_noise[:rows] if settings.any_sample else None
@@ -460,11 +460,11 @@ class SlotDecoder:
         self.should_continue[:rows] = (choice == CONTINUE_INDEX) & ~self.finished[:rows] & self.occupied[:rows]
         self.finished[:rows] |= choice == STOP_INDEX
 
-    def _local_step(self, rows: int, slot_input: torch.Tensor) -> torch.Tensor:
-        """One local decoder step of every row: slot_input [N, C] at the rows' next local position -> [N, C]."""
+    def _local_step(self, rows: int, slot_input: torch.Tensor, position: int) -> torch.Tensor:
+        """Local decoder step `position` (0: the text decision, c + 1: channel c) of every row: [N, C] -> [N, C]."""
         self.local_input[:rows, 0] = slot_input.to(self.local_dtype)
-        return self.model.local_transformer.decode_step(self.local_input[:rows], None, self.local_cache,
-                                                        self.n_vq + 1, self.attention[1])
+        return self.model.local_transformer.lockstep_step(self.local_input[:rows], self.local_cache, position,
+                                                          self.attention[1])
 
     def _sync(self, rows: int) -> tuple[list[bool], list[bool]]:
         """The frame's one host sync: per row, whether it continues, and whether a logit of it (this frame's text
@@ -534,7 +534,7 @@ class SlotDecoder:
         row_embedding = self.model.transformer.wte(self.candidates[self.choice[:rows]])  # [N, C]
         slot_input = row_embedding
         for channel in range(nq_max):
-            logits = self.model.audio_lm_heads[channel](self._local_step(rows, slot_input))  # [N, V]
+            logits = self.model.audio_lm_heads[channel](self._local_step(rows, slot_input, channel + 1))  # [N, V]
             torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[channel + 1, :rows])
             seen = self.seen[:rows, channel, : logits.shape[-1]]
             noise = self.audio_noise[channel, :rows, : logits.shape[-1]] if settings.any_sample else None

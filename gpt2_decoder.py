@@ -259,6 +259,7 @@ class KVCache:
         self.positions = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.capacity = capacity
         self.length = 0  # positions written through `sequence_write` for all rows at once (the forward API)
+        self._causal = None  # causal_mask(), built on first use
 
     @classmethod
     def for_decoder(
@@ -308,6 +309,15 @@ class KVCache:
         self.key_mask[rows, start:end] = True if key_mask is None else key_mask
         self.positions[rows] = end
         return CacheWrite(self, rows, start, end)
+
+    def causal_mask(self) -> torch.Tensor:
+        """bool [capacity, 1, 1, 1, capacity], row p open on keys 0..p (built once per cache): the mask of a lockstep
+        step at position p, read over the whole capacity (unwritten keys closed). Each row is 4-D: CPU SDPA rounds a
+        3-D mask's result differently from the [N, 1, 1, T] mask of `decode_step`, a 4-D one identically."""
+        if self._causal is None:
+            positions = torch.arange(self.capacity, device=self.key_mask.device)
+            self._causal = (positions[None, :] <= positions[:, None])[:, None, None, None, :]
+        return self._causal
 
     def step_write(self, num_rows: int, read_length: int) -> "CacheWrite":
         """One position per row of slots [0, num_rows), at `positions[:num_rows]`; reads [0, read_length)."""
@@ -568,6 +578,36 @@ class MossTTSNanoGPT2Model(nn.Module):
         hidden, _ = self._run_blocks(inputs_embeds, query_mask, visible[:, None, None, :], index[:, None], write,
                                      attention, False, rope)
         cache.positions[:rows] += 1 if valid is None else valid
+        return hidden[:, 0]
+
+    def lockstep_step(self, inputs_embeds: torch.Tensor, cache: KVCache, position: int, attention: AttentionFunction
+                      ) -> torch.Tensor:
+        """One new position, the same `position` for each of the first N slots (the local decoder's step: its cache
+        is reset every frame and all rows step together, every row real).
+
+        The same arithmetic as `decode_step` at that position (the same keys, mask values and RoPE rows), with fewer
+        ops: keys and values are copied into one column instead of scattered, the mask is a row of a causal table
+        and RoPE a row of the cached table, all views. `cache.positions` and `cache.key_mask` are not used.
+
+        Args:
+            inputs_embeds: [N, 1, C], every row real.
+            position: the write index of every row, < cache.capacity.
+
+        Returns:
+            hidden [N, C] after ln_f.
+        """
+        rows, capacity = inputs_embeds.shape[0], cache.capacity
+        if not 0 <= position < capacity:
+            raise ValueError(f"lockstep position {position}; expected 0..{capacity - 1} (the cache's capacity)")
+        write = CacheWrite(cache, slice(0, rows), position, capacity)
+        visible = cache.causal_mask()[position]  # [1, 1, 1, capacity]: keys 0..position
+        rope, position_ids = None, None
+        if self.rotary_emb is not None:
+            cos, sin = self.rotary_emb.table(capacity, inputs_embeds.dtype, inputs_embeds.device)
+            rope = (cos[position:position + 1], sin[position:position + 1])  # [1, D], broadcast over rows and heads
+        else:
+            position_ids = torch.full((rows, 1), position, dtype=torch.long, device=inputs_embeds.device)
+        hidden, _ = self._run_blocks(inputs_embeds, None, visible, position_ids, write, attention, False, rope)
         return hidden[:, 0]
 
     def _run_blocks(self, hidden, query_mask, mask, position_ids, write, attention, output_hidden_states, rope=None):

@@ -1,13 +1,18 @@
 """The machine the process runs on, read from the operating system: available memory, the process's peak resident
 set, and the CPU model with the vector extensions that decide CPU kernel speed (benchmark headers name it: CPU figures
-are only comparable on one CPU). Nothing here knows device types; devices.py asks these for its CPU rows."""
+are only comparable on one CPU), plus one measurement: the memory read bandwidth, which sets the floor of a batch-1
+decode step (every weight read once). Nothing here knows device types; devices.py asks these for its CPU rows."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
+import time
 from typing import Optional
+
+import torch
 
 _CPU_FLAGS_OF_INTEREST = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16")
 
@@ -58,4 +63,35 @@ def cpu_description() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, {' '.join(flags) or 'no AVX2'}"
 
 
-__all__ = ["available_bytes", "cpu_description", "peak_rss_bytes"]
+def cpu_model() -> str:
+    """The CPU's model name alone (the first part of `cpu_description`), e.g. "AMD EPYC"."""
+    return cpu_description().split(",")[0]
+
+
+# The read-bandwidth probe streams a float32 buffer this large (8x the 32 MiB L3 a 2-vCPU EPYC VM reports, so caches
+# cannot hold it) through torch.sum, BANDWIDTH_PROBE_RUNS times, and keeps the best pass.
+BANDWIDTH_PROBE_BYTES, BANDWIDTH_PROBE_RUNS = 256 * 2**20, 6
+
+
+@functools.lru_cache(maxsize=None)
+def read_bandwidth(threads: int) -> float:
+    """Measured memory read bandwidth in bytes/s with `threads` torch threads (about 0.2 s; cached per count).
+
+    A sum over a buffer far larger than the caches does one add per 4 bytes read, so on any x86 CPU it is bound by
+    memory, not arithmetic: the rate is what a batch-1 GEMV reading its weights once can reach at best.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        buffer = torch.ones(BANDWIDTH_PROBE_BYTES // 4, dtype=torch.float32)
+        best = float("inf")
+        for _ in range(BANDWIDTH_PROBE_RUNS + 1):  # the first pass warms up
+            start = time.perf_counter()
+            buffer.sum()
+            best = min(best, time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(previous)
+    return BANDWIDTH_PROBE_BYTES / best
+
+
+__all__ = ["available_bytes", "cpu_description", "cpu_model", "peak_rss_bytes", "read_bandwidth"]

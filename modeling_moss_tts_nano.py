@@ -43,6 +43,7 @@ from .captions import CaptionTimeline  # noqa: F401,E402
 from .codec_quantizer import ResidualLFQuantizer  # noqa: F401,E402
 from .codec_streaming import CodecDecodeSession  # noqa: F401,E402
 from .configuration_moss_audio_tokenizer import MossAudioTokenizerConfig  # noqa: F401,E402
+from .cpu_choices import remembered  # noqa: F401,E402
 from .engine import SpeechEngine  # noqa: F401,E402
 from .engine_schedule import DEADLINE_POLICY  # noqa: F401,E402
 from .engine_requests import EngineRequest  # noqa: F401,E402

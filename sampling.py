@@ -247,6 +247,10 @@ def _filter_candidates(logits: torch.Tensor, settings: RowSettings) -> torch.Ten
     return torch.full_like(logits, float("-inf")).scatter_(-1, indices, values)
 
 
+# The torch.profiler span around each call (measurement/frame_profile.py counts its time as the frame's sampling).
+PROFILE_SPAN = "sampling"
+
+
 def sample_rows(
     logits: torch.Tensor, settings: RowSettings, noise: torch.Tensor | None = None, seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -261,6 +265,11 @@ def sample_rows(
     Returns:
         long [N]: the (penalised) argmax for greedy rows, upstream's multinomial draw for sampled rows.
     """
+    with torch.profiler.record_function(PROFILE_SPAN):
+        return _sample_rows(logits, settings, noise, seen)
+
+
+def _sample_rows(logits, settings, noise, seen) -> torch.Tensor:
     candidates = settings.all_top_k and settings.max_top_k <= CANDIDATES_MAX and logits.dtype == torch.float32
     logits = logits.float()
     if seen is not None and settings.any_penalty:

@@ -7,9 +7,11 @@ a loaded model in place and logs one line naming the format; nothing is ever con
 | format | weights                          | activations | where              | quality (teacher-forced audio logits) |
 |--------|----------------------------------|-------------|--------------------|---------------------------------------|
 | fp32   | float32 (the reference)          | float32     | every device       | exact: greedy codes equal upstream    |
-| bf16   | bfloat16                         | bfloat16    | every device       | cosine vs fp32 >= 0.999               |
+| bf16   | bfloat16                         | bfloat16 (1) | every device      | cosine vs fp32 >= 0.999               |
 | fp16   | float16                          | float16     | every device       | cosine vs fp32 >= 0.999               |
 | int8   | int8, one scale per output row   | float32, quantised per call (dynamic) | CPU only | cosine vs fp32 >= 0.995  |
+
+(1) float32 on CPUs where oneDNN cannot pack bf16 weights (AVX2-only): see `Bf16WeightLinear` below.
 
 Measured teacher-forced audio-logit cosine vs fp32 (minimum over every logit vector; tests/test_weight_formats.py):
 
@@ -28,8 +30,11 @@ CPU kernels (why the formats are not just `model.to(dtype)`):
   into its blocked layout (`torch.ops.mkldnn._reorder_linear_weight`, the op torch.compile's CPU freezing uses) reads
   half the bytes and runs about 1.7x faster per Linear, so on CPU every block Linear and audio head becomes a
   `PackedLinear`. That op runs only on some CPUs (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT; on an AVX2-only CPU
-  it raises), so a one-time trial on a tiny weight (`onednn_packing_available`, cached) decides; where it fails,
-  plain bf16 `nn.Linear` layers are kept. The load log line names the kernel chosen.
+  it raises), so a one-time trial on a tiny weight (`onednn_packing_available`, cached) decides. Where it fails
+  (AVX2-only CPUs), every block Linear and audio head becomes a `Bf16WeightLinear` (bf16 weights read by torch's
+  reduced-precision GEMV, float32 activations) and the rest of the model stays float32: on an AMD EPYC with AVX2
+  that measured 10-15 % faster per frame than a model all in bf16, whose norms, attention and casts run slowly in
+  bf16 there, and it is closer to fp32. The load log line names the kernel chosen.
 * int8: `Int8DynamicLinear` holds a per-output-channel symmetric int8 copy of the weight, packed once for fbgemm /
   oneDNN (`torch.ops.quantized.linear_prepack`), and quantises each input row to uint8 (8 bits) on the fly
   (`torch.ops.quantized.linear_dynamic`). These are the kernels behind torch's dynamic quantisation, called directly
@@ -68,6 +73,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import devices
+from .cpu_choices import remembered
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +142,14 @@ PROBE_SHAPE, PROBE_BATCHES, PROBE_RUNS = (3072, 768), (1, 8), 15
 
 @functools.lru_cache(maxsize=None)
 def fp32_linear_kernel() -> tuple[str, str]:
-    """("packed" or "plain", why): the faster fp32 Linear kernel on this CPU, decided once by a short timing probe.
+    """("packed" or "plain", why): the faster fp32 Linear kernel on this CPU. The first load on a machine decides by a
+    short timing probe (`_probe_fp32_linear_kernel`) and the decision is remembered per CPU model, torch version and
+    thread count (cpu_choices.py), so that every later run on the machine runs the same kernel."""
+    return remembered("fp32_linear", _probe_fp32_linear_kernel)
+
+
+def _probe_fp32_linear_kernel() -> tuple[str, str]:
+    """The timing probe behind `fp32_linear_kernel`.
 
     MKL's F.linear is fast on some x86 CPUs and slow on others (on an AMD EPYC with AVX2, measured 4x slower at
     batch 4 than at batch 1 while oneDNN's packed linear is 1.3x slower); oneDNN's linear with a weight reordered
@@ -326,6 +339,30 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, onednn-packed"
 
 
+class Bf16WeightLinear(nn.Module):
+    """A frozen Linear with a bfloat16 weight and bias inside a float32 model (CPU bf16 where oneDNN cannot pack).
+
+    Each call rounds its input to bf16, runs torch's bf16 GEMV (which reads half the bytes of fp32) and returns
+    float32, so the norms, attention and sampling around it stay float32.
+
+    Args:
+        linear: the source nn.Linear (copied; the source can stay tied elsewhere).
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight.detach().to(torch.bfloat16).contiguous()
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 [..., in] -> float32 [..., out]."""
+        return F.linear(hidden.to(torch.bfloat16), self.weight, self.bias).float()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weights, float32 activations"
+
+
 class Int8DynamicLinear(nn.Module):
     """A frozen Linear with an int8 weight (symmetric, one scale per output row) and float32 inputs/outputs.
 
@@ -415,10 +452,19 @@ def apply_weight_format(model: nn.Module, weight_format: str | None = "fp32") ->
     reason = format_unavailable_reason(spec, fmt)
     if reason is not None:
         raise ValueError(reason)
-    model.to(FORMAT_DTYPES[fmt]).eval()
+    model.to(compute_dtype(spec, fmt)).eval()
     detail = _convert_linears(model, fmt, spec)
     logger.info("weight format %s on %s: %s", fmt, device, detail)
     return model
+
+
+def compute_dtype(device, weight_format: str) -> torch.dtype:
+    """The dtype the model computes in under `weight_format` on `device`: FORMAT_DTYPES's, except float32 for bf16
+    on a CPU where oneDNN cannot pack bf16 weights (they become `Bf16WeightLinear` layers in a float32 model)."""
+    fmt = normalize_weight_format(weight_format)
+    if fmt == "bf16" and devices.device_spec(device).type == devices.CPU and not onednn_packing_available():
+        return torch.float32
+    return FORMAT_DTYPES[fmt]
 
 
 def faster_format_hint(device, weight_format: str) -> str | None:
@@ -478,8 +524,9 @@ def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
             count = _replace_linears(model, PackedLinear)
             native = "" if cpu_has_native_bf16() else " (this CPU has no AVX-512 BF16: expect no speed-up over fp32)"
             return f"{count} Linear layers bf16 in oneDNN's packed layout, embeddings and text head bf16{native}"
-        return ("all parameters bfloat16, plain nn.Linear kernels (oneDNN's packed bf16 linear does not run on this "
-                "CPU: no speed-up over fp32)")
+        count = _replace_linears(model, Bf16WeightLinear)
+        return (f"{count} Linear layers with bf16 weights and float32 activations (oneDNN's packed bf16 linear does "
+                "not run on this CPU), embeddings, norms, attention and text head float32")
     if fmt == "fp32" and spec.type == devices.CPU:
         kernel, why = fp32_linear_kernel()
         if kernel == "packed":
@@ -490,7 +537,7 @@ def _convert_linears(model: nn.Module, fmt: str, spec) -> str:
 
 
 def _has_converted_linears(model: nn.Module) -> bool:
-    return any(isinstance(module, (PackedLinear, Int8DynamicLinear)) for module in model.modules())
+    return any(isinstance(module, (PackedLinear, Bf16WeightLinear, Int8DynamicLinear)) for module in model.modules())
 
 
 def dtype_change_unavailable_reason(model: nn.Module) -> str | None:
@@ -499,7 +546,8 @@ def dtype_change_unavailable_reason(model: nn.Module) -> str | None:
     Packed bf16 and int8 layers are frozen copies that do not follow `.to()` (see the module docstring); a plain
     dtype format (fp32, fp16, bf16 without packing) casts back and forth exactly.
     """
-    for fmt, description, frozen in (("bf16", "oneDNN-packed bf16", _packed_16_bit), ("int8", "int8", _int8)):
+    for fmt, description, frozen in (("bf16", "oneDNN-packed bf16", _packed_16_bit), ("int8", "int8", _int8),
+                                     ("bf16", "bf16-weight", _bf16_weight)):
         count = sum(frozen(module) for module in model.modules())
         if count:
             return (f"its weight format {fmt!r} holds {count} {description} Linear layers, which model.to() cannot "
@@ -515,12 +563,32 @@ def _int8(module: nn.Module) -> bool:
     return isinstance(module, Int8DynamicLinear)
 
 
+def _bf16_weight(module: nn.Module) -> bool:
+    return isinstance(module, Bf16WeightLinear)
+
+
+def stored_weight_bytes(module: nn.Module) -> int | None:
+    """Bytes a call of a Linear-like module reads from its weight and bias as stored (packed, int8 with its float32
+    row scales, or a plain nn.Linear); None for any other module."""
+    if isinstance(module, Int8DynamicLinear):
+        return module.in_features * module.out_features + 8 * module.out_features  # int8 weight, scales and bias
+    if isinstance(module, (PackedLinear, Bf16WeightLinear)):
+        weight = module.packed_weight if isinstance(module, PackedLinear) else module.weight
+        bias = 0 if module.bias is None else module.bias.numel() * module.bias.element_size()
+        return module.in_features * module.out_features * weight.element_size() + bias
+    if isinstance(module, nn.Linear):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+    return None
+
+
 def linear_kernel_of(model: nn.Module) -> str:
     """How the model's block Linears run: "int8", "onednn-packed" or "plain" (torch's nn.Linear)."""
     if any(isinstance(module, Int8DynamicLinear) for module in model.modules()):
         return "int8"
     if any(isinstance(module, PackedLinear) for module in model.modules()):
         return "onednn-packed"
+    if any(isinstance(module, Bf16WeightLinear) for module in model.modules()):
+        return "bf16-weights"
     return "plain"
 
 
@@ -528,6 +596,8 @@ def weight_format_of(model: nn.Module) -> str:
     """The weight format a model runs in: "int8" if it holds Int8DynamicLinear layers, else from its dtype."""
     if any(isinstance(module, Int8DynamicLinear) for module in model.modules()):
         return "int8"
+    if any(isinstance(module, Bf16WeightLinear) for module in model.modules()):
+        return "bf16"
     dtype = next(model.parameters()).dtype
     for name, format_dtype in FORMAT_DTYPES.items():
         if dtype == format_dtype:
@@ -536,6 +606,7 @@ def weight_format_of(model: nn.Module) -> str:
 
 
 __all__ = [
+    "Bf16WeightLinear",
     "FORMAT_DTYPES",
     "Int8DynamicLinear",
     "PackedLinear",
@@ -543,6 +614,7 @@ __all__ = [
     "apply_weight_format",
     "codec_layout_for",
     "codec_weight_layout",
+    "compute_dtype",
     "cpu_has_native_bf16",
     "cpu_has_vnni",
     "dtype_change_unavailable_reason",
@@ -553,6 +625,7 @@ __all__ = [
     "lay_out_row_major",
     "normalize_weight_format",
     "onednn_packing_available",
+    "stored_weight_bytes",
     "use_codec_cpu_layout",
     "weight_format_of",
 ]

@@ -10,10 +10,13 @@ skips them with the reason where it is missing, and fails them under CI.
 import importlib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # The test models are tiny: one thread per process avoids OpenMP spin contention (and the suite spawns children).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Kernel decisions (cpu_choices.py) go to a folder of this run, never to the user's cache; children inherit it.
+os.environ.setdefault("MOSS_TTS_NANO_CACHE_DIR", tempfile.mkdtemp(prefix="moss_tts_nano_choices_"))
 
 import pytest
 import torch

@@ -85,7 +85,7 @@ def test_converted_model_generates_and_keeps_embeddings_float(weight_format):
     codes = model.generate(ids, max_new_frames=4).audio_token_ids
     assert codes.shape[0] == 1 and codes.shape[2] == 16
     embedding_dtype = model.audio_embeddings[0].weight.dtype
-    assert embedding_dtype == weight_formats.FORMAT_DTYPES[weight_format]
+    assert embedding_dtype == weight_formats.compute_dtype("cpu", weight_format)
     assert model.text_lm_head.weight is model.transformer.wte.weight  # the text head is never converted
     assert weight_formats.weight_format_of(model) == weight_format
 
@@ -112,16 +112,23 @@ def test_format_choice_is_logged_with_the_kernel_the_probe_chose(caplog):
     line = _format_log_line(caplog, checkpoints.random_tiny_model(seed=7), "bfloat16")
     assert line.startswith("weight format bf16 on cpu")
     assert ("oneDNN's packed layout" in line) == weight_formats.onednn_packing_available(), line
-    assert ("plain nn.Linear" in line) != weight_formats.onednn_packing_available(), line
+    assert ("bf16 weights and float32 activations" in line) != weight_formats.onednn_packing_available(), line
 
 
-def test_bf16_falls_back_to_plain_linears_where_packing_does_not_run(caplog, monkeypatch):
+def test_bf16_keeps_bf16_weights_in_a_float32_model_where_packing_does_not_run(caplog, monkeypatch):
     monkeypatch.setattr(weight_formats, "onednn_packing_available", lambda: False)
     model = checkpoints.random_tiny_model(seed=7)
     line = _format_log_line(caplog, model, "bf16")
-    assert "plain nn.Linear" in line and "does not run on this CPU" in line
+    assert "bf16 weights and float32 activations" in line and "does not run on this CPU" in line
     assert not any(isinstance(module, weight_formats.PackedLinear) for module in model.modules())
-    assert model.transformer.h[0].mlp.fc_in.weight.dtype == torch.bfloat16
+    fc_in = model.transformer.h[0].mlp.fc_in
+    assert isinstance(fc_in, weight_formats.Bf16WeightLinear) and fc_in.weight.dtype == torch.bfloat16
+    assert model.transformer.ln_f.weight.dtype == torch.float32
+    assert weight_formats.weight_format_of(model) == "bf16"
+    assert weight_formats.linear_kernel_of(model) == "bf16-weights"
+    assert "bf16-weight" in weight_formats.dtype_change_unavailable_reason(model)
+    hidden = torch.randn(2, 3, fc_in.in_features)
+    assert fc_in(hidden).dtype == torch.float32
     ids, _ = _prompt_and_frames(3, 10, 0)
     assert model.generate(ids, max_new_frames=2).audio_token_ids.shape[2] == 16
 
