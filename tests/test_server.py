@@ -530,16 +530,19 @@ def test_a_failing_request_leaves_the_request_beside_it_intact(small_server):
     service = small_server.service
     healthy_ids = set(service.tokenizer.encode("Hello world.", add_special_tokens=False))
     poisoned = set(service.tokenizer.encode("Zebra quilts.", add_special_tokens=False)) - healthy_ids
-    healthy = continuation(40, seed=3)
+    # Whole files (stream=false): no playback to protect, so the engine runs both side by side at once.
+    healthy = continuation(40, seed=3, stream=False)
     alone = pcm_samples(post(small_server.url, healthy, key=None).content)
     with torch.no_grad():  # this server's model now gives NaN for any prompt holding those text tokens
         service.model.transformer.wte.weight[sorted(poisoned)] = float("nan")
     results = {}
     threads = [threading.Thread(target=lambda: results.update(healthy=post(small_server.url, healthy, key=None))),
                threading.Thread(target=lambda: results.update(bad=post(
-                   small_server.url, continuation(40, input="Zebra quilts."), key=None)))]
-    for thread in threads:
-        thread.start()
+                   small_server.url, continuation(40, input="Zebra quilts.", stream=False), key=None)))]
+    threads[0].start()
+    # admitted (or already done): the bad one never finds it queued (--max-queue 1)
+    wait_for(lambda: service.engine.active == 1 or "healthy" in results, 30)
+    threads[1].start()
     for thread in threads:
         thread.join(timeout=60)
     assert results["bad"].status_code == 500
