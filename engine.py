@@ -280,12 +280,13 @@ class SpeechEngine:
             self._prefill(stream)
 
     def _refusal(self, stream: _RequestState, free: list[int]) -> Optional[str]:
-        """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Without a codec nothing plays, and
-        a request that is not real-time joins while no real-time stream runs, so then only slots count."""
+        """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Only slots count without a codec
+        (nothing plays), under a policy that does not admit by capacity (upstream's), and for a request that is not
+        real-time while no real-time stream runs."""
         if not free:
             return NO_FREE_SLOT
         realtime = [s for s in self._running.values() if s.request.realtime]
-        if self.codec is None or not (stream.request.realtime or realtime):
+        if self.codec is None or not self.policy.admits_by_capacity or not (stream.request.realtime or realtime):
             return None
         now = time.perf_counter()
         slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None for s in realtime]

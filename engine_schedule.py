@@ -118,6 +118,8 @@ class DeadlinePolicy:
 
     max_frames: int = CODEC_FRAMES_PER_CALL
     margin_seconds: float = UNDERRUN_MARGIN_SECONDS
+    # A waiting request joins only while the machine can keep the playing streams ahead (admission_refusal).
+    admits_by_capacity: bool = True
 
     def frames_wanted(self, pending: int, slack: Optional[float], costs: EngineCosts, rows: int,
                       frame_seconds: float) -> int:
@@ -167,6 +169,8 @@ class StreamDecodePolicy:
     lead_budgets: tuple = ((0.20, 1), (0.55, 2), (1.10, 4))
     max_frames: int = 8
     head_lead_seconds: float = 0.45
+    # Upstream's engine admits whenever a slot is free (every stream slows down together under load).
+    admits_by_capacity: bool = False
 
     def frame_budget(self, lead_seconds: float, emitted_any: bool) -> int:
         """Frames per codec call (upstream `_resolve_stream_decode_frame_budget`)."""

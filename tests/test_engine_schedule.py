@@ -164,6 +164,25 @@ def test_whole_file_requests_take_free_slots_while_no_real_time_stream_plays_and
     blocked_engine.close()
 
 
+def test_upstream_policies_admit_whenever_a_slot_is_free(codec):
+    """--stream-policy upstream / throughput / every-frame keep upstream's engine: no admission by capacity, so a
+    machine measured too slow for real time still runs a second live stream beside a playing one."""
+    model = checkpoints.always_continue_tiny_model(seed=7).eval()
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64,
+                                        policy=schedule.EVERY_FRAME_STREAM_POLICY)
+    playing = engine.submit(_request(50, frames=30))
+    while not any(isinstance(event, engine_module.AudioEvent) for event in playing.pending()):
+        engine.step()
+        assert engine.ticks < 10
+    slow = schedule.LinearCost(fixed_share=0.7, weight=0.0)
+    slow.add(1, 1.0)
+    engine.costs.lm = slow
+    second = engine.submit(_request(51, frames=4))
+    engine.step()
+    assert second.admitted.is_set() and engine.wait_reason is None
+    engine.close()
+
+
 def test_captured_engine_steps_run_power_of_two_rows_and_give_the_eager_codes(monkeypatch):
     """Graph mode (a stand-in capture that replays the recorded phase): three streams joining at different ticks make
     the eager codes, and the frame step is built for 1, 2 and 4 rows only (never 3)."""
