@@ -1,7 +1,7 @@
 """The server as a drop-in for clients written for OpenAI's speech API and for Home Assistant's Wyoming protocol.
 
 One live server on 127.0.0.1, started and stopped here: serve.py's app under uvicorn plus the Wyoming server on the
-same event loop (wyoming_server.serve_both, what `serve.py --wyoming-port` runs), over the tiny model whose repository
+same event loop (server/wyoming.py: serve_both, what `serve.py --wyoming-port` runs), over the tiny model whose repository
 carries the stand-in preset voices (checkpoints.write_stand_in_presets) and no uploaded voice. Clients: the official
 `openai` SDK (sync and async, whole and streamed) and the `wyoming` client library. The tiny model never stops, so a
 request makes exactly FRAMES frames of HOP samples at 48 kHz; every response is decoded and its rate, channel count
