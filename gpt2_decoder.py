@@ -22,7 +22,8 @@ captured alike (STYLE.md rules 11-13). The global decoder's cache holds a slot p
 same class with capacity n_vq + 1, reset every frame. The caller owns the cache and passes it in.
 
 Three entry points share one block stack (`_run_blocks`): `forward` (whole sequences, HF style, optionally appending
-to a cache), `prefill` (one prompt into one slot) and `decode_step` (one position for each of N slots).
+to a cache), `prefill` (one prompt into one slot, or its rest after a stored prefix, `KVCache.write_prefix`) and
+`decode_step` (one position for each of N slots).
 """
 
 from __future__ import annotations
@@ -310,6 +311,21 @@ class KVCache:
         self.positions[rows] = end
         return CacheWrite(self, rows, start, end)
 
+    def prefix(self, slot: int, length: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Keys and values of positions [0, length) of slot `slot`, per layer [H, length, D] (views)."""
+        return ([keys[slot, :, :length] for keys in self.keys], [values[slot, :, :length] for values in self.values])
+
+    def write_prefix(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Make `keys` and `values` (per layer [H, P, D], from `prefix`) the real keys [0, P) of slot `slot`; the
+        slot's other keys are forgotten (`reset`)."""
+        rows, length = slice(slot, slot + 1), keys[0].shape[1]
+        self.reset(rows)
+        for source, target in ((keys, self.keys), (values, self.values)):
+            for layer, tensor in enumerate(source):
+                target[layer][slot, :, :length].copy_(tensor)
+        self.key_mask[rows, :length] = True
+        self.positions[rows] = length
+
     def causal_mask(self) -> torch.Tensor:
         """bool [capacity, 1, 1, 1, capacity], row p open on keys 0..p (built once per cache): the mask of a lockstep
         step at position p, read over the whole capacity (unwritten keys closed). Each row is 4-D: CPU SDPA rounds a
@@ -523,22 +539,25 @@ class MossTTSNanoGPT2Model(nn.Module):
             position_ids, write, _as_function(attention), output_hidden_states,
         )
 
-    def prefill(self, inputs_embeds: torch.Tensor, cache: KVCache, slot: int, attention: AttentionFunction
-                ) -> torch.Tensor:
-        """Write one sequence of real rows into slot `slot` of `cache`, from position 0 (the slot is reset).
+    def prefill(self, inputs_embeds: torch.Tensor, cache: KVCache, slot: int, attention: AttentionFunction,
+                start: int = 0) -> torch.Tensor:
+        """Write one sequence of real rows into slot `slot` of `cache` at positions [start, start + T).
 
         Args:
             inputs_embeds: [1, T, C], every row real.
+            start: 0 resets the slot first; else the slot holds real keys at [0, start) (a stored prefix,
+                `KVCache.write_prefix`) and the rows attend to them.
 
         Returns:
             hidden [1, T, C] after ln_f.
         """
         length = inputs_embeds.shape[1]
         rows = slice(slot, slot + 1)
-        cache.reset(rows)
-        write = cache.sequence_write(rows, 0, length)
-        positions = torch.arange(length, device=inputs_embeds.device)
-        valid = torch.ones(1, length, dtype=torch.bool, device=inputs_embeds.device)
+        if start == 0:
+            cache.reset(rows)
+        write = cache.sequence_write(rows, start, length)
+        positions = torch.arange(start, start + length, device=inputs_embeds.device)
+        valid = torch.ones(1, start + length, dtype=torch.bool, device=inputs_embeds.device)
         hidden, _ = self._run_blocks(inputs_embeds, None, build_attention_mask(valid, length), positions, write,
                                      attention, False)
         return hidden
