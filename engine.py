@@ -13,7 +13,8 @@ The scheduler, one tick (`step`; the rules and their measured costs are in engin
 2. prefill under a per-tick budget: a running request's next chunk first, then waiting requests, first come first
    served, while the machine can keep every admitted stream ahead of playback (`admission_refusal`); while streams
    are playing, at most one prompt is prefilled per tick. A request that may not join waits in the queue, and
-   `waiting_by_reason` says why (engine_schedule.WAIT_REASONS);
+   `waiting_by_reason` says why (engine_schedule.WAIT_REASONS). With a prefix store (`prefix_store_bytes`, the
+   server's), a voice's shared rows are prefilled once and copied into the slot after that (prefix_store.py);
 3. one frame for every running request (one fixed-shape step, one host sync);
 4. the codec, by playback deadline: when some stream's policy asks for a decode (its first audio, a full call of
    frames, or a stream that would run out of slack if it waited one more tick), one batched call of the codec's slot
@@ -69,6 +70,7 @@ from .engine_requests import (CANCELLED, CODEC_FAILED, DECODE_STEP_FAILED, ERROR
                               ChunkPrompt, CodesEvent, ErrorEvent, FinishedEvent, QueueFullError, RequestError,
                               RequestHandle, EngineRequest)
 from .generation import GenerationSettings, Group, SlotDecoder
+from .prefix_store import PrefixStore
 from .runaway_guards import RunawayGuard
 
 logger = logging.getLogger(__name__)
@@ -127,16 +129,21 @@ class SpeechEngine:
         attn_implementation: attention request (default: the model config's, resolved for the device).
         step_mode: "eager", "compile" or "graph" (generation.PhaseRunner).
         policy: the codec streaming policy (engine_schedule: DEADLINE_POLICY, or upstream's lead-based ones).
+        prefix_store_bytes: keep the keys and values of prompts' shared prefixes (a voice's rows, ChunkPrompt.
+            shared_rows) within this many bytes, so that the next chunk or request in that voice prefills only the
+            rest (prefix_store.py); None (default): prompts are prefilled whole, as upstream's generate does.
     """
 
     def __init__(self, model, codec=None, num_slots: Optional[int] = None, max_positions: int = DEFAULT_MAX_POSITIONS,
                  max_queue: int = 64, attn_implementation: Optional[str] = None, step_mode: str = "eager",
-                 policy: DeadlinePolicy | StreamDecodePolicy = DEADLINE_POLICY) -> None:
+                 policy: DeadlinePolicy | StreamDecodePolicy = DEADLINE_POLICY,
+                 prefix_store_bytes: Optional[int] = None) -> None:
         self.model = model
         self.n_vq = int(model.config.n_vq)
         self.attention = model._attention_pair(attn_implementation)
         self.num_slots = num_slots or auto_slot_count(model, max_positions)
-        self.decoder = SlotDecoder(model, self.num_slots, max_positions, self.attention, step_mode)
+        self.prefixes = PrefixStore(prefix_store_bytes) if prefix_store_bytes is not None else None
+        self.decoder = SlotDecoder(model, self.num_slots, max_positions, self.attention, step_mode, self.prefixes)
         self.codec = codec_slots(codec, self.num_slots, self.n_vq) if codec is not None else None
         self.max_queue = max_queue
         self.policy = policy
@@ -291,8 +298,9 @@ class SpeechEngine:
         now = time.perf_counter()
         slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None for s in realtime]
         rows_after = max([free[0], *self._running]) + 1
-        return admission_refusal(self.costs, slacks, rows_after, stream.request.chunks[0].rows.shape[0],
-                                 self._prefilled, self.codec.hop / self.codec.rate)
+        chunk = stream.request.chunks[0]
+        return admission_refusal(self.costs, slacks, rows_after, self.decoder.rows_to_prefill(chunk.rows,
+                                 chunk.shared_rows), self._prefilled, self.codec.hop / self.codec.rate)
 
     def waiting_by_reason(self) -> dict[str, int]:
         """Waiting requests by why they wait (every reason of engine_schedule.WAIT_REASONS, 0 when none)."""
@@ -311,8 +319,8 @@ class SpeechEngine:
         self._prefilled = True
         started = time.perf_counter()
         try:
-            self.decoder.start(stream.group, [chunk.rows], self.attention[0])
-            self.costs.prefill.add(chunk.rows.shape[0], time.perf_counter() - started)
+            rows = self.decoder.start(stream.group, [chunk.rows], self.attention[0], chunk.shared_rows)
+            self.costs.prefill.add(rows, time.perf_counter() - started)
         except Exception as error:  # a bad prompt or a device error while prefilling: this request only
             logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
             stream.group = None

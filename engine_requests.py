@@ -48,11 +48,14 @@ class ChunkPrompt:
         rows: long [T, n_vq + 1] prompt rows (no padding), e.g. from prompting.build_voice_clone_rows.
         pause_seconds: silence emitted after the chunk's audio (0 for the last chunk).
         text: the chunk's text (for messages).
+        shared_rows: leading rows that do not depend on the text (the voice, `prompting.shared_prefix_rows`); an
+            engine with a prefix store prefills them once per voice (prefix_store.py). 0: none.
     """
 
     rows: torch.Tensor
     pause_seconds: float = 0.0
     text: str = ""
+    shared_rows: int = 0
 
 
 @dataclass

@@ -32,6 +32,7 @@ import torch
 
 from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
+from .prefix_store import PrefixStore
 from .sampling import (RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise, sample_rows,
                        validate_sampling_args)
 
@@ -235,9 +236,12 @@ class SlotDecoder:
         capacity: global cache positions per slot (prompt rows + frames).
         attention: (global, local) backend names, resolved for the model's device and dtype.
         step_mode: "eager", "compile" or "graph" (devices.py says whether graphs exist; else eager).
+        prefixes: where prompts' shared prefixes are kept (prefix_store.py); None: every prompt is prefilled whole,
+            as upstream's generate does.
     """
 
-    def __init__(self, model, num_slots: int, capacity: int, attention: tuple[str, str], step_mode: str = "eager"):
+    def __init__(self, model, num_slots: int, capacity: int, attention: tuple[str, str], step_mode: str = "eager",
+                 prefixes: PrefixStore | None = None):
         config = model.config
         self.model = model
         self.n_vq = int(config.n_vq)
@@ -258,6 +262,7 @@ class SlotDecoder:
         self.audio_phase = PhaseRunner("audio phase", step_mode, self.device)
         self._allocate_tables(model, weight.dtype)
         self.groups: list[Group] = []
+        self.prefixes = prefixes
 
     def _allocate_tables(self, model, dtype) -> None:
         """Per-slot buffers, allocated once (S slots, C hidden, V codebook)."""
@@ -302,13 +307,18 @@ class SlotDecoder:
         return [slot for slot, owner in enumerate(self.owner) if owner is None]
 
     @torch.no_grad()
-    def start(self, group: Group, prompts: list[torch.Tensor], attention: str) -> None:
+    def start(self, group: Group, prompts: list[torch.Tensor], attention: str, shared_rows: int = 0) -> int:
         """Prefill each row's prompt rows [T, n_vq + 1] (real rows only) into the group's slots; the group joins.
 
         Args:
             group: with free, contiguous slots, one per prompt, and checked settings (max_new_frames >= 1).
             prompts: long [T_i, n_vq + 1] per row.
             attention: the global decoder's backend name.
+            shared_rows: leading rows of each prompt that other prompts share (a voice; `prompting.shared_prefix_
+                rows`); with a prefix store they are prefilled apart from the rest, or copied from the store.
+
+        Returns:
+            the prompt rows that ran through the decoder (stored prefix rows are not counted).
 
         Raises:
             ValueError: a prompt longer than the capacity allows with the group's max_new_frames.
@@ -321,8 +331,9 @@ class SlotDecoder:
                              f"{group.settings.max_new_frames} needs {needed} positions; this decoder holds "
                              f"{self.capacity} per stream")
         group.finished = [False] * len(prompts)
+        prefilled = 0
         for slot, prompt in zip(group.slots, prompts):
-            self._prefill(slot, prompt, attention)
+            prefilled += self._prefill(slot, prompt, attention_function(attention), shared_rows)
             self.owner[slot] = group
         rows = slice(group.slots[0], group.slots[-1] + 1)
         self.text_settings.set(rows, group.settings.text_row())
@@ -331,16 +342,40 @@ class SlotDecoder:
         self.checked[0, rows] = True
         self.checked[1:, rows] = (self.channels < group.settings.nq)[:, None]
         self.groups.append(group)
+        return prefilled
 
-    def _prefill(self, slot: int, prompt: torch.Tensor, attention: str) -> None:
+    def rows_to_prefill(self, prompt: torch.Tensor, shared_rows: int = 0) -> int:
+        """The rows `start` would run through the decoder for `prompt` now (without counting a store lookup)."""
+        shared = self._shared_rows(prompt, shared_rows)
+        stored = shared and self.prefixes.peek(prompt[:shared])
+        return prompt.shape[0] - 1 - (shared if stored else 0)
+
+    def _shared_rows(self, prompt: torch.Tensor, shared_rows: int) -> int:
+        """Rows prefilled apart (0: the prompt is prefilled whole): only with a store, and only before the last row
+        (which the first frame feeds)."""
+        return shared_rows if self.prefixes is not None and 0 < shared_rows < prompt.shape[0] - 1 else 0
+
+    def _prefill(self, slot: int, prompt: torch.Tensor, attention: Callable, shared_rows: int) -> int:
+        """Write the prompt's rows but the last into slot `slot`; the last is fed by the first frame. Returns the
+        rows that ran through the decoder."""
         self._forget(slot)
         embedded = self.model._embed_rows(prompt[None].to(self.device))  # [1, T, C]
-        if prompt.shape[0] > 1:
-            self.model.transformer.prefill(embedded[:, :-1], self.global_cache, slot, attention_function(attention))
+        shared, prefilled = self._shared_rows(prompt, shared_rows), prompt.shape[0] - 1
+        if shared:
+            stored = self.prefixes.find(prompt[:shared])
+            if stored is None:
+                self.model.transformer.prefill(embedded[:, :shared], self.global_cache, slot, attention)
+                self.prefixes.add(prompt[:shared], *self.global_cache.prefix(slot, shared))
+            else:
+                self.global_cache.write_prefix(slot, stored.keys, stored.values)
+                prefilled -= shared
+        if prompt.shape[0] - 1 > shared:
+            self.model.transformer.prefill(embedded[:, shared:-1], self.global_cache, slot, attention, start=shared)
         self.next_input[slot] = embedded[0, -1:]
         self.lengths[slot] = prompt.shape[0] - 1
         self.valid_host[slot] = True
         self.valid[slot] = self.occupied[slot] = True
+        return prefilled
 
     def _forget(self, slot: int) -> None:
         """Put everything slot `slot` holds back to its initial value, so that its new owner's codes cannot depend on

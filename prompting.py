@@ -238,6 +238,22 @@ def build_voice_clone_rows(
     return _as_batch(torch.cat([_text_rows(config, head), reference, _text_rows(config, tail)], dim=0), device)
 
 
+def shared_prefix_rows(tokenizer, config, mode: str, prompt_audio_codes=None) -> int:
+    """How many leading rows of `mode`'s prompts do not depend on the text: in voice clone the user prefix,
+    audio_start, the reference rows, audio_end and the after-reference ids (one voice's prompts share them); in
+    continuation the prompt prefix (the text encoded after it is prompt_text + text, so nothing later is shared).
+
+    Args:
+        prompt_audio_codes: voice clone: the reference codes [T_ref, n_vq] (their frame count is what counts).
+    """
+    check_mode(mode)
+    if mode == "continuation":
+        return len(build_prompt_prefix(tokenizer, config))
+    frames = validate_prompt_audio_codes(config, prompt_audio_codes).shape[0]
+    template = len(build_user_prompt_prefix(tokenizer, config)) + len(build_user_prompt_after_reference(tokenizer))
+    return template + 2 + frames  # + audio_start and audio_end
+
+
 def check_mode(mode) -> None:
     """Raises ValueError for a mode outside GENERATION_MODES, naming it."""
     if mode not in GENERATION_MODES:

@@ -20,7 +20,7 @@ from .captions import CaptionTimeline, add_captions
 from .engine import (UPSTREAM_STREAM_POLICY, ChunkPrompt, ErrorEvent, FinishedEvent, RequestError, SpeechEngine,
                      EngineRequest, StreamDecodePolicy, stream_lead_seconds)
 from .generation import GenerationSettings
-from .prompting import build_prompt_rows
+from .prompting import build_prompt_rows, shared_prefix_rows
 from .runaway_guards import describe_stops
 from .synthesis_inputs import SynthesisInputs, load_synthesis_inputs, text_chunks
 from .synthesis_request import ChunkProgress, SynthesisRequest, check_not_empty, check_text, result_dict
@@ -64,6 +64,9 @@ def engine_request(model, tokenizer, text: str, mode: str = "voice_clone", promp
         ids, _ = build_prompt_rows(tokenizer, model.config, mode, chunk, prompt_text, prompt_codes)
         pause = pause_seconds_after(chunk) if index < len(chunks) - 1 else 0.0
         prompts.append(ChunkPrompt(ids[0], pause, chunk))
+    shared = shared_prefix_rows(tokenizer, model.config, mode, prompt_codes)  # after the rows, which check inputs
+    for prompt in prompts:
+        prompt.shared_rows = shared
     prime = prompt_codes if mode == "continuation" else None
     return EngineRequest(prompts, settings, codec_prime=prime, **engine_options)
 
