@@ -15,6 +15,9 @@
                                                         no_free_slot, prefill_budget, keeping_streams_ahead,
                                                         protecting_slack)
     moss_tts_slots, moss_tts_slot_occupancy_ratio       engine slots, and active streams / slots
+    moss_tts_voice_prefix_lookups{result}               prompts whose voice rows came from the prefix store (hit) or
+                                                        were prefilled and stored (miss); with --voice-cache-mb > 0
+    moss_tts_voice_prefix_bytes                         what the prefix store holds (prefix_store.py)
     process_*                                           prometheus_client's process metrics (resident memory, CPU
                                                         seconds, open files; Linux), read by loadtest.py --soak
 """
@@ -81,8 +84,18 @@ class ServerMetrics:
         for reason in engine.waiting_by_reason():
             by_reason.labels(reason=reason).set_function(lambda reason=reason: engine.waiting_by_reason()[reason])
         Gauge("moss_tts_slots", "Engine slots (streams decoded together)", registry=registry).set(engine.num_slots)
+        if engine.prefixes is not None:
+            self._bind_prefix_store(engine.prefixes)
         Gauge("moss_tts_slot_occupancy_ratio", "Active streams / slots", registry=registry).set_function(
             lambda: engine.active / engine.num_slots)
+
+    def _bind_prefix_store(self, store) -> None:
+        lookups = Gauge("moss_tts_voice_prefix_lookups", "Prompts whose voice rows were found in the prefix store "
+                        "(hit) or prefilled and stored (miss), since start", ["result"], registry=self.registry)
+        lookups.labels(result="hit").set_function(lambda: store.hits)
+        lookups.labels(result="miss").set_function(lambda: store.misses)
+        Gauge("moss_tts_voice_prefix_bytes", "Bytes of keys and values held by the voice prefix store",
+              registry=self.registry).set_function(lambda: store.nbytes)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

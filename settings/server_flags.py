@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import synthesis
 from ..engine import (DEADLINE_POLICY, EVERY_FRAME_STREAM_POLICY, UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY,
                       SpeechEngine)
+from ..prefix_store import DEFAULT_BUDGET_BYTES
 from ..server.app import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS
 from ..server.service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
                               SpeechService)
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-audio-seconds", type=float, default=DEFAULT_MAX_AUDIO_SECONDS,
                         help="the most audio a request may ask for (chunks x max_new_frames + pauses); more is a 400")
     server.add_argument("--max-chunks", type=int, default=DEFAULT_MAX_CHUNKS,
-                        help="the most voice-clone chunks of a request (each prefills the reference); more is a 400")
+                        help="the most voice-clone chunks of a request (each is a prompt of its own); more is a 400")
     server.add_argument("--queue-timeout", type=float, default=60.0,
                         help="seconds a request may wait for a slot before it gets 503 with Retry-After (0: no limit)")
     server.add_argument("--prepare-workers", type=int, default=DEFAULT_PREPARE_WORKERS,
@@ -75,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "to 8; engine_schedule.py), upstream (1/2/4/8 by lead, first audio soonest), throughput "
                              "(4..12 by lead, upstream's accelerator budget), every-frame (1 per call: the same "
                              "samples for a request whatever the load)")
+    engine.add_argument("--voice-cache-mb", type=float, default=DEFAULT_BUDGET_BYTES / 2**20,
+                        help="keep the keys and values of each voice's shared prompt rows (template and reference) "
+                             "in this many MiB, so that the next chunk or request in that voice prefills only its "
+                             "text (prefix_store.py); 0: prefill every prompt whole, as the CLI does")
     return parser
 
 
@@ -85,7 +90,8 @@ def load_service(args) -> SpeechService:
     codec = synthesis.load_audio_tokenizer(model, device=device)
     engine = SpeechEngine(model, codec, num_slots=args.num_slots or None, max_positions=args.max_positions,
                           max_queue=args.max_queue, attn_implementation=attention, step_mode=args.step_mode,
-                          policy=STREAM_POLICIES[args.stream_policy])
+                          policy=STREAM_POLICIES[args.stream_policy],
+                          prefix_store_bytes=int(args.voice_cache_mb * 2**20) if args.voice_cache_mb > 0 else None)
     voices = VoiceStore(Path(args.voices_dir), codec, model.config)
     presets_folder = preset_folder(model_folder(args))
     presets = (VoiceStore(presets_folder, codec, model.config, codec_id=voices.codec_id, cache_folder=voices.folder
@@ -107,7 +113,8 @@ def check_server_flags(args) -> None:
     """
     limits = (("--max-audio-seconds", args.max_audio_seconds, 1), ("--max-chunks", args.max_chunks, 1),
               ("--queue-timeout", args.queue_timeout, 0), ("--prepare-workers", args.prepare_workers, 1),
-              ("--engine-stall-seconds", args.engine_stall_seconds, 1), ("--grace-seconds", args.grace_seconds, 0))
+              ("--engine-stall-seconds", args.engine_stall_seconds, 1), ("--grace-seconds", args.grace_seconds, 0),
+              ("--voice-cache-mb", args.voice_cache_mb, 0))
     for flag, value, minimum in limits:
         if not value >= minimum:
             raise UsageError(f"{flag} {value}; expected a number >= {minimum}")

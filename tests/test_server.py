@@ -17,6 +17,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import shutil
 import signal
 import socket
@@ -275,6 +276,28 @@ def test_models_health_and_metrics(server, client):
         assert name in metrics
     for reason in ("no_free_slot", "prefill_budget", "keeping_streams_ahead", "protecting_slack"):
         assert f'moss_tts_queued_requests_by_reason{{reason="{reason}"}} 0.0' in metrics
+
+
+def _prefix_lookups(url):
+    metrics = httpx.get(f"{url}/metrics").text
+    return {result: float(re.search(rf'moss_tts_voice_prefix_lookups{{result="{result}"}} (\S+)', metrics).group(1))
+            for result in ("hit", "miss")}
+
+
+def test_a_voice_is_prefilled_once_and_its_reuse_changes_no_sample(server, client, voice):
+    """The same request twice in a new voice: the first prefills the voice rows and stores them (a miss), the second
+    copies them (a hit) and gets the same samples; /metrics counts both."""
+    before = _prefix_lookups(server.url)
+    clip = long_wav(seconds=2)
+    first = speech(client, None, response_format="pcm", seed=9, ref_audio=clip)
+    middle = _prefix_lookups(server.url)
+    second = speech(client, None, response_format="pcm", seed=9, ref_audio=clip)
+    after = _prefix_lookups(server.url)
+    assert middle["miss"] == before["miss"] + 1 and middle["hit"] == before["hit"]
+    assert after["hit"] == middle["hit"] + 1 and after["miss"] == middle["miss"]
+    assert first == second  # every-frame codec calls: the same request gives the same bytes
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert float(re.search(r"^moss_tts_voice_prefix_bytes (\S+)$", metrics, re.MULTILINE).group(1)) > 0
 
 
 def test_a_missing_or_wrong_api_key_gets_401(server, voice):
@@ -606,6 +629,13 @@ def test_serve_refuses_a_corrupt_checkpoint_in_one_line_with_exit_2_before_bindi
     assert "serving" not in captured.out
     with socket.create_server(("127.0.0.1", port)):  # never bound
         pass
+
+
+@pytest.mark.parametrize("flag, value", [("--voice-cache-mb", -1), ("--max-chunks", 0), ("--queue-timeout", -2)])
+def test_serve_refuses_a_bad_number_naming_its_flag_with_exit_2(repository, tmp_path, capsys, flag, value):
+    code = serve.main(["--model-path", str(repository), "--device", "cpu", "--port", str(loadtest.free_port()),
+                       "--no-progress", "--voices-dir", str(tmp_path / "voices"), flag, str(value)])
+    assert code == 2 and capsys.readouterr().err.startswith(f"error: {flag} ")
 
 
 def test_sigint_ends_an_sse_stream_with_an_error_event_after_the_grace_period(repository, tmp_path):
