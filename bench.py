@@ -33,7 +33,9 @@ Sections:
   time to first audio p50/p95/p99, worst per-stream real-time factor, underruns (a stream whose received audio falls
   behind playback) and by how much, the largest N with none, the mean tick split (LM step, codec, prefill, host),
   peak memory. --compare-engine PATH runs another checkout's engine.py (e.g. `git worktree add PATH f2918fd`) on the
-  same model first, so before/after come from one run.
+  same model first, so before/after come from one run. --voice-frames N gives every stream a voice-clone prompt in
+  one voice of N reference frames (each its own text); engines with a prefix store (prefix_store.py) then prefill the
+  voice once, and the prefill column shows what that saves.
 
 A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
 The device string is passed through to devices.py.
@@ -332,9 +334,9 @@ def build_lm(args, device):
     return model.to(device)
 
 
-def bench_prompt(device, rows: int = 81) -> torch.Tensor:
+def bench_prompt(device, rows: int = 81, seed: int = 3) -> torch.Tensor:
     """A fixed continuation prompt of `rows` text rows ending in audio_start (81 = "Hello world." in spec §5.3)."""
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     ids = torch.full((1, rows, 17), 1024)
     ids[0, :, 0] = torch.randint(10, 16000, (rows,), generator=generator)
     ids[0, -1, 0] = 6  # audio_start
@@ -657,8 +659,10 @@ def serve_during(engine, work):
     return outcome["result"]
 
 
-def run_engine_load(engine, events, prompt_rows, streams: int, frames: int, stagger: float) -> dict:
-    """`streams` requests arriving `stagger` s apart on a started engine (of engine module `events`); waits for all."""
+def run_engine_load(engine, events, prompt, streams: int, frames: int, stagger: float) -> dict:
+    """`streams` requests arriving `stagger` s apart on a started engine (of engine module `events`); waits for all.
+    `prompt`: (rows, False), the same prompt rows [T, 17] for every stream, or (voice rows, True), a voice-clone
+    prompt per stream in that voice (each its own text)."""
     settings = import_module("generation").GenerationSettings(max_new_frames=frames, **SAMPLED_DEFAULTS)
     clocks = [StreamClock(engine.codec.rate, events) for _ in range(streams)]
     start = time.perf_counter()
@@ -666,11 +670,34 @@ def run_engine_load(engine, events, prompt_rows, streams: int, frames: int, stag
     for index, clock in enumerate(clocks):
         time.sleep(max(0.0, start + index * stagger - time.perf_counter()))
         clock.submitted = time.perf_counter()
-        request = events.EngineRequest([events.ChunkPrompt(prompt_rows)], settings, seed=index)
+        request = events.EngineRequest([stream_prompt(events, prompt, index)], settings, seed=index)
         handles.append(engine.submit(request, listener=clock))
     for handle in handles:
         handle.done.wait()
     return summarise_streams(clocks, start)
+
+
+def bench_voice(device, frames: int) -> torch.Tensor:
+    """The shared rows of a voice-clone prompt (spec tts.md §5.4) with `frames` random reference frames: 14 template
+    rows, the reference rows, audio_end and 56 template rows (random text ids of the same count)."""
+    generator = torch.Generator().manual_seed(5)
+    rows = torch.full((14 + frames + 1 + 56, 17), 1024)
+    rows[:, 0] = torch.randint(10, 16000, (rows.shape[0],), generator=generator)
+    rows[14:14 + frames, 0] = 8  # audio_user_slot
+    rows[14:14 + frames, 1:] = torch.randint(0, 1024, (frames, 16), generator=generator)
+    rows[14 + frames, 0] = 7  # audio_end
+    return rows.to(device)
+
+
+def stream_prompt(events, prompt, index: int):
+    """Stream `index`'s chunk: the fixed prompt, or the voice followed by a text of its own (32 ids + audio_start)."""
+    rows, voice = prompt
+    if not voice:
+        return events.ChunkPrompt(rows)
+    text = bench_prompt(rows.device, 33, seed=100 + index)[0]
+    chunk = events.ChunkPrompt(torch.cat([rows, text]))
+    chunk.shared_rows = rows.shape[0]  # read only by an engine with a prefix store
+    return chunk
 
 
 def summarise_streams(clocks, start: float) -> dict:
@@ -692,24 +719,32 @@ def summarise_streams(clocks, start: float) -> dict:
 
 
 def engines_under_test(args) -> list:
-    """(label, engine module): with --compare-engine PATH, that checkout's engine.py first, loaded as a package of
-    its own (its generation and codec modules with it; the model and codec objects are this checkout's)."""
-    engines = [("this", import_module("engine"))]
+    """(label, engine module, prefix store bytes or None): with --compare-engine PATH, that checkout's engine.py first,
+    loaded as a package of its own (its generation and codec modules with it; the model and codec objects are this
+    checkout's); with --voice-frames, this engine without a prefix store, then with one."""
+    this = import_module("engine")
+    if args.voice_frames:
+        budget = import_module("prefix_store").DEFAULT_BUDGET_BYTES
+        engines = [("this, whole", this, None), ("this, store", this, budget)]
+    else:
+        engines = [("this", this, None)]
     if args.compare_engine:
         import importlib
 
         import_folder_as_package(args.compare_engine, "moss_tts_nano_compared")
         label = os.path.basename(os.path.normpath(args.compare_engine))
-        engines.insert(0, (label, importlib.import_module("moss_tts_nano_compared.engine")))
+        engines.insert(0, (label, importlib.import_module("moss_tts_nano_compared.engine"), None))
     return engines
 
 
-def time_engine(events, model, codec, prompt, streams: int, args) -> dict:
+def time_engine(events, model, codec, prompt, streams: int, args, store_bytes=None) -> dict:
     """One engine of module `events` with `streams` slots under the staggered load; its row of the table."""
     device = resolve_device(args.device)
+    store = {} if store_bytes is None else {"prefix_store_bytes": store_bytes}
     with torch.inference_mode(False):  # the engine updates its buffers outside inference mode
         engine = events.SpeechEngine(model, codec, num_slots=streams, attn_implementation=args.attention,
-                                     max_positions=prompt.shape[0] + args.engine_frames, step_mode=args.step_mode)
+                                     max_positions=prompt[0].shape[0] + 33 + args.engine_frames,
+                                     step_mode=args.step_mode, **store)
     split = TickSplit(engine)
 
     def load():
@@ -729,16 +764,17 @@ def run_engine(args) -> dict:
     The engines take turns at each N, so that a change in the host's load falls on both."""
     device = resolve_device(args.device)
     codec = build_codec(device, args.codec_dtype, args.codec_layout)
-    prompt = bench_prompt(device)[0].cpu()
+    voice = bool(args.voice_frames)
+    prompt = (bench_voice("cpu", args.voice_frames), voice) if voice else (bench_prompt(device)[0].cpu(), voice)
     formats = []
     for fmt in args.weight_format:
         model = build_lm_in_format(args, device, fmt)
         engines = engines_under_test(args)
-        rows = {label: [] for label, _ in engines}
+        rows = {label: [] for label, _, _ in engines}
         for streams in args.streams:
-            for label, events in engines:
-                rows[label].append(time_engine(events, model, codec, prompt, streams, args))
-        for label, _ in engines:
+            for label, events, store_bytes in engines:
+                rows[label].append(time_engine(events, model, codec, prompt, streams, args, store_bytes))
+        for label, _, _ in engines:
             ok = [row for row in rows[label] if row["underrun_streams"] == 0 and row["errors"] == 0]
             formats.append({"weight_format": fmt, "engine": label, "rows": rows[label],
                             "max_realtime_streams": max((row["streams"] for row in ok), default=0),
@@ -746,12 +782,15 @@ def run_engine(args) -> dict:
                                 (row["streams"] for row in ok if row["ttfa_p95_ms"] < 500), default=0)})
         del model
     return {"device": str(device), "frames": args.engine_frames, "stagger_s": args.stagger,
-            "step_mode": args.step_mode, "formats": formats}
+            "step_mode": args.step_mode, "voice_frames": args.voice_frames, "formats": formats}
 
 
 def print_engine(result: dict) -> None:
     print(f"engine ({result['device']}, {result['frames']} frames per stream = {result['frames'] / FRAME_RATE:.1f} s, "
           f"arrivals {result['stagger_s']} s apart, sampled defaults, steps {result['step_mode']}): LM + codec")
+    if result["voice_frames"]:
+        print(f"  prompts: one voice of {result['voice_frames']} reference frames, a 33-row text per stream; the "
+              "warm-up stored the voice in the engine with a prefix store")
     print(f"  {'format':6s} {'engine':12s} {'N':>3s} {'fr/s':>6s} {'TTFA p50':>8s} {'p95':>6s} {'p99':>6s} "
           f"{'RTF max':>7s} {'underrun':>10s} {'err':>3s}  ms/tick: {'LM':>5s} {'codec':>5s} {'prefill':>7s} "
           f"{'host':>5s} {'peak MB':>7s}")
@@ -776,6 +815,10 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stagger", type=float, default=0.1, help="seconds between arrivals (default 0.1)")
     group.add_argument("--step-mode", default="eager", choices=["eager", "compile", "graph"],
                        help="how the decode steps run (generation.StepRunner)")
+    group.add_argument("--voice-frames", type=int, default=0,
+                       help="voice-clone prompts in one voice of this many reference frames (125 = 10 s), each "
+                            "stream its own text; the engine keeps the voice in a prefix store (0: an 81-row "
+                            "continuation prompt for every stream)")
     group.add_argument("--compare-engine", metavar="PATH", default=None,
                        help="a checkout of another commit (git worktree add PATH COMMIT): its engine.py runs the same "
                             "load first, on this checkout's model and codec objects, for before/after tables")
