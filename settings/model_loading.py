@@ -100,7 +100,9 @@ def load_model(folder, device: str = "auto", dtype: str = "auto", weight_format:
     applied = effective_weight_format(weight_format, run_dtype)
     if applied is not None:
         weight_formats.apply_weight_format(model, applied)
-    return LoadedModel(model, resolved_device, run_dtype, attention)
+    # The dtype the formatted model computes in: bf16 on a CPU without oneDNN's bf16 packing keeps bf16 weights in a
+    # float32 model (weight_formats.compute_dtype), and a summary naming bfloat16 there would misreport the run.
+    return LoadedModel(model, resolved_device, model.transformer.ln_f.weight.dtype, attention)
 
 
 def check_choices(folder, device: str = "auto", dtype: str = "auto", weight_format: str = AUTO_FORMAT,

@@ -136,8 +136,10 @@ def test_weight_format_run_writes_a_valid_file_and_names_the_format(repo, tmp_pa
     code, stdout, stderr = _run(["--model-path", repo, "--no-verify", "--mode", "continuation", "--text", "Hi.",
                                  "--weight-format", weight_format, "--output-path", out, *FAST], capsys)
     assert code == 0, stderr
-    dtype = "bfloat16" if weight_format == "bf16" else "float32"  # int8: float32 activations
-    assert f"dtype={dtype} attention=sdpa weights={weight_format} " in stdout
+    # int8: float32 activations; bf16: bfloat16, or float32 around bf16 weights where oneDNN cannot pack bf16
+    dtype = devices.dtype_name(weight_formats.compute_dtype(torch.device("cpu"), weight_format))
+    kernel = {"int8": "int8", "bf16": "onednn-packed" if dtype == "bfloat16" else "bf16-weights"}[weight_format]
+    assert f"dtype={dtype} attention=sdpa weights={weight_format} kernels={kernel} " in stdout
     info = sf.info(str(out))
     assert (info.samplerate, info.channels, info.frames) == (SAMPLE_RATE, 2, 2 * HOP)
 
