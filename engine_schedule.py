@@ -22,10 +22,10 @@ for fuller calls; under load the calls grow instead of shrinking (upstream's lea
 decodes one frame per call once a stream is behind, which keeps it behind).
 
 Admission (`admission_refusal`). A waiting request joins only when the machine can keep every admitted stream
-ahead of playback: the tick with one more stream (the measured mean tick plus the predicted growth of a steady tick:
-LM step + its share of 8-frame codec calls) stays within REALTIME_SHARE of a frame's duration, at most one prompt
-is prefilled per tick while streams are playing (the per-tick prefill budget), and every playing stream has the slack
-to absorb the newcomer's prefill and first frame.
+ahead of playback: the tick with one more stream (the measured mean tick plus the predicted growth: LM step + its
+share of the small codec calls a newcomer asks for until it has slack) stays within REALTIME_SHARE of a frame's
+duration, at most one prompt is prefilled per tick while streams are playing (the per-tick prefill budget), and
+every playing stream has the slack to absorb the newcomer's prefill and first frame.
 Otherwise it waits in the queue (under the server's queue deadline) and the engine names why (WAIT_REASONS).
 
 The costs are measured online (exponentially weighted linear fits), so the same rules hold on any device.
@@ -101,15 +101,18 @@ class EngineCosts:
         self.tick = seconds if self.tick == 0.0 else self.tick + TICK_WEIGHT * (seconds - self.tick)
 
     def tick_after_join(self, rows: int) -> float:
-        """Seconds per tick once a stream joins and `rows` run: the measured mean tick plus the predicted growth of
-        a steady tick (or the prediction alone before any tick), whichever is larger."""
-        growth = self.steady_tick(rows) - self.steady_tick(rows - 1)
-        return max(self.steady_tick(rows), self.tick + max(0.0, growth))
+        """Seconds per tick once a stream joins and `rows` run: the measured mean tick plus the predicted growth,
+        or the prediction alone, whichever is larger. The prediction is a tick of CATCH_UP_FRAMES-frame codec calls,
+        not full ones: the newcomer starts with little slack and asks for a call every few ticks, and the playing
+        streams' frames ride along in those calls, so until it has built slack every stream's frames go out in small
+        calls (a tick that only fits with full calls leaves it at zero slack, underrunning; seen on a 2-core CPU)."""
+        growth = self.steady_tick(rows, CATCH_UP_FRAMES) - self.steady_tick(rows - 1, CODEC_FRAMES_PER_CALL)
+        return max(self.steady_tick(rows, CATCH_UP_FRAMES), self.tick + max(0.0, growth))
 
-    def steady_tick(self, rows: int) -> float:
-        """Seconds per tick with `rows` streams when the codec runs full calls: the LM step plus a call's share."""
-        full = CODEC_FRAMES_PER_CALL
-        return self.lm.predict(rows) + self.codec.predict(rows * full) / full
+    def steady_tick(self, rows: int, frames_per_call: int = CODEC_FRAMES_PER_CALL) -> float:
+        """Seconds per tick with `rows` streams when every codec call carries `frames_per_call` frames of each: the
+        LM step plus a call's share."""
+        return self.lm.predict(rows) + self.codec.predict(rows * frames_per_call) / frames_per_call
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,16 @@ def test_admission_names_why_a_request_waits():
     assert refuse(slow, [2.0], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
 
 
+def test_admission_counts_the_small_codec_calls_a_newcomer_needs_until_it_has_slack():
+    """Full 8-frame calls would fit two streams in a frame, 4-frame calls would not: the newcomer waits, since it
+    asks for a call every few ticks until it has slack and the playing stream's frames ride along in those calls."""
+    costs = _costs(lm=0.03, codec_call=0.12, codec_per_row_frame=0.002)
+    assert costs.steady_tick(2) < schedule.REALTIME_SHARE * FRAME < costs.steady_tick(2, schedule.CATCH_UP_FRAMES)
+    assert schedule.admission_refusal(costs, [2.0], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
+    cheap_calls = _costs(lm=0.03, codec_call=0.02, codec_per_row_frame=0.002)
+    assert schedule.admission_refusal(cheap_calls, [2.0], 2, 20, False, FRAME) is None
+
+
 def _request(seed, frames, realtime=True):
     rows = torch.full((6, 17), 1024)
     rows[:, 0] = torch.arange(100, 106) + seed
