@@ -320,20 +320,30 @@ class SpeechService:
     # -- readiness ----------------------------------------------------------------------------------------------
 
     def warm_up(self, timeout: float = WARM_UP_TIMEOUT_SECONDS) -> float:
-        """Run one short request through the engine (prefill, frames, codec); returns its seconds.
+        """Run short requests through the engine (prefill, frames, codec); returns their seconds: one in continuation
+        mode, then one in the default voice when it resolves, so that its codes are loaded and, with the engine's
+        prefix store, its prompt rows stored before the first request asks for it.
 
         Raises:
-            RuntimeError: when it fails.
+            RuntimeError: when one fails.
         """
         started = time.perf_counter()
-        body = SpeechBody(model=self.options.model_name, input="Hello.", mode="continuation", max_new_frames=2,
-                          do_sample=False, seed=0)
-        handle = self.submit(self.prepare(body), None)  # its normalization loads the English grammar
-        normalizer("zh")  # and the Chinese one, so no request waits for a grammar to load
-        final = list(handle.events(timeout=timeout))[-1]
+        self._warm_up_request(SpeechBody(model=self.options.model_name, input="Hello.", mode="continuation",
+                                         max_new_frames=2, do_sample=False, seed=0), timeout)
+        normalizer("zh")  # the first request's normalization loaded the English grammar; now the Chinese one
+        try:
+            voice, _ = self.catalog.resolve(None)
+        except ValueError as error:  # no default voice here (e.g. no presets): requests will name theirs
+            logger.info("warm-up: no default voice to load (%s)", error)
+        else:
+            self._warm_up_request(SpeechBody(model=self.options.model_name, input="Hello.", voice=voice,
+                                             max_new_frames=1, do_sample=False, seed=0), timeout)
+        return time.perf_counter() - started
+
+    def _warm_up_request(self, body: SpeechBody, timeout: float) -> None:
+        final = list(self.submit(self.prepare(body), None).events(timeout=timeout))[-1]
         if not isinstance(final, FinishedEvent):
             raise RuntimeError(f"the warm-up request failed: {final.message}")
-        return time.perf_counter() - started
 
     def status(self) -> dict:
         engine = self.engine

@@ -403,3 +403,24 @@ def test_serve_py_refuses_a_bad_default_voice_before_loading(tmp_path):
     completed = subprocess.run([sys.executable, str(REPO_ROOT / "serve.py"), "--default-voice", "Not A Name",
                                 "--model-path", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 2 and "--default-voice" in completed.stderr
+
+
+def test_start_up_loads_the_default_voice_and_stores_its_prompt_rows(repository, tmp_path):
+    """The warm-up speaks once in the default voice: its codes are loaded and its prompt rows stored, so the first
+    request that omits its voice (Home Assistant, most chat front ends) prefills only its text."""
+    args = serve.build_parser().parse_args(["--model-path", str(repository), "--no-verify", "--device", "cpu",
+                                            "--num-slots", "1", "--max-positions", "256", "--voices-dir",
+                                            str(tmp_path / "voices")])
+    service = serve.load_service(args)
+    service.engine.start()
+    try:
+        service.warm_up()
+        store = service.engine.prefixes
+        assert (store.misses, store.hits, len(store)) == (2, 0, 2)  # the continuation template, the default voice
+        schema, engine = import_module("server.schema"), import_module("engine")
+        body = schema.SpeechBody(model="tts-1", input="Good morning.", max_new_frames=1)  # no voice: the default
+        final = list(service.submit(service.prepare(body), None).events(timeout=60))[-1]
+        assert isinstance(final, engine.FinishedEvent)
+        assert (store.misses, store.hits) == (2, 1)
+    finally:
+        assert service.engine.stop(drain=False, timeout=30)
