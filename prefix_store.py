@@ -82,7 +82,9 @@ class PrefixStore:
     def add(self, rows: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Keep copies of `keys` and `values` (per layer [H, P, D]) for `rows` [P, W], if they fit the budget and are
         finite (a prefix that went non-finite, e.g. on a device fault, is computed again next time, never served)."""
-        if _nbytes(keys + values) > self.budget_bytes or not all(bool(t.isfinite().all()) for t in keys + values):
+        if _nbytes(keys + values) > self.budget_bytes:
+            return
+        if not bool(torch.stack([tensor.isfinite().all() for tensor in keys + values]).all()):  # one host sync
             return
         entry = StoredPrefix(rows.detach().cpu().clone(), [k.clone() for k in keys], [v.clone() for v in values])
         key = _key(rows)

@@ -146,4 +146,27 @@ def test_engine_on_fake_npu_serves_two_private_streams_like_the_cpu_with_one_syn
         assert torch.equal(a, b.cpu()), (a, b)
     # per tick: the frame's stop check; per finished chunk: its codes to the host (and a limit check)
     assert syncs <= ticks + 2 * 3, (syncs, ticks)
+
+    # A voice prefix stored on the device and copied into the slot: the second request of the voice gives the CPU's
+    # codes too, and the store costs one sync (the finiteness check of the first request's prefix).
+    def voice_twice(model):
+        engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=ids.shape[1] + FRAMES,
+                                            prefix_store_bytes=2**26)
+        chunk = engine_module.ChunkPrompt(ids[0], shared_rows=ids.shape[1] - 4)
+        codes = []
+        for seed in (5, 6):
+            handle = engine.submit(engine_module.EngineRequest([chunk], settings, seed=seed))
+            state.reset_counters()
+            ticks = 0
+            while engine.step():
+                ticks += 1
+            codes.append(list(handle.events(timeout=1))[-1].codes[0])
+        assert (engine.prefixes.misses, engine.prefixes.hits) == (1, 1)
+        return codes, state.syncs, ticks
+
+    cpu, _, _ = voice_twice(checkpoints.load_safetensors_model(golden))
+    npu, syncs, ticks = voice_twice(checkpoints.load_safetensors_model(golden).to("npu"))
+    for a, b in zip(cpu, npu):
+        assert torch.equal(a, b.cpu()), (a, b)
+    assert syncs <= ticks + 3, (syncs, ticks)  # the hit: no sync of its own
     """, *fake_npu_level2, str(FRAMES))
