@@ -1,8 +1,8 @@
 """Keys and values of prompt prefixes that repeat: a voice's rows, prefilled once and copied into a slot after that.
 
 A voice-clone prompt starts with rows that depend only on the reference voice (the template head, the reference
-codes, the template between reference and text: `prompting.shared_prefix_rows`); on a 2-core CPU they are 73-96% of
-each chunk's rows. The engine prefills such a prompt in two parts, the shared prefix and then the rest attending to
+codes, the template between reference and text: `prompting.shared_prefix_rows`): 73-96% of each chunk's rows for a
+reference of a few seconds. The engine prefills such a prompt in two parts, the shared prefix and then the rest attending to
 it, and keeps the prefix's keys and values here, keyed by the prefix rows themselves. The next chunk or request in
 the same voice copies them into its slot and prefills only the rest.
 
@@ -47,8 +47,8 @@ class PrefixStore:
     """Stored prefixes within `budget_bytes`, least recently used dropped first; counts hits and misses.
 
     Args:
-        budget_bytes: the most the stored keys and values may hold (>= 0; 0 stores nothing, but a caller still
-            prefills in two parts, so that turning the store on or off never changes outputs).
+        budget_bytes: the most the stored keys and values may hold (>= 0; 0 stores nothing, while the caller still
+            prefills in two parts, so its outputs equal those under any budget).
     """
 
     def __init__(self, budget_bytes: int = DEFAULT_BUDGET_BYTES) -> None:
