@@ -817,7 +817,7 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="how the decode steps run (generation.StepRunner)")
     group.add_argument("--voice-frames", type=int, default=0,
                        help="voice-clone prompts in one voice of this many reference frames (125 = 10 s), each "
-                            "stream its own text; the engine keeps the voice in a prefix store (0: an 81-row "
+                            "stream its own text; this engine runs without, then with a prefix store (0: an 81-row "
                             "continuation prompt for every stream)")
     group.add_argument("--compare-engine", metavar="PATH", default=None,
                        help="a checkout of another commit (git worktree add PATH COMMIT): its engine.py runs the same "
