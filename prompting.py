@@ -223,19 +223,21 @@ def build_voice_clone_rows(
         ValueError: if `text` is not a string or the codes are missing or malformed.
     """
     _check_text(text, "text")
+    tail = _encode(tokenizer, text) + build_assistant_prompt_prefix(tokenizer, config) + [config.audio_start_token_id]
+    voice = _voice_rows(tokenizer, config, prompt_audio_codes)
+    return _as_batch(torch.cat([voice, _text_rows(config, tail)], dim=0), device)
+
+
+def _voice_rows(tokenizer, config, prompt_audio_codes) -> torch.Tensor:
+    """The voice-clone rows before the text, the same for every text in that voice: user prefix + [audio_start]; the
+    reference codes with the user audio slot; [audio_end] + after-reference."""
     if prompt_audio_codes is None:
         raise ValueError("voice_clone got prompt_audio_codes=None; expected reference codes [frames, n_vq]")
     codes = validate_prompt_audio_codes(config, prompt_audio_codes)
     head = build_user_prompt_prefix(tokenizer, config) + [config.audio_start_token_id]
-    tail = (
-        [config.audio_end_token_id]
-        + build_user_prompt_after_reference(tokenizer)
-        + _encode(tokenizer, text)
-        + build_assistant_prompt_prefix(tokenizer, config)
-        + [config.audio_start_token_id]
-    )
+    middle = [config.audio_end_token_id] + build_user_prompt_after_reference(tokenizer)
     reference = _audio_rows(config, codes, config.audio_user_slot_token_id)
-    return _as_batch(torch.cat([_text_rows(config, head), reference, _text_rows(config, tail)], dim=0), device)
+    return torch.cat([_text_rows(config, head), reference, _text_rows(config, middle)], dim=0)
 
 
 def shared_prefix_rows(tokenizer, config, mode: str, prompt_audio_codes=None) -> int:
@@ -244,14 +246,12 @@ def shared_prefix_rows(tokenizer, config, mode: str, prompt_audio_codes=None) ->
     continuation the prompt prefix (the text encoded after it is prompt_text + text, so nothing later is shared).
 
     Args:
-        prompt_audio_codes: voice clone: the reference codes [T_ref, n_vq] (their frame count is what counts).
+        prompt_audio_codes: voice clone: the reference codes [T_ref, n_vq].
     """
     check_mode(mode)
     if mode == "continuation":
         return len(build_prompt_prefix(tokenizer, config))
-    frames = validate_prompt_audio_codes(config, prompt_audio_codes).shape[0]
-    template = len(build_user_prompt_prefix(tokenizer, config)) + len(build_user_prompt_after_reference(tokenizer))
-    return template + 2 + frames  # + audio_start and audio_end
+    return _voice_rows(tokenizer, config, prompt_audio_codes).shape[0]
 
 
 def check_mode(mode) -> None:
