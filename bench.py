@@ -35,7 +35,8 @@ Sections:
   peak memory. --compare-engine PATH runs another checkout's engine.py (e.g. `git worktree add PATH f2918fd`) on the
   same model first, so before/after come from one run. --voice-frames N gives every stream a voice-clone prompt in
   one voice of N reference frames (each its own text); engines with a prefix store (prefix_store.py) then prefill the
-  voice once, and the prefill column shows what that saves.
+  voice once, and the prefill column shows what that saves. --prefill-chunk-rows N adds this engine prefilling in
+  chunks of N rows (engine.py), and the longest-tick column shows the stall a joining prompt causes.
 
 A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
 The device string is passed through to devices.py.
@@ -612,14 +613,32 @@ class TickSplit:
     """Seconds an engine spends in its LM step, codec calls and prefills, timed around the engine object's own
     methods (so any engine version is measured the same way); the rest of the run is host work."""
 
-    PARTS = {"lm": ("decoder", "frame"), "codec": ("codec", "decode"), "prefill": ("decoder", "start")}
+    # A prefill is SlotDecoder.start in engines before chunked prefill, begin + fill since (those that exist).
+    PARTS = {"lm": (("decoder", "frame"),), "codec": (("codec", "decode"),),
+             "prefill": (("decoder", "start"), ("decoder", "begin"), ("decoder", "fill"))}
 
     def __init__(self, engine) -> None:
-        self.engine, self.seconds, self.ticks, self.start = engine, {}, 0, 0.0
-        for part, (owner, method) in self.PARTS.items():
-            target = getattr(engine, owner)
-            setattr(target, method, self._timed(part, getattr(target, method)))
+        self.engine, self.seconds, self.ticks, self.start, self.longest = engine, {}, 0, 0.0, 0.0
+        for part, methods in self.PARTS.items():
+            for owner, method in methods:
+                target = getattr(engine, owner)
+                if hasattr(target, method):
+                    setattr(target, method, self._timed(part, getattr(target, method)))
+        engine.step = self._timed_tick(engine.step)
         self.restart()
+
+    def _timed_tick(self, step):
+        """The engine's tick, timed when a stream was already playing at its start (the stall its listener hears)."""
+        def run():
+            playing = any(getattr(stream, "first_emit_time", None) is not None
+                          for stream in list(self.engine._running.values()))
+            started = time.perf_counter()
+            try:
+                return step()
+            finally:
+                if playing:
+                    self.longest = max(self.longest, time.perf_counter() - started)
+        return run
 
     def _timed(self, part, method):
         def run(*args, **kwargs):
@@ -632,12 +651,14 @@ class TickSplit:
 
     def restart(self) -> None:
         self.seconds, self.ticks, self.start = dict.fromkeys(self.PARTS, 0.0), self.engine.ticks, time.perf_counter()
+        self.longest = 0.0
 
     def per_tick_ms(self) -> dict:
-        """Mean ms per tick of each part since `restart`, host = wall time - the parts."""
+        """Mean ms per tick of each part since `restart`, host = wall time - the parts; longest = the longest tick that
+        began while a stream was playing."""
         ticks = max(1, self.engine.ticks - self.ticks)
         split = dict(self.seconds, host=time.perf_counter() - self.start - sum(self.seconds.values()))
-        return {part: 1000 * seconds / ticks for part, seconds in split.items()}
+        return dict({part: 1000 * seconds / ticks for part, seconds in split.items()}, longest=1000 * self.longest)
 
 
 def serve_during(engine, work):
@@ -719,32 +740,38 @@ def summarise_streams(clocks, start: float) -> dict:
 
 
 def engines_under_test(args) -> list:
-    """(label, engine module, prefix store bytes or None): with --compare-engine PATH, that checkout's engine.py first,
+    """(label, engine module, SpeechEngine options): with --compare-engine PATH, that checkout's engine.py first,
     loaded as a package of its own (its generation and codec modules with it; the model and codec objects are this
-    checkout's); with --voice-frames, this engine without a prefix store, then with one."""
+    checkout's); with --voice-frames, this engine without a prefix store, then with one; with --prefill-chunk-rows,
+    this engine without a store prefilling in chunks (every stream then prefills its whole prompt, so the two
+    storeless rows differ only in how the prompts are cut)."""
     this = import_module("engine")
     if args.voice_frames:
         budget = import_module("prefix_store").DEFAULT_BUDGET_BYTES
-        engines = [("this, whole", this, None), ("this, store", this, budget)]
+        engines = [("this, whole", this, {}), ("this, store", this, {"prefix_store_bytes": budget})]
     else:
-        engines = [("this", this, None)]
+        engines = [("this", this, {})]
+    if args.prefill_chunk_rows:
+        engines.insert(1, ("this, chunked", this, {"prefill_chunk_rows": args.prefill_chunk_rows}))
+    policy = import_module("engine_schedule").STREAM_POLICIES[args.stream_policy]
+    engines = [(label, module, dict(options, policy=policy)) for label, module, options in engines]
     if args.compare_engine:
         import importlib
 
         import_folder_as_package(args.compare_engine, "moss_tts_nano_compared")
         label = os.path.basename(os.path.normpath(args.compare_engine))
-        engines.insert(0, (label, importlib.import_module("moss_tts_nano_compared.engine"), None))
+        engines.insert(0, (label, importlib.import_module("moss_tts_nano_compared.engine"), {}))
     return engines
 
 
-def time_engine(events, model, codec, prompt, streams: int, args, store_bytes=None) -> dict:
-    """One engine of module `events` with `streams` slots under the staggered load; its row of the table."""
+def time_engine(events, model, codec, prompt, streams: int, args, options: dict) -> dict:
+    """One engine of module `events` (SpeechEngine `options`) with `streams` slots under the staggered load; its row
+    of the table."""
     device = resolve_device(args.device)
-    store = {} if store_bytes is None else {"prefix_store_bytes": store_bytes}
     with torch.inference_mode(False):  # the engine updates its buffers outside inference mode
         engine = events.SpeechEngine(model, codec, num_slots=streams, attn_implementation=args.attention,
                                      max_positions=prompt[0].shape[0] + 33 + args.engine_frames,
-                                     step_mode=args.step_mode, **store)
+                                     step_mode=args.step_mode, **options)
     split = TickSplit(engine)
 
     def load():
@@ -772,8 +799,8 @@ def run_engine(args) -> dict:
         engines = engines_under_test(args)
         rows = {label: [] for label, _, _ in engines}
         for streams in args.streams:
-            for label, events, store_bytes in engines:
-                rows[label].append(time_engine(events, model, codec, prompt, streams, args, store_bytes))
+            for label, events, options in engines:
+                rows[label].append(time_engine(events, model, codec, prompt, streams, args, options))
         for label, _, _ in engines:
             ok = [row for row in rows[label] if row["underrun_streams"] == 0 and row["errors"] == 0]
             formats.append({"weight_format": fmt, "engine": label, "rows": rows[label],
@@ -793,7 +820,7 @@ def print_engine(result: dict) -> None:
               "warm-up stored the voice in the engine with a prefix store")
     print(f"  {'format':6s} {'engine':12s} {'N':>3s} {'fr/s':>6s} {'TTFA p50':>8s} {'p95':>6s} {'p99':>6s} "
           f"{'RTF max':>7s} {'underrun':>10s} {'err':>3s}  ms/tick: {'LM':>5s} {'codec':>5s} {'prefill':>7s} "
-          f"{'host':>5s} {'peak MB':>7s}")
+          f"{'host':>5s} {'longest':>7s} {'peak MB':>7s}")
     for entry in result["formats"]:
         for row in entry["rows"]:
             peak = f"{row['peak_memory_mb']:7.0f}" if row["peak_memory_mb"] is not None else "    n/a"
@@ -802,7 +829,7 @@ def print_engine(result: dict) -> None:
                   f"{row['aggregate_frames_per_s']:6.1f} {row['ttfa_p50_ms']:6.0f}ms {row['ttfa_p95_ms']:4.0f}ms "
                   f"{row['ttfa_p99_ms']:4.0f}ms {row['rtf_max']:7.3f} {row['underrun_streams']:3d} "
                   f"{row['worst_underrun_s']:5.2f}s {row['errors']:3d}  {'':9s}{tick['lm']:5.1f} {tick['codec']:5.1f} "
-                  f"{tick['prefill']:7.1f} {tick['host']:5.1f} {peak}")
+                  f"{tick['prefill']:7.1f} {tick['host']:5.1f} {tick['longest']:7.0f} {peak}")
         print(f"  {entry['weight_format']} {entry['engine']}: largest N with every stream ahead of playback: "
               f"{entry['max_realtime_streams']} (and TTFA p95 < 500 ms: {entry['max_realtime_streams_ttfa_500ms']})")
 
@@ -819,6 +846,14 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
                        help="voice-clone prompts in one voice of this many reference frames (125 = 10 s), each "
                             "stream its own text; this engine runs without, then with a prefix store (0: an 81-row "
                             "continuation prompt for every stream)")
+    policies = list(import_module("engine_schedule").STREAM_POLICIES)
+    group.add_argument("--stream-policy", default="deadline", choices=policies,
+                       help="this engine's policy (the server's --stream-policy); upstream admits a stream whenever "
+                            "a slot is free, so prompts join beside playing streams even where capacity is short")
+    group.add_argument("--prefill-chunk-rows", type=int, default=0,
+                       help="also run this engine without a prefix store prefilling in chunks of this many rows, one "
+                            "per tick while streams play (the server's --prefill-chunk-rows); the longest-tick "
+                            "column shows the stall a joining prompt causes (0: not run)")
     group.add_argument("--compare-engine", metavar="PATH", default=None,
                        help="a checkout of another commit (git worktree add PATH COMMIT): its engine.py runs the same "
                             "load first, on this checkout's model and codec objects, for before/after tables")

@@ -12,9 +12,13 @@ The scheduler, one tick (`step`; the rules and their measured costs are in engin
 1. cancelled requests leave (their slots are free for the same tick's admissions);
 2. prefill under a per-tick budget: a running request's next chunk first, then waiting requests, first come first
    served, while the machine can keep every admitted stream ahead of playback (`admission_refusal`); while streams
-   are playing, at most one prompt is prefilled per tick. A request that may not join waits in the queue, and
-   `waiting_by_reason` says why (engine_schedule.WAIT_REASONS). With a prefix store (`prefix_store_bytes`, the
-   server's), a voice's shared rows are prefilled once and copied into the slot after that (prefix_store.py);
+   are playing, a tick runs at most one prefill call: a prompt's part (its voice, then its text), or with
+   `prefill_chunk_rows` (the server's) a chunk of at most that many rows, so that a joining prompt stalls the
+   playing streams by one chunk per tick. A prompt's chunks fall where its rows alone put them (SlotDecoder.begin),
+   so a request's codes do not depend on how its chunks were spread over ticks. A request that may not join waits
+   in the queue, and `waiting_by_reason` says why (engine_schedule.WAIT_REASONS). With a prefix store
+   (`prefix_store_bytes`, the server's), a voice's shared rows are prefilled once and copied into the slot after
+   that (prefix_store.py);
 3. one frame for every running request (one fixed-shape step, one host sync);
 4. the codec, by playback deadline: when some stream's policy asks for a decode (its first audio, a full call of
    frames, or a stream that would run out of slack if it waited one more tick), one batched call of the codec's slot
@@ -107,6 +111,7 @@ class _RequestState:
     emitted_samples: int = 0
     first_emit_time: Optional[float] = None
     needs_prefill: bool = True  # its current chunk still has to be prefilled
+    fill: Optional[list] = None  # the current chunk's prompt while its prefill runs (generation.PromptFill list)
     chunk_done: bool = False  # the current chunk's LM part is over (its audio may still be pending)
 
     def lead(self, rate: int, now: float) -> float:
@@ -132,12 +137,18 @@ class SpeechEngine:
         prefix_store_bytes: keep the keys and values of prompts' shared prefixes (a voice's rows, ChunkPrompt.
             shared_rows) within this many bytes, so that the next chunk or request in that voice prefills only the
             rest (prefix_store.py); None (default): prompts are prefilled whole, as upstream's generate does.
+        prefill_chunk_rows: prefill prompts in chunks of at most this many rows, one chunk per tick while streams
+            are playing, so that a joining stream's prompt never stalls a tick by more than one chunk; where the
+            chunks fall depends on the prompt alone (`SlotDecoder.begin`), so a request's codes do not depend on the
+            load. None (default): each part of a prompt in one call, as upstream's generate does.
     """
 
     def __init__(self, model, codec=None, num_slots: Optional[int] = None, max_positions: int = DEFAULT_MAX_POSITIONS,
                  max_queue: int = 64, attn_implementation: Optional[str] = None, step_mode: str = "eager",
                  policy: DeadlinePolicy | StreamDecodePolicy = DEADLINE_POLICY,
-                 prefix_store_bytes: Optional[int] = None) -> None:
+                 prefix_store_bytes: Optional[int] = None, prefill_chunk_rows: Optional[int] = None) -> None:
+        if prefill_chunk_rows is not None and prefill_chunk_rows < 1:
+            raise ValueError(f"prefill_chunk_rows {prefill_chunk_rows}; expected a number of rows >= 1, or None")
         self.model = model
         self.n_vq = int(model.config.n_vq)
         self.attention = model._attention_pair(attn_implementation)
@@ -147,9 +158,10 @@ class SpeechEngine:
         self.codec = codec_slots(codec, self.num_slots, self.n_vq) if codec is not None else None
         self.max_queue = max_queue
         self.policy = policy
+        self.prefill_chunk_rows = prefill_chunk_rows
         self.costs = EngineCosts()  # measured online; the scheduler's predictions
         self.wait_reason: Optional[str] = None  # why the queue's head waits (None: nothing waits, or it just joined)
-        self._prefilled = False  # whether a prompt was prefilled in this tick (the per-tick prefill budget)
+        self._prefilled = False  # whether a prefill chunk ran in this tick (the per-tick prefill budget)
         self._waiting: deque = deque()
         self._running: dict[int, _RequestState] = {}  # slot -> stream
         self._lock = threading.Lock()
@@ -265,11 +277,14 @@ class SpeechEngine:
             self._end(stream, ErrorEvent("cancelled", cancelled=True, code=CANCELLED))
 
     def _admit(self) -> None:
-        """Prefill running requests' next chunks, then admit waiting requests while the scheduler lets them join."""
+        """Prefill running requests' prompts (a next chunk of text, or a prompt still being prefilled), then admit
+        waiting requests while the scheduler lets them join."""
         self._prefilled = False
         for stream in list(self._running.values()):
             if stream.needs_prefill and stream.chunk_done is False:
-                self._prefill(stream)
+                self._begin_prefill(stream)
+            if stream.fill is not None:
+                self._continue_prefill(stream)
         while True:
             with self._lock:
                 if not self._waiting:
@@ -284,7 +299,9 @@ class SpeechEngine:
             stream.handle.admitted.set()
             self._running[stream.slot] = stream
             self._start_codec(stream)
-            self._prefill(stream)
+            self._begin_prefill(stream)
+            if stream.fill is not None:
+                self._continue_prefill(stream)
 
     def _refusal(self, stream: _RequestState, free: list[int]) -> Optional[str]:
         """Why `stream` may not join now (engine_schedule.WAIT_REASONS), or None. Only slots count without a codec
@@ -299,8 +316,12 @@ class SpeechEngine:
         slacks = [s.lead(self.codec.rate, now) if s.first_emit_time is not None else None for s in realtime]
         rows_after = max([free[0], *self._running]) + 1
         chunk = stream.request.chunks[0]
-        return admission_refusal(self.costs, slacks, rows_after, self.decoder.rows_to_prefill(chunk.rows,
-                                 chunk.shared_rows), self._prefilled, self.codec.hop / self.codec.rate)
+        stall_rows = self.decoder.rows_to_prefill(chunk.rows, chunk.shared_rows)
+        if self.prefill_chunk_rows is not None:
+            stall_rows = min(stall_rows, self.prefill_chunk_rows)
+        budget_spent = self._prefilled or any(other.fill is not None for other in self._running.values())
+        return admission_refusal(self.costs, slacks, rows_after, stall_rows, budget_spent,
+                                 self.codec.hop / self.codec.rate)
 
     def waiting_by_reason(self) -> dict[str, int]:
         """Waiting requests by why they wait (every reason of engine_schedule.WAIT_REASONS, 0 when none)."""
@@ -308,23 +329,42 @@ class SpeechEngine:
             waiting, reason = len(self._waiting), self.wait_reason
         return {name: (waiting if name == reason else 0) for name in WAIT_REASONS}
 
-    def _prefill(self, stream: _RequestState) -> None:
-        """Start the stream's current chunk in its slot; a failure ends this request only."""
+    def _begin_prefill(self, stream: _RequestState) -> None:
+        """Start the stream's current chunk in its slot (`_continue_prefill` runs its prompt's chunks); a failure
+        ends this request only."""
         chunk = stream.request.chunks[stream.chunk]
         if stream.request.runaway_guards:
             stream.guard = RunawayGuard.for_texts([chunk.text], stream.settings.max_new_frames)
         stream.group = Group([stream.slot], stream.settings, stream.generator, guard=stream.guard)
         stream.needs_prefill = False
         stream.chunk_codes = []
-        self._prefilled = True
+        try:
+            stream.fill = self.decoder.begin(stream.group, [chunk.rows], self.attention[0], chunk.shared_rows,
+                                             self.prefill_chunk_rows)
+        except Exception as error:  # a bad prompt or a device error: this request only
+            self._prefill_failed(stream, error)
+
+    def _continue_prefill(self, stream: _RequestState) -> None:
+        """Prefill the stream's prompt: one chunk while streams are playing and this tick's chunk is not spent yet
+        (then the rest waits for the next ticks), else all of it; once it is all in, the stream's group joins."""
+        playing = any(s.first_emit_time is not None and s.request.realtime for s in self._running.values())
+        if playing and self._prefilled:
+            return
         started = time.perf_counter()
         try:
-            rows = self.decoder.start(stream.group, [chunk.rows], self.attention[0], chunk.shared_rows)
+            rows = self.decoder.fill(stream.fill, 1 if playing else None)
             self.costs.prefill.add(rows, time.perf_counter() - started)
-        except Exception as error:  # a bad prompt or a device error while prefilling: this request only
-            logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
-            stream.group = None
-            self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}", code=PREFILL_FAILED))
+            self._prefilled = True
+            if not any(prompt_fill.chunks for prompt_fill in stream.fill):
+                self.decoder.join(stream.group, stream.fill)
+                stream.fill = None
+        except Exception as error:  # a device error while prefilling: this request only
+            self._prefill_failed(stream, error)
+
+    def _prefill_failed(self, stream: _RequestState, error: Exception) -> None:
+        logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
+        stream.group, stream.fill = None, None
+        self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}", code=PREFILL_FAILED))
 
     def _start_codec(self, stream: _RequestState) -> None:
         if self.codec is None or not stream.request.decode_audio:

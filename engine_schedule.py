@@ -24,8 +24,9 @@ decodes one frame per call once a stream is behind, which keeps it behind).
 Admission (`admission_refusal`). A waiting request joins only when the machine can keep every admitted stream
 ahead of playback: the tick with one more stream (the measured mean tick plus the predicted growth: LM step + its
 share of the small codec calls a newcomer asks for until it has slack) stays within REALTIME_SHARE of a frame's
-duration, at most one prompt is prefilled per tick while streams are playing (the per-tick prefill budget), and
-every playing stream has the slack to absorb the newcomer's prefill and first frame.
+duration, at most one prefill call runs per tick while streams are playing (the per-tick prefill budget: a prompt's
+part, or a chunk of it with the engine's prefill_chunk_rows, and none while another prompt's chunks are still
+running), and every playing stream has the slack to absorb the newcomer's prefill call and first frame.
 Otherwise it waits in the queue (under the server's queue deadline) and the engine names why (WAIT_REASONS).
 
 The costs are measured online (exponentially weighted linear fits), so the same rules hold on any device.
@@ -212,6 +213,9 @@ UPSTREAM_CUDA_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((0.20, 4), (0.55,
 # do not depend on timing, so a request alone in the engine gives the same samples every time. Costs codec throughput
 # (one frame per call).
 EVERY_FRAME_STREAM_POLICY = StreamDecodePolicy(lead_budgets=((math.inf, 1),), max_frames=1, head_lead_seconds=math.inf)
+# The policies by name (the server's --stream-policy, bench.py's); "throughput" is upstream's accelerator budget.
+STREAM_POLICIES = {"deadline": DEADLINE_POLICY, "upstream": UPSTREAM_STREAM_POLICY,
+                   "throughput": UPSTREAM_CUDA_STREAM_POLICY, "every-frame": EVERY_FRAME_STREAM_POLICY}
 
 
 def stream_lead_seconds(emitted_seconds: float, first_emit_time: Optional[float], now: float) -> float:
@@ -230,8 +234,8 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
         costs: the engine's measured costs.
         slacks: the slack of every running stream, None for one without audio yet (an empty list: none runs).
         rows_after: rows the LM step runs once the request holds its slot.
-        prompt_rows: rows its first chunk prefills.
-        prefilled_this_tick: whether a prompt was already prefilled in this tick.
+        prompt_rows: rows its first prefill call runs (the whole prompt, or the engine's chunk).
+        prefilled_this_tick: whether this tick's prefill call is spent (or another prompt is mid-prefill).
         frame_seconds: audio seconds per frame.
     """
     if not slacks:
@@ -249,5 +253,5 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
 
 __all__ = ["CATCH_UP_FRAMES", "CODEC_FRAMES_PER_CALL", "DEADLINE_POLICY", "DeadlinePolicy", "EVERY_FRAME_STREAM_POLICY",
            "EngineCosts", "KEEPING_STREAMS_AHEAD", "LinearCost", "NO_FREE_SLOT", "PREFILL_BUDGET", "PROTECTING_SLACK",
-           "StreamDecodePolicy", "UPSTREAM_CUDA_STREAM_POLICY", "UPSTREAM_STREAM_POLICY", "WAIT_REASONS",
-           "admission_refusal", "stream_lead_seconds"]
+           "STREAM_POLICIES", "StreamDecodePolicy", "UPSTREAM_CUDA_STREAM_POLICY", "UPSTREAM_STREAM_POLICY",
+           "WAIT_REASONS", "admission_refusal", "stream_lead_seconds"]

@@ -146,6 +146,31 @@ class FrameOutput:
     error_code: str | None = None
 
 
+@dataclass
+class PromptFill:
+    """A prompt being prefilled into one slot (`SlotDecoder.begin`, then `fill` runs its chunks, then `join`).
+
+    Attributes:
+        slot: where it goes.
+        prompt: long [T, n_vq + 1].
+        embedded: [1, T, C], the prompt's input rows.
+        attention: the global decoder's attention function.
+        shared: leading rows prefilled apart and stored (0: none; a stored prefix already copied in has no chunks).
+        chunks: the (first, stop) row ranges still to prefill, in order.
+    """
+
+    slot: int
+    prompt: torch.Tensor
+    embedded: torch.Tensor
+    attention: Callable
+    shared: int
+    chunks: list[tuple[int, int]]
+
+    @property
+    def rows_left(self) -> int:
+        return sum(stop - first for first, stop in self.chunks)
+
+
 class PhaseRunner:
     """Runs one fixed-shape phase of the frame loop eagerly, compiled or captured in a device graph.
 
@@ -310,6 +335,8 @@ class SlotDecoder:
     def start(self, group: Group, prompts: list[torch.Tensor], attention: str, shared_rows: int = 0) -> int:
         """Prefill each row's prompt rows [T, n_vq + 1] (real rows only) into the group's slots; the group joins.
 
+        `begin`, `fill` and `join` in one call (each prompt prefilled in as few chunks as the prefix store allows).
+
         Args:
             group: with free, contiguous slots, one per prompt, and checked settings (max_new_frames >= 1).
             prompts: long [T_i, n_vq + 1] per row.
@@ -323,6 +350,21 @@ class SlotDecoder:
         Raises:
             ValueError: a prompt longer than the capacity allows with the group's max_new_frames.
         """
+        fills = self.begin(group, prompts, attention, shared_rows)
+        prefilled = self.fill(fills)
+        self.join(group, fills)
+        return prefilled
+
+    def begin(self, group: Group, prompts: list[torch.Tensor], attention: str, shared_rows: int = 0,
+              chunk_rows: int | None = None) -> list[PromptFill]:
+        """Start prefilling the group's prompts (one per slot; arguments as `start`): each slot is forgotten, a
+        stored prefix copied in, and the rest cut into chunks that `fill` runs, one call each; `join` then seats
+        the group.
+
+        The chunks are rows [a, a + chunk_rows) counted from the start of each part (the shared rows, then the rest),
+        so where they fall depends on the prompt alone, never on when `fill` runs them: the same prompt gives the same
+        keys and values however its chunks are spread over ticks. chunk_rows None: each part in one call.
+        """
         assert group.slots == list(range(group.slots[0], group.slots[0] + len(prompts)))
         assert all(self.owner[slot] is None for slot in group.slots)
         needed = max(prompt.shape[0] for prompt in prompts) + group.settings.max_new_frames
@@ -330,10 +372,30 @@ class SlotDecoder:
             raise ValueError(f"a prompt of {needed - group.settings.max_new_frames} rows plus max_new_frames="
                              f"{group.settings.max_new_frames} needs {needed} positions; this decoder holds "
                              f"{self.capacity} per stream")
-        group.finished = [False] * len(prompts)
-        prefilled = 0
-        for slot, prompt in zip(group.slots, prompts):
-            prefilled += self._prefill(slot, prompt, attention_function(attention), shared_rows)
+        if chunk_rows is not None and chunk_rows < 1:
+            raise ValueError(f"chunk_rows {chunk_rows}; expected a number of rows >= 1, or None")
+        return [self._begin_slot(slot, prompt, attention_function(attention), shared_rows, chunk_rows)
+                for slot, prompt in zip(group.slots, prompts)]
+
+    def fill(self, fills: list[PromptFill], chunks: int | None = None) -> int:
+        """Run up to `chunks` chunks (None: all) of `fills`, in order. Returns the rows that ran."""
+        ran = 0
+        for prompt_fill in fills:
+            while prompt_fill.chunks and (chunks is None or chunks > 0):
+                ran += self._fill_chunk(prompt_fill)
+                chunks = None if chunks is None else chunks - 1
+        return ran
+
+    def join(self, group: Group, fills: list[PromptFill]) -> None:
+        """Seat the group whose prompts `fills` holds, all prefilled: its slots run from the next frame."""
+        assert not any(prompt_fill.chunks for prompt_fill in fills), "join before every chunk was prefilled"
+        group.finished = [False] * len(fills)
+        for prompt_fill in fills:
+            slot = prompt_fill.slot
+            self.next_input[slot] = prompt_fill.embedded[0, -1:]
+            self.lengths[slot] = prompt_fill.embedded.shape[1] - 1
+            self.valid_host[slot] = True
+            self.valid[slot] = self.occupied[slot] = True
             self.owner[slot] = group
         rows = slice(group.slots[0], group.slots[-1] + 1)
         self.text_settings.set(rows, group.settings.text_row())
@@ -342,7 +404,6 @@ class SlotDecoder:
         self.checked[0, rows] = True
         self.checked[1:, rows] = (self.channels < group.settings.nq)[:, None]
         self.groups.append(group)
-        return prefilled
 
     def rows_to_prefill(self, prompt: torch.Tensor, shared_rows: int = 0) -> int:
         """The rows `start` would run through the decoder for `prompt` now (without counting a store lookup)."""
@@ -355,27 +416,29 @@ class SlotDecoder:
         (which the first frame feeds)."""
         return shared_rows if self.prefixes is not None and 0 < shared_rows < prompt.shape[0] - 1 else 0
 
-    def _prefill(self, slot: int, prompt: torch.Tensor, attention: Callable, shared_rows: int) -> int:
-        """Write the prompt's rows but the last into slot `slot`; the last is fed by the first frame. Returns the
-        rows that ran through the decoder."""
+    def _begin_slot(self, slot: int, prompt: torch.Tensor, attention: Callable, shared_rows: int,
+                    chunk_rows: int | None) -> PromptFill:
+        """Forget slot `slot`, copy a stored prefix in, and list the chunks of the prompt's rows but the last (which
+        the first frame feeds)."""
         self._forget(slot)
         embedded = self.model._embed_rows(prompt[None].to(self.device))  # [1, T, C]
-        shared, prefilled = self._shared_rows(prompt, shared_rows), prompt.shape[0] - 1
+        shared, end = self._shared_rows(prompt, shared_rows), prompt.shape[0] - 1
+        parts = [(0, shared), (shared, end)] if shared else [(0, end)]
         if shared:
             stored = self.prefixes.find(prompt[:shared])
-            if stored is None:
-                self.model.transformer.prefill(embedded[:, :shared], self.global_cache, slot, attention)
-                self.prefixes.add(prompt[:shared], *self.global_cache.prefix(slot, shared))
-            else:
+            if stored is not None:
                 self.global_cache.write_prefix(slot, stored.keys, stored.values)
-                prefilled -= shared
-        if prompt.shape[0] - 1 > shared:
-            self.model.transformer.prefill(embedded[:, shared:-1], self.global_cache, slot, attention, start=shared)
-        self.next_input[slot] = embedded[0, -1:]
-        self.lengths[slot] = prompt.shape[0] - 1
-        self.valid_host[slot] = True
-        self.valid[slot] = self.occupied[slot] = True
-        return prefilled
+                parts = parts[1:]
+        return PromptFill(slot, prompt, embedded, attention, shared, _chunks(parts, chunk_rows))
+
+    def _fill_chunk(self, prompt_fill: PromptFill) -> int:
+        """Prefill the next chunk of `prompt_fill`; the chunk that completes a shared prefix stores it."""
+        first, stop = prompt_fill.chunks.pop(0)
+        self.model.transformer.prefill(prompt_fill.embedded[:, first:stop], self.global_cache, prompt_fill.slot,
+                                       prompt_fill.attention, start=first)
+        if stop == prompt_fill.shared:
+            self.prefixes.add(prompt_fill.prompt[:stop], *self.global_cache.prefix(prompt_fill.slot, stop))
+        return stop - first
 
     def _forget(self, slot: int) -> None:
         """Put everything slot `slot` holds back to its initial value, so that its new owner's codes cannot depend on
@@ -594,5 +657,14 @@ class SlotDecoder:
             self.valid_host[slot] = continues[slot] and self.owner[slot] is not None
 
 
+def _chunks(parts: list[tuple[int, int]], chunk_rows: int | None) -> list[tuple[int, int]]:
+    """Row ranges [first, stop) of at most chunk_rows rows (None: one per part), counted from each part's start."""
+    chunks = []
+    for start, stop in parts:
+        step = chunk_rows or max(1, stop - start)
+        chunks += [(first, min(first + step, stop)) for first in range(start, stop, step)]
+    return chunks
+
+
 __all__ = ["FrameOutput", "GenerationSettings", "Group", "NON_FINITE_LOGITS", "NON_FINITE_MESSAGE", "PhaseRunner",
-           "SlotDecoder", "STEP_MODES"]
+           "PromptFill", "SlotDecoder", "STEP_MODES"]

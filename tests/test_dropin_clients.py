@@ -417,6 +417,7 @@ def test_start_up_loads_the_default_voice_and_stores_its_prompt_rows(repository,
         service.warm_up()
         store = service.engine.prefixes
         assert (store.misses, store.hits, len(store)) == (2, 0, 2)  # the continuation template, the default voice
+        assert service.engine.prefill_chunk_rows == import_module("settings.server_flags").DEFAULT_PREFILL_CHUNK_ROWS
         schema, engine = import_module("server.schema"), import_module("engine")
         body = schema.SpeechBody(model="tts-1", input="Good morning.", max_new_frames=1)  # no voice: the default
         final = list(service.submit(service.prepare(body), None).events(timeout=60))[-1]

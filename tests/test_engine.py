@@ -568,7 +568,8 @@ def test_a_freed_slot_keeps_no_say_in_the_sampling_path_of_the_requests_beside_i
     engine.run_until_idle()
 
 
-@pytest.mark.parametrize("part, method, code", [("decoder", "start", "prefill_failed"),
+@pytest.mark.parametrize("part, method, code", [("decoder", "begin", "prefill_failed"),
+                                                ("decoder", "fill", "prefill_failed"),
                                                 ("decoder", "frame", "decode_step_failed"),
                                                 ("codec", "decode", "codec_failed")])
 def test_each_failure_names_its_cause_in_a_stable_code_and_the_engine_serves_the_next_request(

@@ -631,7 +631,8 @@ def test_serve_refuses_a_corrupt_checkpoint_in_one_line_with_exit_2_before_bindi
         pass
 
 
-@pytest.mark.parametrize("flag, value", [("--voice-cache-mb", -1), ("--max-chunks", 0), ("--queue-timeout", -2)])
+@pytest.mark.parametrize("flag, value", [("--voice-cache-mb", -1), ("--max-chunks", 0), ("--queue-timeout", -2),
+                                         ("--prefill-chunk-rows", -1)])
 def test_serve_refuses_a_bad_number_naming_its_flag_with_exit_2(repository, tmp_path, capsys, flag, value):
     code = serve.main(["--model-path", str(repository), "--device", "cpu", "--port", str(loadtest.free_port()),
                        "--no-progress", "--voices-dir", str(tmp_path / "voices"), flag, str(value)])
