@@ -15,7 +15,8 @@ The scheduler, one tick (`step`; the rules and their measured costs are in engin
    are playing, a tick runs at most one prefill call: a prompt's part (its voice, then its text), or with
    `prefill_chunk_rows` (the server's) a chunk of at most that many rows, so that a joining prompt stalls the
    playing streams by one chunk per tick. A prompt's chunks fall where its rows alone put them (SlotDecoder.begin),
-   so a request's codes do not depend on how its chunks were spread over ticks. A request that may not join waits
+   so a request's codes do not depend on how its chunks were spread over ticks; a request's codec prime
+   (continuation) goes through the codec a pass per tick the same way. A request that may not join waits
    in the queue, and `waiting_by_reason` says why (engine_schedule.WAIT_REASONS). With a prefix store
    (`prefix_store_bytes`, the server's), a voice's shared rows are prefilled once and copied into the slot after
    that (prefix_store.py);
@@ -64,7 +65,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .codec_streaming import codec_slots
+from .codec_streaming import CODEC_FRAMES_PER_PASS, codec_slots
 from .devices import free_memory_bytes, new_generator
 from .engine_schedule import (DEADLINE_POLICY, EVERY_FRAME_STREAM_POLICY, NO_FREE_SLOT,  # noqa: F401
                               UPSTREAM_CUDA_STREAM_POLICY, UPSTREAM_STREAM_POLICY, WAIT_REASONS, DeadlinePolicy,
@@ -112,6 +113,7 @@ class _RequestState:
     first_emit_time: Optional[float] = None
     needs_prefill: bool = True  # its current chunk still has to be prefilled
     fill: Optional[list] = None  # the current chunk's prompt while its prefill runs (generation.PromptFill list)
+    prime: Optional[torch.Tensor] = None  # codec_prime frames [T, n_vq] not yet through the codec
     chunk_done: bool = False  # the current chunk's LM part is over (its audio may still be pending)
 
     def lead(self, rate: int, now: float) -> float:
@@ -285,6 +287,8 @@ class SpeechEngine:
                 self._begin_prefill(stream)
             if stream.fill is not None:
                 self._continue_prefill(stream)
+            if stream.prime is not None:
+                self._continue_prime(stream)
         while True:
             with self._lock:
                 if not self._waiting:
@@ -347,7 +351,7 @@ class SpeechEngine:
     def _continue_prefill(self, stream: _RequestState) -> None:
         """Prefill the stream's prompt: one chunk while streams are playing and this tick's chunk is not spent yet
         (then the rest waits for the next ticks), else all of it; once it is all in, the stream's group joins."""
-        playing = any(s.first_emit_time is not None and s.request.realtime for s in self._running.values())
+        playing = self._playing()
         if playing and self._prefilled:
             return
         started = time.perf_counter()
@@ -361,6 +365,10 @@ class SpeechEngine:
         except Exception as error:  # a device error while prefilling: this request only
             self._prefill_failed(stream, error)
 
+    def _playing(self) -> bool:
+        """Whether a streamed request's audio is playing (prefill and priming then go a piece per tick)."""
+        return any(s.first_emit_time is not None and s.request.realtime for s in self._running.values())
+
     def _prefill_failed(self, stream: _RequestState, error: Exception) -> None:
         logger.warning("request %d failed while prefilling chunk %d: %s", stream.handle.id, stream.chunk, error)
         stream.group, stream.fill = None, None
@@ -372,7 +380,25 @@ class SpeechEngine:
         self.codec.reset(stream.slot)
         prime = stream.request.codec_prime
         if prime is not None and prime.shape[0] > 0:
-            self.codec.decode({stream.slot: (prime, stream.settings.nq)})
+            stream.prime = prime
+            self._continue_prime(stream)
+
+    def _continue_prime(self, stream: _RequestState) -> None:
+        """Stream the request's codec_prime through its codec row (output not emitted): one pass of
+        CODEC_FRAMES_PER_PASS frames per tick while streams play, else all of it; the passes are those one call
+        of the whole prime makes, so the stream's state does not depend on how they were spread. Its own audio waits
+        until the prime is through."""
+        while stream.prime is not None:
+            piece, rest = stream.prime[:CODEC_FRAMES_PER_PASS], stream.prime[CODEC_FRAMES_PER_PASS:]
+            try:
+                self.codec.decode({stream.slot: (piece, stream.settings.nq)})
+            except Exception as error:  # a codec failure while priming: this request only
+                logger.exception("the codec failed while priming request %d", stream.handle.id)
+                self._end(stream, ErrorEvent(f"{type(error).__name__}: {error}", code=CODEC_FAILED))
+                return
+            stream.prime = rest if rest.shape[0] > 0 else None
+            if self._playing():
+                return
 
     def _frame(self) -> None:
         rows, started = max(self._running, default=0) + 1, time.perf_counter()
@@ -417,7 +443,7 @@ class SpeechEngine:
         now = time.perf_counter()
         rows = max(self._running, default=0) + 1
         wanted = {slot: self._frames_to_decode(stream, now, rows) for slot, stream in self._running.items()
-                  if stream.pending}
+                  if stream.pending and stream.prime is None}
         if not any(wanted.values()):
             return
         riding = self.policy.ride_along(max(wanted.values()))
@@ -471,7 +497,7 @@ class SpeechEngine:
     def _close_finished(self) -> None:
         """Streams whose chunk is over and fully decoded: pause, then the next chunk (next tick), or finish."""
         for stream in list(self._running.values()):
-            if not stream.chunk_done or stream.pending:
+            if not stream.chunk_done or stream.pending or stream.prime is not None:
                 continue
             self._close_chunk(stream)
 

@@ -1,8 +1,11 @@
-"""Chunked prefill (SpeechEngine(prefill_chunk_rows=...), SlotDecoder.begin / fill / join).
+"""A joining request's start-up work, spread over ticks while streams play: chunked prefill
+(SpeechEngine(prefill_chunk_rows=...), SlotDecoder.begin / fill / join) and the codec prime (codec_prime, one pass
+per tick).
 
 The promises: where a prompt's chunks fall depends on the prompt alone, so a request's codes are the same whether its
 chunks run in one tick or one per tick beside playing streams; a chunked prompt's keys and values match a whole
-prefill to float rounding; while streams play, a tick runs at most one chunk, so a long prompt cannot stall them.
+prefill to float rounding; while streams play, a tick runs at most one chunk, so a long prompt cannot stall them. A
+prime streamed a pass at a time leaves the codec exactly where one call of it would.
 """
 
 import pytest
@@ -160,3 +163,48 @@ def test_with_nothing_playing_a_prompt_is_prefilled_in_one_tick(model):
 def test_a_chunk_must_hold_a_row(model, rows):
     with pytest.raises(ValueError, match=f"prefill_chunk_rows {rows}; expected"):
         engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64, prefill_chunk_rows=rows)
+
+
+def test_a_prime_streamed_a_pass_at_a_time_leaves_the_codec_where_one_call_leaves_it(codec):
+    codec_streaming = import_module("codec_streaming")
+    generator = torch.Generator().manual_seed(11)
+    prime = torch.randint(0, 1024, (21, 16), generator=generator)  # 2 full passes and a part
+    frames = torch.randint(0, 1024, (5, 16), generator=generator)
+    audio = []
+    for pieces in ([prime], list(prime.split(codec_streaming.CODEC_FRAMES_PER_PASS))):
+        slots = codec_streaming.codec_slots(codec, 2, 16)
+        for piece in pieces:
+            slots.decode({1: (piece, 16)})
+        audio.append(slots.decode({1: (frames, 16)})[1])
+    assert torch.equal(audio[0], audio[1])
+
+
+def test_a_primed_request_beside_a_playing_stream_is_primed_a_pass_per_tick_and_sounds_as_alone(model, codec):
+    generator = torch.Generator().manual_seed(12)
+    primed = _request(seed=13, frames=6, length=12)
+    primed.codec_prime = torch.randint(0, 1024, (30, 16), generator=generator)  # 4 passes
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=96)
+    alone = engine.submit(primed)
+    engine.run_until_idle()
+
+    calls = []
+    decode = engine.codec.decode
+    engine.codec.decode = lambda work: calls.append({slot: codes.shape[0] for slot, (codes, _) in work.items()}) \
+        or decode(work)
+    playing = engine.submit(_request(seed=14, frames=40, length=8))
+    for _ in range(200):
+        engine.step()
+        if any(s.first_emit_time is not None for s in engine._running.values()):
+            break
+    calls.clear()
+    beside = engine.submit(primed)
+    engine.run_until_idle()
+    slot = 1
+    priming = [call for call in calls if call.get(slot) and len(call) == 1][:4]
+    assert [call[slot] for call in priming] == [8, 8, 8, 6]
+    assert isinstance(playing.pending()[-1], engine_module.FinishedEvent)
+    events = [alone.pending(), beside.pending()]
+    assert all(isinstance(run[-1], engine_module.FinishedEvent) for run in events)
+    assert all(torch.equal(a, b) for a, b in zip(events[1][-1].codes, events[0][-1].codes))
+    sound = [torch.cat([e.waveform for e in run if isinstance(e, engine_module.AudioEvent)], dim=-1) for run in events]
+    torch.testing.assert_close(sound[1], sound[0], atol=2e-5, rtol=0)
