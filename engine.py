@@ -175,8 +175,10 @@ class SpeechEngine:
         self._stopping = False
         self._cancel_below = 0  # requests with a smaller id are cancelled (stop(drain=False)); later ones are not
         self.ticks = 0
-        logger.info("speech engine: %d slots x %d positions, attention %s/%s, steps %s", self.num_slots,
-                    max_positions, self.attention[0], self.attention[1], step_mode)
+        logger.info("speech engine: %d slots x %d positions, attention %s/%s, steps %s, voice store %s, prefill %s",
+                    self.num_slots, max_positions, self.attention[0], self.attention[1], step_mode,
+                    "off" if prefix_store_bytes is None else f"{prefix_store_bytes / 2**20:.0f} MiB",
+                    "whole" if prefill_chunk_rows is None else f"in chunks of {prefill_chunk_rows} rows")
 
     # ------------------------------------------------------------------------------------------------------------
     # Caller side (any thread)

@@ -150,8 +150,10 @@ def test_a_request_gives_the_same_codes_whether_its_chunks_run_at_once_or_beside
     assert all(torch.equal(a, b) for a, b in zip(_final(joining), _final(alone)))
 
 
-def test_with_nothing_playing_a_prompt_is_prefilled_in_one_tick(model):
-    engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64, prefill_chunk_rows=4)
+def test_with_nothing_playing_a_prompt_is_prefilled_in_one_tick(model, caplog):
+    with caplog.at_level("INFO", logger="moss_tts_nano.engine"):
+        engine = engine_module.SpeechEngine(model, None, num_slots=1, max_positions=64, prefill_chunk_rows=4)
+    assert "prefill in chunks of 4 rows" in caplog.text  # the load line says how prompts are prefilled
     handle = engine.submit(_request(seed=9))
     engine.step()
     assert engine.decoder.groups and all(s.fill is None for s in engine._running.values())
