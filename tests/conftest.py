@@ -104,6 +104,12 @@ def tokenizer():
     return tokenization.MossTTSNanoSentencePieceTokenizer(str(shared_path("assets", "tokenizer.model")))
 
 
+# The CLI's sampled generation settings (upstream infer.py's applied values, spec tts.md §6.4), as the engine tests
+# sample with them.
+SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
+               audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)
+
+
 def text_prompt(rows: int, seed: int = 0, batch: int = 1, generator=None) -> torch.Tensor:
     """Prompt rows [batch, rows, 17] of random text ids and no audio, ending in audio_start (6) as a continuation
     prompt does; drawn from `generator` (default: a new one seeded with `seed`)."""

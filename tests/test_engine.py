@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import import_module
+from conftest import SAMPLED, import_module
 
 engine_module = import_module("engine")
 generation = import_module("generation")
@@ -21,8 +21,6 @@ checkpoints = import_module("measurement.checkpoints")
 FILLED_GRANULE = import_module("codec_streaming").FILLED_GRANULE
 always_continue_tiny_tts = checkpoints.always_continue_tiny_model
 
-SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
-               audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)
 AUDIO_TOLERANCE = dict(atol=2e-5, rtol=0)
 
 

@@ -11,15 +11,12 @@ prime streamed a pass at a time leaves the codec exactly where one call of it wo
 import pytest
 import torch
 
-from conftest import import_module
+from conftest import SAMPLED, import_module, shared_path
 
 engine_module = import_module("engine")
 generation = import_module("generation")
-gpt2_decoder = import_module("gpt2_decoder")
 checkpoints = import_module("measurement.checkpoints")
 
-SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
-               audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)
 VOICE_ROWS = 20
 
 
@@ -30,7 +27,6 @@ def model():
 
 @pytest.fixture(scope="module")
 def codec():
-    from conftest import shared_path
     folder = shared_path("golden", "codec_tiny")
     return import_module("modeling_moss_audio_tokenizer").MossAudioTokenizerModel.from_pretrained(str(folder)).eval()
 

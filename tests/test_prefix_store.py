@@ -8,7 +8,7 @@ how many rows run through the decoder.
 import pytest
 import torch
 
-from conftest import import_module
+from conftest import SAMPLED, import_module
 
 engine_module = import_module("engine")
 generation = import_module("generation")
@@ -19,8 +19,6 @@ synthesis_streaming = import_module("synthesis_streaming")
 weight_formats = import_module("weight_formats")
 checkpoints = import_module("measurement.checkpoints")
 
-SAMPLED = dict(do_sample=True, audio_temperature=0.8, audio_top_p=0.95, audio_top_k=25,
-               audio_repetition_penalty=1.2, text_temperature=1.0, text_top_p=1.0, text_top_k=50)
 VOICE_ROWS = 20  # the shared prefix of the test prompts
 
 
