@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from .. import synthesis
+from .. import synthesis, weight_formats
 from ..engine import SpeechEngine
 from ..engine_schedule import STREAM_POLICIES
 from ..prefix_store import DEFAULT_BUDGET_BYTES
@@ -105,8 +105,13 @@ def load_service(args) -> SpeechService:
                              max_input_chars=args.max_input_chars, max_audio_seconds=args.max_audio_seconds,
                              max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None,
                              default_voice=args.default_voice)
-    logger.info("loaded: device=%s dtype=%s attention=%s weights=%s slots=%d voices=%s", device,
-                str(dtype).removeprefix("torch."), attention, args.weight_format, engine.num_slots, voices.folder)
+    applied = weight_formats.weight_format_of(model)
+    kernels = weight_formats.linear_kernel_of(model)
+    logger.info("loaded: device=%s dtype=%s attention=%s weights=%s kernels=%s slots=%d voices=%s", device,
+                str(dtype).removeprefix("torch."), attention, applied, kernels, engine.num_slots, voices.folder)
+    hint = weight_formats.faster_format_hint(device, applied)
+    if hint is not None:
+        logger.info("hint: %s", hint)
     return SpeechService(model, tokenizer, engine, voices, options, presets=presets)
 
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -405,13 +406,20 @@ def test_serve_py_refuses_a_bad_default_voice_before_loading(tmp_path):
     assert completed.returncode == 2 and "--default-voice" in completed.stderr
 
 
-def test_start_up_loads_the_default_voice_and_stores_its_prompt_rows(repository, tmp_path):
+def test_start_up_loads_the_default_voice_and_stores_its_prompt_rows(repository, tmp_path, caplog):
     """The warm-up speaks once in the default voice: its codes are loaded and its prompt rows stored, so the first
-    request that omits its voice (Home Assistant, most chat front ends) prefills only its text."""
+    request that omits its voice (Home Assistant, most chat front ends) prefills only its text. The load line names
+    the weight format the default (auto) applied, and an x86 CPU hears of int8 as the CLI's users do."""
     args = serve.build_parser().parse_args(["--model-path", str(repository), "--no-verify", "--device", "cpu",
                                             "--num-slots", "1", "--max-positions", "256", "--voices-dir",
                                             str(tmp_path / "voices")])
-    service = serve.load_service(args)
+    with caplog.at_level(logging.INFO):
+        service = serve.load_service(args)
+    assert any("loaded: device=cpu dtype=float32" in line and "weights=fp32 kernels=" in line
+               for line in caplog.messages), caplog.messages
+    formats = import_module("weight_formats")
+    assert any(line.startswith("hint: --weight-format int8") for line in caplog.messages) == \
+        formats.int8_kernels_available()
     service.engine.start()
     try:
         service.warm_up()

@@ -212,11 +212,12 @@ def test_fp32_keeps_upstreams_golden_codes_with_either_cpu_kernel(monkeypatch, k
 
 
 def test_a_faster_format_is_hinted_only_for_fp32_on_a_cpu_that_runs_it_well(monkeypatch):
-    monkeypatch.setattr(weight_formats, "cpu_has_vnni", lambda: True)
+    monkeypatch.setattr(weight_formats, "cpu_has_vnni", lambda: False)  # int8 is hinted with or without VNNI
     monkeypatch.setattr(weight_formats, "int8_kernels_available", lambda: True)
     assert "--weight-format int8" in weight_formats.faster_format_hint("cpu", "fp32")
     assert weight_formats.faster_format_hint("cpu", "int8") is None
-    monkeypatch.setattr(weight_formats, "cpu_has_vnni", lambda: False)
+    assert weight_formats.faster_format_hint(torch.device("cuda"), "fp32") is None  # not a CPU
+    monkeypatch.setattr(weight_formats, "int8_kernels_available", lambda: False)
     monkeypatch.setattr(weight_formats, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(weight_formats, "onednn_packing_available", lambda: True)
     assert "--weight-format bf16" in weight_formats.faster_format_hint("cpu", "fp32")
