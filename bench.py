@@ -432,12 +432,25 @@ def lm_variants(args):
 
 def build_lm_in_format(args, device, weight_format: str):
     """A fresh (seeded, so identical) model per format, so that peak memory counts one model at a time; "plain" is
-    float32 with torch's own nn.Linear (no conversion: upstream's kernels)."""
+    float32 with torch's own nn.Linear (no conversion: upstream's kernels); "int8-torch" and "int8-onnxruntime" are
+    int8 with its audio phase forced there (onnx_audio_phase.py; plain "int8" lets the probe choose)."""
     gc.collect()
     model = build_lm(args, device)
     if weight_format == "plain":
         return model
-    return import_module("weight_formats").apply_weight_format(model, weight_format)
+    name, _, audio_phase = weight_format.partition("-")
+    model = import_module("weight_formats").apply_weight_format(model, name)
+    if audio_phase:
+        import_module("onnx_audio_phase").set_audio_phase(model, audio_phase)
+    return model
+
+
+def kernels_of(model) -> str:
+    """The Linear kernels, and for int8 where its audio phase runs (e.g. "int8/onnxruntime")."""
+    kernels = import_module("weight_formats").linear_kernel_of(model)
+    if kernels == "int8":
+        kernels += "/" + import_module("onnx_audio_phase").audio_phase_of(model)
+    return kernels
 
 
 def run_lm(args) -> dict:
@@ -463,7 +476,7 @@ def run_lm(args) -> dict:
         with torch.inference_mode():
             row = bench_lm_variant(model, prompt, device, args, label, frames, runs, **kwargs, **options)
         row.update(weight_format=fmt, attention=kwargs["attn_implementation"], fast_decode=fast_decode,
-                   kernels=import_module("weight_formats").linear_kernel_of(model))
+                   kernels=kernels_of(model))
         add_floor(row, model, args, prompt, **kwargs, **options)
         results.append(row)
         del model
@@ -496,7 +509,7 @@ def print_floors(result: dict) -> None:
         print(f"  floor = weight bytes a frame reads at least once / read bandwidth measured here "
               f"({rows[0]['bandwidth_gb_s']:.1f} GB/s at the bench's threads)")
     for row in rows:
-        print(f"  {row['label']:40s} {row.get('kernels', '-'):>13s} {row['frame_bytes'] / 1e6:7.1f} MB "
+        print(f"  {row['label']:40s} {row.get('kernels', '-'):>16s} {row['frame_bytes'] / 1e6:7.1f} MB "
               f"floor {row['floor_ms']:6.2f} ms, frame {row['decode_ms_per_frame']:6.1f} ms = {row['x_floor']:.2f}x")
         if "profile" in row:
             prof = row["profile"]
@@ -864,7 +877,8 @@ def add_lm_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-path", default=None, help="folder of real weights (default: random weights)")
     group.add_argument("--weight-format", nargs="+", default=["fp32", "bf16", "int8"],
                        help="weight formats to time (weight_formats.py): fp32 bf16 fp16 int8, or plain (float32 with "
-                            "torch's own Linear kernels, as loaded without a format)")
+                            "torch's own Linear kernels, as loaded without a format); int8-torch / int8-onnxruntime "
+                            "force where int8's audio phase runs (onnx_audio_phase.py; int8 lets the probe choose)")
     group.add_argument("--attention", default="sdpa", help="attention backend of both decoders (default sdpa)")
     group.add_argument("--fast-decode", nargs="+", default=[], choices=["compile", "graph"],
                        help="also time model.enable_fast_decode(MODE) rows (compile time lands in the warm-up)")

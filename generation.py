@@ -32,9 +32,10 @@ import torch
 
 from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
+from .onnx_audio_phase import PhaseInputs, audio_phase_graph
 from .prefix_store import PrefixStore
-from .sampling import (RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise, sample_rows,
-                       validate_sampling_args)
+from .sampling import (CANDIDATES_MAX, RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise,
+                       sample_rows, validate_sampling_args)
 
 logger = logging.getLogger(__name__)
 
@@ -285,6 +286,8 @@ class SlotDecoder:
         self.attention = (attention_function(attention[0]), attention_function(attention[1]))
         self.decision_phase = PhaseRunner("decision phase", step_mode, self.device)
         self.audio_phase = PhaseRunner("audio phase", step_mode, self.device)
+        # int8 on a CPU where ONNX Runtime runs the 16 local steps faster (onnx_audio_phase.py); eager frames only
+        self.audio_graph = audio_phase_graph(model) if step_mode == "eager" else None
         self._allocate_tables(model, weight.dtype)
         self.groups: list[Group] = []
         self.prefixes = prefixes
@@ -619,8 +622,31 @@ class SlotDecoder:
         every_row_full = min(group.settings.nq for group in self.groups) == nq_max
         key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,
                settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k, settings.any_penalty)
+        if self.audio_graph is not None and self._graph_runs(settings, nq_max):
+            self._audio_channels_graph(rows, settings)
+            return
         state = (self.local_cache.positions, self.local_cache.key_mask, self.seen)
         self.audio_phase(key, lambda: self._audio_channels(rows, nq_max, every_row_full, settings), state)
+
+    def _graph_runs(self, settings: RowSettings, nq_max: int) -> bool:
+        """Whether the ONNX audio phase covers this frame: every channel, and sampled rows filtered on their top-k
+        candidates (the torch phase's `_filter_candidates` path)."""
+        candidates = settings.all_top_k and settings.max_top_k <= CANDIDATES_MAX
+        return nq_max == self.n_vq and (candidates or not settings.any_sample)
+
+    def _audio_channels_graph(self, rows: int, settings: RowSettings) -> None:
+        """`_audio_channels` in one ONNX Runtime call (onnx_audio_phase.py): the same inputs, codes and bookkeeping."""
+        row_embedding = self.model.transformer.wte(self.candidates[self.choice[:rows]])  # [N, C]
+        nq_mask = (self.channels < self.nq[:rows, None]).t()[:, :, None].to(row_embedding.dtype)  # [16, N, 1]
+        keys, values = self.local_cache.keys[0][:rows, :, :1], self.local_cache.values[0][:rows, :, :1]
+        codes, sums, row_embedding = self.audio_graph.run(PhaseInputs(
+            row_embedding, keys, values, self.audio_noise[:, :rows], self.seen[:rows], nq_mask, settings.temperature,
+            settings.repetition_penalty, settings.top_p, settings.kth, settings.top_p_on, settings.do_sample,
+            max(settings.max_top_k, 1)))
+        self.tokens[:rows] = codes
+        self.seen[:rows].scatter_(2, codes[:, :, None], True)
+        self.logit_sums[1:, :rows] = sums.t()
+        self._end_audio_phase(rows, row_embedding)
 
     def _audio_channels(self, rows: int, nq_max: int, every_row_full: bool, settings: RowSettings) -> None:
         """Local steps 1..nq: channel c's head and sampling, fed the previous slot's embedding (spec §6.2); then the
@@ -643,6 +669,10 @@ class SlotDecoder:
             if not every_row_full:  # rows whose nq does not reach this channel add exact zeros (a pad code)
                 slot_input = slot_input * (self.nq[:rows, None] > channel).to(slot_input.dtype)
             row_embedding = row_embedding + slot_input
+        self._end_audio_phase(rows, row_embedding)
+
+    def _end_audio_phase(self, rows: int, row_embedding: torch.Tensor) -> None:
+        """The row each slot feeds next, the frame's codes (pads past a row's nq or where it stopped), validity."""
         self.next_input[:rows, 0] = row_embedding.to(self.next_input.dtype)
         active = self.should_continue[:rows] & self.occupied[:rows]
         keep = (self.channels < self.nq[:rows, None]) & active[:, None]

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import devices, synthesis, weight_formats, weights
+from .onnx_audio_phase import audio_phase_of
 from .settings.command_line import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USER, UsageError,
                                     in_flag_terms)
 from .settings.generation_flags import add_generation_arguments
@@ -257,10 +258,11 @@ def _synthesise(args) -> int:
         if args.dry_run:
             return EXIT_OK
     model, device, dtype, attention = load_model_of_flags(args)
-    print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} "
-          f"weights={weight_formats.weight_format_of(model)} kernels={weight_formats.linear_kernel_of(model)} "
-          f"model={model_folder(args)}", flush=True)
-    hint = weight_formats.faster_format_hint(device, weight_formats.weight_format_of(model))
+    weight_format = weight_formats.weight_format_of(model)
+    audio_phase = f"audio_phase={audio_phase_of(model)} " if weight_format == "int8" else ""
+    print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} weights={weight_format} "
+          f"kernels={weight_formats.linear_kernel_of(model)} {audio_phase}model={model_folder(args)}", flush=True)
+    hint = weight_formats.faster_format_hint(device, weight_format)
     if hint is not None:
         print(f"hint: {hint}", flush=True)
     if args.seed is not None:

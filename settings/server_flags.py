@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import synthesis, weight_formats
 from ..engine import SpeechEngine
 from ..engine_schedule import STREAM_POLICIES
+from ..onnx_audio_phase import audio_phase_of
 from ..prefix_store import DEFAULT_BUDGET_BYTES
 from ..server.app import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS
 from ..server.service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
@@ -107,6 +108,8 @@ def load_service(args) -> SpeechService:
                              default_voice=args.default_voice)
     applied = weight_formats.weight_format_of(model)
     kernels = weight_formats.linear_kernel_of(model)
+    if applied == "int8":
+        kernels += f" audio_phase={audio_phase_of(model)}"
     logger.info("loaded: device=%s dtype=%s attention=%s weights=%s kernels=%s slots=%d voices=%s", device,
                 str(dtype).removeprefix("torch."), attention, applied, kernels, engine.num_slots, voices.folder)
     hint = weight_formats.faster_format_hint(device, applied)

@@ -150,3 +150,15 @@ def test_modeling_file_imports_every_module_it_reaches_directly():
             todo.append(name)
     missing = reachable - relative_imports("modeling_moss_tts_nano") - {"modeling_moss_tts_nano"}
     assert not missing, f"modeling_moss_tts_nano.py must import these relatively too: {sorted(missing)}"
+
+
+def test_no_model_file_names_an_optional_package_in_an_import_statement():
+    """transformers refuses remote code whose files import a package that is not installed (`check_imports` reads
+    their import statements, try blocks excepted). The optional ones are imported by name where they are used."""
+    from transformers.dynamic_module_utils import get_imports
+
+    optional = {"onnx", "onnxruntime", "torch_npu", "flash_attn", "ray"}
+    scripts = import_module("measurement.checkpoints").NON_LIBRARY_FILES
+    for path in sorted(REPO_ROOT.glob("*.py")):
+        if path.name not in scripts and path.name != "__init__.py":
+            assert not set(get_imports(str(path))) & optional, path.name

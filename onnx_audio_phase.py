@@ -1,0 +1,401 @@
+"""The audio phase of an int8 frame as one ONNX Runtime call (CPU).
+
+After a frame's text decision, the local decoder takes 16 steps, one per audio channel: its one block, the channel's
+head, the pick of a code (repetition penalty, top-k, top-p, the sampling draw) and that code's embedding, which feeds
+the next step. In torch each step is about 40 small calls around 5 int8 matrix products, and on a CPU the calls cost
+as much as the products. This module writes the 16 steps, unrolled, as one ONNX graph over the same int8 weights
+(`Int8DynamicLinear.int8_weight`: the same values, and ONNX Runtime's `DynamicQuantizeMatMul` quantises activations
+per tensor to 8 bits as fbgemm does), and runs it in one `InferenceSession.run` per frame.
+
+What stays in torch: the decision phase (global step, local step 0, text head and decision), the random numbers
+(drawn in upstream's order before the phase) and the bookkeeping after it. What the graph takes: the row embedding
+of the decided text token, local step 0's key and value, the noise, the repetition history and the rows' settings;
+what it gives: the 16 codes of each row, each channel's logit sum (the non-finite check) and the next row embedding,
+summed in torch's order.
+
+It is a kernel choice of the int8 format, like fp32's: `audio_phase_graph(model)` builds it once per model and keeps
+it only where a timing probe against the torch phase finds it faster (remembered per CPU, cpu_choices.py). The codes
+are those of the torch phase up to the float rounding of a different kernel (tests/test_onnx_audio_phase.py bounds
+the teacher-forced logits and compares codes), which the int8 format's bounds already allow; fp32, bf16 and fp16 never
+use it. Without onnxruntime (or onnx) installed the int8 format runs in torch, as before.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .cpu_choices import remembered
+from .gpt2_decoder import KVCache, attention_function
+from .weight_formats import weight_format_of
+
+logger = logging.getLogger(__name__)
+
+# The graph's own opset (LayerNormalization, Gelu with approximate="tanh") and ONNX Runtime's contrib domain
+# (DynamicQuantizeMatMul).
+OPSET = 20
+CONTRIB = "com.microsoft"
+# The probe's margin: the graph is kept where it takes at most this share of the torch phase's time.
+PROBE_MARGIN = 0.9
+
+
+def onnxruntime_available() -> bool:
+    """Whether onnxruntime and onnx import (both are needed: one builds the graph, the other runs it)."""
+    try:
+        _runtime(), _onnx()
+    except ImportError:
+        return False
+    return True
+
+
+# Imported by name, when first needed: transformers' remote-code check requires every package a model file names in
+# an import statement, and these two are optional (int8 runs in torch without them).
+def _runtime():
+    return importlib.import_module("onnxruntime")
+
+
+def _onnx():
+    return importlib.import_module("onnx")
+
+
+@dataclass
+class PhaseInputs:
+    """One frame's audio phase for N rows (every tensor float32 unless named, all on the CPU).
+
+    row_embedding [N, C]: wte(decided text token), the first slot's input and the start of the next row's sum.
+    key0, value0 [N, H, 1, D]: local step 0's key and value. noise [16, N, V]: exponential draws (any values where no
+    row samples). seen bool [N, 16, V]: codes generated earlier. nq_mask [16, N, 1]: 1.0 where channel c < the row's
+    nq, else 0.0. temperature, penalty, top_p [N, 1]; kth long [N, 1] (top-k - 1); top_p_on bool [N, 1]; do_sample
+    bool [N]. top_k: the rows' largest top-k (>= 1).
+    """
+
+    row_embedding: torch.Tensor
+    key0: torch.Tensor
+    value0: torch.Tensor
+    noise: torch.Tensor
+    seen: torch.Tensor
+    nq_mask: torch.Tensor
+    temperature: torch.Tensor
+    penalty: torch.Tensor
+    top_p: torch.Tensor
+    kth: torch.Tensor
+    top_p_on: torch.Tensor
+    do_sample: torch.Tensor
+    top_k: int
+
+
+class AudioPhaseGraph:
+    """The 16 local steps of an int8 model's frame in one ONNX Runtime session.
+
+    Args:
+        model: a MossTTSNanoForCausalLM in the int8 format, on the CPU.
+        threads: ONNX Runtime's intra-op threads (default: torch's).
+    """
+
+    def __init__(self, model, threads: int | None = None) -> None:
+        onnxruntime = _runtime()
+        self.channels = len(model.audio_lm_heads)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # Its workers sleep between runs instead of spinning: torch's own threads run the rest of the frame on the
+        # same cores (2-vCPU AMD EPYC, int8 frames: 70-74 ms with spinning, 24-33 ms without).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        graph = _GraphBuilder(model).build()
+        self.session = onnxruntime.InferenceSession(graph.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
+        # The embedding tables go in as inputs: numpy views of the model's own float32 weights, read without a copy.
+        self.tables = {f"embedding_{channel}": embedding.weight.detach().numpy()
+                       for channel, embedding in enumerate(model.audio_embeddings)}
+
+    def run(self, inputs: PhaseInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(codes long [N, 16], logit sums float32 [N, 16], next row embedding [N, C])."""
+        feeds = {name: _array(getattr(inputs, name)) for name in _TENSOR_INPUTS}
+        feeds["top_k"] = np.array([inputs.top_k], dtype=np.int64)
+        feeds.update(self.tables)
+        codes, sums, row = self.session.run(["codes", "logit_sums", "next_row"], feeds)
+        return torch.from_numpy(codes), torch.from_numpy(sums), torch.from_numpy(row)
+
+
+_TENSOR_INPUTS = ("row_embedding", "key0", "value0", "noise", "seen", "nq_mask", "temperature", "penalty", "top_p",
+                  "kth", "top_p_on", "do_sample")
+
+
+def _array(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().contiguous().numpy()
+
+
+class _GraphBuilder:
+    """Writes the unrolled graph: one local step, head and pick per channel, sharing the block's weights."""
+
+    def __init__(self, model) -> None:
+        self.onnx = _onnx()
+        self.model = model
+        self.channels = len(model.audio_lm_heads)
+        local = model.local_transformer
+        self.block, self.final_norm, self.rope = local.h[0], local.ln_f, local.rotary_emb
+        if len(local.h) != 1 or self.rope is None:
+            raise ValueError(f"the ONNX audio phase expects a one-layer local decoder with RoPE, got "
+                             f"{len(local.h)} layers, rope={self.rope is not None}")
+        self.width = self.block.ln_1.normalized_shape[0]
+        self.heads = self.block.attn.num_heads
+        self.head_dim = self.width // self.heads
+        self.nodes, self.initializers, self.count = [], {}, 0
+
+    # -- graph plumbing ------------------------------------------------------------------------------------------
+
+    def constant(self, name: str, value) -> str:
+        """An initializer (once per name: the 16 steps share the block's weights)."""
+        if name not in self.initializers:
+            self.initializers[name] = self.onnx.numpy_helper.from_array(np.asarray(value), name)
+        return name
+
+    def op(self, op_type: str, inputs: list[str], outputs: int = 1, domain: str = "", **attributes):
+        """Append a node; returns its output name (or the list of names when outputs > 1)."""
+        self.count += 1
+        names = [f"{op_type}_{self.count}_{index}" for index in range(outputs)]
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, names, domain=domain, **attributes))
+        return names[0] if outputs == 1 else names
+
+    def linear(self, hidden: str, layer) -> str:
+        key = f"linear_{id(layer)}"
+        if f"{key}.weight" not in self.initializers:
+            weight, scales, bias = layer.int8_weight()
+            self.constant(f"{key}.weight", weight.t().contiguous().numpy())  # [in, out], as MatMul's B
+            self.constant(f"{key}.scale", scales.numpy())
+            if bias is not None:
+                self.constant(f"{key}.bias", bias.numpy())
+        bias = [f"{key}.bias"] if f"{key}.bias" in self.initializers else []
+        return self.op("DynamicQuantizeMatMul", [hidden, f"{key}.weight", f"{key}.scale", ""] + bias, domain=CONTRIB)
+
+    def layer_norm(self, hidden: str, norm) -> str:
+        key = f"norm_{id(norm)}"
+        self.constant(f"{key}.weight", norm.weight.detach().float().numpy())
+        self.constant(f"{key}.bias", norm.bias.detach().float().numpy())
+        return self.op("LayerNormalization", [hidden, f"{key}.weight", f"{key}.bias"], axis=-1, epsilon=norm.eps)
+
+    # -- the model -----------------------------------------------------------------------------------------------
+
+    def build(self):
+        """The ModelProto: inputs as `PhaseInputs` names them, plus each channel's embedding table (fed from the
+        model's own tensors, so the graph holds no copy of them)."""
+        helper = self.onnx.helper
+        self._shared_constants()
+        codes, sums, row = self._channels()
+        for name, parts in (("codes", codes), ("logit_sums", sums)):
+            self.nodes.append(helper.make_node("Concat", parts, [name], axis=1))
+        self.nodes.append(helper.make_node("Identity", [row], ["next_row"]))
+        inputs, outputs = self._signature()
+        graph = helper.make_graph(self.nodes, "moss_tts_nano_audio_phase",
+                                  [helper.make_tensor_value_info(*spec) for spec in inputs],
+                                  [helper.make_tensor_value_info(*spec) for spec in outputs],
+                                  list(self.initializers.values()))
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)])
+        model.ir_version = 10  # what onnxruntime 1.2x+ reads; the onnx package may write a newer default
+        return model
+
+    def _channels(self) -> tuple[list[str], list[str], str]:
+        """Per channel: local step, head, logit sum, pick, embedding; returns (codes, sums, next row)."""
+        keys, values = ["key0"], ["value0"]
+        slot_input, row, codes, sums = "row_embedding", "row_embedding", [], []
+        for channel in range(self.channels):
+            hidden = self.local_step(slot_input, channel + 1, keys, values)
+            logits = self.linear(hidden, self.model.audio_lm_heads[channel])
+            sums.append(self.op("ReduceSum", [logits, "axis_last"], keepdims=1))
+            code = self.pick(logits, channel)
+            codes.append(self.op("Unsqueeze", [code, "axis_last"]))
+            embedded = self.op("Gather", [f"embedding_{channel}", code], axis=0)
+            mask = self.op("Gather", ["nq_mask", self.constant(f"channel_{channel}", np.array(channel))], axis=0)
+            slot_input = self.op("Mul", [embedded, mask])  # a row whose nq stops before c adds exact zeros
+            row = self.op("Add", [row, slot_input])
+        return codes, sums, row
+
+    def _signature(self) -> tuple[list[tuple], list[tuple]]:
+        types = self.onnx.TensorProto
+        float_, long_, bool_ = types.FLOAT, types.INT64, types.BOOL
+        width, heads, dim, channels = self.width, self.heads, self.head_dim, self.channels
+        vocab = self.model.audio_lm_heads[0].out_features
+        inputs = [("row_embedding", float_, ["N", width]), ("key0", float_, ["N", heads, 1, dim]),
+                  ("value0", float_, ["N", heads, 1, dim]), ("noise", float_, [channels, "N", vocab]),
+                  ("seen", bool_, ["N", channels, vocab]), ("nq_mask", float_, [channels, "N", 1]),
+                  ("temperature", float_, ["N", 1]), ("penalty", float_, ["N", 1]), ("top_p", float_, ["N", 1]),
+                  ("kth", long_, ["N", 1]), ("top_p_on", bool_, ["N", 1]), ("do_sample", bool_, ["N"]),
+                  ("top_k", long_, [1])]
+        inputs += [(f"embedding_{channel}", float_, [None, width]) for channel in range(channels)]
+        outputs = [("codes", long_, ["N", channels]), ("logit_sums", float_, ["N", channels]),
+                   ("next_row", float_, ["N", width])]
+        return inputs, outputs
+
+    def _shared_constants(self) -> None:
+        heads, dim = self.heads, self.head_dim
+        for name, value in (("axis_last", [-1]), ("qkv_shape", [0, 3, heads, dim]), ("split_qk_v", [2, 1]),
+                            ("pair_shape", [0, 2, heads, dim // 2, 2]), ("qk_shape", [0, 2, heads, dim]),
+                            ("split_q_k", [1, 1]), ("flat_shape", [0, self.width]), ("zero", [0]), ("one", [1]),
+                            ("minus_one", [-1]), ("minus_three", [-3]), ("end", [2**62])):
+            self.constant(name, np.array(value, dtype=np.int64))
+        self.constant("scaling", np.array(self.block.attn.scaling, dtype=np.float32))
+        self.constant("minus_inf", np.array(-np.inf, dtype=np.float32))
+        self.constant("zero_float", np.array(0.0, dtype=np.float32))
+        vocab = self.model.audio_lm_heads[0].out_features
+        self.constant("columns_all", np.arange(vocab, dtype=np.int64))
+        self.columns = self.op("Slice", ["columns_all", "zero", "top_k"])  # [K]: 0..K-1
+        cos, sin = self.rope.table(self.channels + 1, torch.float32, torch.device("cpu"))
+        self.rope_rows = (cos.numpy(), sin.numpy())
+
+    def local_step(self, hidden: str, position: int, keys: list[str], values: list[str]) -> str:
+        """The local block at `position` (keys 0..position, all real), then ln_f; appends its key and value."""
+        attention, mlp = self.block.attn, self.block.mlp
+        qkv = self.op("Reshape", [self.linear(self.layer_norm(hidden, self.block.ln_1), attention.c_attn),
+                                  "qkv_shape"])  # [N, 3, H, D]
+        query_key, value = self.op("Split", [qkv, "split_qk_v"], outputs=2, axis=1)
+        query_key = self.rotary(query_key, position)
+        query, key = self.op("Split", [query_key, "split_q_k"], outputs=2, axis=1)
+        query, key, value = (self.op("Transpose", [name], perm=[0, 2, 1, 3]) for name in (query, key, value))
+        keys.append(key)
+        values.append(value)
+        all_keys = self.op("Concat", keys, axis=2)
+        all_values = self.op("Concat", values, axis=2)
+        scores = self.op("MatMul", [query, self.op("Transpose", [all_keys], perm=[0, 1, 3, 2])])
+        weights = self.op("Softmax", [self.op("Mul", [scores, "scaling"])], axis=-1)
+        mixed = self.op("Transpose", [self.op("MatMul", [weights, all_values])], perm=[0, 2, 1, 3])
+        hidden = self.op("Add", [hidden, self.linear(self.op("Reshape", [mixed, "flat_shape"]), attention.c_proj)])
+        inner = self.op("Gelu", [self.linear(self.layer_norm(hidden, self.block.ln_2), mlp.fc_in)], approximate="tanh")
+        hidden = self.op("Add", [hidden, self.linear(inner, mlp.fc_out)])
+        return self.layer_norm(hidden, self.final_norm)
+
+    def rotary(self, query_key: str, position: int) -> str:
+        """RoPE of [N, 2, H, D] at `position`: x * cos + (each pair swapped) * signed sin (gpt2_decoder.apply_rotary)."""
+        cos = self.constant(f"rope_cos_{position}", self.rope_rows[0][position])
+        sin = self.constant(f"rope_sin_{position}", self.rope_rows[1][position])
+        pairs = self.op("Reshape", [query_key, "pair_shape"])
+        swapped = self.op("Reshape", [self.op("Slice", [pairs, "minus_one", "minus_three", "minus_one", "minus_one"]),
+                                      "qk_shape"])
+        return self.op("Add", [self.op("Mul", [query_key, cos]), self.op("Mul", [swapped, sin])])
+
+    def pick(self, logits: str, channel: int) -> str:
+        """Channel `channel`'s code of each row [N] (long): sampling.sample_rows on the top-k candidates."""
+        index = self.constant(f"pick_{channel}", np.array(channel))
+        seen = self.op("Gather", ["seen", index], axis=1)
+        penalised = self.op("Where", [self.op("Less", [logits, "zero_float"]), self.op("Mul", [logits, "penalty"]),
+                                      self.op("Div", [logits, "penalty"])])
+        logits = self.op("Where", [seen, penalised, logits])  # a penalty of 1.0 changes nothing, bit for bit
+        greedy = self.op("ArgMax", [logits], axis=-1, keepdims=0)
+        candidates, indices = self.op("TopK", [logits, "top_k"], outputs=2, axis=-1, largest=1, sorted=1)
+        candidates = self.op("Div", [candidates, "temperature"])
+        beyond = self.op("Greater", [self.columns, "kth"])  # rows with a smaller top-k drop the columns past it
+        candidates = self.op("Where", [beyond, "minus_inf", candidates])
+        candidates = self.nucleus(candidates)
+        noise = self.op("GatherElements", [self.op("Gather", ["noise", index], axis=0), indices], axis=1)
+        best = self.op("ArgMax", [self.op("Div", [self.op("Softmax", [candidates], axis=-1), noise])], axis=-1,
+                       keepdims=1)
+        sampled = self.op("Squeeze", [self.op("GatherElements", [indices, best], axis=1), "axis_last"])
+        return self.op("Where", ["do_sample", sampled, greedy])
+
+    def nucleus(self, candidates: str) -> str:
+        """Drop the candidates after the cumulative probability first exceeds top_p (the crossing one stays), in
+        rows where top_p_on."""
+        cumulative = self.op("CumSum", [self.op("Softmax", [candidates], axis=-1), "axis_last"])
+        over = self.op("And", [self.op("Greater", [cumulative, "top_p"]), "top_p_on"])
+        before = self.op("Slice", [over, "zero", "minus_one", "axis_last"])  # over[:, :-1] decides column j + 1
+        first = self.op("Slice", [candidates, "zero", "one", "axis_last"])
+        rest = self.op("Slice", [candidates, "one", "end", "axis_last"])
+        return self.op("Concat", [first, self.op("Where", [before, "minus_inf", rest])], axis=-1)
+
+
+AUDIO_PHASES = ("torch", "onnxruntime")
+
+
+def audio_phase_graph(model) -> AudioPhaseGraph | None:
+    """The model's graph where it runs the int8 audio phase faster than torch on this CPU, else None (decided,
+    built and logged once per model; the probe's decision is remembered per CPU and model width)."""
+    if getattr(model, "_audio_phase_decided", False):
+        return model._audio_phase_graph
+    if weight_format_of(model) != "int8":  # int8 layers exist only on the CPU
+        return None
+    if not onnxruntime_available():
+        logger.info("int8 audio phase: torch (onnxruntime and onnx are not installed)")
+        return set_audio_phase(model, "torch")
+    built = []
+
+    def probe() -> tuple[str, str]:
+        built.append(AudioPhaseGraph(model))
+        return _probe(model, built[0])
+
+    width = model.local_transformer.ln_f.weight.shape[0]  # a tiny test model decides for tiny models only
+    try:
+        choice, why = remembered(f"int8_audio_phase_{width}", probe)
+        graph = set_audio_phase(model, choice, built[0] if built else None)
+    except Exception as error:  # a model or runtime the graph cannot serve costs speed, never the load
+        logger.warning("int8 audio phase: torch (the ONNX graph failed: %s: %s)", type(error).__name__, error)
+        return set_audio_phase(model, "torch")
+    logger.info("int8 audio phase: %s (%s)", choice, why)
+    return graph
+
+
+def set_audio_phase(model, choice: str, graph: AudioPhaseGraph | None = None) -> AudioPhaseGraph | None:
+    """Run the int8 model's audio phase in `choice` ("torch" or "onnxruntime", which builds the graph unless given)
+    from now on, whatever the probe says; returns the graph or None.
+
+    Raises:
+        ValueError: an unknown choice, or "onnxruntime" for a model not in the int8 format.
+    """
+    if choice not in AUDIO_PHASES:
+        raise ValueError(f"audio phase {choice!r}; expected one of {', '.join(AUDIO_PHASES)}")
+    if choice == "onnxruntime" and weight_format_of(model) != "int8":
+        raise ValueError(f"the ONNX audio phase runs int8 models; this one is {weight_format_of(model)}")
+    if choice == "onnxruntime" and graph is None:
+        graph = AudioPhaseGraph(model)
+    model._audio_phase_decided, model._audio_phase_graph = True, graph if choice == "onnxruntime" else None
+    return model._audio_phase_graph
+
+
+def audio_phase_of(model) -> str:
+    """"onnxruntime" or "torch": where the model's audio phase runs (deciding it now for an int8 model)."""
+    return "torch" if audio_phase_graph(model) is None else "onnxruntime"
+
+
+def _probe(model, graph: AudioPhaseGraph, rounds: int = 5) -> tuple[str, str]:
+    """Time one row's audio phase both ways (greedy picks: the same work for both); returns (choice, why)."""
+    torch_phase, onnx_phase = _probe_runs(model, graph)
+    best = {"torch": float("inf"), "onnxruntime": float("inf")}
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, run in (("torch", torch_phase), ("onnxruntime", onnx_phase)):
+                start = time.perf_counter()
+                run()
+                best[name] = min(best[name], time.perf_counter() - start)
+    choice = "onnxruntime" if best["onnxruntime"] <= PROBE_MARGIN * best["torch"] else "torch"
+    return choice, (f"probe at 1 row: torch {best['torch'] * 1e3:.1f} ms, onnxruntime {best['onnxruntime'] * 1e3:.1f} "
+                    f"ms per audio phase")
+
+
+def _probe_runs(model, graph: AudioPhaseGraph):
+    """Two closures running one row's 16 local steps, heads and greedy picks: in torch, and through the graph."""
+    local, channels = model.local_transformer, graph.channels
+    cache = KVCache.for_decoder(local, 1, channels + 1)
+    attention = attention_function("sdpa")
+    width, vocab = local.ln_f.weight.shape[0], model.audio_lm_heads[0].out_features
+    start = torch.zeros(1, 1, width)
+    local.lockstep_step(start, cache, 0, attention)
+    key0, value0 = cache.keys[0][:, :, :1].contiguous(), cache.values[0][:, :, :1].contiguous()
+
+    def torch_phase() -> None:
+        slot_input = start
+        for channel in range(channels):
+            logits = model.audio_lm_heads[channel](local.lockstep_step(slot_input, cache, channel + 1, attention))
+            slot_input = model.audio_embeddings[channel](logits.argmax(dim=-1))[:, None]
+
+    inputs = PhaseInputs(start[:, 0], key0, value0, torch.ones(channels, 1, vocab),
+                         torch.zeros(1, channels, vocab, dtype=torch.bool), torch.ones(channels, 1, 1),
+                         torch.ones(1, 1), torch.ones(1, 1), torch.ones(1, 1), torch.zeros(1, 1, dtype=torch.long),
+                         torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool), 1)
+    return torch_phase, lambda: graph.run(inputs)
+
+
+__all__ = ["AUDIO_PHASES", "AudioPhaseGraph", "PhaseInputs", "audio_phase_graph", "audio_phase_of",
+           "onnxruntime_available", "set_audio_phase"]

@@ -1,0 +1,128 @@
+"""The int8 audio phase through ONNX Runtime (onnx_audio_phase.py) decodes what the torch phase decodes."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from conftest import import_module, optional_module, text_prompt
+
+optional_module("onnxruntime", "pip install -r requirements.txt")
+optional_module("onnx", "pip install -r requirements.txt")
+
+checkpoints = import_module("measurement.checkpoints")
+generation = import_module("generation")
+onnx_audio_phase = import_module("onnx_audio_phase")
+weight_formats = import_module("weight_formats")
+
+# One group per slot, each with its own pick: greedy, the CLI's sampled settings, a narrow top-k and top-p with a
+# strong penalty, a top-k beyond the others', and a row that stops at 5 channels.
+GROUPS = [
+    generation.GenerationSettings(max_new_frames=12),
+    generation.GenerationSettings(max_new_frames=12, do_sample=True, audio_temperature=0.8, audio_top_p=0.95,
+                                  audio_top_k=25, audio_repetition_penalty=1.2),
+    generation.GenerationSettings(max_new_frames=12, do_sample=True, audio_temperature=1.3, audio_top_p=0.5,
+                                  audio_top_k=5, audio_repetition_penalty=1.5),
+    generation.GenerationSettings(max_new_frames=12, do_sample=True, audio_temperature=1.0, audio_top_p=1.0,
+                                  audio_top_k=60),
+    generation.GenerationSettings(max_new_frames=12, nq=5, do_sample=True),
+]
+
+
+def int8_tiny(seed: int = 31):
+    model = weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=seed), "int8")
+    checkpoints.force_continue(model)
+    return model
+
+
+class CountingGraph:
+    """An AudioPhaseGraph that counts its runs."""
+
+    def __init__(self, graph) -> None:
+        self.graph, self.calls = graph, 0
+
+    def run(self, inputs):
+        self.calls += 1
+        return self.graph.run(inputs)
+
+
+def decode(model, graph, groups, frames: int = 12):
+    """Each frame's codes and logit sums of slots decoding `groups` (one slot each, seeded generators), with the
+    audio phase in `graph` (None: torch); and how many frames the graph ran."""
+    decoder = generation.SlotDecoder(model, len(groups), 64, ("sdpa", "sdpa"))
+    decoder.audio_graph = None if graph is None else CountingGraph(graph)
+    for slot, settings in enumerate(groups):
+        group = generation.Group([slot], settings.checked(16), torch.Generator().manual_seed(slot))
+        decoder.start(group, [text_prompt(6 + slot, seed=slot)[0]], "sdpa")
+    codes, sums = [], []
+    with torch.inference_mode():
+        for _ in range(frames):
+            outputs = decoder.frame()
+            codes.append([output.codes.clone() for output in outputs if output.codes is not None])
+            sums.append(decoder.logit_sums[1:, :len(groups)].clone())
+    return codes, sums, 0 if graph is None else decoder.audio_graph.calls
+
+
+def test_graph_codes_equal_the_torch_phase_row_by_row_for_every_kind_of_pick():
+    model = int8_tiny()
+    graph = onnx_audio_phase.AudioPhaseGraph(model)
+    torch_codes, torch_sums, _ = decode(model, None, GROUPS)
+    graph_codes, graph_sums, calls = decode(model, graph, GROUPS)
+    assert calls == 12  # every frame's audio phase ran in the graph
+    assert len(torch_codes) == len(graph_codes) == 12
+    for frame, (expected, got) in enumerate(zip(torch_codes, graph_codes)):
+        assert len(expected) == len(got) == len(GROUPS)
+        for group, (row_expected, row_got) in enumerate(zip(expected, got)):
+            assert torch.equal(row_expected, row_got), (frame, group)
+    # Each channel's logit sum (the non-finite check) from another int8 kernel: the same up to the rounding of its
+    # 8-bit activations (measured: 2.6e-5 on average, at most 0.024 where the sums reach 19).
+    expected, got = torch.stack(torch_sums), torch.stack(graph_sums)
+    assert (got - expected).abs().max() <= 5e-3 * expected.abs().max()
+
+
+def test_a_sampled_row_without_top_k_runs_the_torch_phase():
+    model = int8_tiny()
+    graph = onnx_audio_phase.AudioPhaseGraph(model)
+    whole_row = [generation.GenerationSettings(max_new_frames=4, do_sample=True, audio_top_k=0)]
+    torch_codes, _, _ = decode(model, None, whole_row, frames=4)
+    codes, _, calls = decode(model, graph, whole_row, frames=4)
+    assert calls == 0
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(torch_codes, codes))
+
+
+def test_only_an_int8_model_gets_a_graph_and_the_choice_is_probed_once_per_cpu(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
+    assert onnx_audio_phase.audio_phase_graph(checkpoints.random_tiny_model(seed=31)) is None  # fp32
+    with caplog.at_level(logging.INFO):
+        first = onnx_audio_phase.audio_phase_graph(int8_tiny())
+        second = onnx_audio_phase.audio_phase_graph(int8_tiny())
+    lines = [line for line in caplog.messages if line.startswith("int8 audio phase: ")]
+    assert len(lines) == 2 and "probe at 1 row: torch" in lines[0] and "remembered for this CPU" in lines[1]
+    choice = lines[0].split()[3]
+    assert choice in ("onnxruntime", "torch") and (first is not None) == (choice == "onnxruntime")
+    assert (second is not None) == (first is not None)
+    stored = json.loads((tmp_path / "cpu_kernel_choices.json").read_text())
+    width = checkpoints.random_tiny_model(seed=31).local_transformer.ln_f.weight.shape[0]
+    assert [entry[f"int8_audio_phase_{width}"][0] for entry in stored.values()] == [choice]
+
+
+def test_without_onnxruntime_the_int8_phase_runs_in_torch(monkeypatch, caplog):
+    monkeypatch.setattr(onnx_audio_phase, "onnxruntime_available", lambda: False)
+    with caplog.at_level(logging.INFO):
+        assert onnx_audio_phase.audio_phase_graph(int8_tiny()) is None
+    assert "int8 audio phase: torch (onnxruntime and onnx are not installed)" in caplog.messages
+
+
+def test_a_model_the_graph_cannot_serve_runs_in_torch_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
+    model = int8_tiny()
+    model.local_transformer.h.append(model.local_transformer.h[0])
+    with pytest.raises(ValueError, match="one-layer local decoder"):
+        onnx_audio_phase.AudioPhaseGraph(model)
+    with caplog.at_level(logging.WARNING):
+        assert onnx_audio_phase.audio_phase_graph(model) is None
+    assert any("int8 audio phase: torch (the ONNX graph failed: ValueError" in line for line in caplog.messages)
+    assert onnx_audio_phase.audio_phase_of(model) == "torch"
+    with pytest.raises(ValueError, match="expected one of torch, onnxruntime"):
+        onnx_audio_phase.set_audio_phase(model, "tensorrt")
