@@ -42,6 +42,8 @@ OPSET = 20
 CONTRIB = "com.microsoft"
 # The probe's margin: the graph is kept where it takes at most this share of the torch phase's time.
 PROBE_MARGIN = 0.9
+# Where an int8 model's audio phase can run (set_audio_phase).
+AUDIO_PHASES = ("torch", "onnxruntime")
 
 
 def onnxruntime_available() -> bool:
@@ -163,6 +165,7 @@ class _GraphBuilder:
         return names[0] if outputs == 1 else names
 
     def linear(self, hidden: str, layer) -> str:
+        """`layer` (an Int8DynamicLinear) applied to `hidden`: its int8 weight, row scales and bias, stored once."""
         key = f"linear_{id(layer)}"
         if f"{key}.weight" not in self.initializers:
             weight, scales, bias = layer.int8_weight()
@@ -174,6 +177,7 @@ class _GraphBuilder:
         return self.op("DynamicQuantizeMatMul", [hidden, f"{key}.weight", f"{key}.scale", ""] + bias, domain=CONTRIB)
 
     def layer_norm(self, hidden: str, norm) -> str:
+        """The LayerNorm `norm` applied to `hidden` (its weight and bias stored once)."""
         key = f"norm_{id(norm)}"
         self.constant(f"{key}.weight", norm.weight.detach().float().numpy())
         self.constant(f"{key}.bias", norm.bias.detach().float().numpy())
@@ -307,9 +311,6 @@ class _GraphBuilder:
         return self.op("Concat", [first, self.op("Where", [before, "minus_inf", rest])], axis=-1)
 
 
-AUDIO_PHASES = ("torch", "onnxruntime")
-
-
 def audio_phase_graph(model) -> AudioPhaseGraph | None:
     """The model's graph where it runs the int8 audio phase faster than torch on this CPU, else None (decided,
     built and logged once per model; the probe's decision is remembered per CPU and model width)."""
@@ -361,9 +362,9 @@ def audio_phase_of(model) -> str:
 
 def _probe(model, graph: AudioPhaseGraph, rounds: int = 5) -> tuple[str, str]:
     """Time one row's audio phase both ways (greedy picks: the same work for both); returns (choice, why)."""
-    torch_phase, onnx_phase = _probe_runs(model, graph)
     best = {"torch": float("inf"), "onnxruntime": float("inf")}
     with torch.inference_mode():
+        torch_phase, onnx_phase = _probe_runs(model, graph)
         for _ in range(rounds):
             for name, run in (("torch", torch_phase), ("onnxruntime", onnx_phase)):
                 start = time.perf_counter()
