@@ -45,7 +45,7 @@ CPU kernels (why the formats are not just `model.to(dtype)`):
   emulation to 1e-7 relative; [-127, 127] weights with 8-bit activations are off by up to 35%). With VNNI the
   products go straight to int32 and the weights use [-127, 127]. The 16 local steps of each int8 frame (the audio
   phase) run as one ONNX Runtime call over these same int8 values where a probe at load finds that faster
-  (onnx_audio_phase.py; 1.4-1.5x per frame on a 2-vCPU AMD EPYC), else in torch.
+  (onnx_audio_phase.py; 1.3-1.5x per frame on a 2-vCPU AMD EPYC), else in torch.
 * fp16 has no fast batch-1 CPU kernel; it is offered for accelerators and runs correctly (not faster) on CPU.
 * The codec (not a weight format: it always keeps its float32 values) stores its decoder's Linear weights K-major on
   CPUs where a probe finds MKL faster that way (`codec_weight_layout`, applied by `use_codec_cpu_layout` when the
