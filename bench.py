@@ -447,10 +447,8 @@ def build_lm_in_format(args, device, weight_format: str):
 
 def kernels_of(model) -> str:
     """The Linear kernels, and for int8 where its audio phase runs (e.g. "int8/onnxruntime")."""
-    kernels = import_module("weight_formats").linear_kernel_of(model)
-    if kernels == "int8":
-        kernels += "/" + import_module("onnx_audio_phase").audio_phase_of(model)
-    return kernels
+    audio_phase = import_module("onnx_audio_phase").audio_phase_of(model)
+    return import_module("weight_formats").linear_kernel_of(model) + (f"/{audio_phase}" if audio_phase else "")
 
 
 def run_lm(args) -> dict:

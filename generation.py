@@ -34,7 +34,7 @@ from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
 from .onnx_audio_phase import PhaseInputs, audio_phase_graph
 from .prefix_store import PrefixStore
-from .sampling import (CANDIDATES_MAX, RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise,
+from .sampling import (RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise, filters_candidates,
                        sample_rows, validate_sampling_args)
 
 logger = logging.getLogger(__name__)
@@ -619,20 +619,19 @@ class SlotDecoder:
     def _run_audio_phase(self, rows: int) -> None:
         settings = self.audio_settings.rows(rows, self._live(rows))
         nq_max = max(group.settings.nq for group in self.groups)
-        every_row_full = min(group.settings.nq for group in self.groups) == nq_max
-        key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,
-               settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k, settings.any_penalty)
         if self.audio_graph is not None and self._graph_runs(settings, nq_max):
             self._audio_channels_graph(rows, settings)
             return
+        every_row_full = min(group.settings.nq for group in self.groups) == nq_max
+        key = (rows, nq_max, every_row_full, settings.any_sample, settings.all_sample, settings.any_top_p,
+               settings.all_top_p, settings.max_top_k, settings.all_top_k, settings.same_top_k, settings.any_penalty)
         state = (self.local_cache.positions, self.local_cache.key_mask, self.seen)
         self.audio_phase(key, lambda: self._audio_channels(rows, nq_max, every_row_full, settings), state)
 
     def _graph_runs(self, settings: RowSettings, nq_max: int) -> bool:
         """Whether the ONNX audio phase covers this frame: every channel, and sampled rows filtered on their top-k
         candidates (the torch phase's `_filter_candidates` path)."""
-        candidates = settings.all_top_k and settings.max_top_k <= CANDIDATES_MAX
-        return nq_max == self.n_vq and (candidates or not settings.any_sample)
+        return nq_max == self.n_vq and (filters_candidates(settings) or not settings.any_sample)
 
     def _audio_channels_graph(self, rows: int, settings: RowSettings) -> None:
         """`_audio_channels` in one ONNX Runtime call (onnx_audio_phase.py): the same inputs, codes and bookkeeping."""

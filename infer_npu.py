@@ -258,10 +258,10 @@ def _synthesise(args) -> int:
         if args.dry_run:
             return EXIT_OK
     model, device, dtype, attention = load_model_of_flags(args)
-    weight_format = weight_formats.weight_format_of(model)
-    audio_phase = f"audio_phase={audio_phase_of(model)} " if weight_format == "int8" else ""
+    weight_format, audio_phase = weight_formats.weight_format_of(model), audio_phase_of(model)
+    phase = f"audio_phase={audio_phase} " if audio_phase else ""  # int8 only
     print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} weights={weight_format} "
-          f"kernels={weight_formats.linear_kernel_of(model)} {audio_phase}model={model_folder(args)}", flush=True)
+          f"kernels={weight_formats.linear_kernel_of(model)} {phase}model={model_folder(args)}", flush=True)
     hint = weight_formats.faster_format_hint(device, weight_format)
     if hint is not None:
         print(f"hint: {hint}", flush=True)

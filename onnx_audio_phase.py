@@ -355,8 +355,11 @@ def set_audio_phase(model, choice: str, graph: AudioPhaseGraph | None = None) ->
     return model._audio_phase_graph
 
 
-def audio_phase_of(model) -> str:
-    """"onnxruntime" or "torch": where the model's audio phase runs (deciding it now for an int8 model)."""
+def audio_phase_of(model) -> str | None:
+    """Where an int8 model's audio phase runs, "onnxruntime" or "torch" (deciding it now); None for another format,
+    whose audio phase always runs in torch."""
+    if weight_format_of(model) != "int8":
+        return None
     return "torch" if audio_phase_graph(model) is None else "onnxruntime"
 
 

@@ -269,8 +269,14 @@ def sample_rows(
         return _sample_rows(logits, settings, noise, seen)
 
 
+def filters_candidates(settings: RowSettings) -> bool:
+    """Whether float32 rows with these settings are filtered on their top-k candidates (`_filter_candidates`): every
+    row has a top-k, of at most CANDIDATES_MAX."""
+    return settings.all_top_k and settings.max_top_k <= CANDIDATES_MAX
+
+
 def _sample_rows(logits, settings, noise, seen) -> torch.Tensor:
-    candidates = settings.all_top_k and settings.max_top_k <= CANDIDATES_MAX and logits.dtype == torch.float32
+    candidates = filters_candidates(settings) and logits.dtype == torch.float32
     logits = logits.float()
     if seen is not None and settings.any_penalty:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
@@ -297,6 +303,7 @@ __all__ = [
     "apply_repetition_penalty",
     "draw_channel_noise",
     "draw_noise",
+    "filters_candidates",
     "sample_rows",
     "top_k_filter",
     "top_p_filter",

@@ -106,10 +106,8 @@ def load_service(args) -> SpeechService:
                              max_input_chars=args.max_input_chars, max_audio_seconds=args.max_audio_seconds,
                              max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None,
                              default_voice=args.default_voice)
-    applied = weight_formats.weight_format_of(model)
-    kernels = weight_formats.linear_kernel_of(model)
-    if applied == "int8":
-        kernels += f" audio_phase={audio_phase_of(model)}"
+    applied, audio_phase = weight_formats.weight_format_of(model), audio_phase_of(model)
+    kernels = weight_formats.linear_kernel_of(model) + (f" audio_phase={audio_phase}" if audio_phase else "")
     logger.info("loaded: device=%s dtype=%s attention=%s weights=%s kernels=%s slots=%d voices=%s", device,
                 str(dtype).removeprefix("torch."), attention, applied, kernels, engine.num_slots, voices.folder)
     hint = weight_formats.faster_format_hint(device, applied)
