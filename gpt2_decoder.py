@@ -339,6 +339,13 @@ class KVCache:
         """One position per row of slots [0, num_rows), at `positions[:num_rows]`; reads [0, read_length)."""
         return CacheWrite(self, slice(0, num_rows), self.positions[:num_rows], read_length)
 
+    def advance(self, num_rows: int, valid: torch.Tensor | None) -> None:
+        """After a decode step wrote one key per row of slots [0, num_rows) at `positions`: those keys become real
+        where `valid` (bool [N]; None: every row) says so, and those rows move on by one position."""
+        index = self.positions[:num_rows]
+        self.key_mask[:num_rows].scatter_(1, index[:, None], True if valid is None else valid[:, None])
+        self.positions[:num_rows] += 1 if valid is None else valid
+
     def grow(self, capacity: int) -> "KVCache":
         """A copy of this cache with room for `capacity` positions (used by `forward` when an HF-style caller keeps
         appending past the capacity; decoding never grows a cache)."""
@@ -587,7 +594,6 @@ class MossTTSNanoGPT2Model(nn.Module):
         rows = inputs_embeds.shape[0]
         write = cache.step_write(rows, read_length)
         index = write.index  # [N]
-        cache.key_mask[:rows].scatter_(1, index[:, None], True if valid is None else valid[:, None])
         key_positions = torch.arange(read_length, device=index.device)
         visible = cache.key_mask[:rows, :read_length] | (key_positions == index[:, None])  # own key always open
         rope = None
@@ -596,7 +602,7 @@ class MossTTSNanoGPT2Model(nn.Module):
         query_mask = None if valid is None else valid[:, None, None]
         hidden, _ = self._run_blocks(inputs_embeds, query_mask, visible[:, None, None, :], index[:, None], write,
                                      attention, False, rope)
-        cache.positions[:rows] += 1 if valid is None else valid
+        cache.advance(rows, valid)
         return hidden[:, 0]
 
     def lockstep_step(self, inputs_embeds: torch.Tensor, cache: KVCache, position: int, attention: AttentionFunction
