@@ -433,22 +433,22 @@ def lm_variants(args):
 def build_lm_in_format(args, device, weight_format: str):
     """A fresh (seeded, so identical) model per format, so that peak memory counts one model at a time; "plain" is
     float32 with torch's own nn.Linear (no conversion: upstream's kernels); "int8-torch" and "int8-onnxruntime" are
-    int8 with its audio phase forced there (onnx_audio_phase.py; plain "int8" lets the probe choose)."""
+    int8 with its global step and audio phase forced there (onnx_graph.py; plain "int8" lets the probes choose)."""
     gc.collect()
     model = build_lm(args, device)
     if weight_format == "plain":
         return model
-    name, _, audio_phase = weight_format.partition("-")
+    name, _, runtime = weight_format.partition("-")
     model = import_module("weight_formats").apply_weight_format(model, name)
-    if audio_phase:
-        import_module("onnx_audio_phase").set_audio_phase(model, audio_phase)
+    if runtime:
+        import_module("onnx_graph").set_phases(model, runtime)
     return model
 
 
 def kernels_of(model) -> str:
-    """The Linear kernels, and for int8 where its audio phase runs (e.g. "int8/onnxruntime")."""
-    audio_phase = import_module("onnx_audio_phase").audio_phase_of(model)
-    return import_module("weight_formats").linear_kernel_of(model) + (f"/{audio_phase}" if audio_phase else "")
+    """The Linear kernels, and for int8 where its graph phases run (e.g. "int8 audio_phase=onnxruntime ...")."""
+    phases = import_module("onnx_graph").phases_of(model)
+    return import_module("weight_formats").linear_kernel_of(model) + (f" {phases}" if phases else "")
 
 
 def run_lm(args) -> dict:

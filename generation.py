@@ -33,6 +33,7 @@ import torch
 from .devices import compile_backend, capture_graph, graph_supported
 from .gpt2_decoder import KVCache, attention_function
 from .onnx_audio_phase import PhaseInputs, audio_phase_graph
+from .onnx_global_step import global_step_graph
 from .prefix_store import PrefixStore
 from .sampling import (RowSettings, SettingError, SlotSettings, draw_channel_noise, draw_noise, filters_candidates,
                        sample_rows, validate_sampling_args)
@@ -286,8 +287,8 @@ class SlotDecoder:
         self.attention = (attention_function(attention[0]), attention_function(attention[1]))
         self.decision_phase = PhaseRunner("decision phase", step_mode, self.device)
         self.audio_phase = PhaseRunner("audio phase", step_mode, self.device)
-        # int8 on a CPU where ONNX Runtime runs the 16 local steps faster (onnx_audio_phase.py); eager frames only
-        self.audio_graph = audio_phase_graph(model) if step_mode == "eager" else None
+        graphs = (global_step_graph(model), audio_phase_graph(model)) if step_mode == "eager" else (None, None)
+        self.global_graph, self.audio_graph = graphs  # int8 where ONNX Runtime runs them faster (onnx_graph.py)
         self._allocate_tables(model, weight.dtype)
         self.groups: list[Group] = []
         self.prefixes = prefixes
@@ -549,8 +550,8 @@ class SlotDecoder:
                 group.rows_of(self.text_noise).copy_(draw_noise(len(group.slots), 2, group.generator, self.device))
 
     def _decision(self, rows: int, read_length: int, settings: RowSettings) -> None:
-        hidden = self.model.transformer.decode_step(self.next_input[:rows], self.valid[:rows], self.global_cache,
-                                                    read_length, self.attention[0])
+        step = self.model.transformer.decode_step if self.global_graph is None else self.global_graph.run
+        hidden = step(self.next_input[:rows], self.valid[:rows], self.global_cache, read_length, self.attention[0])
         self.local_cache.reset(slice(0, rows))
         logits = torch.nn.functional.linear(self._local_step(rows, hidden, 0), self.text_weight)
         torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[0, :rows])

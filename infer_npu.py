@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from . import devices, synthesis, weight_formats, weights
-from .onnx_audio_phase import audio_phase_of
+from .onnx_graph import phases_of
 from .settings.command_line import (EXIT_INTERRUPTED, EXIT_OK, EXIT_RUNTIME, EXIT_TERMINATED, EXIT_USER, UsageError,
                                     in_flag_terms)
 from .settings.generation_flags import add_generation_arguments
@@ -258,8 +258,8 @@ def _synthesise(args) -> int:
         if args.dry_run:
             return EXIT_OK
     model, device, dtype, attention = load_model_of_flags(args)
-    weight_format, audio_phase = weight_formats.weight_format_of(model), audio_phase_of(model)
-    phase = f"audio_phase={audio_phase} " if audio_phase else ""  # int8 only
+    weight_format, phases = weight_formats.weight_format_of(model), phases_of(model)
+    phase = f"{phases} " if phases else ""  # int8 only
     print(f"device={device} dtype={devices.dtype_name(dtype)} attention={attention} weights={weight_format} "
           f"kernels={weight_formats.linear_kernel_of(model)} {phase}model={model_folder(args)}", flush=True)
     hint = weight_formats.faster_format_hint(device, weight_format)

@@ -50,6 +50,8 @@ from .engine_requests import EngineRequest  # noqa: F401,E402
 from .host import cpu_description  # noqa: F401,E402
 from .modeling_moss_audio_tokenizer import MossAudioTokenizerModel  # noqa: F401,E402
 from .onnx_audio_phase import audio_phase_graph  # noqa: F401,E402
+from .onnx_global_step import global_step_graph  # noqa: F401,E402
+from .onnx_graph import phases_of  # noqa: F401,E402
 from .prefix_store import PrefixStore  # noqa: F401,E402
 from .runaway_guards import RunawayGuard  # noqa: F401,E402
 from .sampling import RowSettings  # noqa: F401,E402

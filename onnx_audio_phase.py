@@ -7,14 +7,15 @@ as much as the products. This module writes the 16 steps, unrolled, as one ONNX 
 (`Int8DynamicLinear.int8_weight`: the same values, and ONNX Runtime's `DynamicQuantizeMatMul` quantises activations
 per tensor to 8 bits as fbgemm does), and runs it in one `InferenceSession.run` per frame.
 
-What stays in torch: the decision phase (global step, local step 0, text head and decision), the random numbers
-(drawn in upstream's order before the phase) and the bookkeeping after it. What the graph takes: the row embedding
+What stays in torch: the rest of the decision phase (local step 0, the text head and decision; the global step has
+its own graph, onnx_global_step.py), the random numbers (drawn in upstream's order before the phase) and the
+bookkeeping after it. What the graph takes: the row embedding
 of the decided text token, local step 0's key and value, the noise, the repetition history and the rows' settings;
 what it gives: the 16 codes of each row, each channel's logit sum (the non-finite check) and the next row embedding,
 summed in torch's order.
 
-It is a kernel choice of the int8 format, like fp32's: `audio_phase_graph(model)` builds it once per model and keeps
-it only where a timing probe against the torch phase finds it faster (remembered per CPU, cpu_choices.py). The codes
+It is a kernel choice of the int8 format, like fp32's (onnx_graph.py): `audio_phase_graph(model)` builds it once per
+model and keeps it only where a timing probe against the torch phase finds it faster (remembered per CPU). The codes
 are those of the torch phase up to the float rounding of a different kernel (tests/test_onnx_audio_phase.py bounds
 the teacher-forced logits and compares codes), which the int8 format's bounds already allow; fp32, bf16 and fp16 never
 use it. Without onnxruntime (or onnx) installed the int8 format runs in torch, as before.
@@ -22,47 +23,13 @@ use it. Without onnxruntime (or onnx) installed the int8 format runs in torch, a
 
 from __future__ import annotations
 
-import importlib
-import logging
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .cpu_choices import remembered
 from .gpt2_decoder import KVCache, attention_function
-from .weight_formats import weight_format_of
-
-logger = logging.getLogger(__name__)
-
-# The graph's own opset (LayerNormalization, Gelu with approximate="tanh") and ONNX Runtime's contrib domain
-# (DynamicQuantizeMatMul).
-OPSET = 20
-CONTRIB = "com.microsoft"
-# The probe's margin: the graph is kept where it takes at most this share of the torch phase's time.
-PROBE_MARGIN = 0.9
-# Where an int8 model's audio phase can run (set_audio_phase).
-AUDIO_PHASES = ("torch", "onnxruntime")
-
-
-def onnxruntime_available() -> bool:
-    """Whether onnxruntime and onnx import (both are needed: one builds the graph, the other runs it)."""
-    try:
-        _runtime(), _onnx()
-    except ImportError:
-        return False
-    return True
-
-
-# Imported by name, when first needed: transformers' remote-code check requires every package a model file names in
-# an import statement, and these two are optional (int8 runs in torch without them).
-def _runtime():
-    return importlib.import_module("onnxruntime")
-
-
-def _onnx():
-    return importlib.import_module("onnx")
+from .onnx_graph import GraphBuilder, GraphPhase, best_times, new_session, phase_graph, register
 
 
 @dataclass
@@ -100,17 +67,8 @@ class AudioPhaseGraph:
     """
 
     def __init__(self, model, threads: int | None = None) -> None:
-        onnxruntime = _runtime()
         self.channels = len(model.audio_lm_heads)
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.inter_op_num_threads = 1
-        # Its workers sleep between runs instead of spinning: torch's own threads run the rest of the frame on the
-        # same cores (2-vCPU AMD EPYC, int8 frames: 70-74 ms with spinning, 24-33 ms without).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        graph = _GraphBuilder(model).build()
-        self.session = onnxruntime.InferenceSession(graph.SerializeToString(), options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = new_session(_AudioPhaseBuilder(model).build, threads)
         # The embedding tables go in as inputs: numpy views of the model's own float32 weights, read without a copy.
         self.tables = {f"embedding_{channel}": embedding.weight.detach().numpy()
                        for channel, embedding in enumerate(model.audio_embeddings)}
@@ -132,76 +90,28 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().contiguous().numpy()
 
 
-class _GraphBuilder:
+class _AudioPhaseBuilder(GraphBuilder):
     """Writes the unrolled graph: one local step, head and pick per channel, sharing the block's weights."""
 
     def __init__(self, model) -> None:
-        self.onnx = _onnx()
-        self.model = model
-        self.channels = len(model.audio_lm_heads)
         local = model.local_transformer
-        self.block, self.final_norm, self.rope = local.h[0], local.ln_f, local.rotary_emb
+        self.block_module, self.final_norm, self.rope = local.h[0], local.ln_f, local.rotary_emb
         if len(local.h) != 1 or self.rope is None:
             raise ValueError(f"the ONNX audio phase expects a one-layer local decoder with RoPE, got "
                              f"{len(local.h)} layers, rope={self.rope is not None}")
-        self.width = self.block.ln_1.normalized_shape[0]
-        self.heads = self.block.attn.num_heads
-        self.head_dim = self.width // self.heads
-        self.nodes, self.initializers, self.count = [], {}, 0
-
-    # -- graph plumbing ------------------------------------------------------------------------------------------
-
-    def constant(self, name: str, value) -> str:
-        """An initializer (once per name: the 16 steps share the block's weights)."""
-        if name not in self.initializers:
-            self.initializers[name] = self.onnx.numpy_helper.from_array(np.asarray(value), name)
-        return name
-
-    def op(self, op_type: str, inputs: list[str], outputs: int = 1, domain: str = "", **attributes):
-        """Append a node; returns its output name (or the list of names when outputs > 1)."""
-        self.count += 1
-        names = [f"{op_type}_{self.count}_{index}" for index in range(outputs)]
-        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, names, domain=domain, **attributes))
-        return names[0] if outputs == 1 else names
-
-    def linear(self, hidden: str, layer) -> str:
-        """`layer` (an Int8DynamicLinear) applied to `hidden`: its int8 weight, row scales and bias, stored once."""
-        key = f"linear_{id(layer)}"
-        if f"{key}.weight" not in self.initializers:
-            weight, scales, bias = layer.int8_weight()
-            self.constant(f"{key}.weight", weight.t().contiguous().numpy())  # [in, out], as MatMul's B
-            self.constant(f"{key}.scale", scales.numpy())
-            if bias is not None:
-                self.constant(f"{key}.bias", bias.numpy())
-        bias = [f"{key}.bias"] if f"{key}.bias" in self.initializers else []
-        return self.op("DynamicQuantizeMatMul", [hidden, f"{key}.weight", f"{key}.scale", ""] + bias, domain=CONTRIB)
-
-    def layer_norm(self, hidden: str, norm) -> str:
-        """The LayerNorm `norm` applied to `hidden` (its weight and bias stored once)."""
-        key = f"norm_{id(norm)}"
-        self.constant(f"{key}.weight", norm.weight.detach().float().numpy())
-        self.constant(f"{key}.bias", norm.bias.detach().float().numpy())
-        return self.op("LayerNormalization", [hidden, f"{key}.weight", f"{key}.bias"], axis=-1, epsilon=norm.eps)
-
-    # -- the model -----------------------------------------------------------------------------------------------
+        super().__init__(self.block_module)
+        self.model = model
+        self.channels = len(model.audio_lm_heads)
 
     def build(self):
         """The ModelProto: inputs as `PhaseInputs` names them, plus each channel's embedding table (fed from the
         model's own tensors, so the graph holds no copy of them)."""
-        helper = self.onnx.helper
         self._shared_constants()
         codes, sums, row = self._channels()
         for name, parts in (("codes", codes), ("logit_sums", sums)):
-            self.nodes.append(helper.make_node("Concat", parts, [name], axis=1))
-        self.nodes.append(helper.make_node("Identity", [row], ["next_row"]))
-        inputs, outputs = self._signature()
-        graph = helper.make_graph(self.nodes, "moss_tts_nano_audio_phase",
-                                  [helper.make_tensor_value_info(*spec) for spec in inputs],
-                                  [helper.make_tensor_value_info(*spec) for spec in outputs],
-                                  list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(CONTRIB, 1)])
-        model.ir_version = 10  # what onnxruntime 1.2x+ reads; the onnx package may write a newer default
-        return model
+            self.nodes.append(self.onnx.helper.make_node("Concat", parts, [name], axis=1))
+        self.output(row, "next_row")
+        return self.finish("moss_tts_nano_audio_phase", *self._signature())
 
     def _channels(self) -> tuple[list[str], list[str], str]:
         """Per channel: local step, head, logit sum, pick, embedding; returns (codes, sums, next row)."""
@@ -236,13 +146,7 @@ class _GraphBuilder:
         return inputs, outputs
 
     def _shared_constants(self) -> None:
-        heads, dim = self.heads, self.head_dim
-        for name, value in (("axis_last", [-1]), ("qkv_shape", [0, 3, heads, dim]), ("split_qk_v", [2, 1]),
-                            ("pair_shape", [0, 2, heads, dim // 2, 2]), ("qk_shape", [0, 2, heads, dim]),
-                            ("split_q_k", [1, 1]), ("flat_shape", [0, self.width]), ("zero", [0]), ("one", [1]),
-                            ("minus_one", [-1]), ("minus_three", [-3]), ("end", [2**62])):
-            self.constant(name, np.array(value, dtype=np.int64))
-        self.constant("scaling", np.array(self.block.attn.scaling, dtype=np.float32))
+        self.constant("scaling", np.array(self.block_module.attn.scaling, dtype=np.float32))
         self.constant("minus_inf", np.array(-np.inf, dtype=np.float32))
         self.constant("zero_float", np.array(0.0, dtype=np.float32))
         vocab = self.model.audio_lm_heads[0].out_features
@@ -253,33 +157,21 @@ class _GraphBuilder:
 
     def local_step(self, hidden: str, position: int, keys: list[str], values: list[str]) -> str:
         """The local block at `position` (keys 0..position, all real), then ln_f; appends its key and value."""
-        attention, mlp = self.block.attn, self.block.mlp
-        qkv = self.op("Reshape", [self.linear(self.layer_norm(hidden, self.block.ln_1), attention.c_attn),
-                                  "qkv_shape"])  # [N, 3, H, D]
-        query_key, value = self.op("Split", [qkv, "split_qk_v"], outputs=2, axis=1)
-        query_key = self.rotary(query_key, position)
-        query, key = self.op("Split", [query_key, "split_q_k"], outputs=2, axis=1)
-        query, key, value = (self.op("Transpose", [name], perm=[0, 2, 1, 3]) for name in (query, key, value))
-        keys.append(key)
-        values.append(value)
-        all_keys = self.op("Concat", keys, axis=2)
-        all_values = self.op("Concat", values, axis=2)
-        scores = self.op("MatMul", [query, self.op("Transpose", [all_keys], perm=[0, 1, 3, 2])])
-        weights = self.op("Softmax", [self.op("Mul", [scores, "scaling"])], axis=-1)
-        mixed = self.op("Transpose", [self.op("MatMul", [weights, all_values])], perm=[0, 2, 1, 3])
-        hidden = self.op("Add", [hidden, self.linear(self.op("Reshape", [mixed, "flat_shape"]), attention.c_proj)])
-        inner = self.op("Gelu", [self.linear(self.layer_norm(hidden, self.block.ln_2), mlp.fc_in)], approximate="tanh")
-        hidden = self.op("Add", [hidden, self.linear(inner, mlp.fc_out)])
-        return self.layer_norm(hidden, self.final_norm)
+        rope = (self.constant(f"rope_cos_{position}", self.rope_rows[0][position]),
+                self.constant(f"rope_sin_{position}", self.rope_rows[1][position]))
 
-    def rotary(self, query_key: str, position: int) -> str:
-        """RoPE of [N, 2, H, D] at `position`: x * cos + (each pair swapped) * signed sin (gpt2_decoder.apply_rotary)."""
-        cos = self.constant(f"rope_cos_{position}", self.rope_rows[0][position])
-        sin = self.constant(f"rope_sin_{position}", self.rope_rows[1][position])
-        pairs = self.op("Reshape", [query_key, "pair_shape"])
-        swapped = self.op("Reshape", [self.op("Slice", [pairs, "minus_one", "minus_three", "minus_one", "minus_one"]),
-                                      "qk_shape"])
-        return self.op("Add", [self.op("Mul", [query_key, cos]), self.op("Mul", [swapped, sin])])
+        def attend(query: str, key: str, value: str) -> str:
+            query, key, value = (self.op("Transpose", [name], perm=[0, 2, 1, 3]) for name in (query, key, value))
+            keys.append(key)
+            values.append(value)
+            all_keys = self.op("Concat", keys, axis=2)
+            all_values = self.op("Concat", values, axis=2)
+            scores = self.op("MatMul", [query, self.op("Transpose", [all_keys], perm=[0, 1, 3, 2])])
+            weights = self.op("Softmax", [self.op("Mul", [scores, "scaling"])], axis=-1)
+            mixed = self.op("Transpose", [self.op("MatMul", [weights, all_values])], perm=[0, 2, 1, 3])
+            return self.op("Reshape", [mixed, "flat_shape"])
+
+        return self.layer_norm(self.block(hidden, self.block_module, rope, attend), self.final_norm)
 
     def pick(self, logits: str, channel: int) -> str:
         """Channel `channel`'s code of each row [N] (long): sampling.sample_rows on the top-k candidates."""
@@ -311,71 +203,10 @@ class _GraphBuilder:
         return self.op("Concat", [first, self.op("Where", [before, "minus_inf", rest])], axis=-1)
 
 
-def audio_phase_graph(model) -> AudioPhaseGraph | None:
-    """The model's graph where it runs the int8 audio phase faster than torch on this CPU, else None (decided,
-    built and logged once per model; the probe's decision is remembered per CPU and model width)."""
-    if getattr(model, "_audio_phase_decided", False):
-        return model._audio_phase_graph
-    if weight_format_of(model) != "int8":  # int8 layers exist only on the CPU
-        return None
-    if not onnxruntime_available():
-        logger.info("int8 audio phase: torch (onnxruntime and onnx are not installed)")
-        return set_audio_phase(model, "torch")
-    built = []
-
-    def probe() -> tuple[str, str]:
-        built.append(AudioPhaseGraph(model))
-        return _probe(model, built[0])
-
-    width = model.local_transformer.ln_f.weight.shape[0]  # a tiny test model decides for tiny models only
-    try:
-        choice, why = remembered(f"int8_audio_phase_{width}", probe)
-        graph = set_audio_phase(model, choice, built[0] if built else None)
-    except Exception as error:  # a model or runtime the graph cannot serve costs speed, never the load
-        logger.warning("int8 audio phase: torch (the ONNX graph failed: %s: %s)", type(error).__name__, error)
-        return set_audio_phase(model, "torch")
-    logger.info("int8 audio phase: %s (%s)", choice, why)
-    return graph
-
-
-def set_audio_phase(model, choice: str, graph: AudioPhaseGraph | None = None) -> AudioPhaseGraph | None:
-    """Run the int8 model's audio phase in `choice` ("torch" or "onnxruntime", which builds the graph unless given)
-    from now on, whatever the probe says; returns the graph or None.
-
-    Raises:
-        ValueError: an unknown choice, or "onnxruntime" for a model not in the int8 format.
-    """
-    if choice not in AUDIO_PHASES:
-        raise ValueError(f"audio phase {choice!r}; expected one of {', '.join(AUDIO_PHASES)}")
-    if choice == "onnxruntime" and weight_format_of(model) != "int8":
-        raise ValueError(f"the ONNX audio phase runs int8 models; this one is {weight_format_of(model)}")
-    if choice == "onnxruntime" and graph is None:
-        graph = AudioPhaseGraph(model)
-    model._audio_phase_decided, model._audio_phase_graph = True, graph if choice == "onnxruntime" else None
-    return model._audio_phase_graph
-
-
-def audio_phase_of(model) -> str | None:
-    """Where an int8 model's audio phase runs, "onnxruntime" or "torch" (deciding it now); None for another format,
-    whose audio phase always runs in torch."""
-    if weight_format_of(model) != "int8":
-        return None
-    return "torch" if audio_phase_graph(model) is None else "onnxruntime"
-
-
-def _probe(model, graph: AudioPhaseGraph, rounds: int = 5) -> tuple[str, str]:
-    """Time one row's audio phase both ways (greedy picks: the same work for both); returns (choice, why)."""
-    best = {"torch": float("inf"), "onnxruntime": float("inf")}
-    with torch.inference_mode():
-        torch_phase, onnx_phase = _probe_runs(model, graph)
-        for _ in range(rounds):
-            for name, run in (("torch", torch_phase), ("onnxruntime", onnx_phase)):
-                start = time.perf_counter()
-                run()
-                best[name] = min(best[name], time.perf_counter() - start)
-    choice = "onnxruntime" if best["onnxruntime"] <= PROBE_MARGIN * best["torch"] else "torch"
-    return choice, (f"probe at 1 row: torch {best['torch'] * 1e3:.1f} ms, onnxruntime {best['onnxruntime'] * 1e3:.1f} "
-                    f"ms per audio phase")
+def _probe(model, graph: AudioPhaseGraph) -> dict[str, float]:
+    """One row's audio phase both ways (greedy picks: the same work for both), best seconds of each."""
+    torch_phase, onnx_phase = _probe_runs(model, graph)
+    return best_times({"torch": torch_phase, "onnxruntime": onnx_phase})
 
 
 def _probe_runs(model, graph: AudioPhaseGraph):
@@ -401,5 +232,13 @@ def _probe_runs(model, graph: AudioPhaseGraph):
     return torch_phase, lambda: graph.run(inputs)
 
 
-__all__ = ["AUDIO_PHASES", "AudioPhaseGraph", "PhaseInputs", "audio_phase_graph", "audio_phase_of",
-           "onnxruntime_available", "set_audio_phase"]
+# The audio phase as a graph phase of the int8 format (onnx_graph.py: the per-CPU decision, set_phase, phases_of).
+AUDIO_PHASE = register(GraphPhase("audio_phase", AudioPhaseGraph, _probe))
+
+
+def audio_phase_graph(model) -> AudioPhaseGraph | None:
+    """The model's audio phase graph where the probe kept it on this CPU, else None (onnx_graph.phase_graph)."""
+    return phase_graph(model, AUDIO_PHASE)
+
+
+__all__ = ["AUDIO_PHASE", "AudioPhaseGraph", "PhaseInputs", "audio_phase_graph"]

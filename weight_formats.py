@@ -43,9 +43,9 @@ CPU kernels (why the formats are not just `model.to(dtype)`):
   is 7-bit activations, which cost accuracy (0.99403 above); here the weights use [-63, 63] instead, so a pair stays
   at most 2 x 255 x 63 = 32130 and 8-bit activations never saturate (measured: the kernel equals a float64
   emulation to 1e-7 relative; [-127, 127] weights with 8-bit activations are off by up to 35%). With VNNI the
-  products go straight to int32 and the weights use [-127, 127]. The 16 local steps of each int8 frame (the audio
-  phase) run as one ONNX Runtime call over these same int8 values where a probe at load finds that faster
-  (onnx_audio_phase.py; 1.3-1.5x per frame on a 2-vCPU AMD EPYC), else in torch.
+  products go straight to int32 and the weights use [-127, 127]. Each int8 frame's global step and its 16 local
+  steps (the audio phase) run as ONNX Runtime calls over these same int8 values where a probe at load finds that
+  faster (onnx_graph.py), else in torch.
 * fp16 has no fast batch-1 CPU kernel; it is offered for accelerators and runs correctly (not faster) on CPU.
 * The codec (not a weight format: it always keeps its float32 values) stores its decoder's Linear weights K-major on
   CPUs where a probe finds MKL faster that way (`codec_weight_layout`, applied by `use_codec_cpu_layout` when the
@@ -397,7 +397,7 @@ class Int8DynamicLinear(nn.Module):
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 weight [out, in], float32 scale per output row [out], float32 bias [out] or None), unpacked: the
-        values this layer multiplies by, for another runtime to run them (onnx_audio_phase.py)."""
+        values this layer multiplies by, for another runtime to run them (onnx_graph.py)."""
         quantized, bias = torch.ops.quantized.linear_unpack(self._packed)
         scales = quantized.q_per_channel_scales().float()
         return quantized.int_repr(), scales, None if bias is None else bias.float()

@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import synthesis, weight_formats
 from ..engine import SpeechEngine
 from ..engine_schedule import STREAM_POLICIES
-from ..onnx_audio_phase import audio_phase_of
+from ..onnx_graph import phases_of
 from ..prefix_store import DEFAULT_BUDGET_BYTES
 from ..server.app import DEFAULT_PREPARE_WORKERS, DEFAULT_STALL_SECONDS
 from ..server.service import (DEFAULT_MAX_AUDIO_SECONDS, DEFAULT_MAX_CHUNKS, DEFAULT_MAX_INPUT_CHARS, ServiceOptions,
@@ -106,8 +106,8 @@ def load_service(args) -> SpeechService:
                              max_input_chars=args.max_input_chars, max_audio_seconds=args.max_audio_seconds,
                              max_chunks=args.max_chunks, queue_timeout=args.queue_timeout or None,
                              default_voice=args.default_voice)
-    applied, audio_phase = weight_formats.weight_format_of(model), audio_phase_of(model)
-    kernels = weight_formats.linear_kernel_of(model) + (f" audio_phase={audio_phase}" if audio_phase else "")
+    applied, phases = weight_formats.weight_format_of(model), phases_of(model)
+    kernels = weight_formats.linear_kernel_of(model) + (f" {phases}" if phases else "")
     logger.info("loaded: device=%s dtype=%s attention=%s weights=%s kernels=%s slots=%d voices=%s", device,
                 str(dtype).removeprefix("torch."), attention, applied, kernels, engine.num_slots, voices.folder)
     hint = weight_formats.faster_format_hint(device, applied)

@@ -1,6 +1,5 @@
 """The int8 audio phase through ONNX Runtime (onnx_audio_phase.py) decodes what the torch phase decodes."""
 
-import json
 import logging
 
 import pytest
@@ -91,29 +90,6 @@ def test_a_sampled_row_without_top_k_runs_the_torch_phase():
     assert all(torch.equal(a[0], b[0]) for a, b in zip(torch_codes, codes))
 
 
-def test_only_an_int8_model_gets_a_graph_and_the_choice_is_probed_once_per_cpu(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
-    assert onnx_audio_phase.audio_phase_graph(checkpoints.random_tiny_model(seed=31)) is None  # fp32
-    with caplog.at_level(logging.INFO):
-        first = onnx_audio_phase.audio_phase_graph(int8_tiny())
-        second = onnx_audio_phase.audio_phase_graph(int8_tiny())
-    lines = [line for line in caplog.messages if line.startswith("int8 audio phase: ")]
-    assert len(lines) == 2 and "probe at 1 row: torch" in lines[0] and "remembered for this CPU" in lines[1]
-    choice = lines[0].split()[3]
-    assert choice in ("onnxruntime", "torch") and (first is not None) == (choice == "onnxruntime")
-    assert (second is not None) == (first is not None)
-    stored = json.loads((tmp_path / "cpu_kernel_choices.json").read_text())
-    width = checkpoints.random_tiny_model(seed=31).local_transformer.ln_f.weight.shape[0]
-    assert [entry[f"int8_audio_phase_{width}"][0] for entry in stored.values()] == [choice]
-
-
-def test_without_onnxruntime_the_int8_phase_runs_in_torch(monkeypatch, caplog):
-    monkeypatch.setattr(onnx_audio_phase, "onnxruntime_available", lambda: False)
-    with caplog.at_level(logging.INFO):
-        assert onnx_audio_phase.audio_phase_graph(int8_tiny()) is None
-    assert "int8 audio phase: torch (onnxruntime and onnx are not installed)" in caplog.messages
-
-
 def test_a_model_the_graph_cannot_serve_runs_in_torch_with_a_warning(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
     model = int8_tiny()
@@ -122,7 +98,4 @@ def test_a_model_the_graph_cannot_serve_runs_in_torch_with_a_warning(tmp_path, m
         onnx_audio_phase.AudioPhaseGraph(model)
     with caplog.at_level(logging.WARNING):
         assert onnx_audio_phase.audio_phase_graph(model) is None
-    assert any("int8 audio phase: torch (the ONNX graph failed: ValueError" in line for line in caplog.messages)
-    assert onnx_audio_phase.audio_phase_of(model) == "torch"
-    with pytest.raises(ValueError, match="expected one of torch, onnxruntime"):
-        onnx_audio_phase.set_audio_phase(model, "tensorrt")
+    assert any("int8 audio_phase: torch (the ONNX graph failed: ValueError" in line for line in caplog.messages)

@@ -1,0 +1,79 @@
+"""How an int8 model decides where its graph phases run (onnx_graph.py), for the global step and the audio phase."""
+
+import json
+import logging
+
+import pytest
+
+from conftest import import_module, optional_module
+
+optional_module("onnxruntime", "pip install -r requirements.txt")
+optional_module("onnx", "pip install -r requirements.txt")
+
+checkpoints = import_module("measurement.checkpoints")
+onnx_graph = import_module("onnx_graph")
+weight_formats = import_module("weight_formats")
+PHASES = [import_module("onnx_global_step").GLOBAL_STEP, import_module("onnx_audio_phase").AUDIO_PHASE]
+
+
+def int8_tiny(seed: int = 31):
+    return weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=seed), "int8")
+
+
+def test_both_phases_are_registered_and_named_in_the_summary():
+    assert {phase.name for phase in onnx_graph.PHASES} == {"global_step", "audio_phase"}
+    assert onnx_graph.phases_of(checkpoints.random_tiny_model(seed=31)) is None  # fp32 runs in torch throughout
+    model = int8_tiny()
+    onnx_graph.set_phase(model, PHASES[0], "onnxruntime")
+    onnx_graph.set_phase(model, PHASES[1], "torch")
+    assert onnx_graph.phases_of(model) == "audio_phase=torch global_step=onnxruntime"
+    onnx_graph.set_phases(model, "onnxruntime")
+    assert onnx_graph.phases_of(model) == "audio_phase=onnxruntime global_step=onnxruntime"
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
+def test_only_an_int8_model_gets_a_graph_and_the_choice_is_probed_once_per_cpu(phase, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
+    assert onnx_graph.phase_graph(checkpoints.random_tiny_model(seed=31), phase) is None  # fp32
+    with caplog.at_level(logging.INFO):
+        first = onnx_graph.phase_graph(int8_tiny(), phase)
+        second = onnx_graph.phase_graph(int8_tiny(), phase)
+    lines = [line for line in caplog.messages if line.startswith(f"int8 {phase.name}: ")]
+    assert len(lines) == 2 and "probe at 1 row: torch" in lines[0] and "remembered for this CPU" in lines[1]
+    choice = lines[0].split()[2]
+    assert choice in ("onnxruntime", "torch") and (first is not None) == (choice == "onnxruntime")
+    assert (second is not None) == (first is not None)
+    stored = json.loads((tmp_path / "cpu_kernel_choices.json").read_text())
+    width = checkpoints.random_tiny_model(seed=31).local_transformer.ln_f.weight.shape[0]
+    assert [entry[f"int8_{phase.name}_{width}"][0] for entry in stored.values()] == [choice]
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
+def test_without_onnxruntime_the_phase_runs_in_torch(phase, monkeypatch, caplog):
+    monkeypatch.setattr(onnx_graph, "onnxruntime_available", lambda: False)
+    with caplog.at_level(logging.INFO):
+        assert onnx_graph.phase_graph(int8_tiny(), phase) is None
+    assert f"int8 {phase.name}: torch (onnxruntime and onnx are not installed)" in caplog.messages
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
+def test_a_graph_that_fails_to_build_costs_speed_never_the_load(phase, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
+
+    def fail(model):
+        raise RuntimeError("no kernel for this operator")
+
+    broken = type(phase)(phase.name, fail, phase.probe)
+    model = int8_tiny()
+    with caplog.at_level(logging.WARNING):
+        assert onnx_graph.phase_graph(model, broken) is None
+    assert f"int8 {phase.name}: torch (the ONNX graph failed: RuntimeError: no kernel for this operator)" in \
+        caplog.messages
+    assert onnx_graph.phase_graph(model, phase) is None  # decided once per model: it stays in torch
+
+
+def test_a_runtime_is_named_and_onnxruntime_needs_int8():
+    with pytest.raises(ValueError, match="runtime 'tensorrt'; expected one of torch, onnxruntime"):
+        onnx_graph.set_phase(int8_tiny(), PHASES[0], "tensorrt")
+    with pytest.raises(ValueError, match="runs int8 models; this one is fp32"):
+        onnx_graph.set_phase(checkpoints.random_tiny_model(seed=31), PHASES[1], "onnxruntime")
