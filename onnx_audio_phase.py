@@ -148,7 +148,6 @@ class _AudioPhaseBuilder(GraphBuilder):
     def _shared_constants(self) -> None:
         self.constant("scaling", np.array(self.block_module.attn.scaling, dtype=np.float32))
         self.constant("minus_inf", np.array(-np.inf, dtype=np.float32))
-        self.constant("zero_float", np.array(0.0, dtype=np.float32))
         vocab = self.model.audio_lm_heads[0].out_features
         self.constant("columns_all", np.arange(vocab, dtype=np.int64))
         self.columns = self.op("Slice", ["columns_all", "zero", "top_k"])  # [K]: 0..K-1

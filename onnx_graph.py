@@ -96,6 +96,7 @@ class GraphBuilder:
                             ("split_q_k", [1, 1]), ("flat_shape", [0, self.width]), ("zero", [0]), ("one", [1]),
                             ("minus_one", [-1]), ("minus_three", [-3]), ("end", [2**62])):
             self.constant(name, np.array(value, dtype=np.int64))
+        self.constant("zero_float", np.array(0.0, dtype=np.float32))
 
     def constant(self, name: str, value) -> str:
         """An initializer (once per name: repeated steps share the weights)."""
@@ -124,7 +125,11 @@ class GraphBuilder:
             if bias is not None:
                 self.constant(f"{key}.bias", bias.numpy())
         bias = [f"{key}.bias"] if f"{key}.bias" in self.initializers else []
-        return self.op("DynamicQuantizeMatMul", [hidden, f"{key}.weight", f"{key}.scale", ""] + bias, domain=CONTRIB)
+        # weight_formats.quantization_guard: a non-finite row is zeroed for the product and made NaN after it
+        poison = self.op("ReduceSum", [self.op("Mul", [hidden, "zero_float"]), "axis_last"], keepdims=1)
+        clean = self.op("Where", [self.op("Equal", [poison, "zero_float"]), hidden, "zero_float"])
+        product = self.op("DynamicQuantizeMatMul", [clean, f"{key}.weight", f"{key}.scale", ""] + bias, domain=CONTRIB)
+        return self.op("Add", [product, poison])
 
     def layer_norm(self, hidden: str, norm) -> str:
         """The LayerNorm `norm` applied to `hidden` (its weight and bias stored once)."""

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 import warnings
 
@@ -365,6 +366,19 @@ class Bf16WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weights, float32 activations"
 
 
+def quantization_guard(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(poison [..., 1]: 0 in finite rows, NaN in a row holding NaN or inf; the rows with the bad ones zeroed).
+
+    Dynamic int8 quantises a call's activations with ONE range over all rows, and the engine's rows are different
+    requests: a non-finite value in one row would set every row's scale (or make fbgemm refuse the call), so one
+    request going non-finite would end its neighbours. Its row is zeroed for the product instead and gets NaN back
+    after it (`product + poison`; adding 0 leaves the other rows' values as they are), so its own logits still
+    come out non-finite and only it fails. onnx_graph.py writes the same guard around every int8 product.
+    """
+    poison = (hidden * 0).sum(dim=-1, keepdim=True)  # inf * 0 and NaN * 0 are NaN
+    return poison, torch.where(poison == 0, hidden, 0.0)
+
+
 class Int8DynamicLinear(nn.Module):
     """A frozen Linear with an int8 weight (symmetric, one scale per output row) and float32 inputs/outputs.
 
@@ -392,8 +406,12 @@ class Int8DynamicLinear(nn.Module):
         self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """float32 [..., in] -> float32 [..., out]."""
-        return torch.ops.quantized.linear_dynamic(hidden, self._packed, False)  # False: 8-bit activations
+        """float32 [..., in] -> float32 [..., out]. A row holding NaN or inf is kept out of the per-tensor
+        quantisation and comes out as NaN (`quantization_guard`; one sum tells whether any row needs it)."""
+        if math.isfinite(hidden.sum()):  # False: 8-bit activations
+            return torch.ops.quantized.linear_dynamic(hidden, self._packed, False)
+        poison, clean = quantization_guard(hidden)
+        return torch.ops.quantized.linear_dynamic(clean, self._packed, False) + poison
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(int8 weight [out, in], float32 scale per output row [out], float32 bias [out] or None), unpacked: the
@@ -636,6 +654,7 @@ __all__ = [
     "lay_out_row_major",
     "normalize_weight_format",
     "onednn_packing_available",
+    "quantization_guard",
     "stored_weight_bytes",
     "use_codec_cpu_layout",
     "weight_format_of",

@@ -326,6 +326,22 @@ def test_a_request_after_one_whose_logits_went_non_finite_in_its_slot_equals_its
     torch.testing.assert_close(audio, alone_audio, **AUDIO_TOLERANCE)
 
 
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_in_int8_a_request_going_non_finite_ends_alone(poisoned, runtime):
+    """int8 quantises each call's activations over all rows, so a NaN row used to end its neighbours too (fbgemm
+    refused the call: decode_step_failed for every request). Now only the request that went non-finite ends."""
+    if not import_module("weight_formats").int8_kernels_available():
+        pytest.skip("this torch build has no fbgemm/oneDNN int8 kernels")
+    onnx_graph = import_module("onnx_graph")
+    if runtime == "onnxruntime" and not onnx_graph.onnxruntime_available():
+        pytest.skip("onnxruntime and onnx are not installed (pip install -r requirements.txt)")
+    int8 = import_module("weight_formats").apply_weight_format(copy.deepcopy(poisoned), "int8")
+    onnx_graph.set_phases(int8, runtime)
+    (failed, _), (neighbour, _) = _run(int8, None, [_doomed(), _request(seed=82, frames=6)], slots=2)
+    assert isinstance(failed, engine_module.ErrorEvent) and failed.code == "non_finite_logits"
+    assert isinstance(neighbour, engine_module.FinishedEvent) and neighbour.codes[0].shape[0] == 6
+
+
 def test_a_stale_nan_under_the_key_mask_of_a_reused_slot_cannot_reach_the_newcomer(poisoned):
     """The newcomer's prompt is shorter than its neighbour's, so the decode step reads its slot past its own rows,
     where the failed request left NaN values (masked keys get weight 0, and 0 x NaN would be NaN)."""

@@ -101,6 +101,22 @@ def test_every_frame_of_a_slot_decoder_matches_the_torch_step():
     assert min(checking.cosines) > 0.999  # measured: 0.99999 or closer
 
 
+def test_a_row_holding_nan_fails_alone_in_the_graph():
+    """Every int8 product in the graph keeps a non-finite row out of the shared activation range (onnx_graph.py):
+    it comes out NaN, and the other rows as they do beside a row of zeros, up to the rounding of the ranges (that
+    row is zero at every product's input, not only at the step's)."""
+    model = int8_tiny()
+    graph = onnx_global_step.GlobalStepGraph(model)
+    embeds = torch.randn(3, 1, model.transformer.ln_f.weight.shape[0], generator=torch.Generator().manual_seed(6))
+    zeroed, broken = embeds.clone(), embeds.clone()
+    zeroed[1], broken[1, 0, 3] = 0.0, float("nan")
+    expected = graph.run(zeroed, None, prefilled_cache(model, [5, 7, 2]))
+    got = graph.run(broken, None, prefilled_cache(model, [5, 7, 2]))
+    assert torch.isnan(got[1]).all()
+    assert torch.isfinite(got[[0, 2]]).all()
+    assert torch.nn.functional.cosine_similarity(got[[0, 2]], expected[[0, 2]], dim=-1).min() > 0.999
+
+
 def test_a_step_past_the_capacity_is_refused_before_the_runtime_writes():
     model = int8_tiny()
     cache = prefilled_cache(model, [4], capacity=4)

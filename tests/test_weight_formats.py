@@ -156,6 +156,21 @@ def test_int8_layer_with_8_bit_activations_does_not_saturate_on_extreme_inputs()
     torch.testing.assert_close(output, linear(hidden).detach(), rtol=1e-3, atol=1e-3)
 
 
+@needs_int8
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_an_int8_row_holding_nan_or_inf_fails_alone(bad):
+    """Activations are quantised with one range over all rows (the engine's rows are different requests): a row
+    holding NaN or inf comes out NaN and leaves the other rows exactly as if it held zeros."""
+    layer = weight_formats.Int8DynamicLinear(torch.nn.Linear(64, 16))
+    hidden = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    zeroed, broken = hidden.clone(), hidden.clone()
+    zeroed[1], broken[1, 5] = 0.0, bad
+    expected, got = layer(zeroed), layer(broken)
+    assert torch.isnan(got[1]).all()
+    assert torch.equal(got[[0, 2]], expected[[0, 2]])
+    assert torch.equal(layer(hidden), layer(hidden.clone()))  # finite rows take the plain call
+
+
 @pytest.mark.parametrize("name, expected", [(None, "fp32"), ("float32", "fp32"), ("BF16", "bf16"),
                                             ("torch.float16", "fp16"), ("int8", "int8")])
 def test_format_names_are_normalised(name, expected):
