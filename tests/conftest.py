@@ -120,6 +120,15 @@ def text_prompt(rows: int, seed: int = 0, batch: int = 1, generator=None) -> tor
     return ids
 
 
+def int8_tiny(seed: int = 31):
+    """A random tiny TTS in the int8 format whose stop logit always loses (checkpoints.force_continue): the model of
+    the ONNX graph tests (onnx_graph.py)."""
+    model = import_module("weight_formats").apply_weight_format(
+        import_module("measurement.checkpoints").random_tiny_model(seed=seed), "int8")
+    import_module("measurement.checkpoints").force_continue(model)
+    return model
+
+
 def audio_head_outputs(model, run) -> list:
     """Call `run()` and return what the model's audio heads computed meanwhile, in call order."""
     recorded = []

@@ -5,15 +5,13 @@ import logging
 import pytest
 import torch
 
-from conftest import import_module, optional_module, text_prompt
+from conftest import import_module, int8_tiny, optional_module, text_prompt
 
 optional_module("onnxruntime", "pip install -r requirements.txt")
 optional_module("onnx", "pip install -r requirements.txt")
 
-checkpoints = import_module("measurement.checkpoints")
 generation = import_module("generation")
 onnx_audio_phase = import_module("onnx_audio_phase")
-weight_formats = import_module("weight_formats")
 
 # One group per slot, each with its own pick: greedy, the CLI's sampled settings, a narrow top-k and top-p with a
 # strong penalty, a top-k beyond the others', and a row that stops at 5 channels.
@@ -27,12 +25,6 @@ GROUPS = [
                                   audio_top_k=60),
     generation.GenerationSettings(max_new_frames=12, nq=5, do_sample=True),
 ]
-
-
-def int8_tiny(seed: int = 31):
-    model = weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=seed), "int8")
-    checkpoints.force_continue(model)
-    return model
 
 
 class CountingGraph:

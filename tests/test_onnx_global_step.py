@@ -3,22 +3,14 @@
 import pytest
 import torch
 
-from conftest import import_module, optional_module, text_prompt
+from conftest import import_module, int8_tiny, optional_module, text_prompt
 
 optional_module("onnxruntime", "pip install -r requirements.txt")
 optional_module("onnx", "pip install -r requirements.txt")
 
-checkpoints = import_module("measurement.checkpoints")
 generation = import_module("generation")
 gpt2_decoder = import_module("gpt2_decoder")
 onnx_global_step = import_module("onnx_global_step")
-weight_formats = import_module("weight_formats")
-
-
-def int8_tiny(seed: int = 31):
-    model = weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=seed), "int8")
-    checkpoints.force_continue(model)
-    return model
 
 
 def prefilled_cache(model, lengths: list[int], capacity: int = 32):

@@ -5,19 +5,14 @@ import logging
 
 import pytest
 
-from conftest import import_module, optional_module
+from conftest import import_module, int8_tiny, optional_module
 
 optional_module("onnxruntime", "pip install -r requirements.txt")
 optional_module("onnx", "pip install -r requirements.txt")
 
 checkpoints = import_module("measurement.checkpoints")
 onnx_graph = import_module("onnx_graph")
-weight_formats = import_module("weight_formats")
 PHASES = [import_module("onnx_global_step").GLOBAL_STEP, import_module("onnx_audio_phase").AUDIO_PHASE]
-
-
-def int8_tiny(seed: int = 31):
-    return weight_formats.apply_weight_format(checkpoints.random_tiny_model(seed=seed), "int8")
 
 
 def test_both_phases_are_registered_and_named_in_the_summary():
