@@ -210,6 +210,7 @@ def phase_graph(model, phase: GraphPhase):
         return set_phase(model, phase, "torch")
     built = []
 
+    @torch.no_grad()  # whatever mode the caller is in (a model loaded under inference mode, a grad-mode thread)
     def probe() -> tuple[str, str]:
         built.append(phase.build(model))
         return _choose(phase.probe(model, built[0]))

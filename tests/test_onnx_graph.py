@@ -4,6 +4,7 @@ import json
 import logging
 
 import pytest
+import torch
 
 from conftest import import_module, int8_tiny, optional_module
 
@@ -41,6 +42,21 @@ def test_only_an_int8_model_gets_a_graph_and_the_choice_is_probed_once_per_cpu(p
     stored = json.loads((tmp_path / "cpu_kernel_choices.json").read_text())
     width = checkpoints.random_tiny_model(seed=31).local_transformer.ln_f.weight.shape[0]
     assert [entry[f"int8_{phase.name}_{width}"][0] for entry in stored.values()] == [choice]
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
+def test_a_model_loaded_under_inference_mode_is_probed_from_a_thread_with_autograd_on(phase, tmp_path, monkeypatch,
+                                                                                      caplog):
+    """bench.py builds its models under torch.inference_mode() and runs the engine with it off: the audio phase's
+    probe then ran torch's local step with autograd recording on inference tensors, failed, and int8 ran in torch."""
+    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
+    with torch.inference_mode():
+        model = int8_tiny()
+    assert torch.is_grad_enabled()
+    with caplog.at_level(logging.INFO):
+        onnx_graph.phase_graph(model, phase)
+    lines = [line for line in caplog.messages if line.startswith(f"int8 {phase.name}: ")]
+    assert len(lines) == 1 and "probe at 1 row: torch" in lines[0], lines
 
 
 @pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
