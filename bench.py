@@ -22,9 +22,9 @@ Sections:
   to upstream (measured in this process on the same weights with --compare-upstream PATH, a folder of upstream's
   remote-code files; else a quoted 6.5 frames/s), time to the first frame, LM real-time factor (prefill included;
   12.5 frames = 1 s) and peak memory. --compare-eager first runs fp32 with eager attention ("x ref" column).
-  Each row is also set against its memory floor (measurement/frame_profile.py): the weight bytes a frame reads at least once, the
-  read bandwidth measured here at --threads (host.read_bandwidth), floor = bytes / bandwidth, and the frame as a
-  multiple of it; --profile splits --profile-frames frames into global step, local steps, heads, sampling and host.
+  Each row is also set against its memory floor (measurement/frame_profile.py): the weight bytes a frame reads at
+  least once, the read bandwidth measured here at --threads (host.read_bandwidth), floor = bytes / bandwidth, and
+  the frame as a multiple of it; --profile splits --profile-frames frames into global step, local steps, heads, sampling and host.
   Frames are forced by a weight edit (`checkpoints.force_continue`): the stop logit loses by 100 every frame, with
   the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; references run once.
 - e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then
@@ -32,11 +32,12 @@ Sections:
 - engine: N concurrent streams (--streams) arriving --stagger s apart on one engine, LM + codec: aggregate frames/s,
   time to first audio p50/p95/p99, worst per-stream real-time factor, underruns (a stream whose received audio falls
   behind playback) and by how much, the largest N with none, the mean tick split (LM step, codec, prefill, host),
-  peak memory. --compare-engine PATH runs another checkout's engine.py (e.g. `git worktree add PATH f2918fd`) on the
-  same model first, so before/after come from one run. --voice-frames N gives every stream a voice-clone prompt in
-  one voice of N reference frames (each its own text); engines with a prefix store (prefix_store.py) then prefill the
-  voice once, and the prefill column shows what that saves. --prefill-chunk-rows N adds this engine prefilling in
-  chunks of N rows (engine.py), and the longest-tick column shows the stall a joining prompt causes.
+  peak memory. --compare-engine PATH runs another checkout's engine (e.g. `git worktree add PATH f2918fd`) on the
+  same weights first, its model and codec built by its own modules, so before/after come from one run.
+  --voice-frames N gives every stream a voice-clone prompt in one voice of N reference frames (each its own text);
+  engines with a prefix store (prefix_store.py) then prefill the voice once, and the prefill column shows what that
+  saves. --prefill-chunk-rows N adds this engine prefilling in chunks of N rows (engine.py), and the longest-tick
+  column shows the stall a joining prompt causes.
 
 A section is a function `(args) -> dict` registered in SECTIONS; it may add its own options in ADD_OPTIONS.
 The device string is passed through to devices.py.
@@ -702,11 +703,17 @@ def run_engine_load(engine, events, prompt, streams: int, frames: int, stagger: 
     for index, clock in enumerate(clocks):
         time.sleep(max(0.0, start + index * stagger - time.perf_counter()))
         clock.submitted = time.perf_counter()
-        request = events.EngineRequest([stream_prompt(events, prompt, index)], settings, seed=index)
+        request = request_type(events)([stream_prompt(events, prompt, index)], settings, seed=index)
         handles.append(engine.submit(request, listener=clock))
     for handle in handles:
         handle.done.wait()
     return summarise_streams(clocks, start)
+
+
+def request_type(events):
+    """The engine module's request class: EngineRequest, called SpeechRequest before d6201c5 (e.g. in f2918fd, the
+    engine issue 26 measures against)."""
+    return getattr(events, "EngineRequest", None) or events.SpeechRequest
 
 
 def bench_voice(device, frames: int) -> torch.Tensor:
@@ -752,10 +759,10 @@ def summarise_streams(clocks, start: float) -> dict:
 
 def engines_under_test(args) -> list:
     """(label, engine module, SpeechEngine options): with --compare-engine PATH, that checkout's engine.py first,
-    loaded as a package of its own (its generation and codec modules with it; the model and codec objects are this
-    checkout's); with --voice-frames, this engine without a prefix store, then with one; with --prefill-chunk-rows,
-    this engine without a store prefilling in chunks (every stream then prefills its whole prompt, so the two
-    storeless rows differ only in how the prompts are cut)."""
+    loaded as a package of its own (its model and codec come from compared_stack); with --voice-frames, this engine
+    without a prefix store, then with one; with --prefill-chunk-rows, this engine without a store prefilling in
+    chunks (every stream then prefills its whole prompt, so the two storeless rows differ only in how the prompts
+    are cut)."""
     this = import_module("engine")
     if args.voice_frames:
         budget = import_module("prefix_store").DEFAULT_BUDGET_BYTES
@@ -769,10 +776,38 @@ def engines_under_test(args) -> list:
     if args.compare_engine:
         import importlib
 
-        import_folder_as_package(args.compare_engine, "moss_tts_nano_compared")
+        import_folder_as_package(args.compare_engine, COMPARED_PACKAGE)
         label = os.path.basename(os.path.normpath(args.compare_engine))
-        engines.insert(0, (label, importlib.import_module("moss_tts_nano_compared.engine"), {}))
+        engines.insert(0, (label, importlib.import_module(f"{COMPARED_PACKAGE}.engine"), {}))
     return engines
+
+
+# The package name bench.py gives a --compare-engine checkout.
+COMPARED_PACKAGE = "moss_tts_nano_compared"
+
+
+def compared_stack(args, device, weight_format: str) -> tuple:
+    """(model, codec) of the --compare-engine checkout with this checkout's weights (build_lm, build_codec), built
+    by that checkout's own modules in `weight_format` (its base name: "int8-onnxruntime" is "int8"), so that its
+    engine runs the model code it was written against (an older engine calls methods our classes have changed)."""
+    import importlib
+
+    def module(name: str):
+        return importlib.import_module(f"{COMPARED_PACKAGE}.{name}")
+
+    config = module("configuration_moss_tts_nano").MossTTSNanoConfig.from_json_file(
+        os.path.join(REPO_ROOT, "config.json"))
+    model = module("modeling_moss_tts_nano").MossTTSNanoForCausalLM(config).float().eval()
+    model.load_state_dict(build_lm(args, "cpu").state_dict())
+    model = module("weight_formats").apply_weight_format(model.to(device), weight_format.partition("-")[0])
+    codec = module("modeling_moss_audio_tokenizer").MossAudioTokenizerModel(
+        module("configuration_moss_audio_tokenizer").MossAudioTokenizerConfig()).eval()
+    codec.load_state_dict(build_codec("cpu", "fp32", "row-major").state_dict())
+    codec = codec.to(device)
+    codec.set_compute_dtype(args.codec_dtype)
+    if args.codec_layout == "auto":
+        module("weight_formats").use_codec_cpu_layout(codec)
+    return model, codec
 
 
 def time_engine(events, model, codec, prompt, streams: int, args, options: dict) -> dict:
@@ -808,17 +843,20 @@ def run_engine(args) -> dict:
     for fmt in args.weight_format:
         model = build_lm_in_format(args, device, fmt)
         engines = engines_under_test(args)
+        stacks = {label: (model, codec) for label, _, _ in engines}
+        if args.compare_engine:
+            stacks[engines[0][0]] = compared_stack(args, device, fmt)
         rows = {label: [] for label, _, _ in engines}
         for streams in args.streams:
             for label, events, options in engines:
-                rows[label].append(time_engine(events, model, codec, prompt, streams, args, options))
+                rows[label].append(time_engine(events, *stacks[label], prompt, streams, args, options))
         for label, _, _ in engines:
             ok = [row for row in rows[label] if row["underrun_streams"] == 0 and row["errors"] == 0]
             formats.append({"weight_format": fmt, "engine": label, "rows": rows[label],
                             "max_realtime_streams": max((row["streams"] for row in ok), default=0),
                             "max_realtime_streams_ttfa_500ms": max(
                                 (row["streams"] for row in ok if row["ttfa_p95_ms"] < 500), default=0)})
-        del model
+        del model, stacks
     return {"device": str(device), "frames": args.engine_frames, "stagger_s": args.stagger,
             "step_mode": args.step_mode, "voice_frames": args.voice_frames, "formats": formats}
 
