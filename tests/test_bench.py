@@ -31,3 +31,17 @@ def test_codec_section_reports_steady_state_stream_start_and_the_chosen_layout(c
     _bench_module().print_codec(codec)
     printed = capsys.readouterr().out
     assert "1 frame(s)/call" in printed and "first 2 frames of fresh streams" in printed, printed
+
+
+def test_engine_section_compares_another_checkout_on_its_own_model_classes():
+    """--compare-engine loads a checkout as a package of its own and builds its model and codec with its own modules
+    (same weights), so that an older engine runs the code it was written against; here the checkout is this one."""
+    command = [sys.executable, "bench.py", "--section", "engine", "--weight-format", "fp32", "--streams", "1",
+               "--engine-frames", "2", "--compare-engine", str(REPO_ROOT), "--json"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    formats = json.loads(done.stdout)["engine"]["formats"]
+    assert [entry["engine"] for entry in formats] == [REPO_ROOT.name, "this"]
+    for entry in formats:
+        (row,) = entry["rows"]
+        assert row["errors"] == 0 and row["frames"] == 2, entry
