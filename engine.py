@@ -245,16 +245,17 @@ class SpeechEngine:
     @torch.no_grad()
     def step(self) -> bool:
         """One scheduler tick (module docstring). Returns whether any request is still waiting or running."""
-        started = time.perf_counter()
         self._drop_cancelled()
         self._admit()
+        started = time.perf_counter()  # ticks are measured without prefill and priming (engine_schedule.EngineCosts)
+        rows = max(self._running, default=-1) + 1
         if self.decoder.groups:
             self._frame()
         if self.codec is not None:
             self._decode_audio()
         self._close_finished()
         if self._running:
-            self.costs.add_tick(time.perf_counter() - started)
+            self.costs.add_tick(time.perf_counter() - started, rows)
         self.ticks += 1
         return bool(self._running or self._waiting)
 
@@ -303,6 +304,7 @@ class SpeechEngine:
                 stream = self._waiting.popleft()
             stream.slot = free[0]
             stream.handle.admitted.set()
+            self.costs.joined()
             self._running[stream.slot] = stream
             self._start_codec(stream)
             self._begin_prefill(stream)
@@ -326,6 +328,7 @@ class SpeechEngine:
         if self.prefill_chunk_rows is not None:
             stall_rows = min(stall_rows, self.prefill_chunk_rows)
         budget_spent = self._prefilled or any(other.fill is not None for other in self._running.values())
+        self.costs.codec_share = self.codec.window_share(rows_after)
         return admission_refusal(self.costs, slacks, rows_after, stall_rows, budget_spent,
                                  self.codec.hop / self.codec.rate)
 
@@ -444,6 +447,7 @@ class SpeechEngine:
         """
         now = time.perf_counter()
         rows = max(self._running, default=0) + 1
+        self.costs.codec_share = self.codec.window_share(rows)
         wanted = {slot: self._frames_to_decode(stream, now, rows) for slot, stream in self._running.items()
                   if stream.pending and stream.prime is None}
         if not any(wanted.values()):
@@ -464,7 +468,7 @@ class SpeechEngine:
                 self._end(self._running[slot], ErrorEvent(f"{type(error).__name__}: {error}", code=CODEC_FAILED))
             return
         span = (max(work) + 1) * max(codes.shape[0] for codes, _ in work.values())
-        self.costs.codec.add(span, time.perf_counter() - started)
+        self.costs.add_codec_call(span * self.codec.window_share(max(work) + 1), time.perf_counter() - started)
         for slot, waveform in audio.items():  # a listener that raises ends its own request only (_deliver)
             self._emit(self._running[slot], waveform, is_pause=False)
 

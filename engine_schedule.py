@@ -22,11 +22,12 @@ for fuller calls; under load the calls grow instead of shrinking (upstream's lea
 decodes one frame per call once a stream is behind, which keeps it behind).
 
 Admission (`admission_refusal`). A waiting request joins only when the machine can keep every admitted stream
-ahead of playback: the tick with one more stream (the measured mean tick plus the predicted growth: LM step + its
-share of the small codec calls a newcomer asks for until it has slack) stays within REALTIME_SHARE of a frame's
-duration, at most one prefill call runs per tick while streams are playing (the per-tick prefill budget: a prompt's
-part, or a chunk of it with the engine's prefill_chunk_rows, and none while another prompt's chunks are still
-running), and every playing stream has the slack to absorb the newcomer's prefill call and first frame.
+ahead of playback: the tick with one more stream, once every window is full (the predicted LM step and codec share
+plus the measured excess, or with the small codec calls a newcomer asks for until it has slack, `EngineCosts`), stays
+within REALTIME_SHARE of a frame's duration, at most one prefill call runs per tick while streams are playing (the
+per-tick prefill budget: a prompt's part, or a chunk of it with the engine's prefill_chunk_rows, and none while
+another prompt's chunks are still running), and every playing stream has the slack to absorb the newcomer's prefill
+call and first frame.
 Otherwise it waits in the queue (under the server's queue deadline) and the engine names why (WAIT_REASONS).
 
 The costs are measured online (exponentially weighted linear fits), so the same rules hold on any device.
@@ -45,10 +46,16 @@ CODEC_FRAMES_PER_CALL = 8
 CATCH_UP_FRAMES = 4
 # Slack a stream must keep when its next audio arrives (host jitter, a slower tick than predicted).
 UNDERRUN_MARGIN_SECONDS = 0.03
-# Weight of the latest tick in the measured mean tick (about the last 16 ticks count: two full codec calls).
+# Weight of the latest tick in the measured excess (about the last 16 ticks count: two full codec calls).
 TICK_WEIGHT = 1 / 16
-# A steady tick may take at most this share of a frame's duration when a stream is admitted (headroom for jitter).
-REALTIME_SHARE = 0.9
+# A steady tick may take at most this share of a frame's duration when a stream is admitted: a host that turns 25%
+# slower than measured still keeps every stream ahead. A shared 2-core VM's speed varies that much between minutes
+# (the same 4-stream load took 60 ms ticks in one run and 84 ms in the next); at 0.9 the streams it let in underran.
+REALTIME_SHARE = 0.8
+# Codec calls measured since the last join before the next request may join a playing engine: the costs of the rows
+# that run now are then known, not extrapolated from fewer rows (five joins within 0.8 s on a 2-core CPU, each on the
+# costs measured before the last, made ticks 30% longer than predicted and every stream underran).
+SETTLE_CODEC_CALLS = 2
 # Why a request waits in the queue (engine.waiting_by_reason, the server's /metrics).
 NO_FREE_SLOT = "no_free_slot"
 PREFILL_BUDGET = "prefill_budget"
@@ -90,25 +97,56 @@ class LinearCost:
 
 
 class EngineCosts:
-    """Measured costs of the engine's work: the LM step by rows, codec calls by rows x frames, prefill by rows."""
+    """Measured costs of the engine's work: the LM step by rows, codec calls by rows x frames, prefill by rows.
+
+    Codec calls are fitted as if every window were full: a call's rows x frames count at the codec's
+    `window_share` (a young stream attends a short history and decodes up to ~2x cheaper per frame), so the
+    prediction is what the streams will cost once their windows fill, seconds later. Admitting on a young stream's
+    cost let five streams in on a 2-core CPU whose ticks then grew from 64 to 88 ms per 80 ms frame, and every one
+    underran. What the fits miss (host work, codec calls smaller than full ones) is the measured *excess*: the mean
+    of each tick's seconds minus the prediction for the rows it ran, so it stays true when streams leave (a plain
+    mean tick kept the rows that had left for ~40 ticks). Ticks count the LM step, the codec calls and host work,
+    not prefill or priming, which are budgeted per tick (PREFILL_BUDGET, PROTECTING_SLACK): a first tick holding a
+    whole prompt's prefill kept a plain mean above the bound for ~40 ticks while one stream played at half real time.
+    """
 
     def __init__(self) -> None:
         self.lm = LinearCost(fixed_share=0.7)
-        self.codec = LinearCost(fixed_share=0.5)
+        self.codec = LinearCost(fixed_share=0.5)  # sizes in frames at full windows (above)
         self.prefill = LinearCost(fixed_share=0.0)
-        self.tick = 0.0  # measured mean seconds per tick while streams run (prefill and codec calls included)
+        self.excess: Optional[float] = None  # mean seconds a tick took beyond steady_tick (None: none measured)
+        self.codec_share = 1.0  # the codec's window share now (the engine sets it before it decides)
+        self.codec_calls_since_join = SETTLE_CODEC_CALLS
 
-    def add_tick(self, seconds: float) -> None:
-        self.tick = seconds if self.tick == 0.0 else self.tick + TICK_WEIGHT * (seconds - self.tick)
+    def add_codec_call(self, frames: float, seconds: float) -> None:
+        """A codec call of `frames` (rows x frames at full windows) took `seconds`."""
+        self.codec.add(frames, seconds)
+        self.codec_calls_since_join += 1
+
+    def joined(self) -> None:
+        """A request joined: the rows that run from now on are not measured yet."""
+        self.codec_calls_since_join = 0
+
+    def codec_now(self, frames: float) -> float:
+        """Seconds of a codec call of `frames` (rows x frames) at the streams' current window share: what a call
+        made now costs (when a stream's audio arrives), where `codec.predict` is the cost once the windows fill."""
+        return self.codec.predict(frames * self.codec_share)
+
+    def add_tick(self, seconds: float, rows: int) -> None:
+        """A tick that ran `rows` rows took `seconds` (LM step, codec calls, host work)."""
+        if self.lm.count == 0 or self.codec.count == 0:
+            return
+        excess = seconds - self.steady_tick(rows)
+        self.excess = excess if self.excess is None else self.excess + TICK_WEIGHT * (excess - self.excess)
 
     def tick_after_join(self, rows: int) -> float:
-        """Seconds per tick once a stream joins and `rows` run: the measured mean tick plus the predicted growth,
-        or the prediction alone, whichever is larger. The prediction is a tick of CATCH_UP_FRAMES-frame codec calls,
-        not full ones: the newcomer starts with little slack and asks for a call every few ticks, and the playing
-        streams' frames ride along in those calls, so until it has built slack every stream's frames go out in small
-        calls (a tick that only fits with full calls leaves it at zero slack, underrunning; seen on a 2-core CPU)."""
-        growth = self.steady_tick(rows, CATCH_UP_FRAMES) - self.steady_tick(rows - 1, CODEC_FRAMES_PER_CALL)
-        return max(self.steady_tick(rows, CATCH_UP_FRAMES), self.tick + max(0.0, growth))
+        """Seconds per tick once a stream joins and `rows` run: the prediction with the measured excess, or the
+        prediction of a tick of CATCH_UP_FRAMES-frame codec calls, whichever is larger. The newcomer starts with
+        little slack and asks for a call every few ticks, and the playing streams' frames ride along in those calls,
+        so until it has built slack every stream's frames go out in small calls (a tick that only fits with full
+        calls leaves it at zero slack, underrunning; seen on a 2-core CPU)."""
+        measured = self.steady_tick(rows) + (self.excess or 0.0)
+        return max(self.steady_tick(rows, CATCH_UP_FRAMES), measured)
 
     def steady_tick(self, rows: int, frames_per_call: int = CODEC_FRAMES_PER_CALL) -> float:
         """Seconds per tick with `rows` streams when every codec call carries `frames_per_call` frames of each: the
@@ -145,7 +183,7 @@ class DeadlinePolicy:
     @staticmethod
     def wait_cost(costs: EngineCosts, rows: int, pending: int) -> float:
         """Seconds until a stream's audio arrives if it waits one more tick: the LM step, then a call of one more."""
-        return costs.lm.predict(rows) + costs.codec.predict(rows * (pending + 1))
+        return costs.lm.predict(rows) + costs.codec_now(rows * (pending + 1))
 
     def first_frames(self, costs: EngineCosts, rows: int, frame_seconds: float) -> int:
         """Frames of the first audio: the fewest whose playback outlasts the next tick and then a tick of waiting, so
@@ -243,9 +281,11 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
     playing = [slack for slack in slacks if slack is not None]
     if prefilled_this_tick and playing:
         return PREFILL_BUDGET
+    if playing and costs.codec_calls_since_join < SETTLE_CODEC_CALLS:
+        return KEEPING_STREAMS_AHEAD  # the last newcomer's costs are not measured yet
     if costs.tick_after_join(rows_after) > REALTIME_SHARE * frame_seconds:
         return KEEPING_STREAMS_AHEAD
-    stall = costs.prefill.predict(prompt_rows) + costs.lm.predict(rows_after) + costs.codec.predict(rows_after)
+    stall = costs.prefill.predict(prompt_rows) + costs.lm.predict(rows_after) + costs.codec_now(rows_after)
     if playing and min(playing) < stall + UNDERRUN_MARGIN_SECONDS:
         return PROTECTING_SLACK
     return None
@@ -253,5 +293,5 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
 
 __all__ = ["CATCH_UP_FRAMES", "CODEC_FRAMES_PER_CALL", "DEADLINE_POLICY", "DeadlinePolicy", "EVERY_FRAME_STREAM_POLICY",
            "EngineCosts", "KEEPING_STREAMS_AHEAD", "LinearCost", "NO_FREE_SLOT", "PREFILL_BUDGET", "PROTECTING_SLACK",
-           "STREAM_POLICIES", "StreamDecodePolicy", "UPSTREAM_CUDA_STREAM_POLICY", "UPSTREAM_STREAM_POLICY",
-           "WAIT_REASONS", "admission_refusal", "stream_lead_seconds"]
+           "REALTIME_SHARE", "SETTLE_CODEC_CALLS", "STREAM_POLICIES", "StreamDecodePolicy", "UPSTREAM_CUDA_STREAM_POLICY",
+           "UPSTREAM_STREAM_POLICY", "WAIT_REASONS", "admission_refusal", "stream_lead_seconds"]

@@ -1,5 +1,7 @@
 """Deadline scheduling (engine_schedule.py): codec calls by playback slack, admission by measured capacity."""
 
+import time
+
 import pytest
 import torch
 
@@ -88,6 +90,17 @@ def test_admission_names_why_a_request_waits():
     assert refuse(slow, [2.0], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
 
 
+def test_after_a_join_the_next_waits_until_codec_calls_with_the_new_rows_are_measured():
+    costs, refuse = _costs(lm=0.01, codec_call=0.01, codec_per_row_frame=0.002), schedule.admission_refusal
+    assert refuse(costs, [2.0, 2.0], 3, 20, False, FRAME) is None
+    costs.joined()
+    assert refuse(costs, [None], 2, 20, False, FRAME) is None  # nothing plays yet: nobody to protect
+    for _ in range(schedule.SETTLE_CODEC_CALLS):
+        assert refuse(costs, [2.0, 2.0], 3, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
+        costs.add_codec_call(8, costs.codec.predict(8))
+    assert refuse(costs, [2.0, 2.0], 3, 20, False, FRAME) is None
+
+
 def test_admission_counts_the_small_codec_calls_a_newcomer_needs_until_it_has_slack():
     """Full 8-frame calls would fit two streams in a frame, 4-frame calls would not: the newcomer waits, since it
     asks for a call every few ticks until it has slack and the playing stream's frames ride along in those calls."""
@@ -96,6 +109,75 @@ def test_admission_counts_the_small_codec_calls_a_newcomer_needs_until_it_has_sl
     assert schedule.admission_refusal(costs, [2.0], 2, 20, False, FRAME) == schedule.KEEPING_STREAMS_AHEAD
     cheap_calls = _costs(lm=0.03, codec_call=0.02, codec_per_row_frame=0.002)
     assert schedule.admission_refusal(cheap_calls, [2.0], 2, 20, False, FRAME) is None
+
+
+def test_the_measured_excess_follows_the_rows_that_run_when_streams_leave():
+    """Each tick is measured against the prediction for the rows it ran, so ticks of five streams say nothing about
+    one stream: the stream that waits behind them joins once four have left. A plain mean of the ticks still held
+    the five-stream ticks ~40 ticks later."""
+    costs = _costs(lm=0.01, codec_call=0.005, codec_per_row_frame=0.002)
+    for _ in range(40):
+        costs.add_tick(costs.steady_tick(5) + 0.004, 5)
+    assert costs.excess == pytest.approx(0.004)
+    assert costs.tick_after_join(5) == pytest.approx(max(costs.steady_tick(5, schedule.CATCH_UP_FRAMES),
+                                                         costs.steady_tick(5) + 0.004))
+    assert costs.tick_after_join(2) == pytest.approx(max(costs.steady_tick(2, schedule.CATCH_UP_FRAMES),
+                                                         costs.steady_tick(2) + 0.004))
+    assert costs.tick_after_join(2) < costs.steady_tick(5)  # a plain mean tick said steady_tick(5) + 0.004 here
+    unmeasured = schedule.EngineCosts()
+    unmeasured.add_tick(1.0, 1)  # a tick before any LM step or codec call was measured counts for nothing
+    assert unmeasured.excess is None and unmeasured.tick_after_join(1) == 0.0
+
+
+def test_decode_timing_uses_what_a_codec_call_costs_now_and_admission_what_it_will_cost_at_full_windows():
+    costs, policy = _costs(), schedule.DEADLINE_POLICY
+    full_wait, full_tick = policy.wait_cost(costs, 4, 2), costs.steady_tick(4)
+    costs.codec_share = 0.5  # young streams: a call attends half of what it will
+    assert policy.wait_cost(costs, 4, 2) == pytest.approx(costs.lm.predict(4) + costs.codec.predict(4 * 3 * 0.5))
+    assert policy.wait_cost(costs, 4, 2) < full_wait and costs.steady_tick(4) == full_tick
+
+
+def test_a_young_stream_costs_less_per_codec_frame_and_the_share_reaches_one_at_full_windows(codec):
+    """Young streams attend a short history; the codec's window share says how much cheaper their frames are, so
+    that the engine fits what a frame costs once the windows are full."""
+    slots = import_module("codec_streaming").codec_slots(codec, 2, 16)
+    shares = []
+    for _ in range(12):  # one frame per call: the tiny codec's rings fill after 8
+        slots.decode({0: (torch.randint(0, 8, (1, 16)), 16)})
+        shares.append(slots.window_share(1))
+    assert 0 < shares[0] < shares[4] < 1
+    assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)
+    slots.reset(0)
+    assert slots.window_share(1) < shares[0]
+
+
+def test_the_engine_fits_codec_calls_at_full_windows_and_leaves_prefill_out_of_its_ticks(codec, monkeypatch):
+    model = checkpoints.always_continue_tiny_model(seed=4).eval()
+    engine = engine_module.SpeechEngine(model, codec, num_slots=2, max_positions=64)
+    spans, shares, sizes = [], [], []  # per codec call: rows x frames, the window share after it, the fitted size
+    decode, add = engine.codec.decode, engine.costs.codec.add
+
+    def recorded_decode(work):
+        audio = decode(work)
+        spans.append((max(work) + 1) * max(codes.shape[0] for codes, _ in work.values()))
+        shares.append(engine.codec.window_share(max(work) + 1))
+        return audio
+
+    monkeypatch.setattr(engine.codec, "decode", recorded_decode)
+    monkeypatch.setattr(engine.costs.codec, "add", lambda size, seconds: (sizes.append(size), add(size, seconds)))
+    fill = engine.decoder.fill
+
+    def slow_fill(*args, **kwargs):
+        time.sleep(0.3)  # a prompt's prefill far longer than any tick of this tiny model
+        return fill(*args, **kwargs)
+
+    monkeypatch.setattr(engine.decoder, "fill", slow_fill)
+    handle = engine.submit(_request(3, frames=20))
+    engine.run_until_idle()
+    assert isinstance(handle.pending()[-1], engine_module.FinishedEvent)
+    assert sizes == pytest.approx([span * part for span, part in zip(spans, shares)]) and len(sizes) == len(spans)
+    assert shares[0] < shares[-1] and shares[0] < 1  # the first call is counted at its share of a full window
+    assert engine.costs.excess is not None and engine.costs.excess < 0.1
 
 
 def _request(seed, frames, realtime=True):
