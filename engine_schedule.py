@@ -10,11 +10,11 @@ Codec work (`DeadlinePolicy`). The codec costs a lot per call and less per frame
 2-core CPU about 26 ms for 1 frame, 80 ms for 8), so frames wait in the stream's pending list until one of these
 holds, and then ONE batched call decodes every stream's pending frames (up to a full call each, `ride_along`):
   * the stream has no audio yet and has the frames of its first audio: one frame where the machine is fast enough,
-    else the fewest frames whose playback covers the next tick and a tick of waiting (`first_frames`; 2-3 on a 2-core
-    CPU), so that the stream can let later frames gather instead of staying one frame from underrun;
+    else the fewest frames whose playback covers its next codec cycle of CATCH_UP_FRAMES frames (`first_frames`; 2-5
+    on a 2-core CPU), so that the stream can let later frames gather instead of staying one frame from underrun;
   * it has a full call's frames pending (CODEC_FRAMES_PER_CALL);
-  * waiting one more tick would leave it less than UNDERRUN_MARGIN_SECONDS of slack when its audio arrives
-    (predicted from the measured LM tick and codec call times, `EngineCosts`);
+  * waiting one more tick would leave it less than UNDERRUN_MARGIN_SECONDS of slack when its audio arrives, were the
+    host HOST_SLOWDOWN slower than the measured LM tick and codec call times (`EngineCosts`);
   * it is behind playback already (the host slowed down) and has CATCH_UP_FRAMES pending: calls of a few frames
     let it catch up, where one frame per tick would keep it behind.
 A stream close to underrunning is thus decoded with the frames it has, and streams with slack ride along or wait
@@ -48,10 +48,14 @@ CATCH_UP_FRAMES = 4
 UNDERRUN_MARGIN_SECONDS = 0.03
 # Weight of the latest tick in the measured excess (about the last 16 ticks count: two full codec calls).
 TICK_WEIGHT = 1 / 16
-# A steady tick may take at most this share of a frame's duration when a stream is admitted: a host that turns 25%
-# slower than measured still keeps every stream ahead. A shared 2-core VM's speed varies that much between minutes
-# (the same 4-stream load took 60 ms ticks in one run and 84 ms in the next); at 0.9 the streams it let in underran.
-REALTIME_SHARE = 0.8
+# How much slower than measured the host may turn: a shared 2-core VM's speed swings that much between minutes (the
+# same 4-stream load took 60 ms ticks in one run and 84 ms in the next; the LM step of one tick 25 ms, of the next
+# 39 ms). A stream is decoded while its slack still covers waiting one more tick that much slower, and its first
+# audio covers its next codec cycle that much slower.
+HOST_SLOWDOWN = 1.25
+# A steady tick may take at most this share of a frame's duration when a stream is admitted, so that a host
+# HOST_SLOWDOWN slower still keeps every stream ahead (at 0.9, the streams it let in underran here).
+REALTIME_SHARE = 1 / HOST_SLOWDOWN
 # Codec calls measured since the last join before the next request may join a playing engine: the costs of the rows
 # that run now are then known, not extrapolated from fewer rows (five joins within 0.8 s on a 2-core CPU, each on the
 # costs measured before the last, made ticks 30% longer than predicted and every stream underran).
@@ -172,7 +176,7 @@ class DeadlinePolicy:
             return self.max_frames
         if slack < 0:  # behind already: calls of CATCH_UP_FRAMES cost less per frame than one frame a tick
             return pending if pending >= CATCH_UP_FRAMES else 0
-        return pending if slack < self.wait_cost(costs, rows, pending) + self.margin_seconds else 0
+        return pending if slack < HOST_SLOWDOWN * self.wait_cost(costs, rows, pending) + self.margin_seconds else 0
 
     def ride_along(self, longest: int) -> int:
         """Frames a stream that did not ask takes into a call that runs `longest` frames: all it has, up to a full
@@ -186,12 +190,14 @@ class DeadlinePolicy:
         return costs.lm.predict(rows) + costs.codec_now(rows * (pending + 1))
 
     def first_frames(self, costs: EngineCosts, rows: int, frame_seconds: float) -> int:
-        """Frames of the first audio: the fewest whose playback outlasts the next tick and then a tick of waiting, so
-        that the stream can let its later frames gather into fuller calls instead of staying one frame from underrun
-        in costly one-frame calls (1 where the ticks and a codec call take less than a frame, e.g. on an accelerator
-        or before anything is measured; 2-3 on a 2-core CPU)."""
-        survive = costs.lm.predict(rows) + self.wait_cost(costs, rows, 1) + self.margin_seconds
-        return min(self.max_frames, max(1, math.ceil(survive / frame_seconds - 1e-9)))
+        """Frames of the first audio: the fewest whose playback outlasts the LM steps of CATCH_UP_FRAMES more frames
+        and their codec call, so that the stream can let its later frames gather into calls of several frames (1
+        where that takes less than a frame, e.g. on an accelerator or before anything is measured; 2 for one stream
+        on a 2-core CPU, 4 beside four others). With only the frames for the next tick and a tick of waiting (2 on
+        a 2-core CPU beside four streams), a prediction a little low left a newcomer 0.15 s ahead of playback,
+        asking for a one-frame call of every row each tick: 84 ms ticks per 80 ms frame, and it underran."""
+        cycle = HOST_SLOWDOWN * (CATCH_UP_FRAMES * costs.lm.predict(rows) + costs.codec_now(rows * CATCH_UP_FRAMES))
+        return min(self.max_frames, max(1, math.ceil((cycle + self.margin_seconds) / frame_seconds - 1e-9)))
 
 
 @dataclass(frozen=True)
@@ -292,6 +298,7 @@ def admission_refusal(costs: EngineCosts, slacks: list[float], rows_after: int, 
 
 
 __all__ = ["CATCH_UP_FRAMES", "CODEC_FRAMES_PER_CALL", "DEADLINE_POLICY", "DeadlinePolicy", "EVERY_FRAME_STREAM_POLICY",
-           "EngineCosts", "KEEPING_STREAMS_AHEAD", "LinearCost", "NO_FREE_SLOT", "PREFILL_BUDGET", "PROTECTING_SLACK",
-           "REALTIME_SHARE", "SETTLE_CODEC_CALLS", "STREAM_POLICIES", "StreamDecodePolicy", "UPSTREAM_CUDA_STREAM_POLICY",
-           "UPSTREAM_STREAM_POLICY", "WAIT_REASONS", "admission_refusal", "stream_lead_seconds"]
+           "EngineCosts", "HOST_SLOWDOWN", "KEEPING_STREAMS_AHEAD", "LinearCost", "NO_FREE_SLOT", "PREFILL_BUDGET",
+           "PROTECTING_SLACK", "REALTIME_SHARE", "SETTLE_CODEC_CALLS", "STREAM_POLICIES", "StreamDecodePolicy",
+           "UPSTREAM_CUDA_STREAM_POLICY", "UPSTREAM_STREAM_POLICY", "WAIT_REASONS", "admission_refusal",
+           "stream_lead_seconds"]
