@@ -56,19 +56,29 @@ def decode(model, graph, groups, frames: int = 12):
 
 
 def test_graph_codes_equal_the_torch_phase_row_by_row_for_every_kind_of_pick():
+    """The graph's products round their 8-bit activations as ONNX Runtime does, not as fbgemm does, so a logit can
+    differ in its last bits and a sampled pick at a near-tie can go the other way; from then on that row (and, through
+    the shared activation range of int8, its neighbours) decodes another path. So: every frame equal until the first
+    such split, which comes late and in one row only (on an AVX2 CPU none came in 12 frames; on a Zen 4 with VNNI,
+    row 2 at frame 7 of 12). A wrong pick rule splits every sampled row at frame 0."""
     model = int8_tiny()
     graph = onnx_audio_phase.AudioPhaseGraph(model)
     torch_codes, torch_sums, _ = decode(model, None, GROUPS)
     graph_codes, graph_sums, calls = decode(model, graph, GROUPS)
     assert calls == 12  # every frame's audio phase ran in the graph
     assert len(torch_codes) == len(graph_codes) == 12
+    split = len(torch_codes)
     for frame, (expected, got) in enumerate(zip(torch_codes, graph_codes)):
         assert len(expected) == len(got) == len(GROUPS)
-        for group, (row_expected, row_got) in enumerate(zip(expected, got)):
-            assert torch.equal(row_expected, row_got), (frame, group)
-    # Each channel's logit sum (the non-finite check) from another int8 kernel: the same up to the rounding of its
-    # 8-bit activations (measured: 2.6e-5 on average, at most 0.024 where the sums reach 19).
-    expected, got = torch.stack(torch_sums), torch.stack(graph_sums)
+        differ = [group for group, (row_expected, row_got) in enumerate(zip(expected, got))
+                  if not torch.equal(row_expected, row_got)]
+        if differ:
+            assert len(differ) == 1 and frame >= 4, (frame, differ)
+            split = frame
+            break
+    # Each channel's logit sum (the non-finite check) from another int8 kernel, while the paths are the same: equal up
+    # to the rounding of its 8-bit activations (measured: 2.6e-5 on average, at most 0.024 where the sums reach 19).
+    expected, got = torch.stack(torch_sums[:split]), torch.stack(graph_sums[:split])
     assert (got - expected).abs().max() <= 5e-3 * expected.abs().max()
 
 
