@@ -26,8 +26,8 @@ ahead of playback: the tick with one more stream, once every window is full (the
 plus the measured excess, or with the small codec calls a newcomer asks for until it has slack, `EngineCosts`), stays
 within REALTIME_SHARE of a frame's duration, at most one prefill call runs per tick while streams are playing (the
 per-tick prefill budget: a prompt's part, or a chunk of it with the engine's prefill_chunk_rows, and none while
-another prompt's chunks are still running), and every playing stream has the slack to absorb the newcomer's prefill
-call and first frame.
+another prompt's chunks are still running), every playing stream has the slack to absorb the newcomer's prefill
+call and first frame, and SETTLE_CODEC_CALLS codec calls have measured the rows the last newcomer added.
 Otherwise it waits in the queue (under the server's queue deadline) and the engine names why (WAIT_REASONS).
 
 The costs are measured online (exponentially weighted linear fits), so the same rules hold on any device.
