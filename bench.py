@@ -24,7 +24,8 @@ Sections:
   12.5 frames = 1 s) and peak memory. --compare-eager first runs fp32 with eager attention ("x ref" column).
   Each row is also set against its memory floor (measurement/frame_profile.py): the weight bytes a frame reads at
   least once, the read bandwidth measured here at --threads (host.read_bandwidth), floor = bytes / bandwidth, and
-  the frame as a multiple of it; --profile splits --profile-frames frames into global step, local steps, heads, sampling and host.
+  the frame as a multiple of it; --profile splits --profile-frames frames into global step, local steps, heads,
+  sampling and host.
   Frames are forced by a weight edit (`checkpoints.force_continue`): the stop logit loses by 100 every frame, with
   the same shapes and ops as any frame. Medians of --runs runs after --warmup short runs; references run once.
 - e2e: generate_stream frames streamed into the codec's decode session (first frame alone, then

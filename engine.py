@@ -248,7 +248,7 @@ class SpeechEngine:
         self._drop_cancelled()
         self._admit()
         started = time.perf_counter()  # ticks are measured without prefill and priming (engine_schedule.EngineCosts)
-        rows = max(self._running, default=-1) + 1
+        rows = max(self._running, default=0) + 1  # as _frame and _decode_audio count them
         if self.decoder.groups:
             self._frame()
         if self.codec is not None:
