@@ -4,8 +4,8 @@ After a frame's text decision, the local decoder takes 16 steps, one per audio c
 head, the pick of a code (repetition penalty, top-k, top-p, the sampling draw) and that code's embedding, which feeds
 the next step. In torch each step is about 40 small calls around 5 int8 matrix products, and on a CPU the calls cost
 as much as the products. This module writes the 16 steps, unrolled, as one ONNX graph over the same int8 weights
-(`Int8DynamicLinear.int8_weight`: the same values, and ONNX Runtime's `DynamicQuantizeMatMul` quantises activations
-per tensor to 8 bits as fbgemm does), and runs it in one `InferenceSession.run` per frame.
+(`Int8DynamicLinear.int8_weight`; its products quantise activations per row, onnx_graph.py), and runs it in one
+`InferenceSession.run` per frame.
 
 What stays in torch: the rest of the decision phase (local step 0, the text head and decision; the global step has
 its own graph, onnx_global_step.py), the random numbers (drawn in upstream's order before the phase) and the
@@ -15,10 +15,11 @@ what it gives: the 16 codes of each row, each channel's logit sum (the non-finit
 summed in torch's order.
 
 It is a kernel choice of the int8 format, like fp32's (onnx_graph.py): `audio_phase_graph(model)` builds it once per
-model and keeps it only where a timing probe against the torch phase finds it faster (remembered per CPU). The codes
-are those of the torch phase up to the float rounding of a different kernel (tests/test_onnx_audio_phase.py bounds
-the teacher-forced logits and compares codes), which the int8 format's bounds already allow; fp32, bf16 and fp16 never
-use it. Without onnxruntime (or onnx) installed the int8 format runs in torch, as before.
+model and keeps it only where a timing probe against the torch phase finds it faster (remembered per CPU). Its logits
+are the torch phase's up to the rounding of 8-bit activations, and its picks are the torch phase's wherever both
+kernels compute the same logits (tests/test_onnx_audio_phase.py); a sampled pick at a near-tie can go the other way
+(the int8 format promises bounds, not codes); fp32, bf16 and fp16 never use it. Without onnxruntime (or onnx)
+installed the int8 format runs in torch, as before.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import numpy as np
 import torch
 
 from .gpt2_decoder import KVCache, attention_function
-from .onnx_graph import GraphBuilder, GraphPhase, best_times, new_session, phase_graph, register
+from .onnx_graph import (GraphBuilder, GraphPhase, best_times, new_session, phase_graph, register,
+                         rope_frequencies)
 
 
 @dataclass
@@ -115,12 +117,13 @@ class _AudioPhaseBuilder(GraphBuilder):
 
     def _channels(self) -> tuple[list[str], list[str], str]:
         """Per channel: local step, head, logit sum, pick, embedding; returns (codes, sums, next row)."""
-        keys, values = ["key0"], ["value0"]
+        cache = ["key0", "value0"]
         slot_input, row, codes, sums = "row_embedding", "row_embedding", [], []
+        poison = self.poison("row_embedding", "key0", "value0")  # such a row's sums come out NaN: it fails alone
         for channel in range(self.channels):
-            hidden = self.local_step(slot_input, channel + 1, keys, values)
+            hidden = self.local_step(slot_input, channel + 1, cache)
             logits = self.linear(hidden, self.model.audio_lm_heads[channel])
-            sums.append(self.op("ReduceSum", [logits, "axis_last"], keepdims=1))
+            sums.append(self.op("Add", [self.op("ReduceSum", [logits, "axis_last"], keepdims=1), poison]))
             code = self.pick(logits, channel)
             codes.append(self.op("Unsqueeze", [code, "axis_last"]))
             embedded = self.op("Gather", [f"embedding_{channel}", code], axis=0)
@@ -146,31 +149,29 @@ class _AudioPhaseBuilder(GraphBuilder):
         return inputs, outputs
 
     def _shared_constants(self) -> None:
-        self.constant("scaling", np.array(self.block_module.attn.scaling, dtype=np.float32))
+        self.scale = float(self.block_module.attn.scaling)
         self.constant("minus_inf", np.array(-np.inf, dtype=np.float32))
         vocab = self.model.audio_lm_heads[0].out_features
         self.constant("columns_all", np.arange(vocab, dtype=np.int64))
         self.columns = self.op("Slice", ["columns_all", "zero", "top_k"])  # [K]: 0..K-1
-        cos, sin = self.rope.table(self.channels + 1, torch.float32, torch.device("cpu"))
-        self.rope_rows = (cos.numpy(), sin.numpy())
+        for name, table in zip(("rope_cos", "rope_sin"), rope_frequencies(self.rope, self.channels + 1)):
+            self.constant(name, table.numpy())
+        self.batch = self.op("Slice", [self.op("Shape", ["row_embedding"]), "zero", "one"])  # [N]
 
-    def local_step(self, hidden: str, position: int, keys: list[str], values: list[str]) -> str:
-        """The local block at `position` (keys 0..position, all real), then ln_f; appends its key and value."""
-        rope = (self.constant(f"rope_cos_{position}", self.rope_rows[0][position]),
-                self.constant(f"rope_sin_{position}", self.rope_rows[1][position]))
+    def local_step(self, hidden: str, position: int, cache: list[str]) -> str:
+        """The local block at `position` (keys 0..position, all real), then ln_f; `cache` (the keys and values so
+        far) becomes the keys and values through this step."""
 
-        def attend(query: str, key: str, value: str) -> str:
-            query, key, value = (self.op("Transpose", [name], perm=[0, 2, 1, 3]) for name in (query, key, value))
-            keys.append(key)
-            values.append(value)
-            all_keys = self.op("Concat", keys, axis=2)
-            all_values = self.op("Concat", values, axis=2)
-            scores = self.op("MatMul", [query, self.op("Transpose", [all_keys], perm=[0, 1, 3, 2])])
-            weights = self.op("Softmax", [self.op("Mul", [scores, "scaling"])], axis=-1)
-            mixed = self.op("Transpose", [self.op("MatMul", [weights, all_values])], perm=[0, 2, 1, 3])
-            return self.op("Reshape", [mixed, "flat_shape"])
+        def attend(qkv: str) -> str:
+            past = self.op("Expand", [self.constant(f"past_{position}", np.array([position], dtype=np.int32)),
+                                      self.batch])
+            total = self.constant(f"total_{position}", np.array(position + 1, dtype=np.int32))
+            present = [f"local_key_{position}", f"local_value_{position}"]
+            mixed = self.attention(qkv, cache, present, (past, total), ("rope_cos", "rope_sin"), self.scale)
+            cache[:] = present
+            return mixed
 
-        return self.layer_norm(self.block(hidden, self.block_module, rope, attend), self.final_norm)
+        return self.layer_norm(self.block(hidden, self.block_module, attend), self.final_norm)
 
     def pick(self, logits: str, channel: int) -> str:
         """Channel `channel`'s code of each row [N] (long): sampling.sample_rows on the top-k candidates."""

@@ -10,9 +10,10 @@ The graph works on the SlotDecoder's own KV cache, in place: each layer's keys a
 are bound as both the past and the present of ONNX Runtime's `GroupQueryAttention` (a shared buffer, no copy). That
 operator reads row n's keys 0..positions[n] and writes its new key at positions[n], which is the decode step's
 arithmetic wherever a row's real keys are exactly positions 0..positions[n] - 1: true of every slot of a SlotDecoder
-(each prompt is prefilled alone from position 0, and a row that stops never advances). RoPE rows are gathered from
-the decoder's own table; rows that are not real (`valid` False) come out as zeros and leave their key masked, as in
-`MossTTSNanoGPT2Model.decode_step`, whose bookkeeping (`KVCache.advance`) runs after the graph.
+(each prompt is prefilled alone from position 0, and a row that stops never advances). The operator also rotates
+the new query and key at positions[n] (RoPE, from the decoder's own frequencies); rows that are not real (`valid`
+False) come out as zeros and leave their key masked, as in `MossTTSNanoGPT2Model.decode_step`, whose bookkeeping
+(`KVCache.advance`) runs after the graph.
 
 Hidden states match the torch step up to the float rounding of another int8 kernel (cosine 0.9999 or closer at the
 released size), which the int8 format's bounds already allow (tests/test_onnx_global_step.py).
@@ -24,7 +25,8 @@ import numpy as np
 import torch
 
 from .gpt2_decoder import KVCache, attention_function
-from .onnx_graph import CONTRIB, GraphBuilder, GraphPhase, best_times, new_session, phase_graph, register
+from .onnx_graph import (GraphBuilder, GraphPhase, best_times, new_session, phase_graph, register,
+                         rope_frequencies)
 
 
 class GlobalStepGraph:
@@ -59,7 +61,7 @@ class GlobalStepGraph:
             raise ValueError(f"KV cache overflow: position {last} written, capacity is {cache.capacity}")
         feeds = {"hidden": inputs_embeds.reshape(rows, width).contiguous(),
                  "keep": torch.ones(rows, 1) if valid is None else valid[:, None].float(),
-                 "positions": positions, "seqlens": positions.to(torch.int32),
+                 "seqlens": positions.to(torch.int32),
                  "total": torch.tensor(last + 1, dtype=torch.int32), "hidden_out": torch.empty(rows, width)}
         binding = self._binding(cache, rows)
         for name, tensor in feeds.items():
@@ -77,7 +79,7 @@ class GlobalStepGraph:
             self._bound = cache, bindings
         if rows not in bindings:
             binding = self.session.io_binding()
-            cos, sin = self.decoder.rotary_emb.table(cache.capacity, torch.float32, cache.positions.device)
+            cos, sin = rope_frequencies(self.decoder.rotary_emb, cache.capacity)
             _bind(binding.bind_input, "rope_cos", cos)
             _bind(binding.bind_input, "rope_sin", sin)
             for layer in range(self.layers):
@@ -96,8 +98,8 @@ def _bind(bind, name: str, tensor: torch.Tensor) -> None:
 
 
 class _GlobalStepBuilder(GraphBuilder):
-    """Writes the graph: the row's RoPE, then each block with GroupQueryAttention on the bound cache, then ln_f;
-    rows that are not real are zeroed after each stage, as the torch step does."""
+    """Writes the graph: each block with GroupQueryAttention (RoPE included) on the bound cache, then ln_f; rows
+    that are not real are zeroed after each stage, as the torch step does."""
 
     def __init__(self, decoder) -> None:
         if decoder.rotary_emb is None:
@@ -106,26 +108,19 @@ class _GlobalStepBuilder(GraphBuilder):
         self.decoder = decoder
 
     def build(self):
-        dim = self.head_dim
-        self.constant("rope_shape", np.array([-1, 1, 1, dim], dtype=np.int64))
-        self.constant("sequence_shape", np.array([0, 1, self.width], dtype=np.int64))
-        rope = tuple(self.op("Reshape", [self.op("Gather", [table, "positions"], axis=0), "rope_shape"])
-                     for table in ("rope_cos", "rope_sin"))  # [N, 1, 1, D], broadcast over q|k and heads
         hidden = self.op("Mul", ["hidden", "keep"])
+        poison = self.poison(hidden)  # a row fed NaN or inf comes out NaN, as from the torch step
         for layer, block in enumerate(self.decoder.h):
-            hidden = self.op("Mul", [self.block(hidden, block, rope, self._attention(layer, block)), "keep"])
-        self.output(self.op("Mul", [self.layer_norm(hidden, self.decoder.ln_f), "keep"]), "hidden_out")
+            hidden = self.op("Mul", [self.block(hidden, block, self._attention(layer, block)), "keep"])
+        final = self.op("Add", [self.layer_norm(hidden, self.decoder.ln_f), poison])
+        self.output(self.op("Mul", [final, "keep"]), "hidden_out")
         return self.finish("moss_tts_nano_global_step", *self._signature())
 
     def _attention(self, layer: int, block):
-        def attend(query: str, key: str, value: str) -> str:
-            query, key, value = (self.op("Reshape", [name, "sequence_shape"]) for name in (query, key, value))
-            mixed = f"attention_{layer}"
-            self.nodes.append(self.onnx.helper.make_node(
-                "GroupQueryAttention", [query, key, value, f"past_key_{layer}", f"past_value_{layer}", "seqlens",
-                                        "total"], [mixed, f"present_key_{layer}", f"present_value_{layer}"],
-                domain=CONTRIB, num_heads=self.heads, kv_num_heads=self.heads, scale=float(block.attn.scaling)))
-            return self.op("Reshape", [mixed, "flat_shape"])
+        def attend(qkv: str) -> str:
+            cache = [f"{kind}_{part}_{layer}" for kind in ("past", "present") for part in ("key", "value")]
+            return self.attention(qkv, cache[:2], cache[2:], ("seqlens", "total"), ("rope_cos", "rope_sin"),
+                                  float(block.attn.scaling))
         return attend
 
     def _signature(self) -> tuple[list[tuple], list[tuple]]:
@@ -133,9 +128,9 @@ class _GlobalStepBuilder(GraphBuilder):
         float_, width, heads, dim = types.FLOAT, self.width, self.heads, self.head_dim
         cache = [(f"{kind}_{part}_{layer}", float_, ["N", heads, "capacity", dim])
                  for layer in range(len(self.decoder.h)) for part in ("key", "value") for kind in ("past", "present")]
-        inputs = [("hidden", float_, ["N", width]), ("keep", float_, ["N", 1]), ("positions", types.INT64, ["N"]),
-                  ("seqlens", types.INT32, ["N"]), ("total", types.INT32, []), ("rope_cos", float_, [None, dim]),
-                  ("rope_sin", float_, [None, dim])]
+        inputs = [("hidden", float_, ["N", width]), ("keep", float_, ["N", 1]), ("seqlens", types.INT32, ["N"]),
+                  ("total", types.INT32, []), ("rope_cos", float_, [None, dim // 2]),
+                  ("rope_sin", float_, [None, dim // 2])]
         inputs += [spec for spec in cache if spec[0].startswith("past")]
         outputs = [("hidden_out", float_, ["N", width])] + [spec for spec in cache if spec[0].startswith("present")]
         return inputs, outputs

@@ -373,7 +373,7 @@ def quantization_guard(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     requests: a non-finite value in one row would set every row's scale (or make fbgemm refuse the call), so one
     request going non-finite would end its neighbours. Its row is zeroed for the product instead and gets NaN back
     after it (`product + poison`; adding 0 leaves the other rows' values as they are), so its own logits still
-    come out non-finite and only it fails. onnx_graph.py writes the same guard around every int8 product.
+    come out non-finite and only it fails. (onnx_graph.py's products quantise each row alone and need no guard.)
     """
     poison = (hidden * 0).sum(dim=-1, keepdim=True)  # inf * 0 and NaN * 0 are NaN
     return poison, torch.where(poison == 0, hidden, 0.0)

@@ -41,7 +41,7 @@ def test_only_an_int8_model_gets_a_graph_and_the_choice_is_probed_once_per_cpu(p
     assert (second is not None) == (first is not None)
     stored = json.loads((tmp_path / "cpu_kernel_choices.json").read_text())
     width = checkpoints.random_tiny_model(seed=31).local_transformer.ln_f.weight.shape[0]
-    assert [entry[f"int8_{phase.name}_{width}"][0] for entry in stored.values()] == [choice]
+    assert [entry[onnx_graph.decision_name(phase, width)][0] for entry in stored.values()] == [choice]
 
 
 @pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
@@ -81,6 +81,41 @@ def test_a_graph_that_fails_to_build_costs_speed_never_the_load(phase, tmp_path,
     assert f"int8 {phase.name}: torch (the ONNX graph failed: RuntimeError: no kernel for this operator)" in \
         caplog.messages
     assert onnx_graph.phase_graph(model, phase) is None  # decided once per model: it stays in torch
+
+
+def test_the_product_kernel_computes_what_the_int8_values_mean_here():
+    """check_products on this CPU: the graphs' product against float64 on the same int8 weights, 1 and 3 rows."""
+    onnx_graph.check_products.cache_clear()
+    onnx_graph.check_products(64)  # raises where the kernel is off
+    onnx_graph.check_products(768)
+
+
+@pytest.mark.parametrize("phase", PHASES, ids=lambda phase: phase.name)
+def test_a_product_kernel_that_computes_something_else_leaves_the_phase_in_torch(phase, tmp_path, monkeypatch,
+                                                                                 caplog):
+    """A kernel reading the weights in another order (what an overflowing or misread kernel looks like to the
+    check) is caught before the probe times anything, and the phase runs in torch with a warning."""
+    monkeypatch.setenv(import_module("cpu_choices").CACHE_DIR_ENV, str(tmp_path))
+    store = onnx_graph.GraphBuilder._store
+
+    class Reversed:
+        def __init__(self, layer) -> None:
+            self.layer = layer
+
+        def int8_weight(self):
+            weight, scales, bias = self.layer.int8_weight()
+            return weight.flip(1), scales, bias
+
+    monkeypatch.setattr(onnx_graph.GraphBuilder, "_store", lambda builder, key, layer: store(builder, key,
+                                                                                              Reversed(layer)))
+    onnx_graph.check_products.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert onnx_graph.phase_graph(int8_tiny(), phase) is None
+    finally:
+        onnx_graph.check_products.cache_clear()
+    assert any(f"int8 {phase.name}: torch (the ONNX graph failed: ValueError: MatMulNBits computes something else"
+               in line for line in caplog.messages)
 
 
 def test_a_runtime_is_named_and_onnxruntime_needs_int8():
