@@ -194,13 +194,11 @@ class _AudioPhaseBuilder(GraphBuilder):
 
     def nucleus(self, candidates: str) -> str:
         """Drop the candidates after the cumulative probability first exceeds top_p (the crossing one stays), in
-        rows where top_p_on."""
-        cumulative = self.op("CumSum", [self.op("Softmax", [candidates], axis=-1), "axis_last"])
-        over = self.op("And", [self.op("Greater", [cumulative, "top_p"]), "top_p_on"])
-        before = self.op("Slice", [over, "zero", "minus_one", "axis_last"])  # over[:, :-1] decides column j + 1
-        first = self.op("Slice", [candidates, "zero", "one", "axis_last"])
-        rest = self.op("Slice", [candidates, "one", "end", "axis_last"])
-        return self.op("Concat", [first, self.op("Where", [before, "minus_inf", rest])], axis=-1)
+        rows where top_p_on: candidate j goes where the probabilities before it (an exclusive running sum, the same
+        additions as the inclusive one's column j - 1) exceed top_p, so the best candidate (a sum of 0) always stays."""
+        before = self.op("CumSum", [self.op("Softmax", [candidates], axis=-1), "axis_last"], exclusive=1)
+        over = self.op("And", [self.op("Greater", [before, "top_p"]), "top_p_on"])
+        return self.op("Where", [over, "minus_inf", candidates])
 
 
 def _probe(model, graph: AudioPhaseGraph) -> dict[str, float]:

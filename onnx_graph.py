@@ -114,8 +114,7 @@ class GraphBuilder:
         self.width = block.ln_1.normalized_shape[0]
         self.heads = block.attn.num_heads
         self.head_dim = self.width // self.heads
-        for name, value in (("flat_shape", [0, self.width]), ("zero", [0]), ("one", [1]), ("minus_one", [-1]),
-                            ("end", [2**62])):
+        for name, value in (("flat_shape", [0, self.width]), ("zero", [0]), ("one", [1])):
             self.constant(name, np.array(value, dtype=np.int64))
 
     def constant(self, name: str, value) -> str:
