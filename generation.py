@@ -550,10 +550,15 @@ class SlotDecoder:
                 group.rows_of(self.text_noise).copy_(draw_noise(len(group.slots), 2, group.generator, self.device))
 
     def _decision(self, rows: int, read_length: int, settings: RowSettings) -> None:
-        step = self.model.transformer.decode_step if self.global_graph is None else self.global_graph.run
-        hidden = step(self.next_input[:rows], self.valid[:rows], self.global_cache, read_length, self.attention[0])
         self.local_cache.reset(slice(0, rows))
-        logits = torch.nn.functional.linear(self._local_step(rows, hidden, 0), self.text_weight)
+        if self.global_graph is None:
+            hidden = self.model.transformer.decode_step(self.next_input[:rows], self.valid[:rows], self.global_cache,
+                                                        read_length, self.attention[0])
+            hidden = self._local_step(rows, hidden, 0)
+        else:  # the global step and local step 0 in one ONNX Runtime call
+            _, hidden = self.global_graph.step(self.next_input[:rows], self.valid[:rows], self.global_cache,
+                                               self.local_cache)
+        logits = torch.nn.functional.linear(hidden, self.text_weight)
         torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[0, :rows])
         self.text_logits[:rows] = logits
         noise = self.text_noise[:rows] if settings.any_sample else None

@@ -40,13 +40,21 @@ class GlobalStepGraph:
     def __init__(self, model, threads: int | None = None) -> None:
         self.decoder = model.transformer
         self.layers = len(self.decoder.h)
-        self.session = new_session(_GlobalStepBuilder(self.decoder).build, threads)
+        self.local_layers = len(model.local_transformer.h)
+        self.session = new_session(_GlobalStepBuilder(self.decoder, model.local_transformer).build, threads)
         self._bound = (None, {})  # the cache last run on, and its bindings by row count
 
     def run(self, inputs_embeds: torch.Tensor, valid: torch.Tensor | None, cache: KVCache, read_length=None,
             attention=None) -> torch.Tensor:
         """`decode_step` for the first N slots, called as it is: hidden [N, C] after ln_f (the operator reads each
-        row's own length, and it is the attention: `read_length` and `attention` are not needed).
+        row's own length, and it is the attention: `read_length` and `attention` are not needed)."""
+        return self.step(inputs_embeds, valid, cache)[0]
+
+    def step(self, inputs_embeds: torch.Tensor, valid: torch.Tensor | None, cache: KVCache,
+             local_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global step of the first N slots and the local decoder's step 0 on its output: (global hidden, local
+        hidden), each [N, C] after its ln_f; the local step's keys and values go to position 0 of `local_cache`'s
+        first N slots, where given (what `lockstep_step` at position 0 writes).
 
         Args:
             inputs_embeds: float32 [N, 1, C].
@@ -59,16 +67,26 @@ class GlobalStepGraph:
         last = int(positions.max())
         if last >= cache.capacity:  # the operator would write past the buffer; torch's scatter raises here too
             raise ValueError(f"KV cache overflow: position {last} written, capacity is {cache.capacity}")
-        feeds = {"hidden": inputs_embeds.reshape(rows, width).contiguous(),
-                 "keep": torch.ones(rows, 1) if valid is None else valid[:, None].float(),
-                 "seqlens": positions.to(torch.int32),
-                 "total": torch.tensor(last + 1, dtype=torch.int32), "hidden_out": torch.empty(rows, width)}
+        block = self.decoder.h[0].attn
+        inputs = {"hidden": inputs_embeds.reshape(rows, width).contiguous(),
+                  "keep": torch.ones(rows, 1) if valid is None else valid[:, None].float(),
+                  "seqlens": positions.to(torch.int32), "total": torch.tensor(last + 1, dtype=torch.int32)}
+        outputs = {"hidden_out": torch.empty(rows, width), "local_out": torch.empty(rows, width)}
+        for layer in range(self.local_layers):
+            for part in ("key", "value"):
+                outputs[f"local_{part}_{layer}"] = torch.empty(rows, block.num_heads, 1, width // block.num_heads)
         binding = self._binding(cache, rows)
-        for name, tensor in feeds.items():
-            _bind(binding.bind_output if name == "hidden_out" else binding.bind_input, name, tensor)
+        for name, tensor in inputs.items():
+            _bind(binding.bind_input, name, tensor)
+        for name, tensor in outputs.items():
+            _bind(binding.bind_output, name, tensor)
         self.session.run_with_iobinding(binding)
         cache.advance(rows, valid)
-        return feeds["hidden_out"]
+        if local_cache is not None:
+            for layer in range(self.local_layers):
+                local_cache.keys[layer][:rows, :, :1] = outputs[f"local_key_{layer}"]
+                local_cache.values[layer][:rows, :, :1] = outputs[f"local_value_{layer}"]
+        return outputs["hidden_out"], outputs["local_out"]
 
     def _binding(self, cache: KVCache, rows: int):
         """The session's binding of `cache`'s first `rows` slots, past and present in the same memory (the cache is
@@ -101,19 +119,27 @@ class _GlobalStepBuilder(GraphBuilder):
     """Writes the graph: each block with GroupQueryAttention (RoPE included) on the bound cache, then ln_f; rows
     that are not real are zeroed after each stage, as the torch step does."""
 
-    def __init__(self, decoder) -> None:
-        if decoder.rotary_emb is None:
-            raise ValueError("the ONNX global step expects a decoder with RoPE (position_embedding_type 'rope')")
+    def __init__(self, decoder, local) -> None:
+        if decoder.rotary_emb is None or local.rotary_emb is None:
+            raise ValueError("the ONNX global step expects decoders with RoPE (position_embedding_type 'rope')")
+        shape = (local.ln_f.weight.shape, local.h[0].attn.num_heads)
+        if shape != (decoder.ln_f.weight.shape, decoder.h[0].attn.num_heads):
+            raise ValueError("the ONNX global step expects a local decoder of the global decoder's width and heads")
         super().__init__(decoder.h[0])
-        self.decoder = decoder
+        self.decoder, self.local = decoder, local
 
     def build(self):
         hidden = self.op("Mul", ["hidden", "keep"])
         poison = self.poison(hidden)  # a row fed NaN or inf comes out NaN, as from the torch step
         for layer, block in enumerate(self.decoder.h):
             hidden = self.op("Mul", [self.block(hidden, block, self._attention(layer, block)), "keep"])
-        final = self.op("Add", [self.layer_norm(hidden, self.decoder.ln_f), poison])
-        self.output(self.op("Mul", [final, "keep"]), "hidden_out")
+        hidden = self.op("Mul", [self.op("Add", [self.layer_norm(hidden, self.decoder.ln_f), poison]), "keep"])
+        self.output(hidden, "hidden_out")
+        for layer, block in enumerate(self.local.h):  # local step 0 (the text decision's), on every row
+            hidden, key, value = self.first_position(hidden, block)
+            self.output(key, f"local_key_{layer}")
+            self.output(value, f"local_value_{layer}")
+        self.output(self.layer_norm(hidden, self.local.ln_f), "local_out")
         return self.finish("moss_tts_nano_global_step", *self._signature())
 
     def _attention(self, layer: int, block):
@@ -132,7 +158,10 @@ class _GlobalStepBuilder(GraphBuilder):
                   ("total", types.INT32, []), ("rope_cos", float_, [None, dim // 2]),
                   ("rope_sin", float_, [None, dim // 2])]
         inputs += [spec for spec in cache if spec[0].startswith("past")]
-        outputs = [("hidden_out", float_, ["N", width])] + [spec for spec in cache if spec[0].startswith("present")]
+        outputs = [("hidden_out", float_, ["N", width]), ("local_out", float_, ["N", width])]
+        outputs += [(f"local_{part}_{layer}", float_, ["N", heads, 1, dim]) for layer in range(len(self.local.h))
+                    for part in ("key", "value")]
+        outputs += [spec for spec in cache if spec[0].startswith("present")]
         return inputs, outputs
 
 

@@ -114,7 +114,8 @@ class GraphBuilder:
         self.width = block.ln_1.normalized_shape[0]
         self.heads = block.attn.num_heads
         self.head_dim = self.width // self.heads
-        for name, value in (("flat_shape", [0, self.width]), ("zero", [0]), ("one", [1])):
+        for name, value in (("flat_shape", [0, self.width]), ("cache_shape", [0, self.heads, 1, self.head_dim]),
+                            ("zero", [0]), ("one", [1])):
             self.constant(name, np.array(value, dtype=np.int64))
 
     def constant(self, name: str, value) -> str:
@@ -184,6 +185,18 @@ class GraphBuilder:
         hidden = self.op("Add", [hidden, self.linear(attend(qkv), attention.c_proj)])
         inner = self.op("Gelu", [self.linear(self.layer_norm(hidden, block.ln_2), mlp.fc_in)], approximate="tanh")
         return self.op("Add", [hidden, self.linear(inner, mlp.fc_out)])
+
+    def first_position(self, hidden: str, block) -> tuple[str, str, str]:
+        """`block` at position 0 of an empty cache, hidden [N, C]: (hidden, key, value), the key and value [N, H, 1, D]
+        as the cache holds them. There the query attends to its own key only, whose softmax weight is exactly 1, so
+        the attention's output is the value; and RoPE at position 0 is the identity (cos 1, sin 0)."""
+        attention, mlp = block.attn, block.mlp
+        qkv = self.linear(self.layer_norm(hidden, block.ln_1), attention.c_attn)
+        _, key, value = self.op("Split", [qkv], outputs=3, axis=1, num_outputs=3)
+        hidden = self.op("Add", [hidden, self.linear(value, attention.c_proj)])
+        inner = self.op("Gelu", [self.linear(self.layer_norm(hidden, block.ln_2), mlp.fc_in)], approximate="tanh")
+        hidden = self.op("Add", [hidden, self.linear(inner, mlp.fc_out)])
+        return hidden, self.op("Reshape", [key, "cache_shape"]), self.op("Reshape", [value, "cache_shape"])
 
     def attention(self, qkv: str, past: tuple[str, str], present: tuple[str, str], lengths: tuple[str, str],
                   rope: tuple[str, str], scale: float) -> str:
