@@ -7,8 +7,8 @@ as much as the products. This module writes the 16 steps, unrolled, as one ONNX 
 (`Int8DynamicLinear.int8_weight`; its products quantise activations per row, onnx_graph.py), and runs it in one
 `InferenceSession.run` per frame.
 
-What stays in torch: the rest of the decision phase (local step 0, the text head and decision; the global step has
-its own graph, onnx_global_step.py), the random numbers (drawn in upstream's order before the phase) and the
+What stays outside: the decision phase (the global step and local step 0 have their own graph, onnx_global_step.py;
+the text head and decision run in torch), the random numbers (drawn in upstream's order before the phase) and the
 bookkeeping after it. What the graph takes: the row embedding
 of the decided text token, local step 0's key and value, the noise, the repetition history and the rows' settings;
 what it gives: the 16 codes of each row, each channel's logit sum (the non-finite check) and the next row embedding,

@@ -2,9 +2,12 @@
 
 Each frame starts with one step of the 12-layer global decoder for every row: the row fed last frame goes in, its
 keys and values are written to the decoder's KV cache, and the hidden state after ln_f comes out for the text
-decision. In torch that is about 40 small calls per layer around 4 int8 matrix products. This module writes the 12
-blocks as one ONNX graph over the same int8 values (onnx_graph.py) and runs it in one call per frame, 1.4-1.9x
-faster than torch on a 2-vCPU AMD EPYC (one row, 150 cached positions: 8.0-10.8 ms against 15.0-17.6 ms).
+decision, which takes it through the local decoder's step 0 and the text head. In torch that is about 40 small
+calls per layer around 4 int8 matrix products. This module writes the 12 blocks and local step 0 as one ONNX graph
+over the same int8 values (onnx_graph.py) and runs it in one call per frame, 1.4-1.9x faster than torch on a 2-vCPU
+AMD EPYC (one row, 150 cached positions, global blocks only: 8.0-10.8 ms against 15.0-17.6 ms). Local step 0 runs at
+position 0 of a fresh cache, where it needs no attention kernel (`GraphBuilder.first_position`); its keys and values
+go to the local cache as `lockstep_step` writes them, for the audio phase.
 
 The graph works on the SlotDecoder's own KV cache, in place: each layer's keys and values [slots, H, capacity, D]
 are bound as both the past and the present of ONNX Runtime's `GroupQueryAttention` (a shared buffer, no copy). That

@@ -3,7 +3,7 @@
 On a CPU an int8 frame spends as much time in torch's small calls around its int8 products as in the products. Two
 parts of the frame can therefore run as ONNX graphs over the same int8 weights (`Int8DynamicLinear.int8_weight`):
 * the global step (onnx_global_step.py): the 12 global blocks of the frame's decision phase, reading and writing
-  the decoder's own KV cache in place;
+  the decoder's own KV cache in place, and the local decoder's step 0 after them;
 * the audio phase (onnx_audio_phase.py): the 16 local steps, heads and code picks after the text decision.
 
 Their products are ONNX Runtime's `MatMulNBits` at 8 bits with int8 compute (accuracy_level 4): each row's
@@ -14,7 +14,8 @@ or inf cannot reach another row: each graph only turns such a row's outputs to N
 its request fails alone, with non_finite_logits, as in torch. The rounding differs from fbgemm's, not its size (on
 the tests' decoder both are within 6e-4 of the float32 step). On a 2-vCPU AMD EPYC (Zen 4, VNNI) the kernel reads a
 768 x 3072 weight at one row in 55-100 us, against 90-150 us for `DynamicQuantizeMatMul` (per-tensor ranges, as
-fbgemm), which it replaced: int8 frames 17.8-19.6 -> 14.6-16.8 ms.
+fbgemm), which it replaced: int8 frames 17.8-19.6 -> 14.6-16.8 ms (GroupQueryAttention's own RoPE and local step 0
+in the global graph then took them to 12.3 ms).
 
 Each is a `GraphPhase`: a kernel choice of the int8 format, built once per model and kept only where a timing probe
 against torch finds it faster (PROBE_MARGIN), the decision remembered per CPU and model width (cpu_choices.py).
