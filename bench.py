@@ -513,7 +513,7 @@ def print_floors(result: dict) -> None:
               f"floor {row['floor_ms']:6.2f} ms, frame {row['decode_ms_per_frame']:6.1f} ms = {row['x_floor']:.2f}x")
         if "profile" in row:
             prof = row["profile"]
-            split = ", ".join(f"{part} {ms:.1f}" for part, ms in prof["parts"].items())
+            split = ", ".join(f"{part} {ms:.1f}" for part, ms in prof["parts"].items() if ms or "graph" not in part)
             print(f"    profile ({prof['frames']} frames, profiler on): {prof['ms_per_frame']:.1f} ms/frame = {split}, "
                   f"host {prof['host_ms']:.1f} ms; {prof['aten_calls']:.0f} aten calls per frame")
 

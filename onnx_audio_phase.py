@@ -80,7 +80,8 @@ class AudioPhaseGraph:
         feeds = {name: _array(getattr(inputs, name)) for name in _TENSOR_INPUTS}
         feeds["top_k"] = np.array([inputs.top_k], dtype=np.int64)
         feeds.update(self.tables)
-        codes, sums, row = self.session.run(["codes", "logit_sums", "next_row"], feeds)
+        with torch.profiler.record_function(AUDIO_PHASE.span):
+            codes, sums, row = self.session.run(["codes", "logit_sums", "next_row"], feeds)
         return torch.from_numpy(codes), torch.from_numpy(sums), torch.from_numpy(row)
 
 

@@ -83,7 +83,8 @@ class GlobalStepGraph:
             _bind(binding.bind_input, name, tensor)
         for name, tensor in outputs.items():
             _bind(binding.bind_output, name, tensor)
-        self.session.run_with_iobinding(binding)
+        with torch.profiler.record_function(GLOBAL_STEP.span):
+            self.session.run_with_iobinding(binding)
         cache.advance(rows, valid)
         if local_cache is not None:
             for layer in range(self.local_layers):

@@ -244,6 +244,11 @@ class GraphPhase:
     def attribute(self) -> str:
         return f"_{self.name}_graph"
 
+    @property
+    def span(self) -> str:
+        """The torch.profiler span its graph's runs open (measurement/frame_profile.py)."""
+        return f"{self.name} graph"
+
 
 # Every phase a model may run as a graph, registered by the module that builds it (for summaries and bench).
 PHASES: list[GraphPhase] = []

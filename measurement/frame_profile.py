@@ -5,9 +5,9 @@ text head and the sampling between them. Each weight it uses must be read at lea
 bandwidth (host.read_bandwidth) the bytes give a floor: `frame_floor` reports it per part and in all, in the weight
 format the model holds (weight_formats.stored_weight_bytes counts packed and int8 layers as stored).
 
-`profile_frames` splits decoded frames into global step, local steps, heads, sampling and host work (everything else:
-the Python and small tensor ops between them) with torch.profiler: forward hooks open a `record_function` span around
-each block and head, and sampling.sample_rows opens its own. Profiler overhead is included in every figure.
+`profile_frames` splits decoded frames into global step, local steps, heads, sampling, the int8 graphs and host work
+(everything else: the Python and small tensor ops between them) with torch.profiler: forward hooks open a
+`record_function` span around each block and head, and sampling.sample_rows and the graphs open their own. Profiler overhead is included in every figure.
 """
 
 from __future__ import annotations
@@ -18,10 +18,15 @@ import torch
 from torch import nn
 
 from ..host import read_bandwidth
+from ..onnx_audio_phase import AUDIO_PHASE
+from ..onnx_global_step import GLOBAL_STEP
 from ..sampling import PROFILE_SPAN
 from ..weight_formats import stored_weight_bytes
 
-PARTS = ("global step", "local steps", "heads", PROFILE_SPAN)  # the last is the span sampling.sample_rows opens
+# The spans a frame's time is split into: hooks around the torch blocks and heads, the span sampling.sample_rows
+# opens, and those the int8 format's ONNX graphs open (the global step with local step 0; the audio phase's local
+# steps, heads and picks), which the torch profiler cannot see into.
+PARTS = ("global step", "local steps", "heads", PROFILE_SPAN, GLOBAL_STEP.span, AUDIO_PHASE.span)
 
 
 
