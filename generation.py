@@ -519,18 +519,15 @@ class SlotDecoder:
         two (at most num_slots), so that streams joining and leaving reuse a few builds (the extra rows are free
         slots: masked, and cleared by their next owner)."""
         used = max(group.slots[-1] for group in self.groups) + 1
-        if self.decision_phase.mode == "eager":
-            return used
-        return min(self.num_slots, 1 << (used - 1).bit_length())
+        return used if self.decision_phase.mode == "eager" else min(self.num_slots, 1 << (used - 1).bit_length())
 
     def _live(self, rows: int) -> list[bool]:
         return [owner is not None for owner in self.owner[:rows]]
 
     def _read_length(self, rows: int) -> int:
         longest = max(self.lengths[:rows]) + 1
-        if self.decision_phase.mode == "eager":
-            return longest
-        return min(self.capacity, -(-longest // READ_LENGTH_BUCKET) * READ_LENGTH_BUCKET)
+        bucketed = min(self.capacity, -(-longest // READ_LENGTH_BUCKET) * READ_LENGTH_BUCKET)
+        return longest if self.decision_phase.mode == "eager" else bucketed
 
     # The decision phase: global step, local step 0, text head, text decision (everything before the sync).
 
@@ -551,13 +548,12 @@ class SlotDecoder:
 
     def _decision(self, rows: int, read_length: int, settings: RowSettings) -> None:
         self.local_cache.reset(slice(0, rows))
+        inputs = (self.next_input[:rows], self.valid[:rows], self.global_cache)
         if self.global_graph is None:
-            hidden = self.model.transformer.decode_step(self.next_input[:rows], self.valid[:rows], self.global_cache,
-                                                        read_length, self.attention[0])
-            hidden = self._local_step(rows, hidden, 0)
+            global_hidden = self.model.transformer.decode_step(*inputs, read_length, self.attention[0])
+            hidden = self._local_step(rows, global_hidden, 0)
         else:  # the global step and local step 0 in one ONNX Runtime call
-            _, hidden = self.global_graph.step(self.next_input[:rows], self.valid[:rows], self.global_cache,
-                                               self.local_cache)
+            hidden = self.global_graph.step(*inputs, self.local_cache)[1]
         logits = torch.nn.functional.linear(hidden, self.text_weight)
         torch.sum(logits, dim=-1, dtype=torch.float32, out=self.logit_sums[0, :rows])
         self.text_logits[:rows] = logits
@@ -576,8 +572,7 @@ class SlotDecoder:
     def _sync(self, rows: int) -> tuple[list[bool], list[bool]]:
         """The frame's one host sync: per row, whether it continues, and whether a logit of it (this frame's text
         decision, the previous frame's audio channels) was not finite."""
-        continues, bad = torch.stack((self.should_continue[:rows], self._nonfinite(rows))).tolist()
-        return continues, bad
+        return tuple(torch.stack((self.should_continue[:rows], self._nonfinite(rows))).tolist())
 
     def _nonfinite(self, rows: int) -> torch.Tensor:
         """bool [rows]: whether a checked logit sum of the slot (its text row, its channels below nq) is not finite."""
