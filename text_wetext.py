@@ -8,6 +8,9 @@ built on first use and kept (thread-safe). Its slips that we fix, each with a te
   reads correctly ("20 dollars and 50 cents");
 * English "1,234" -> "thousand two hundred and thirty four" (the "one" is lost): grouped integers are spelled by
   num2words first;
+* English "Dec. 7" -> "Dec. seven": the sentence split ends a sentence at "Dec." and the grammar reads the day
+  alone; an abbreviated month before a number loses its period ("Dec 7" -> "the seventh of december");
+* English "December 7, 2026" -> "the seventh of december , twenty twenty six": the space before the comma goes;
 * Chinese "¥20.5" / "￥20.5" -> "二十点五" without 元: the symbol becomes a trailing 元;
 * Chinese full-width punctuation comes back half-width ("，" -> ","): restored after CJK characters, so the text
   keeps the punctuation the chunker and the model saw in training.
@@ -37,6 +40,8 @@ _EN_CURRENCIES = {"$": ("dollar", "dollars", "cent", "cents"), "£": ("pound", "
                   "€": ("euro", "euros", "cent", "cents")}
 _EN_MONEY = re.compile(r"(?P<symbol>[$£€])\s?(?P<integer>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<cents>\d{1,2}))?(?!\d)"
                        r"(?P<scale>\s?(?:thousand|million|billion|[kKmMbB]n?)\b)?")
+_EN_SPACE_BEFORE_PUNCTUATION = re.compile(r"(?<=\w) +([,;:!?])")
+_EN_MONTH_PERIOD = re.compile(r"\b(Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sept?|Oct|Nov|Dec)\.(?=\s+\d)")
 _EN_GROUPED = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,]\d)")
 _ZH_MONEY = re.compile(r"[¥￥]\s?(\d+(?:\.\d+)?)")
 _ZH_HALF_PUNCTUATION = re.compile(r"(?<=[\u3400-\u4dbf\u4e00-\u9fff\u3002\uff0c])\s?([,.!?;:])")
@@ -90,8 +95,9 @@ def by_sentence(language: str, text: str) -> str:
 def verbalize_english(text: str) -> str:
     """English `text` with numbers, dates, times, currencies, units and percentages as words."""
     text = _EN_MONEY.sub(_english_money, text)
+    text = _EN_MONTH_PERIOD.sub(r"\1", text)
     text = _EN_GROUPED.sub(lambda match: num2words(int(match.group(0).replace(",", "")), lang="en"), text)
-    return by_sentence("en", text)
+    return _EN_SPACE_BEFORE_PUNCTUATION.sub(r"\1", by_sentence("en", text))
 
 
 def _english_money(match: re.Match) -> str:

@@ -21,6 +21,8 @@ SPOKEN = [
     ("en", "Revenue was $1.5M.", "Revenue was one point five million dollars."),
     ("en", "Prices rose 15% to 5 kg.", "Prices rose fifteen percent to five kilograms."),
     ("en", "It was 25°C.", "It was twenty five degrees Celsius."),
+    ("en", "It is 9:30 on Dec. 7, 2026.", "It is nine thirty on the seventh of december, twenty twenty six."),  # "Dec."
+    ("en", "Since Sept. 11 and March 3, 2020.", "Since the eleventh of september and the third of march, twenty twenty."),
     # Chinese, WeTextProcessing, punctuation kept full-width, ¥ read as 元.
     ("zh", "今天是2024年3月5日，气温25℃。", "今天是二零二四年三月五日，气温二十五摄氏度。"),
     ("zh", "价格是¥20.5，增长了15%。", "价格是二十点五元，增长了百分之十五。"),
