@@ -191,13 +191,15 @@ class GraphBuilder:
         """`block` at position 0 of an empty cache, hidden [N, C]: (hidden, key, value), the key and value [N, H, 1, D]
         as the cache holds them. There the query attends to its own key only, whose softmax weight is exactly 1, so
         the attention's output is the value; and RoPE at position 0 is the identity (cos 1, sin 0)."""
-        attention, mlp = block.attn, block.mlp
-        qkv = self.linear(self.layer_norm(hidden, block.ln_1), attention.c_attn)
-        _, key, value = self.op("Split", [qkv], outputs=3, axis=1, num_outputs=3)
-        hidden = self.op("Add", [hidden, self.linear(value, attention.c_proj)])
-        inner = self.op("Gelu", [self.linear(self.layer_norm(hidden, block.ln_2), mlp.fc_in)], approximate="tanh")
-        hidden = self.op("Add", [hidden, self.linear(inner, mlp.fc_out)])
-        return hidden, self.op("Reshape", [key, "cache_shape"]), self.op("Reshape", [value, "cache_shape"])
+        parts = []
+
+        def attend(qkv: str) -> str:
+            parts.extend(self.op("Split", [qkv], outputs=3, axis=2, num_outputs=3)[1:])  # key, value [N, 1, C]
+            return self.op("Reshape", [parts[1], "flat_shape"])
+
+        hidden = self.block(hidden, block, attend)
+        key, value = (self.op("Reshape", [part, "cache_shape"]) for part in parts)
+        return hidden, key, value
 
     def attention(self, qkv: str, past: tuple[str, str], present: tuple[str, str], lengths: tuple[str, str],
                   rope: tuple[str, str], scale: float) -> str:

@@ -7,7 +7,8 @@ format the model holds (weight_formats.stored_weight_bytes counts packed and int
 
 `profile_frames` splits decoded frames into global step, local steps, heads, sampling, the int8 graphs and host work
 (everything else: the Python and small tensor ops between them) with torch.profiler: forward hooks open a
-`record_function` span around each block and head, and sampling.sample_rows and the graphs open their own. Profiler overhead is included in every figure.
+`record_function` span around each block and head, and sampling.sample_rows and the graphs open their own.
+Profiler overhead is included in every figure.
 """
 
 from __future__ import annotations
